@@ -1,0 +1,314 @@
+"""Cumulative energy per device: E(t) as a monotonic piecewise-linear function of time.
+
+Counters are differenced (a decrease is a reset, never negative energy); power readings are
+integrated with the trapezoid rule. Window edges are *marks*: a mark created at time t is
+resolved for each device when that device's first point after t arrives, by interpolating
+between the two points around t. So begin/end are O(1) and never touch a sensor.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+from .model import Device, Reading
+
+RING_POINTS = 4096        # fine history per device (~7 min at 10 Hz)
+BLOCK_POINTS = 64         # fine points per coarse peak-power block
+RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
+
+
+@dataclass
+class Mark:
+    """A point in time at which every device's cumulative energy gets pinned."""
+
+    seq: int
+    t: float
+    energy_j: dict[str, float] = field(default_factory=dict)
+    power_w: dict[str, float] = field(default_factory=dict)   # slope at the mark (for edge extrapolation)
+    errors: dict[str, int] = field(default_factory=dict)      # device error count at the mark
+    extrapolated: set[str] = field(default_factory=set)
+    pending: int = 0
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class DeviceSnapshot:
+    device: Device
+    energy_j: float           # monotonic total since the ledger started
+    power_w: float | None     # most recent power estimate
+    t: float | None           # time of the most recent point
+    resets: int
+    errors: int
+
+
+class _DeviceLedger:
+    __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
+                 "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
+                 "cur_t0", "cur_count")
+
+    def __init__(self, device: Device, cursor: int) -> None:
+        self.device = device
+        self.t = array("d", bytes(8 * RING_POINTS))
+        self.e = array("d", bytes(8 * RING_POINTS))
+        self.p = array("d", bytes(8 * RING_POINTS))
+        self.n = 0                      # points ever appended
+        self.total_j = 0.0
+        self.last_counter: float | None = None
+        self.last_power: float | None = None
+        self.last_t: float | None = None
+        self.resets = 0
+        self.errors = 0
+        self.cursor = cursor            # next mark seq this device has not resolved
+        self.blk_t0 = array("d", bytes(8 * RING_BLOCKS))
+        self.blk_t1 = array("d", bytes(8 * RING_BLOCKS))
+        self.blk_max = array("d", bytes(8 * RING_BLOCKS))
+        self.blk_n = 0
+        self.cur_max = -math.inf
+        self.cur_t0 = 0.0
+        self.cur_count = 0
+
+    # -- history -------------------------------------------------------------
+    def point(self, k: int) -> tuple[float, float, float]:
+        i = k % RING_POINTS
+        return self.t[i], self.e[i], self.p[i]
+
+    def oldest(self) -> int:
+        return max(0, self.n - RING_POINTS)
+
+    def value_at(self, t: float) -> tuple[float, float, bool] | None:
+        """(energy, slope, extrapolated) at t from history; None if t is after the last point."""
+        if self.n == 0 or t > self.last_t:  # type: ignore[operator]
+            return None
+        lo, hi = self.oldest(), self.n - 1
+        t_lo = self.point(lo)[0]
+        if t <= t_lo:
+            _, e_lo, p_lo = self.point(lo)
+            return e_lo, p_lo, t < t_lo
+        while hi - lo > 1:   # binary search over the ring's logical indices
+            mid = (lo + hi) // 2
+            if self.point(mid)[0] < t:
+                lo = mid
+            else:
+                hi = mid
+        t0, e0, _ = self.point(lo)
+        t1, e1, p1 = self.point(hi)
+        frac = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+        return e0 + (e1 - e0) * frac, p1, False
+
+    def peak_w(self, t0: float, t1: float) -> float | None:
+        """Highest power seen between t0 and t1: fine points when still held, else coarse blocks."""
+        best = -math.inf
+        oldest = self.oldest()
+        if self.n and self.point(oldest)[0] <= t0:
+            for k in range(self.n - 1, oldest, -1):
+                tk, _, pk = self.point(k)
+                t_prev = self.point(k - 1)[0]
+                if t_prev < t1 and tk > t0:   # segment (t_prev, tk] overlaps the window
+                    best = max(best, pk)
+                if t_prev <= t0:
+                    break
+        else:
+            for b in range(max(0, self.blk_n - RING_BLOCKS), self.blk_n):
+                i = b % RING_BLOCKS
+                if self.blk_t1[i] >= t0 and self.blk_t0[i] <= t1:
+                    best = max(best, self.blk_max[i])
+            for k in range(max(oldest, self.n - self.cur_count), self.n):
+                tk, _, pk = self.point(k)
+                if t0 <= tk <= t1:
+                    best = max(best, pk)
+        return None if best == -math.inf else best
+
+    def push(self, t: float, e: float, p: float) -> None:
+        i = self.n % RING_POINTS
+        self.t[i], self.e[i], self.p[i] = t, e, p
+        self.n += 1
+        if self.cur_count == 0:
+            self.cur_t0 = t
+        self.cur_count += 1
+        if p > self.cur_max:
+            self.cur_max = p
+        if self.cur_count == BLOCK_POINTS:
+            j = self.blk_n % RING_BLOCKS
+            self.blk_t0[j], self.blk_t1[j], self.blk_max[j] = self.cur_t0, t, self.cur_max
+            self.blk_n += 1
+            self.cur_count, self.cur_max = 0, -math.inf
+
+
+class Ledger:
+    """Thread-safe set of device ledgers plus the mark queue."""
+
+    def __init__(self, devices: Iterable[Device] = ()) -> None:
+        self._lock = threading.Lock()
+        self._marks: deque[Mark] = deque()
+        self._next_seq = 0
+        self._devs: dict[str, _DeviceLedger] = {}
+        for d in devices:
+            self.add_device(d)
+
+    # -- devices ---------------------------------------------------------------
+    def add_device(self, device: Device) -> None:
+        with self._lock:
+            if device.key not in self._devs:
+                self._devs[device.key] = _DeviceLedger(device, self._next_seq)
+
+    @property
+    def devices(self) -> list[Device]:
+        with self._lock:
+            return [d.device for d in self._devs.values()]
+
+    # -- input -----------------------------------------------------------------
+    def record(self, readings: Iterable[Reading]) -> None:
+        with self._lock:
+            for r in readings:
+                self._record_one(r)
+            self._trim_marks()
+
+    def record_error(self, device_key: str | None) -> None:
+        with self._lock:
+            if device_key in self._devs:
+                self._devs[device_key].errors += 1  # type: ignore[index]
+            else:
+                for d in self._devs.values():
+                    d.errors += 1
+
+    def _record_one(self, r: Reading) -> None:
+        d = self._devs.get(r.device_key)
+        if d is None:
+            return
+        if d.last_t is not None and r.t <= d.last_t:
+            return   # stale or duplicate timestamp: the value has not refreshed
+        if r.energy_j is not None:
+            if d.last_counter is None:
+                delta = 0.0
+            elif r.energy_j >= d.last_counter:
+                delta = r.energy_j - d.last_counter
+            elif d.device.wrap_j:
+                delta = r.energy_j + d.device.wrap_j - d.last_counter   # wrapped past its range
+            else:
+                # A counter that went down was reset (driver reload, GPU back from the bus):
+                # what it holds now was burned since the reset.
+                d.resets += 1
+                delta = r.energy_j
+            d.last_counter = r.energy_j
+            if d.last_t is not None and r.t > d.last_t:
+                slope = delta / (r.t - d.last_t)
+            else:
+                slope = r.power_w if r.power_w is not None else 0.0
+            power = r.power_w if r.power_w is not None else slope
+        elif r.power_w is not None:
+            power = max(0.0, r.power_w)
+            delta = 0.0 if d.last_t is None or d.last_power is None else \
+                0.5 * (power + d.last_power) * (r.t - d.last_t)
+            slope = delta / (r.t - d.last_t) if d.last_t is not None and r.t > d.last_t else power
+        else:
+            return
+        e_prev, t_prev = d.total_j, d.last_t
+        d.total_j += delta
+        d.last_power = power
+        d.last_t = r.t
+        d.push(r.t, d.total_j, power)
+        self._resolve(d, t_prev, e_prev, power)
+
+    def _resolve(self, d: _DeviceLedger, t_prev: float | None, e_prev: float, slope: float) -> None:
+        base = self._marks[0].seq if self._marks else self._next_seq
+        if d.cursor < base:
+            d.cursor = base
+        while d.cursor < self._next_seq:
+            m = self._marks[d.cursor - base]
+            if m.t >= d.last_t:  # type: ignore[operator]
+                break
+            if t_prev is None:
+                value, extrapolated = d.total_j, True        # device's first point is after the mark
+            elif m.t >= t_prev:
+                frac = (m.t - t_prev) / (d.last_t - t_prev)  # type: ignore[operator]
+                value, extrapolated = e_prev + (d.total_j - e_prev) * frac, False
+            else:
+                found = d.value_at(m.t)
+                value, extrapolated = (found[0], found[2]) if found else (e_prev, True)
+            self._pin(m, d, value, slope, extrapolated)
+            d.cursor += 1
+
+    def _pin(self, m: Mark, d: _DeviceLedger, value: float, slope: float, extrapolated: bool) -> None:
+        key = d.device.key
+        if key in m.energy_j:
+            return
+        m.energy_j[key] = value
+        m.power_w[key] = slope
+        if extrapolated:
+            m.extrapolated.add(key)
+        m.pending -= 1
+        if m.pending <= 0:
+            m.done.set()
+
+    def _trim_marks(self) -> None:
+        while self._marks and self._marks[0].pending <= 0:
+            self._marks.popleft()
+
+    # -- marks -----------------------------------------------------------------
+    def mark(self, t: float) -> Mark:
+        """Pin every device's energy at time t (resolved as later points arrive)."""
+        with self._lock:
+            if self._marks and t < self._marks[-1].t:
+                t = self._marks[-1].t   # keep marks ordered when threads race on the clock
+            m = Mark(seq=self._next_seq, t=t, pending=len(self._devs))
+            self._next_seq += 1
+            for d in self._devs.values():
+                m.errors[d.device.key] = d.errors   # errors seen up to the mark, for the approximate flag
+                if d.last_t is not None and t < d.last_t:
+                    # The device already has a point past t (estimated refresh times can run ahead).
+                    found = d.value_at(t)
+                    if found is not None:
+                        self._pin(m, d, found[0], found[1], found[2])
+            if m.pending <= 0:
+                m.done.set()
+            else:
+                self._marks.append(m)
+            return m
+
+    def force_resolve(self, m: Mark) -> None:
+        """Give up waiting: extrapolate each unresolved device from its last point."""
+        with self._lock:
+            for d in self._devs.values():
+                if d.device.key in m.energy_j:
+                    continue
+                if d.last_t is None:
+                    value = 0.0
+                else:
+                    slope = d.last_power or 0.0
+                    value = d.total_j + slope * max(0.0, m.t - d.last_t)
+                self._pin(m, d, value, d.last_power or 0.0, True)
+            self._trim_marks()
+
+    def pending_marks(self) -> int:
+        with self._lock:
+            return len(self._marks)
+
+    def peak_power_w(self, key: str, t0: float, t1: float) -> float | None:
+        with self._lock:
+            d = self._devs.get(key)
+            return None if d is None else d.peak_w(t0, t1)
+
+    # -- output ----------------------------------------------------------------
+    def snapshot(self) -> dict[str, DeviceSnapshot]:
+        with self._lock:
+            return {k: DeviceSnapshot(d.device, d.total_j, d.last_power, d.last_t, d.resets, d.errors)
+                    for k, d in self._devs.items()}
+
+    def energy_between(self, key: str, t0: float, t1: float) -> float | None:
+        """Energy of one device between two times still inside its history."""
+        with self._lock:
+            d = self._devs.get(key)
+            if d is None:
+                return None
+            a, b = d.value_at(t0), d.value_at(t1)
+            if a is None or b is None:
+                return None
+            return b[0] - a[0]
+
+
+def totals(snapshot: Mapping[str, DeviceSnapshot]) -> dict[str, float]:
+    return {k: s.energy_j for k, s in snapshot.items()}

@@ -1,0 +1,162 @@
+"""The sampler owns the cadence: it reads sensors and feeds the ledger.
+
+Each sensor gets its own small reader thread so a slow or hung sensor (an NVML call stuck on a
+falling GPU) cannot stall the others. Reads are jittered inside each period (stratified
+sampling): a fixed cadence aliases with periodic workloads and biases power integration.
+While window edges are waiting to be resolved, sensors that support it are read at a fast
+cadence, so counter refreshes are timed to a few milliseconds around the edge.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .clock import Clock
+from .ledger import Ledger
+from .model import Batch
+from .sensors.base import Sensor
+
+log = logging.getLogger("wattmeter.sampler")
+
+FAST_PERIOD_S = 0.005       # cadence near window edges, for sensors with ``fast_edges``
+MIN_POKE_GAP_S = 0.005      # an edge poke reads a sensor at most this often
+
+
+@dataclass
+class SensorStatus:
+    """Health of one sensor, for ``wattmeter_up`` and ``wattmeter_sensor_errors_total``."""
+
+    name: str
+    up: bool = True
+    reads: int = 0
+    errors: Counter = field(default_factory=Counter)   # error kind -> count
+    last_error: str = ""
+
+
+class _Loop:
+    """One reader thread: calls ``fn(now)`` at a jittered cadence until stopped."""
+
+    def __init__(self, name: str, period_s: float, fn: Callable[[float], None], clock: Clock,
+                 rng: random.Random, fast: Callable[[], bool]) -> None:
+        self.name, self.period_s, self.fn, self.clock = name, period_s, fn, clock
+        self.rng, self.fast = rng, fast
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"wattmeter-{name}", daemon=True)
+        self.last_read = -1e18
+
+    def _run(self) -> None:
+        clock, period = self.clock, self.period_s
+        slot = clock.now()
+        due = slot + self.rng.random() * period
+        while not self.stopping.is_set():
+            now = clock.now()
+            target = min(due, self.last_read + FAST_PERIOD_S) if self.fast() else due
+            if now < target:
+                poked = self.wake.wait(target - now)
+                self.wake.clear()
+                if self.stopping.is_set():
+                    break
+                now = clock.now()
+                if poked and now - self.last_read < MIN_POKE_GAP_S:
+                    continue
+                if not poked and now < target:
+                    continue
+            self.last_read = now
+            self.fn(now)
+            if now >= due:
+                slot += period
+                due = slot + self.rng.random() * period
+                if due < clock.now():      # fell behind (a slow read): restart the grid
+                    slot = clock.now()
+                    due = slot + self.rng.random() * period
+        self.fn(clock.now())   # final read, so the ledger covers the stop instant
+
+
+class Sampler:
+    def __init__(self, sensors: Sequence[Sensor], ledger: Ledger, clock: Clock, *,
+                 seed: int | None = None) -> None:
+        self.sensors = list(sensors)
+        self.ledger = ledger
+        self.clock = clock
+        self.status = {s.name: SensorStatus(s.name) for s in self.sensors}
+        self._rng = random.Random(seed)
+        self._loops: list[_Loop] = []
+        self._tasks: list[tuple[str, float, Callable[[float], None]]] = []
+        self._lock = threading.Lock()
+        for s in self.sensors:
+            for dev in s.devices():
+                ledger.add_device(dev)
+
+    def add_task(self, name: str, period_s: float, fn: Callable[[float], None]) -> None:
+        """Run an extra periodic reader (e.g. per-process GPU usage) on its own thread."""
+        self._tasks.append((name, period_s, fn))
+
+    # -- reading ---------------------------------------------------------------
+    def read_sensor(self, sensor: Sensor, now: float) -> None:
+        status = self.status[sensor.name]
+        try:
+            batch = sensor.read(now)
+        except Exception as exc:  # a sensor bug must not kill its reader thread; counted and logged
+            log.warning("sensor %s raised %s: %s", sensor.name, type(exc).__name__, exc)
+            batch = Batch()
+            status.errors["exception"] += 1
+            status.last_error = f"{type(exc).__name__}: {exc}"
+            status.up = False
+            return
+        self.ledger.record(batch.readings)
+        for err in batch.errors:
+            status.errors[err.kind] += 1
+            status.last_error = err.message or err.kind
+            self.ledger.record_error(err.device_key)
+        status.reads += 1
+        status.up = not batch.errors
+
+    def tick(self, now: float | None = None) -> None:
+        """Read every sensor and task once, synchronously (virtual-time tests, final flush)."""
+        now = self.clock.now() if now is None else now
+        for s in self.sensors:
+            self.read_sensor(s, now)
+        for _, _, fn in self._tasks:
+            fn(now)
+
+    # -- threads ---------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return bool(self._loops)
+
+    def start(self) -> None:
+        with self._lock:
+            if self._loops:
+                return
+            pending = self.ledger.pending_marks
+            for s in self.sensors:
+                fast_edges = bool(getattr(s, "fast_edges", False))
+                fast = (lambda: pending() > 0) if fast_edges else (lambda: False)
+                self._loops.append(_Loop(s.name, s.period_s, lambda now, s=s: self.read_sensor(s, now),
+                                         self.clock, random.Random(self._rng.random()), fast))
+            for name, period, fn in self._tasks:
+                self._loops.append(_Loop(name, period, fn, self.clock, random.Random(self._rng.random()),
+                                         lambda: False))
+            for loop in self._loops:
+                loop.thread.start()
+
+    def poke(self) -> None:
+        """Ask every reader for a prompt read (a window edge is waiting)."""
+        for loop in self._loops:
+            loop.wake.set()
+
+    def stop(self, timeout_s: float = 2.0) -> None:
+        with self._lock:
+            loops, self._loops = self._loops, []
+        for loop in loops:
+            loop.stopping.set()
+            loop.wake.set()
+        for loop in loops:
+            loop.thread.join(timeout_s)
+            if loop.thread.is_alive():
+                log.warning("sensor %s did not stop within %.1f s (a hung read?)", loop.name, timeout_s)

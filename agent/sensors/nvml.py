@@ -1,0 +1,250 @@
+"""NVIDIA GPUs through NVML (the ``pynvml`` module of nvidia-ml-py, or the fake drop-in).
+
+Energy comes from the total-energy counter when the GPU has one (Volta and newer); otherwise
+from instant power (field NVML_FI_DEV_POWER_INSTANT), else from ``nvmlDeviceGetPowerUsage``,
+integrated by the ledger. NVML errors are translated to SensorError here and nowhere else.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Sequence
+
+from ..model import Batch, Component, Device, ProcessUsage, Reading, SensorError, Source
+from .base import SensorUnavailable
+from .refresh import RefreshTracker
+
+FIELD_POWER_INSTANT = 186
+AVERAGED_POWER_LAG_S = 0.5    # a 1 s trailing average describes the instant 0.5 s ago
+_AVERAGING_ARCHS = ("ampere", "ada", "hopper", "blackwell")
+
+
+def load_pynvml() -> ModuleType:
+    import pynvml  # the fake installs itself as sys.modules["pynvml"], so this picks it up
+
+    return pynvml
+
+
+def _decode(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class GpuSelection:
+    """Which GPUs to meter: CUDA_VISIBLE_DEVICES entries (indices, UUIDs, MIG ids) or all."""
+
+    entries: list[str] | None = None   # None = every GPU
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "GpuSelection":
+        raw = (env if env is not None else os.environ).get("CUDA_VISIBLE_DEVICES")
+        if raw is None:
+            return cls(None)
+        return cls([e.strip() for e in raw.split(",") if e.strip()])
+
+    def match(self, gpus: Sequence[tuple[int, str]]) -> list[tuple[int, str | None]]:
+        """Map entries to (nvml index, MIG id or None). ``gpus`` is [(index, uuid)]."""
+        if self.entries is None:
+            return [(i, None) for i, _ in gpus]
+        chosen: list[tuple[int, str | None]] = []
+        for entry in self.entries:
+            hit = self._match_one(entry, gpus)
+            if hit is None:
+                break   # CUDA stops at the first invalid entry, and so do we
+            if hit not in chosen:
+                chosen.append(hit)
+        return chosen
+
+    @staticmethod
+    def _match_one(entry: str, gpus: Sequence[tuple[int, str]]) -> tuple[int, str | None] | None:
+        if entry.lstrip("-").isdigit():
+            idx = int(entry)
+            return (idx, None) if any(i == idx for i, _ in gpus) and idx >= 0 else None
+        mig = None
+        if entry.startswith("MIG-"):
+            mig = entry
+            rest = entry[4:]
+            # MIG-GPU-<uuid>/<gi>/<ci> (older drivers) names the parent; MIG-<uuid> does not.
+            parent = rest.split("/")[0]
+            if not parent.startswith("GPU-"):
+                return None if len(gpus) != 1 else (gpus[0][0], mig)
+            entry = parent
+        prefix = entry if entry.startswith("GPU-") else f"GPU-{entry}"
+        hits = [i for i, uuid in gpus if uuid.startswith(prefix)]
+        return (hits[0], mig) if len(hits) == 1 else None
+
+
+@dataclass
+class _Gpu:
+    index: int
+    handle: Any
+    device: Device
+    has_counter: bool
+    power_mode: str          # "counter", "instant_field", "average", "instant"
+    tracker: RefreshTracker = field(default_factory=RefreshTracker)
+    last_proc_ts: int = 0
+    pids: tuple[int, ...] = ()
+
+
+class NvmlSensor:
+    name = "nvml"
+
+    def __init__(self, nvml: ModuleType | None = None, selection: GpuSelection | None = None,
+                 period_s: float = 0.1, power_period_s: float = 0.05) -> None:
+        self.nvml = nvml or self._import()
+        self.simulated = bool(getattr(self.nvml, "WATTMETER_FAKE", False))
+        self.counter_period_s = period_s
+        self.power_period_s = power_period_s
+        err = self.nvml.NVMLError
+        try:
+            self.nvml.nvmlInit()
+        except err as exc:
+            raise SensorUnavailable("nvml", f"NVML could not start ({_decode(str(exc))})",
+                                    "install the NVIDIA driver, or use --fake-gpus N to try the GPU path") from exc
+        try:
+            self.driver_version = _decode(self.nvml.nvmlSystemGetDriverVersion())
+        except err:
+            self.driver_version = "unknown"
+        self._gpus = self._discover(selection or GpuSelection.from_env())
+        if not self._gpus:
+            raise SensorUnavailable("nvml", "no GPU is visible to this job",
+                                    "check CUDA_VISIBLE_DEVICES, or use --fake-gpus N")
+        # Power-only GPUs need a faster cadence than counters (DESIGN: 10-20 Hz instant power).
+        self.period_s = period_s if all(g.has_counter for g in self._gpus) else min(period_s, power_period_s)
+        self.fast_edges = any(g.has_counter for g in self._gpus)
+
+    @staticmethod
+    def _import() -> ModuleType:
+        try:
+            return load_pynvml()
+        except ImportError as exc:
+            raise SensorUnavailable("nvml", "the nvidia-ml-py package is not installed",
+                                    "pip install nvidia-ml-py") from exc
+
+    # -- discovery -------------------------------------------------------------
+    def _discover(self, selection: GpuSelection) -> list[_Gpu]:
+        n = self.nvml
+        count = n.nvmlDeviceGetCount()
+        handles = [n.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        uuids = [_decode(n.nvmlDeviceGetUUID(h)) for h in handles]
+        gpus = []
+        for idx, mig in selection.match(list(enumerate(uuids))):
+            h = handles[idx]
+            model = _decode(n.nvmlDeviceGetName(h))
+            has_counter = self._probe(lambda: n.nvmlDeviceGetTotalEnergyConsumption(h))
+            if has_counter:
+                mode, source = "counter", Source.COUNTER
+            elif self._instant_field(h) is not None:
+                mode, source = "instant_field", Source.SAMPLED
+            else:
+                mode, source = ("average" if self._averages(h, model) else "instant"), Source.SAMPLED
+            labels = {"gpu": str(idx), "uuid": uuids[idx], "model": model, "hostname": socket.gethostname()}
+            if mig:
+                labels["mig"] = mig
+            dev = Device(key=f"gpu{idx}", component=Component.GPU, source=source, labels=labels,
+                         update_period_s=0.1 if has_counter else (1.0 if mode == "average" else self.power_period_s),
+                         simulated=self.simulated)
+            gpus.append(_Gpu(idx, h, dev, has_counter, mode, RefreshTracker(period_s=0.1)))
+        return gpus
+
+    def _probe(self, call: Any) -> bool:
+        try:
+            call()
+            return True
+        except self.nvml.NVMLError:
+            return False
+
+    def _instant_field(self, handle: Any) -> float | None:
+        try:
+            values = self.nvml.nvmlDeviceGetFieldValues(handle, [FIELD_POWER_INSTANT])
+        except self.nvml.NVMLError:
+            return None
+        entry = values[0]
+        if entry.nvmlReturn != 0:   # the call succeeds while a field fails: check each entry
+            return None
+        return entry.value.uiVal / 1000.0
+
+    def _averages(self, handle: Any, model: str) -> bool:
+        """True where nvmlDeviceGetPowerUsage is a 1 s trailing average (Ampere+, except GA100)."""
+        if "A100" in model or "A30" in model:
+            return False
+        try:
+            arch = int(self.nvml.nvmlDeviceGetArchitecture(handle))
+        except (self.nvml.NVMLError, AttributeError, TypeError, ValueError):
+            return False
+        ampere = getattr(self.nvml, "NVML_DEVICE_ARCH_AMPERE", 7)
+        return arch >= ampere
+
+    # -- Sensor protocol -------------------------------------------------------
+    def devices(self) -> list[Device]:
+        return [g.device for g in self._gpus]
+
+    def read(self, now: float) -> Batch:
+        batch = Batch()
+        n = self.nvml
+        for g in self._gpus:
+            key = g.device.key
+            try:
+                if g.power_mode == "counter":
+                    mj = n.nvmlDeviceGetTotalEnergyConsumption(g.handle)
+                    t = g.tracker.observe(now, mj / 1000.0)
+                    if t is not None:
+                        batch.readings.append(Reading(key, t, energy_j=mj / 1000.0))
+                elif g.power_mode == "instant_field":
+                    w = self._instant_field(g.handle)
+                    if w is None:
+                        batch.errors.append(SensorError(self.name, "not_supported", key, "instant power field failed"))
+                        continue
+                    batch.readings.append(Reading(key, now, power_w=w))
+                else:
+                    w = n.nvmlDeviceGetPowerUsage(g.handle) / 1000.0
+                    lag = AVERAGED_POWER_LAG_S if g.power_mode == "average" else 0.0
+                    batch.readings.append(Reading(key, now - lag, power_w=w))
+            except n.NVMLError as exc:
+                batch.errors.append(SensorError(self.name, _error_kind(n, exc), key, _decode(str(exc))))
+        return batch
+
+    def read_processes(self, now: float) -> list[ProcessUsage]:
+        """SM share per process since the last call (for attribution). Host PIDs."""
+        n = self.nvml
+        out: list[ProcessUsage] = []
+        mismatch = getattr(n, "NVMLLibraryMismatchError", ())
+        for g in self._gpus:
+            try:
+                running = n.nvmlDeviceGetComputeRunningProcesses(g.handle)
+                g.pids = tuple(int(p.pid) for p in running)
+            except (n.NVMLError, *((mismatch,) if mismatch else ())):
+                g.pids = ()
+            try:
+                samples = n.nvmlDeviceGetProcessUtilization(g.handle, g.last_proc_ts)
+            except n.NVMLError:
+                samples = []    # NotFound: no new samples since last_seen
+            sm: dict[int, float] = {}
+            for s in samples:
+                g.last_proc_ts = max(g.last_proc_ts, int(s.timeStamp))
+                sm[int(s.pid)] = max(sm.get(int(s.pid), 0.0), float(s.smUtil))
+            for pid in g.pids:
+                out.append(ProcessUsage(g.device.key, pid, min(1.0, sm.get(pid, 0.0) / 100.0), now,
+                                        g.device.labels.get("mig")))
+        return out
+
+    def close(self) -> None:
+        try:
+            self.nvml.nvmlShutdown()
+        except self.nvml.NVMLError:
+            pass
+
+
+def _error_kind(n: ModuleType, exc: Exception) -> str:
+    names = {
+        "NVML_ERROR_GPU_IS_LOST": "gpu_lost", "NVML_ERROR_NOT_SUPPORTED": "not_supported",
+        "NVML_ERROR_TIMEOUT": "timeout", "NVML_ERROR_NO_PERMISSION": "permission",
+        "NVML_ERROR_UNINITIALIZED": "uninitialized", "NVML_ERROR_NOT_FOUND": "not_found",
+    }
+    value = getattr(exc, "value", None)
+    for const, kind in names.items():
+        if value is not None and value == getattr(n, const, object()):
+            return kind
+    return "nvml_error"

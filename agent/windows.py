@@ -1,0 +1,104 @@
+"""Windows: jobs, decorated calls, context managers, requests. Computed from the ledger only.
+
+Begin and end each create a ledger mark (O(1), no sensor call on the caller's thread). The
+result waits, briefly, until the sampler has a point past the end mark on every device, then
+interpolates exactly at both edges.
+"""
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Mapping
+
+from .ledger import Mark
+from .model import DeviceEnergy, WindowResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .meter import Meter
+
+
+class Window:
+    def __init__(self, meter: "Meter", name: str, labels: Mapping[str, str] | None = None) -> None:
+        self.meter = meter
+        self.name = name
+        self.labels = dict(labels or {})
+        self._start: Mark | None = None
+        self._end: Mark | None = None
+        self._tokens0: dict[str, int] = {}
+        self._tokens1: dict[str, int] = {}
+        self._result: WindowResult | None = None
+        self._lock = threading.Lock()
+
+    # -- edges -----------------------------------------------------------------
+    def begin(self) -> "Window":
+        if self._start is None:
+            self._start = self.meter._mark()
+            self._tokens0 = self.meter._token_counts()
+        return self
+
+    def end(self) -> "Window":
+        if self._start is None:
+            raise RuntimeError(f"window {self.name!r} ended before it began")
+        if self._end is None:
+            self._end = self.meter._mark()
+            self._tokens1 = self.meter._token_counts()
+            self.meter._edge_waiting()
+        return self
+
+    @property
+    def ended(self) -> bool:
+        return self._end is not None
+
+    def __enter__(self) -> "Window":
+        return self.begin()
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+    # -- result ----------------------------------------------------------------
+    def result(self, timeout_s: float | None = None) -> WindowResult:
+        """The window's energy. Blocks until the sampler covers the end (bounded), then computes."""
+        if self._end is None:
+            raise RuntimeError(f"window {self.name!r} has not ended; use partial() for a running window")
+        with self._lock:
+            if self._result is None:
+                assert self._start is not None
+                self._result = self.meter._compute(self.name, self._start, self._end,
+                                                   self._tokens0, self._tokens1, timeout_s)
+            return self._result
+
+    def partial(self) -> WindowResult:
+        """Energy so far of a running window (ends a private copy now, leaves this one open)."""
+        if self._start is None:
+            raise RuntimeError(f"window {self.name!r} has not begun")
+        end = self.meter._mark()
+        tokens1 = self.meter._token_counts()
+        self.meter._edge_waiting()
+        return self.meter._compute(self.name, self._start, end, self._tokens0, tokens1, None)
+
+    def __repr__(self) -> str:
+        state = "done" if self._end else ("open" if self._start else "new")
+        return f"<Window {self.name!r} {state}>"
+
+
+def device_energies(meter: "Meter", start: Mark, end: Mark) -> tuple[tuple[DeviceEnergy, ...], bool]:
+    """Per-device energy between two resolved marks, and whether any of it is approximate."""
+    out = []
+    any_approx = False
+    duration = end.t - start.t
+    for dev in meter.ledger.devices:
+        k = dev.key
+        if k not in start.energy_j or k not in end.energy_j:
+            continue
+        e = max(0.0, end.energy_j[k] - start.energy_j[k])
+        approx = (duration < dev.update_period_s or k in start.extrapolated or k in end.extrapolated
+                  or end.errors.get(k, 0) != start.errors.get(k, 0))
+        any_approx |= approx
+        avg = e / duration if duration > 0 else 0.0
+        peak = meter.ledger.peak_power_w(k, start.t, end.t)
+        out.append(DeviceEnergy(key=k, component=dev.component, scope=dev.scope, source=dev.source,
+                                energy_j=e, avg_power_w=avg, peak_power_w=max(peak, avg) if peak is not None else avg,
+                                labels=dict(dev.labels), approximate=approx))
+    return tuple(out), any_approx
+
+
+__all__ = ["Window", "WindowResult", "device_energies"]
