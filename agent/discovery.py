@@ -49,7 +49,7 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
 
         scenario = load_scenario(scenario_path) if scenario_path else Scenario.default(int(plan.fake_gpus or 1))
         out.fake = fake_nvml.FakeNVML(scenario, plan.clock or SystemClock())
-        nvml = fake_nvml.as_module(out.fake)
+        nvml = fake_nvml.build_module(out.fake)
         out.notes.append(f"SIMULATED GPUs: fake NVML ({scenario_path or f'{plan.fake_gpus} x default'}); "
                          "GPU figures are not real measurements")
     selection = GpuSelection.from_env() if plan.visible_devices is None else \

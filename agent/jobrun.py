@@ -21,6 +21,7 @@ from .windows import Window
 from .exporters.records import RecordWriter, RunIdentity, run_record
 
 TIMELINE_PERIOD_S = 1.0
+TIMELINE_LAG_S = 2.5      # the slowest sensor (1 s) has certainly reported by then
 
 
 @dataclass
@@ -98,8 +99,10 @@ class JobRunner:
         meter = self.meter
         meter.start()
         window = meter.window(self.ident.job)
-        timeline = Timeline(t0=window._start.t if window._start else meter.clock.now())  # type: ignore[union-attr]
-        timeline.add(meter.clock.now(), meter.snapshot())
+        t0 = window._start.t  # type: ignore[union-attr]
+        timeline = Timeline(t0=t0)
+        self._timeline_t = t0
+        timeline.add(t0, meter.ledger.values_at(t0))
         old = self._install_signals()
         status, code, message = "completed", 0, ""
         try:
@@ -120,7 +123,7 @@ class JobRunner:
             window.end()
             result = window.result()
             meter.stop()
-            timeline.add(meter.clock.now(), meter.snapshot())
+            self._extend_timeline(timeline, result.end_t, final=True)
             self._feed_carbon(window)
             for hook in self.on_tick:
                 hook()
@@ -144,7 +147,7 @@ class JobRunner:
             except subprocess.TimeoutExpired:
                 pass
             now = clock.now()
-            timeline.add(now, self.meter.snapshot())
+            self._extend_timeline(timeline, now - TIMELINE_LAG_S)
             if self._signals and term_at is None and signal.SIGTERM in self._signals:
                 term_at = now
             if term_at is not None and now - term_at > self.kill_grace_s:
@@ -152,6 +155,16 @@ class JobRunner:
             if now >= next_checkpoint:
                 next_checkpoint = now + self.checkpoint_s
                 self._checkpoint(window, timeline)
+
+    def _extend_timeline(self, timeline: Timeline, until: float, final: bool = False) -> None:
+        """Timeline points each TIMELINE_PERIOD_S, read from the ledger's history once the
+        sampler has covered them (so slow sensors do not show as spikes)."""
+        while self._timeline_t + TIMELINE_PERIOD_S <= until:
+            self._timeline_t += TIMELINE_PERIOD_S
+            timeline.add(self._timeline_t, self.meter.ledger.values_at(self._timeline_t))
+        if final and until > self._timeline_t:
+            self._timeline_t = until
+            timeline.add(until, self.meter.ledger.values_at(until))
 
     def _checkpoint(self, window: Window, timeline: Timeline) -> None:
         self._feed_carbon(window)

@@ -18,6 +18,7 @@ from .model import Device, Reading
 
 RING_POINTS = 4096        # fine history per device (~7 min at 10 Hz)
 BLOCK_POINTS = 64         # fine points per coarse peak-power block
+POWER_SPAN_S = 0.25       # counter power is the slope over at least this long (refresh-time noise)
 RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
 
 
@@ -48,7 +49,7 @@ class DeviceSnapshot:
 class _DeviceLedger:
     __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
-                 "cur_t0", "cur_count")
+                 "cur_t0", "cur_count", "anchor_t", "anchor_e")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -70,6 +71,8 @@ class _DeviceLedger:
         self.cur_max = -math.inf
         self.cur_t0 = 0.0
         self.cur_count = 0
+        self.anchor_t: float | None = None
+        self.anchor_e = 0.0
 
     # -- history -------------------------------------------------------------
     def point(self, k: int) -> tuple[float, float, float]:
@@ -194,10 +197,14 @@ class Ledger:
                 d.resets += 1
                 delta = r.energy_j
             d.last_counter = r.energy_j
-            if d.last_t is not None and r.t > d.last_t:
-                slope = delta / (r.t - d.last_t)
+            if d.anchor_t is None:
+                d.anchor_t, d.anchor_e = r.t, d.total_j
+            span = r.t - d.anchor_t
+            if span >= POWER_SPAN_S:
+                slope = (d.total_j + delta - d.anchor_e) / span
+                d.anchor_t, d.anchor_e = r.t, d.total_j + delta
             else:
-                slope = r.power_w if r.power_w is not None else 0.0
+                slope = d.last_power if d.last_power is not None else 0.0
             power = r.power_w if r.power_w is not None else slope
         elif r.power_w is not None:
             power = max(0.0, r.power_w)
@@ -293,10 +300,31 @@ class Ledger:
             return None if d is None else d.peak_w(t0, t1)
 
     # -- output ----------------------------------------------------------------
-    def snapshot(self) -> dict[str, DeviceSnapshot]:
+    def snapshot(self, at: float | None = None) -> dict[str, DeviceSnapshot]:
+        """Monotonic totals as of each device's last point. With ``at``, each total is
+        extrapolated to that time at the last power (for timelines only: an extrapolated
+        value can exceed the next real point, so counters must never export it)."""
         with self._lock:
-            return {k: DeviceSnapshot(d.device, d.total_j, d.last_power, d.last_t, d.resets, d.errors)
-                    for k, d in self._devs.items()}
+            out = {}
+            for k, d in self._devs.items():
+                e = d.total_j
+                if at is not None and d.last_t is not None and d.last_power:
+                    e += d.last_power * min(max(0.0, at - d.last_t), 5.0)
+                out[k] = DeviceSnapshot(d.device, e, d.last_power, d.last_t, d.resets, d.errors)
+            return out
+
+    def values_at(self, t: float) -> dict[str, float]:
+        """Each device's cumulative energy at time t, interpolated from its history (devices
+        whose last point is before t are extrapolated at their last power)."""
+        with self._lock:
+            out = {}
+            for k, d in self._devs.items():
+                if d.last_t is None:
+                    continue
+                found = d.value_at(t)
+                out[k] = found[0] if found is not None else \
+                    d.total_j + (d.last_power or 0.0) * min(t - d.last_t, 5.0)
+            return out
 
     def energy_between(self, key: str, t0: float, t1: float) -> float | None:
         """Energy of one device between two times still inside its history."""

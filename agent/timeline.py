@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .ledger import DeviceSnapshot
 
 MAX_POINTS = 240
 
@@ -19,21 +18,22 @@ class Timeline:
     _last_e: dict[str, float] = field(default_factory=dict)
     _spans: list[float] = field(default_factory=list)
 
-    def add(self, t: float, snap: Mapping[str, DeviceSnapshot]) -> None:
-        """Add the average power since the previous snapshot, merging old points to stay bounded."""
+    def add(self, t: float, energy_j: Mapping[str, float]) -> None:
+        """Add the average power since the previous point, merging old points to stay bounded.
+        ``energy_j`` is each device's cumulative energy at time t (``Ledger.values_at``)."""
         if self._last_t is None:
-            self._last_t, self._last_e = t, {k: s.energy_j for k, s in snap.items()}
+            self._last_t, self._last_e = t, dict(energy_j)
             return
         dt = t - self._last_t
         if dt <= 0:
             return
         self.t_s.append(round(t - self.t0, 3))
         self._spans.append(dt)
-        for k, s in snap.items():
-            watts = (s.energy_j - self._last_e.get(k, s.energy_j)) / dt
+        for k, e in energy_j.items():
+            watts = (e - self._last_e.get(k, e)) / dt
             series = self.power_w.setdefault(k, [0.0] * (len(self.t_s) - 1))
             series.append(round(watts, 2))
-        self._last_t, self._last_e = t, {k: s.energy_j for k, s in snap.items()}
+        self._last_t, self._last_e = t, dict(energy_j)
         if len(self.t_s) > self.max_points:
             self._halve()
 

@@ -1,0 +1,165 @@
+"""One simulated GPU: what its driver would report at scenario time t.
+
+Every reading is a pure function of t (the trace, the refresh grids and the faults), so readers
+on several threads need no lock; small caches keyed by the refresh tick only skip recomputation.
+Values follow the driver's timing, not the trace's: a counter moves only at refresh instants, an
+averaged power lags by its window, and so on (docs/fake-nvml.md, "Timing").
+"""
+from __future__ import annotations
+
+import math
+from bisect import bisect_right
+from typing import Sequence
+
+from .scenario import FaultSpec, GpuSpec, ProcessSpec
+
+_EPS = 1e-9  # an instant within 1 ns after a refresh tick counts as on it (float noise in t)
+
+# (max SM clock, memory clock) in MHz, by architecture: what GetClockInfo reports when busy.
+_CLOCKS = {"pascal": (1480, 715), "volta": (1530, 877), "turing": (1590, 5001), "ampere": (1695, 7601),
+           "ga100": (1410, 1593), "ada": (2040, 9001), "hopper": (1980, 2619), "blackwell": (1965, 3996)}
+IDLE_SM_CLOCK_MHZ = 345
+
+
+class Grid:
+    """Refresh instants phase + k * period; ``tick(t)`` is the index of the last one <= t."""
+
+    __slots__ = ("phase", "period")
+
+    def __init__(self, phase: float, period: float) -> None:
+        self.phase = phase % period
+        self.period = period
+
+    def tick(self, t: float) -> int:
+        return math.floor((t - self.phase) / self.period + _EPS)
+
+    def at(self, k: int) -> float:
+        return self.phase + k * self.period
+
+
+class SimGpu:
+    def __init__(self, spec: GpuSpec, faults: Sequence[FaultSpec]) -> None:
+        self.spec = spec
+        self.trace = spec.trace
+        s = spec.sensor
+        self.counter_grid = Grid(s.counter_phase_s, s.counter_refresh_s)
+        self.power_grid = Grid(s.counter_phase_s, s.power_refresh_s)
+        self.instant_grid = Grid(s.counter_phase_s, s.instant_refresh_s)
+        self.util_grid = Grid(s.counter_phase_s, s.util_refresh_s)
+        self.averaged = s.power_usage == "average_1s"
+        self.offset_mj = int(round(spec.energy_offset_j * 1000))
+        mine = [f for f in faults if f.gpu is None or f.gpu == spec.index]
+        self.lost_windows = [(f.at_s, f.end_s) for f in mine if f.kind == "gpu_lost"]
+        # The counter restarts at a reset and when a lost GPU comes back (driver reload).
+        resets = [f.at_s for f in mine if f.kind == "counter_reset"]
+        resets += [end for _, end in self.lost_windows if math.isfinite(end)]
+        self.resets = sorted(resets)
+        self._reset_cum = [self.trace.cumulative(r) for r in self.resets]
+        self.call_faults: dict[str, list[FaultSpec]] = {}
+        for f in mine:
+            if f.kind in ("not_supported", "slow_call") and f.function:
+                self.call_faults.setdefault(f.function, []).append(f)
+        # Caches: (key, value). A tuple is replaced whole, so a racing reader sees old or new.
+        self._counter_cache: tuple[object, int] = (None, 0)
+        self._power_cache: tuple[object, float] = (None, 0.0)
+
+    # -- faults ------------------------------------------------------------------------------
+    def is_lost(self, t: float) -> bool:
+        return any(a <= t < b for a, b in self.lost_windows)
+
+    def call_fault(self, function: str, t: float, kind: str) -> FaultSpec | None:
+        for f in self.call_faults.get(function, ()):
+            if f.kind == kind and f.active(t):
+                return f
+        return None
+
+    # -- energy --------------------------------------------------------------------------------
+    def energy_mj(self, t: float) -> int:
+        """The energy counter at t: offset + integral up to the last refresh, restarting at resets."""
+        k = self.counter_grid.tick(t)
+        n = bisect_right(self.resets, t)
+        key = (k, n)
+        cached = self._counter_cache
+        if cached[0] == key:
+            return cached[1]
+        r = self.counter_grid.at(k)
+        if n == 0:
+            value = self.offset_mj + math.floor(self.trace.cumulative(r) * 1000.0)
+        else:
+            base = self.resets[n - 1]
+            value = math.floor((self.trace.cumulative(max(r, base)) - self._reset_cum[n - 1]) * 1000.0)
+        value = max(0, value)
+        self._counter_cache = (key, value)
+        return value
+
+    # -- power ---------------------------------------------------------------------------------
+    def _box_mean(self, end: float, width: float) -> float:
+        return self.trace.integral(end - width, end) / width
+
+    def power_usage(self, t: float) -> tuple[float, float]:
+        """(W, refresh instant) as nvmlDeviceGetPowerUsage reports it."""
+        k = self.power_grid.tick(t)
+        cached = self._power_cache
+        r = self.power_grid.at(k)
+        if cached[0] == k:
+            return cached[1], r
+        value = self._box_mean(r, 1.0) if self.averaged else self.trace.power_w(r)
+        self._power_cache = (k, value)
+        return value, r
+
+    def power_average_1s(self, t: float) -> tuple[float, float]:
+        """Field 185: mean over the second before the last power refresh."""
+        r = self.power_grid.at(self.power_grid.tick(t))
+        return self._box_mean(r, 1.0), r
+
+    def power_instant(self, t: float) -> tuple[float, float]:
+        """Field 186: mean over the last instant-refresh period (a short box average)."""
+        r = self.instant_grid.at(self.instant_grid.tick(t))
+        return self._box_mean(r, self.instant_grid.period), r
+
+    def load_fraction(self, t: float) -> float:
+        """0 at idle power, 1 at the power limit (drives temperature, clocks, utilisation)."""
+        p, _ = self.power_average_1s(t)
+        spec = self.spec
+        span = max(spec.power_limit_w - spec.idle_power_w, 1e-9)
+        return min(1.0, max(0.0, (p - spec.idle_power_w) / span))
+
+    # -- derived readings (rough models: metering never depends on them) --------------------------
+    def utilization(self, t: float) -> tuple[int, int]:
+        """(gpu %, memory %): the running processes' SM shares, else a guess from power."""
+        r = self.util_grid.at(self.util_grid.tick(t))
+        procs = [p for p in self.spec.processes if p.active(r)]
+        if self.spec.processes:
+            gpu = min(100.0, sum(p.sm_util.power_w(r) for p in procs))
+        else:
+            gpu = min(100.0, 125.0 * self.load_fraction(t))
+        return int(round(gpu)), int(round(gpu * 0.45))
+
+    def temperature_c(self, t: float) -> int:
+        return int(round(31 + 45 * self.load_fraction(t)))
+
+    def clock_mhz(self, clock_type: int, t: float) -> int:
+        sm_max, mem = _CLOCKS[self.spec.architecture]
+        if clock_type == 2:           # NVML_CLOCK_MEM
+            return mem
+        busy = self.load_fraction(t) > 0.02
+        if clock_type in (0, 1):      # GRAPHICS, SM
+            return sm_max if busy else IDLE_SM_CLOCK_MHZ
+        return int(sm_max * 0.9) if busy else IDLE_SM_CLOCK_MHZ   # VIDEO
+
+    def max_clock_mhz(self, clock_type: int) -> int:
+        sm_max, mem = _CLOCKS[self.spec.architecture]
+        return {2: mem, 3: int(sm_max * 0.9)}.get(clock_type, sm_max)
+
+    def processes(self, t: float, gi_id: int | None = None) -> list[ProcessSpec]:
+        return [p for p in self.spec.processes if p.active(t) and (gi_id is None or p.gi_id == gi_id)]
+
+    def process_samples(self, t: float) -> tuple[float, list[tuple[int, int, int]]]:
+        """(last util refresh instant, [(pid, sm %, mem %)]) for processes active then."""
+        r = self.util_grid.at(self.util_grid.tick(t))
+        out = []
+        for p in self.spec.processes:
+            if p.active(r):
+                sm = int(round(min(100.0, p.sm_util.power_w(r))))
+                out.append((p.pid, sm, int(round(sm * 0.45))))
+        return r, out
