@@ -14,11 +14,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-from .model import Device, Reading
+from .model import Device, Reading, Source
 
 RING_POINTS = 4096        # fine history per device (~7 min at 10 Hz)
 BLOCK_POINTS = 64         # fine points per coarse peak-power block
-POWER_SPAN_S = 0.25       # counter power is the slope over at least this long (refresh-time noise)
+POWER_SPAN_S = 1.0        # counter power is the slope over at least this long (refresh-time noise)
 RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
 
 
@@ -99,6 +99,12 @@ class _DeviceLedger:
                 hi = mid
         t0, e0, _ = self.point(lo)
         t1, e1, p1 = self.point(hi)
+        if self.device.source == Source.COUNTER and lo > self.oldest() and hi < self.n - 1:
+            tb, eb, _ = self.point(lo - 1)
+            ta, ea, _ = self.point(hi + 1)
+            low = (e0 - eb) / (t0 - tb) if t0 > tb else None
+            high = (ea - e1) / (ta - t1) if ta > t1 else None
+            return step_interpolate(t0, e0, t1, e1, t, low, high), p1, False
         frac = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
         return e0 + (e1 - e0) * frac, p1, False
 
@@ -218,7 +224,10 @@ class Ledger:
         d.last_power = power
         d.last_t = r.t
         d.push(r.t, d.total_j, power)
-        self._resolve(d, t_prev, e_prev, power)
+        if r.energy_j is not None:
+            self._resolve_counter(d)
+        else:
+            self._resolve(d, t_prev, e_prev, power)
 
     def _resolve(self, d: _DeviceLedger, t_prev: float | None, e_prev: float, slope: float) -> None:
         base = self._marks[0].seq if self._marks else self._next_seq
@@ -237,6 +246,35 @@ class Ledger:
                 found = d.value_at(m.t)
                 value, extrapolated = (found[0], found[2]) if found else (e_prev, True)
             self._pin(m, d, value, slope, extrapolated)
+            d.cursor += 1
+
+    def _resolve_counter(self, d: _DeviceLedger) -> None:
+        """Counters: resolve marks in the segment before the newest one, once the slopes on
+        both sides of it are known, so an edge inside a refresh interval can be placed on a
+        power step (see step_interpolate) instead of a straight line."""
+        k = d.n - 1
+        if k < 1:
+            return
+        t0, e0, _ = d.point(k - 2) if k >= 2 else d.point(k - 1)
+        t1, e1, _ = d.point(k - 1)
+        t2, e2, _ = d.point(k)
+        low = None
+        if k >= 3 and k - 3 >= d.oldest():
+            tb, eb, _ = d.point(k - 3)
+            low = (e0 - eb) / (t0 - tb) if t0 > tb else None
+        high = (e2 - e1) / (t2 - t1) if t2 > t1 else None
+        base = self._marks[0].seq if self._marks else self._next_seq
+        d.cursor = max(d.cursor, base)
+        while d.cursor < self._next_seq:
+            m = self._marks[d.cursor - base]
+            if m.t >= t1:
+                break
+            if k < 2 or m.t < t0:
+                found = d.value_at(m.t)
+                value, extrapolated = (found[0], found[2]) if found else (e0, True)
+            else:
+                value, extrapolated = step_interpolate(t0, e0, t1, e1, m.t, low, high), False
+            self._pin(m, d, value, (e1 - e0) / (t1 - t0) if t1 > t0 else 0.0, extrapolated)
             d.cursor += 1
 
     def _pin(self, m: Mark, d: _DeviceLedger, value: float, slope: float, extrapolated: bool) -> None:
@@ -281,6 +319,10 @@ class Ledger:
         with self._lock:
             for d in self._devs.values():
                 if d.device.key in m.energy_j:
+                    continue
+                found = d.value_at(m.t) if d.last_t is not None else None
+                if found is not None:
+                    self._pin(m, d, found[0], found[1], found[2])
                     continue
                 if d.last_t is None:
                     value = 0.0
@@ -336,6 +378,32 @@ class Ledger:
             if a is None or b is None:
                 return None
             return b[0] - a[0]
+
+
+def step_interpolate(t0: float, e0: float, t1: float, e1: float, t: float,
+                     low: float | None, high: float | None) -> float:
+    """Cumulative energy at t inside the counter segment (t0, e0) -> (t1, e1).
+
+    GPU power mostly moves in steps (kernels start and stop). When the segment's mean power
+    lies strictly between the slopes of its neighbours, model it as one step from the
+    previous slope to the next, placed so the segment's energy is exact; else interpolate
+    linearly. For a job that starts or stops inside a refresh interval this puts the edge
+    on the right side of the step, where a straight line splits the difference.
+    """
+    dt = t1 - t0
+    if dt <= 0:
+        return e1
+    x = min(max(t - t0, 0.0), dt)
+    de = e1 - e0
+    linear = e0 + de * x / dt
+    if low is None or high is None:
+        return linear
+    mean = de / dt
+    lo_w, hi_w = min(low, high), max(low, high)
+    if hi_w - lo_w < 0.05 * hi_w or not (lo_w < mean < hi_w):
+        return linear
+    s = (high * dt - de) / (high - low)          # step position from t0
+    return e0 + (low * x if x <= s else low * s + high * (x - s))
 
 
 def totals(snapshot: Mapping[str, DeviceSnapshot]) -> dict[str, float]:

@@ -130,8 +130,25 @@ def test_mark_before_points_resolves_when_a_later_point_arrives():
     m = ledger.mark(0.25)
     assert not m.done.is_set()
     ledger.record([Reading("gpu0", 0.5, energy_j=100.0)])
+    # Counters wait for one more point, so the slope after the segment is known.
+    ledger.record([Reading("gpu0", 1.0, energy_j=200.0)])
     assert m.done.is_set()
     assert m.energy_j["gpu0"] == 50.0
+
+
+def test_edge_inside_a_refresh_interval_lands_on_the_power_step():
+    # 100 W until t=1.23, then 600 W; the counter refreshes every 0.1 s. A window starting at
+    # 1.22 (just before the step) must not be charged half the step's energy, as a straight
+    # line between refreshes would.
+    energy = lambda t: 100 * t if t < 1.23 else 123 + 600 * (t - 1.23)
+    ledger = Ledger([GPU])
+    for i in range(40):
+        ledger.record([Reading("gpu0", i * 0.1, energy_j=energy(i * 0.1))])
+    start, end = ledger.mark(1.22), ledger.mark(2.0)
+    ledger.force_resolve(end)
+    assert math.isclose(start.energy_j["gpu0"], energy(1.22), rel_tol=1e-9)
+    got = end.energy_j["gpu0"] - start.energy_j["gpu0"]
+    assert math.isclose(got, energy(2.0) - energy(1.22), rel_tol=1e-9)
 
 
 def test_force_resolve_extrapolates_with_last_power():
