@@ -1,0 +1,95 @@
+"""Run records as rows of CodeCarbon's ``emissions.csv`` so its users' tooling reads ours.
+
+Columns and units follow ``codecarbon.output_methods.emissions_data.EmissionsData``
+(CodeCarbon 3.x): duration s, emissions kg CO2e, emissions_rate kg/s, powers W, energies kWh,
+water L. Like CodeCarbon, powers and energies are scaled by PUE. Fields wattmeter does not
+know (os, cpu_model, coordinates...) are left empty rather than invented.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any, Iterable, Mapping
+
+from .accounting import J_PER_KWH
+from .tables import load_table, zone_index
+
+CODECARBON_COLUMNS = [
+    "timestamp", "project_name", "run_id", "experiment_id", "duration", "emissions", "emissions_rate",
+    "cpu_power", "gpu_power", "ram_power", "cpu_energy", "gpu_energy", "ram_energy", "energy_consumed",
+    "water_consumed", "country_name", "country_iso_code", "region", "cloud_provider", "cloud_region", "os",
+    "python_version", "codecarbon_version", "cpu_count", "cpu_model", "gpu_count", "gpu_model", "longitude",
+    "latitude", "ram_total_size", "tracking_mode", "cpu_utilization_percent", "gpu_utilization_percent",
+    "ram_utilization_percent", "ram_used_gb", "on_cloud", "pue", "wue",
+]
+
+
+def _num(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
+def _where(zone_key: str | None) -> dict[str, str]:
+    zone = zone_index().get(zone_key or "")
+    if zone is None:
+        return {"country_name": "", "country_iso_code": "", "region": "", "cloud_provider": "",
+                "cloud_region": "", "on_cloud": "N"}
+    country = zone_index().get(zone.country)
+    iso3 = ""
+    if country is not None:
+        iso3 = load_table("countries")["zones"].get(country.key, {}).get("iso3", "")
+    return {
+        "country_name": country.name if country else "", "country_iso_code": iso3,
+        "region": zone.name.lower() if zone.kind in ("us-state", "egrid") else "",
+        "cloud_provider": zone.provider or "", "cloud_region": zone.region or "",
+        "on_cloud": "Y" if zone.provider else "N",
+    }
+
+
+def _timestamp(record: Mapping[str, Any]) -> str:
+    end = record.get("end_unix")
+    if isinstance(end, (int, float)) and not isinstance(end, bool):
+        return dt.datetime.fromtimestamp(end, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return str(record.get("end") or record.get("start") or "")[:19]
+
+
+def codecarbon_row(record: Mapping[str, Any]) -> dict[str, Any]:
+    energy = record.get("energy_j") or {}
+    carbon = record.get("carbon") if isinstance(record.get("carbon"), Mapping) else {}
+    pue = _num(carbon.get("pue")) or 1.0
+    duration = _num(record.get("duration_s"))
+    kwh = {c: _num(energy.get(c)) / J_PER_KWH * pue for c in ("cpu", "gpu", "ram")}
+    total_kwh = _num(energy.get("total")) / J_PER_KWH * pue
+    em = carbon.get("emissions_g") if isinstance(carbon.get("emissions_g"), Mapping) else {}
+    kg = _num(em.get("location")) / 1000.0 if "location" in em else None
+    models = [str(m) for m in record.get("gpu_models") or ()]
+    gpus = int(_num(record.get("gpu_count")))
+    labels = record.get("labels") or {}
+    row: dict[str, Any] = {c: "" for c in CODECARBON_COLUMNS}
+    row.update({
+        "timestamp": _timestamp(record),
+        "project_name": labels.get("project") or record.get("job") or "",
+        "run_id": record.get("run_id", ""),
+        "experiment_id": record.get("job") or "",
+        "duration": duration,
+        "emissions": "" if kg is None else kg,
+        "emissions_rate": "" if kg is None else (kg / duration if duration > 0 else 0.0),
+        "cpu_power": kwh["cpu"] * J_PER_KWH / duration if duration > 0 else 0.0,
+        "gpu_power": kwh["gpu"] * J_PER_KWH / duration if duration > 0 else 0.0,
+        "ram_power": kwh["ram"] * J_PER_KWH / duration if duration > 0 else 0.0,
+        "cpu_energy": kwh["cpu"], "gpu_energy": kwh["gpu"], "ram_energy": kwh["ram"],
+        "energy_consumed": total_kwh,
+        "water_consumed": _num(carbon.get("water_l")),
+        "codecarbon_version": "",
+        "gpu_count": gpus,
+        "gpu_model": (f"{gpus} x {models[0]}" if len(set(models)) == 1 else ", ".join(models)) if models else "",
+        "tracking_mode": "process",   # wattmeter's energy_j is the job's share, not the whole machine
+        "pue": pue,
+        "wue": "",
+    })
+    row.update(_where(carbon.get("zone")))
+    if carbon.get("water_l") is not None and total_kwh:
+        row["wue"] = _num(carbon["water_l"]) / (total_kwh / pue)
+    return row
+
+
+def codecarbon_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    return [codecarbon_row(r) for r in records]

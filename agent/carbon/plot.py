@@ -1,0 +1,78 @@
+"""``wattmeter report --plot out.png``: power over time per GPU, and energy per job.
+
+Needs the ``plot`` extra (matplotlib); uses the Agg backend so it works without a display.
+Power comes from each record's downsampled ``timeline`` (docs/records.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from ..errors import UsageError
+from .report import COMPONENTS, Report
+
+_COLOURS = {"gpu": "#2a7ab0", "cpu": "#e08a1e", "ram": "#7a9a3a"}
+
+
+def gpu_series(record: Mapping[str, Any]) -> list[tuple[str, list[float], list[float]]]:
+    """(device key, seconds since the run started, watts) for each GPU in a record's timeline."""
+    timeline = record.get("timeline") or {}
+    t_s = timeline.get("t_s") or []
+    gpu_keys = {d.get("key") for d in record.get("devices") or () if isinstance(d, Mapping)
+                and d.get("component") == "gpu"}
+    out = []
+    for key, watts in sorted((timeline.get("power_w") or {}).items()):
+        if (key in gpu_keys or (not gpu_keys and str(key).startswith("gpu"))) and len(watts) == len(t_s):
+            out.append((str(key), [float(t) for t in t_s], [float(w) for w in watts]))
+    return out
+
+
+def check_plot_target(path: str | Path) -> Path:
+    """Fail fast, before any report is printed: matplotlib present and the folder exists."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'wattmeter[plot]'") from None
+    out = Path(path)
+    if not out.parent.exists():
+        raise UsageError(f"--plot {path}: folder '{out.parent}' does not exist")
+    return out
+
+
+def plot_report(report: Report, path: str | Path) -> Path:
+    out = check_plot_target(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_power, ax_energy) = plt.subplots(2, 1, figsize=(11, 8), constrained_layout=True)
+    lines = 0
+    for row in report.rows:
+        for key, times, watts in gpu_series(row.record):
+            hours = [t / 3600.0 for t in times]   # runs overlaid from their own start: comparable shapes
+            ax_power.plot(hours, watts, linewidth=1, label=f"{row.job} {row.run_id[:6]} {key}")
+            lines += 1
+    ax_power.set_title("GPU power over time (downsampled timelines)")
+    ax_power.set_ylabel("W")
+    ax_power.set_xlabel("hours since the run started")
+    if 0 < lines <= 16:
+        ax_power.legend(fontsize="x-small", ncol=2)
+    elif lines == 0:
+        ax_power.text(0.5, 0.5, "no GPU timelines in these records", ha="center", transform=ax_power.transAxes)
+    names = [f"{r.job}\n{r.run_id[:6]}" for r in report.rows]
+    bottom = [0.0] * len(report.rows)
+    for comp in COMPONENTS:
+        values = [r.figures.energy_j.get(comp, 0.0) / 3.6e6 for r in report.rows]
+        ax_energy.bar(names, values, bottom=bottom, label=comp, color=_COLOURS[comp])
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax_energy.set_title("Energy per job")
+    ax_energy.set_ylabel("kWh")
+    ax_energy.legend()
+    ax_energy.tick_params(axis="x", labelsize="x-small")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+__all__: Sequence[str] = ("plot_report", "gpu_series", "check_plot_target")
