@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import functools
 import inspect
+import os
 import threading
 from collections import Counter
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -151,8 +152,8 @@ class measure:
     """Meter a block or every call of a function (sync or async).
 
     As a context manager it yields the Window; after the block, ``window.result()`` has the figures.
-    As a decorator, each call gets its own window; the last result is ``fn.last_result`` and
-    ``on_result`` (if given) is called with each one.
+    As a decorator, each call gets its own window; the last one is ``fn.last_window`` and
+    ``on_result`` (if given) is called with each result.
     """
 
     def __init__(self, name: str | None = None, *, meter: Meter | None = None,
@@ -215,10 +216,11 @@ _default_lock = threading.Lock()
 
 
 def get_meter() -> Meter:
-    """The process-wide default meter, created and started on first use."""
+    """The process-wide default meter, created and started on first use. It meters the GPUs
+    this process can see and this process tree's share of CPU and RAM."""
     global _default
     with _default_lock:
         if _default is None:
-            _default = Meter().start()
+            _default = Meter(pid=os.getpid()).start()
             atexit.register(_default.close)
         return _default
