@@ -55,7 +55,8 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
     selection = GpuSelection.from_env() if plan.visible_devices is None else \
         GpuSelection([e for e in plan.visible_devices.split(",") if e.strip()])
     try:
-        out.sensors.append(NvmlSensor(nvml, selection, period_s=plan.gpu_period_s))
+        clock = plan.clock or SystemClock()
+        out.sensors.append(NvmlSensor(nvml, selection, period_s=plan.gpu_period_s, wall=clock.wall))
     except SensorUnavailable as exc:
         out.unavailable["nvml"] = exc
         out.notes.append(f"No GPU metering: {exc.reason}. Metering CPU and RAM only ({exc.fix}).")

@@ -18,6 +18,8 @@ from .model import Device, Reading, Source
 
 RING_POINTS = 4096        # fine history per device (~7 min at 10 Hz)
 BLOCK_POINTS = 64         # fine points per coarse peak-power block
+SHAPE_SAMPLES = 256       # instant-power samples kept per counter device, for edges
+SHAPE_GAP_S = 0.02        # shape samples must be this dense to integrate an edge's tail
 POWER_SPAN_S = 1.0        # counter power is the slope over at least this long (refresh-time noise)
 RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
 
@@ -49,7 +51,7 @@ class DeviceSnapshot:
 class _DeviceLedger:
     __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
-                 "cur_t0", "cur_count", "anchor_t", "anchor_e")
+                 "cur_t0", "cur_count", "anchor_t", "anchor_e", "shape")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -73,6 +75,7 @@ class _DeviceLedger:
         self.cur_count = 0
         self.anchor_t: float | None = None
         self.anchor_e = 0.0
+        self.shape: deque[tuple[float, float]] = deque(maxlen=SHAPE_SAMPLES)
 
     # -- history -------------------------------------------------------------
     def point(self, k: int) -> tuple[float, float, float]:
@@ -131,6 +134,17 @@ class _DeviceLedger:
                     best = max(best, pk)
         return None if best == -math.inf else best
 
+    def shape_energy(self, a: float, b: float) -> float | None:
+        """Energy from a to b from instant-power samples (trapezoid, held at the ends), or None
+        unless the samples cover [a, b] densely."""
+        pts = [(t, w) for t, w in self.shape if a - SHAPE_GAP_S <= t <= b + SHAPE_GAP_S]
+        if not pts or pts[0][0] > a + SHAPE_GAP_S or pts[-1][0] < b - SHAPE_GAP_S:
+            return None
+        if any(t1 - t0 > SHAPE_GAP_S for (t0, _), (t1, _) in zip(pts, pts[1:])):
+            return None
+        pts = [(a, pts[0][1])] + [p for p in pts if a < p[0] < b] + [(b, pts[-1][1])]
+        return sum(0.5 * (w0 + w1) * (t1 - t0) for (t0, w0), (t1, w1) in zip(pts, pts[1:]))
+
     def push(self, t: float, e: float, p: float) -> None:
         i = self.n % RING_POINTS
         self.t[i], self.e[i], self.p[i] = t, e, p
@@ -187,6 +201,10 @@ class Ledger:
     def _record_one(self, r: Reading) -> None:
         d = self._devs.get(r.device_key)
         if d is None:
+            return
+        if r.energy_j is None and d.device.source == Source.COUNTER:
+            if r.power_w is not None:
+                d.shape.append((r.t, r.power_w))   # shapes edges; the counter has the energy
             return
         if d.last_t is not None and r.t <= d.last_t:
             return   # stale or duplicate timestamp: the value has not refreshed
@@ -273,7 +291,14 @@ class Ledger:
                 found = d.value_at(m.t)
                 value, extrapolated = (found[0], found[2]) if found else (e0, True)
             else:
-                value, extrapolated = step_interpolate(t0, e0, t1, e1, m.t, low, high), False
+                # Instant power read densely after the edge (the sampler goes fast at every
+                # edge) gives the energy from the edge to the next refresh directly.
+                tail = d.shape_energy(m.t, t1)
+                if tail is not None:
+                    value = min(max(e1 - tail, e0), e1)
+                else:
+                    value = step_interpolate(t0, e0, t1, e1, m.t, low, high)
+                extrapolated = False
             self._pin(m, d, value, (e1 - e0) / (t1 - t0) if t1 > t0 else 0.0, extrapolated)
             d.cursor += 1
 

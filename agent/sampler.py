@@ -38,10 +38,11 @@ class SensorStatus:
 
 
 class _Loop:
-    """One reader thread: calls ``fn(now)`` at a jittered cadence until stopped."""
+    """One reader thread: calls ``fn(now, fast)`` at a jittered cadence until stopped."""
 
-    def __init__(self, name: str, period_s: float, fn: Callable[[float], None], clock: Clock,
-                 rng: random.Random, fast: Callable[[], bool]) -> None:
+    def __init__(self, name: str, period_s: float, fn: Callable[[float, bool], None], clock: Clock,
+                 rng: random.Random, fast: Callable[[float], bool],
+                 ) -> None:
         self.name, self.period_s, self.fn, self.clock = name, period_s, fn, clock
         self.rng, self.fast = rng, fast
         self.wake = threading.Event()
@@ -55,7 +56,8 @@ class _Loop:
         due = slot + self.rng.random() * period
         while not self.stopping.is_set():
             now = clock.now()
-            target = min(due, self.last_read + FAST_PERIOD_S) if self.fast() else due
+            fast = self.fast(now)
+            target = min(due, self.last_read + FAST_PERIOD_S) if fast else due
             if now < target:
                 poked = self.wake.wait(target - now)
                 self.wake.clear()
@@ -67,14 +69,24 @@ class _Loop:
                 if not poked and now < target:
                     continue
             self.last_read = now
-            self.fn(now)
+            self.fn(now, fast)
             if now >= due:
                 slot += period
                 due = slot + self.rng.random() * period
                 if due < clock.now():      # fell behind (a slow read): restart the grid
                     slot = clock.now()
                     due = slot + self.rng.random() * period
-        self.fn(clock.now())   # final read, so the ledger covers the stop instant
+        self.fn(clock.now(), False)   # final read, so the ledger covers the stop instant
+
+
+def _fast_policy(sensor: Sensor, pending: Callable[[], int]) -> Callable[[float], bool]:
+    """When a reader goes fast: edges are pending (``fast_edges``), or the sensor asks to
+    calibrate its counter timing (``wants_fast(now)``)."""
+    edges = bool(getattr(sensor, "fast_edges", False))
+    wants = getattr(sensor, "wants_fast", None)
+    if not edges and wants is None:
+        return lambda now: False
+    return lambda now: (edges and pending() > 0) or (wants is not None and wants(now))
 
 
 class Sampler:
@@ -97,10 +109,11 @@ class Sampler:
         self._tasks.append((name, period_s, fn))
 
     # -- reading ---------------------------------------------------------------
-    def read_sensor(self, sensor: Sensor, now: float) -> None:
+    def read_sensor(self, sensor: Sensor, now: float, fast: bool = False) -> None:
         status = self.status[sensor.name]
+        read_fast = getattr(sensor, "read_fast", None) if fast else None
         try:
-            batch = sensor.read(now)
+            batch = read_fast(now) if read_fast is not None else sensor.read(now)
         except Exception as exc:  # a sensor bug must not kill its reader thread; counted and logged
             log.warning("sensor %s raised %s: %s", sensor.name, type(exc).__name__, exc)
             batch = Batch()
@@ -135,13 +148,12 @@ class Sampler:
                 return
             pending = self.ledger.pending_marks
             for s in self.sensors:
-                fast_edges = bool(getattr(s, "fast_edges", False))
-                fast = (lambda: pending() > 0) if fast_edges else (lambda: False)
-                self._loops.append(_Loop(s.name, s.period_s, lambda now, s=s: self.read_sensor(s, now),
+                fast = _fast_policy(s, pending)
+                self._loops.append(_Loop(s.name, s.period_s, lambda now, fast, s=s: self.read_sensor(s, now, fast),
                                          self.clock, random.Random(self._rng.random()), fast))
             for name, period, fn in self._tasks:
-                self._loops.append(_Loop(name, period, fn, self.clock, random.Random(self._rng.random()),
-                                         lambda: False))
+                self._loops.append(_Loop(name, period, lambda now, fast, fn=fn: fn(now), self.clock, random.Random(self._rng.random()),
+                                         lambda now: False))
             for loop in self._loops:
                 loop.thread.start()
 

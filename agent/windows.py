@@ -33,6 +33,7 @@ class Window:
         if self._start is None:
             self._start = self.meter._mark()
             self._tokens0 = self.meter._token_counts()
+            self.meter._edge_waiting()
         return self
 
     def end(self) -> "Window":

@@ -10,14 +10,19 @@ import os
 import socket
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from ..clock import SystemClock
 from ..model import Batch, Component, Device, ProcessUsage, Reading, SensorError, Source
 from .base import SensorUnavailable
 from .refresh import RefreshTracker
 
 FIELD_POWER_INSTANT = 186
 AVERAGED_POWER_LAG_S = 0.5    # a 1 s trailing average describes the instant 0.5 s ago
+CALIBRATE_S = 0.5             # a burst of fast reads that dates counter refreshes to a few ms...
+RECALIBRATE_S = 10.0          # ...repeated while the phase of some counter is still uncertain
+PHASE_LOCKED_S = 0.015       # 5 ms reads +- 3 ms refresh jitter give ~11 ms at best
+MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 _AVERAGING_ARCHS = ("ampere", "ada", "hopper", "blackwell")
 
 
@@ -84,6 +89,7 @@ class _Gpu:
     has_counter: bool
     power_mode: str          # "counter", "instant_field", "average", "instant"
     tracker: RefreshTracker = field(default_factory=RefreshTracker)
+    instant_ok: bool = False     # field 186 works (used to shape edges on counter GPUs)
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
 
@@ -92,8 +98,11 @@ class NvmlSensor:
     name = "nvml"
 
     def __init__(self, nvml: ModuleType | None = None, selection: GpuSelection | None = None,
-                 period_s: float = 0.1, power_period_s: float = 0.05) -> None:
+                 period_s: float = 0.1, power_period_s: float = 0.05,
+                 wall: Callable[[float], float] | None = None) -> None:
         self.nvml = nvml or self._import()
+        # Maps the meter's clock to wall time, to date NVML's field timestamps.
+        self.wall = wall or SystemClock().wall
         self.simulated = bool(getattr(self.nvml, "WATTMETER_FAKE", False))
         self.counter_period_s = period_s
         self.power_period_s = power_period_s
@@ -114,6 +123,7 @@ class NvmlSensor:
         # Power-only GPUs need a faster cadence than counters (DESIGN: 10-20 Hz instant power).
         self.period_s = period_s if all(g.has_counter for g in self._gpus) else min(period_s, power_period_s)
         self.fast_edges = any(g.has_counter for g in self._gpus)
+        self._burst_start: float | None = None
 
     @staticmethod
     def _import() -> ModuleType:
@@ -134,9 +144,10 @@ class NvmlSensor:
             h = handles[idx]
             model = _decode(n.nvmlDeviceGetName(h))
             has_counter = self._probe(lambda: n.nvmlDeviceGetTotalEnergyConsumption(h))
+            instant_ok = self._instant_field(h) is not None
             if has_counter:
                 mode, source = "counter", Source.COUNTER
-            elif self._instant_field(h) is not None:
+            elif instant_ok:
                 mode, source = "instant_field", Source.SAMPLED
             else:
                 mode, source = ("average" if self._averages(h, model) else "instant"), Source.SAMPLED
@@ -146,7 +157,7 @@ class NvmlSensor:
             dev = Device(key=f"gpu{idx}", component=Component.GPU, source=source, labels=labels,
                          update_period_s=0.1 if has_counter else (1.0 if mode == "average" else self.power_period_s),
                          simulated=self.simulated)
-            gpus.append(_Gpu(idx, h, dev, has_counter, mode, RefreshTracker(period_s=0.1)))
+            gpus.append(_Gpu(idx, h, dev, has_counter, mode, RefreshTracker(period_s=0.1), instant_ok))
         return gpus
 
     def _probe(self, call: Any) -> bool:
@@ -156,7 +167,13 @@ class NvmlSensor:
         except self.nvml.NVMLError:
             return False
 
-    def _instant_field(self, handle: Any) -> float | None:
+    def _instant_field(self, handle: Any, now: float | None = None) -> float | None:
+        sample = self._instant_sample(handle, now)
+        return None if sample is None else sample[0]
+
+    def _instant_sample(self, handle: Any, now: float | None) -> tuple[float, float | None] | None:
+        """(watts, clock time the value was sampled) from field 186. NVML stamps each field value
+        with the wall time it was taken; a value that is 20 ms old belongs 20 ms back."""
         try:
             values = self.nvml.nvmlDeviceGetFieldValues(handle, [FIELD_POWER_INSTANT])
         except self.nvml.NVMLError:
@@ -164,7 +181,11 @@ class NvmlSensor:
         entry = values[0]
         if entry.nvmlReturn != 0:   # the call succeeds while a field fails: check each entry
             return None
-        return entry.value.uiVal / 1000.0
+        t = None
+        if now is not None and entry.timestamp:
+            age = self.wall(now) - entry.timestamp / 1e6
+            t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
+        return entry.value.uiVal / 1000.0, t
 
     def _averages(self, handle: Any, model: str) -> bool:
         """True where nvmlDeviceGetPowerUsage is a 1 s trailing average (Ampere+, except GA100)."""
@@ -177,17 +198,40 @@ class NvmlSensor:
         ampere = getattr(self.nvml, "NVML_DEVICE_ARCH_AMPERE", 7)
         return arch >= ampere
 
+    def wants_fast(self, now: float) -> bool:
+        """Fast reads for CALIBRATE_S at start, then every RECALIBRATE_S while a counter's
+        refresh phase is unknown to within PHASE_LOCKED_S (see sensors/refresh.py)."""
+        if not self.fast_edges:
+            return False
+        start = self._burst_start
+        if start is not None and now - start < CALIBRATE_S:
+            return True
+        unlocked = any(g.has_counter and g.tracker.uncertainty_s > PHASE_LOCKED_S for g in self._gpus)
+        if unlocked and (start is None or now - start >= RECALIBRATE_S):
+            self._burst_start = now
+            return True
+        return False
+
     # -- Sensor protocol -------------------------------------------------------
     def devices(self) -> list[Device]:
         return [g.device for g in self._gpus]
 
-    def read(self, now: float) -> Batch:
+    def read_fast(self, now: float) -> Batch:
+        """A read near a window edge: counters plus instant power, which shapes the energy
+        between the edge and the next counter refresh (see Ledger shape samples)."""
+        return self.read(now, shape=True)
+
+    def read(self, now: float, shape: bool = False) -> Batch:
         batch = Batch()
         n = self.nvml
         for g in self._gpus:
             key = g.device.key
             try:
                 if g.power_mode == "counter":
+                    if shape and g.instant_ok:
+                        sample = self._instant_sample(g.handle, now)
+                        if sample is not None:
+                            batch.readings.append(Reading(key, sample[1] or now, power_w=sample[0]))
                     mj = n.nvmlDeviceGetTotalEnergyConsumption(g.handle)
                     t = g.tracker.observe(now, mj / 1000.0)
                     if t is not None:

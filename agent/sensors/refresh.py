@@ -1,26 +1,70 @@
-"""Timing a polled counter that refreshes on its own schedule (NVML energy: about every 100 ms).
+"""Timing a polled counter that refreshes on its own schedule (NVML energy: every 100 ms).
 
 A read at time r returns the value as of the counter's last refresh, not as of r. Stamping the
 value with r would lag the true curve by up to one refresh period and bias every window edge.
 Each observed change brackets one refresh instant inside (previous read, this read]. Refreshes
-are roughly periodic, so the brackets are intersected modulo the period (phase locking); the
-carried bracket widens a little each period, and an empty intersection (drift, an irregular
-counter) restarts the lock from the new bracket instead of holding a wrong phase.
+are periodic (measured 99.97 ms on an H100), so each bracket is also a set of possible phases
+modulo the period. The tracker keeps the phases every recent bracket allows (at most two arcs
+of the circle), widened a little per period for drift; an empty set (an irregular counter, a
+period far off the nominal one) restarts it from the new bracket.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+Arc = tuple[float, float]   # (start phase in [0, period), length in [0, period])
+
+
+def _pieces(arcs: list[Arc], period: float) -> list[tuple[float, float]]:
+    """Arcs as sorted, merged intervals of [0, period]."""
+    out = []
+    for s, n in arcs:
+        if n >= period:
+            return [(0.0, period)]
+        if s + n <= period:
+            out.append((s, s + n))
+        else:
+            out += [(s, period), (0.0, s + n - period)]
+    out.sort()
+    merged: list[tuple[float, float]] = []
+    for lo, hi in out:
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], hi))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def _arcs(pieces: list[tuple[float, float]], period: float) -> list[Arc]:
+    """Merged intervals back to arcs, joining the pieces that meet across 0."""
+    if not pieces:
+        return []
+    if len(pieces) > 1 and pieces[0][0] <= 0.0 and pieces[-1][1] >= period:
+        first, last = pieces[0], pieces[-1]
+        pieces = [(last[0], period + first[1])] + pieces[1:-1]
+    return [(lo % period, hi - lo) for lo, hi in pieces]
+
+
+def _intersect(arcs: list[Arc], bracket: Arc, period: float) -> list[Arc]:
+    out = []
+    b = _pieces([bracket], period)
+    for lo, hi in _pieces(arcs, period):
+        for b_lo, b_hi in b:
+            x_lo, x_hi = max(lo, b_lo), min(hi, b_hi)
+            if x_lo <= x_hi:
+                out.append((x_lo, x_hi))
+    return _arcs(_pieces([(lo, hi - lo) for lo, hi in out], period), period)
 
 
 @dataclass
 class RefreshTracker:
     period_s: float = 0.1
-    drift_per_period: float = 0.003    # fraction of a period the phase may wander per period
+    drift_per_period: float = 0.0005   # fraction of a period the phase may wander per period
+    jitter_s: float = 0.003            # one refresh may come this early or late (H100: +-2.5 ms)
     _last_value: float | None = None
     _prev_read: float | None = None    # last read that still saw the old value
-    _lo: float = 0.0                   # bracket of the last refresh instant
-    _hi: float = 0.0
-    _locked: bool = False
+    _arcs: list[Arc] = field(default_factory=list)
+    _arcs_t: float = 0.0               # when the arcs were last narrowed
     _fast_changes: int = 0             # consecutive fast reads that all saw a change
 
     def observe(self, read_t: float, value: float) -> float | None:
@@ -39,25 +83,31 @@ class RefreshTracker:
         # at least as often as we read it, so the value is current.
         self._fast_changes = self._fast_changes + 1 if read_t - prev < 0.5 * p else 0
         if self._fast_changes >= 3:
-            self._locked = False
+            self._arcs = []
             return read_t
         lo, hi = max(prev, read_t - p), read_t
-        if self._locked:
-            lo, hi = self._intersect(lo, hi)
-        self._lo, self._hi, self._locked = lo, hi, True
-        return 0.5 * (lo + hi)
+        j = self.jitter_s
+        bracket: Arc = ((lo - j) % p, min(p, hi - lo + 2 * j))
+        arcs = self._widened(read_t)
+        narrowed = _intersect(arcs, bracket, p) if arcs else []
+        self._arcs = narrowed or [bracket]
+        self._arcs_t = read_t
+        start, length = max(self._arcs, key=lambda a: a[1])
+        phase = start + 0.5 * length
+        start_t = lo - j                     # the widened bracket's start, as in ``bracket``
+        t = start_t + ((phase - start_t) % p)
+        return min(max(t, lo), hi)
 
-    def _intersect(self, lo: float, hi: float) -> tuple[float, float]:
-        """Intersect [lo, hi] with the copies of the carried bracket shifted by whole periods.
-        When two copies meet the bracket the phase is ambiguous: keep their hull, never guess."""
+    @property
+    def uncertainty_s(self) -> float:
+        """How far apart the refresh phases still allowed lie (a period when nothing is known)."""
+        if not self._arcs:
+            return self.period_s
+        arcs = _arcs(_pieces(self._arcs, self.period_s), self.period_s)
+        return min(self.period_s, sum(n for _, n in arcs) + (len(arcs) - 1) * self.period_s / 2)
+
+    def _widened(self, now: float) -> list[Arc]:
         p = self.period_s
-        k0 = int((lo - self._hi) // p)
-        hits = []
-        for k in (k0, k0 + 1, k0 + 2):
-            grow = self.drift_per_period * p * max(1, abs(k))
-            n_lo, n_hi = max(lo, self._lo + k * p - grow), min(hi, self._hi + k * p + grow)
-            if n_lo <= n_hi:
-                hits.append((n_lo, n_hi))
-        if not hits:
-            return lo, hi
-        return min(h[0] for h in hits), max(h[1] for h in hits)
+        periods = max(1.0, (now - self._arcs_t) / p)
+        grow = min(0.5 * p, self.drift_per_period * p * periods)
+        return _arcs(_pieces([((s - grow) % p, min(p, n + 2 * grow)) for s, n in self._arcs], p), p)
