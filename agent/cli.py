@@ -18,20 +18,31 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .commands import COMMANDS
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser. With ``only``, just that subcommand's module is imported, which keeps
+    `wattmeter run` from loading the HTTP server, Prometheus and carbon report code."""
+    from .commands import NAMES, load
 
     parser = _Parser(prog="wattmeter", description="Meter the energy, power and carbon of GPU workloads.")
     parser.add_argument("--version", action="version", version=f"wattmeter {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in COMMANDS:
-        module.add_parser(sub)
+    for name in ([only] if only in NAMES else NAMES):
+        load(name).add_parser(sub)
     return parser
+
+
+def _command_in(argv: Sequence[str]) -> str | None:
+    for arg in argv:
+        if arg == "--":
+            return None
+        if not arg.startswith("-"):
+            return arg
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)

@@ -18,8 +18,10 @@ from .model import Device, Reading, Source
 
 RING_POINTS = 4096        # fine history per device (~7 min at 10 Hz)
 BLOCK_POINTS = 64         # fine points per coarse peak-power block
-SHAPE_SAMPLES = 256       # instant-power samples kept per counter device, for edges
-SHAPE_GAP_S = 0.02        # shape samples must be this dense to integrate an edge's tail
+SHAPE_SAMPLES = 512       # instant-power samples kept per counter device (~25 s at 20 Hz)
+SHAPE_GAP_S = 0.15        # shape samples this dense (20 Hz, jittered) shape a counter segment
+TAIL_MAX_S = 0.25         # an edge this close to the next counter read uses the measured tail
+TAIL_GAP_S = 0.025        # ...when instant power was read at least this often
 POWER_SPAN_S = 1.0        # counter power is the slope over at least this long (refresh-time noise)
 RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
 
@@ -51,7 +53,7 @@ class DeviceSnapshot:
 class _DeviceLedger:
     __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
-                 "cur_t0", "cur_count", "anchor_t", "anchor_e", "shape")
+                 "cur_t0", "cur_count", "anchor_t", "anchor_e", "shape", "exported_j", "last_read_t")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -76,6 +78,8 @@ class _DeviceLedger:
         self.anchor_t: float | None = None
         self.anchor_e = 0.0
         self.shape: deque[tuple[float, float]] = deque(maxlen=SHAPE_SAMPLES)
+        self.exported_j = 0.0           # high-water mark of what snapshots reported
+        self.last_read_t: float | None = None   # when the last counter value was read
 
     # -- history -------------------------------------------------------------
     def point(self, k: int) -> tuple[float, float, float]:
@@ -102,12 +106,10 @@ class _DeviceLedger:
                 hi = mid
         t0, e0, _ = self.point(lo)
         t1, e1, p1 = self.point(hi)
-        if self.device.source == Source.COUNTER and lo > self.oldest() and hi < self.n - 1:
-            tb, eb, _ = self.point(lo - 1)
-            ta, ea, _ = self.point(hi + 1)
-            low = (e0 - eb) / (t0 - tb) if t0 > tb else None
-            high = (ea - e1) / (ta - t1) if ta > t1 else None
-            return step_interpolate(t0, e0, t1, e1, t, low, high), p1, False
+        if self.device.source == Source.COUNTER:
+            value = self.counter_value(lo, t, allow_step=True)
+            if value is not None:
+                return value, p1, False
         frac = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
         return e0 + (e1 - e0) * frac, p1, False
 
@@ -134,13 +136,43 @@ class _DeviceLedger:
                     best = max(best, pk)
         return None if best == -math.inf else best
 
-    def shape_energy(self, a: float, b: float) -> float | None:
-        """Energy from a to b from instant-power samples (trapezoid, held at the ends), or None
-        unless the samples cover [a, b] densely."""
-        pts = [(t, w) for t, w in self.shape if a - SHAPE_GAP_S <= t <= b + SHAPE_GAP_S]
-        if not pts or pts[0][0] > a + SHAPE_GAP_S or pts[-1][0] < b - SHAPE_GAP_S:
+    def counter_value(self, k: int, t: float, allow_step: bool) -> float | None:
+        """Energy at t inside the counter segment from point k to k+1: shaped by instant power
+        when it covers the segment, else (``allow_step``) on a step between the neighbouring
+        slopes; None when neither is possible yet."""
+        t0, e0, _ = self.point(k)
+        t1, e1, _ = self.point(k + 1)
+        if t1 <= t0:
+            return e1
+        if t1 - t <= TAIL_MAX_S:
+            # The sampler reads instant power every few ms after an edge and schedules a
+            # counter read at the next refresh: the short tail to it is measured directly.
+            tail = self.shape_energy(t, t1, TAIL_GAP_S)
+            if tail is not None:
+                return min(max(e1 - tail, e0), e1)
+        whole = self.shape_energy(t0, t1)
+        if whole is not None and whole > 0:
+            part = self.shape_energy(t0, t) or 0.0
+            return e0 + (e1 - e0) * min(1.0, max(0.0, part / whole))
+        if not allow_step:
             return None
-        if any(t1 - t0 > SHAPE_GAP_S for (t0, _), (t1, _) in zip(pts, pts[1:])):
+        low = high = None
+        if k > self.oldest():
+            tb, eb, _ = self.point(k - 1)
+            low = (e0 - eb) / (t0 - tb) if t0 > tb else None
+        if k + 2 < self.n:
+            ta, ea, _ = self.point(k + 2)
+            high = (ea - e1) / (ta - t1) if ta > t1 else None
+        return step_interpolate(t0, e0, t1, e1, t, low, high)
+
+    def shape_energy(self, a: float, b: float, gap: float = 0.0) -> float | None:
+        """Energy from a to b from instant-power samples (trapezoid, held at the ends), or None
+        unless the samples cover [a, b] with no hole wider than ``gap``."""
+        gap = gap or SHAPE_GAP_S
+        pts = [(t, w) for t, w in self.shape if a - gap <= t <= b + gap]
+        if not pts or pts[0][0] > a + gap or pts[-1][0] < b - gap:
+            return None
+        if any(t1 - t0 > gap for (t0, _), (t1, _) in zip(pts, pts[1:])):
             return None
         pts = [(a, pts[0][1])] + [p for p in pts if a < p[0] < b] + [(b, pts[-1][1])]
         return sum(0.5 * (w0 + w1) * (t1 - t0) for (t0, w0), (t1, w1) in zip(pts, pts[1:]))
@@ -221,6 +253,7 @@ class Ledger:
                 d.resets += 1
                 delta = r.energy_j
             d.last_counter = r.energy_j
+            d.last_read_t = r.read_t
             if d.anchor_t is None:
                 d.anchor_t, d.anchor_e = r.t, d.total_j
             span = r.t - d.anchor_t
@@ -242,9 +275,11 @@ class Ledger:
         d.last_power = power
         d.last_t = r.t
         d.push(r.t, d.total_j, power)
-        if r.energy_j is not None:
+        if r.energy_j is not None and d.device.source == Source.COUNTER:
             self._resolve_counter(d)
         else:
+            # Sampled and modelled streams (even cumulative ones, like a process-tree share)
+            # are smooth at the sampling scale: interpolate between the two points at once.
             self._resolve(d, t_prev, e_prev, power)
 
     def _resolve(self, d: _DeviceLedger, t_prev: float | None, e_prev: float, slope: float) -> None:
@@ -267,39 +302,29 @@ class Ledger:
             d.cursor += 1
 
     def _resolve_counter(self, d: _DeviceLedger) -> None:
-        """Counters: resolve marks in the segment before the newest one, once the slopes on
-        both sides of it are known, so an edge inside a refresh interval can be placed on a
-        power step (see step_interpolate) instead of a straight line."""
+        """Counters: a mark in the newest segment resolves at once when instant power shapes
+        that segment; otherwise it waits one more point, so the slopes on both sides are known
+        and the edge can be placed on a power step (see step_interpolate)."""
         k = d.n - 1
         if k < 1:
             return
-        t0, e0, _ = d.point(k - 2) if k >= 2 else d.point(k - 1)
-        t1, e1, _ = d.point(k - 1)
-        t2, e2, _ = d.point(k)
-        low = None
-        if k >= 3 and k - 3 >= d.oldest():
-            tb, eb, _ = d.point(k - 3)
-            low = (e0 - eb) / (t0 - tb) if t0 > tb else None
-        high = (e2 - e1) / (t2 - t1) if t2 > t1 else None
+        t_a = d.point(k - 1)[0]
+        t_b = d.last_t
         base = self._marks[0].seq if self._marks else self._next_seq
         d.cursor = max(d.cursor, base)
         while d.cursor < self._next_seq:
             m = self._marks[d.cursor - base]
-            if m.t >= t1:
+            if m.t >= t_b:  # type: ignore[operator]
                 break
-            if k < 2 or m.t < t0:
-                found = d.value_at(m.t)
-                value, extrapolated = (found[0], found[2]) if found else (e0, True)
-            else:
-                # Instant power read densely after the edge (the sampler goes fast at every
-                # edge) gives the energy from the edge to the next refresh directly.
-                tail = d.shape_energy(m.t, t1)
-                if tail is not None:
-                    value = min(max(e1 - tail, e0), e1)
-                else:
-                    value = step_interpolate(t0, e0, t1, e1, m.t, low, high)
+            if m.t >= t_a:
+                value = d.counter_value(k - 1, m.t, allow_step=False)
+                if value is None:
+                    break               # wait for the next point
                 extrapolated = False
-            self._pin(m, d, value, (e1 - e0) / (t1 - t0) if t1 > t0 else 0.0, extrapolated)
+            else:
+                found = d.value_at(m.t)
+                value, extrapolated = (found[0], found[2]) if found else (d.point(k - 1)[1], True)
+            self._pin(m, d, value, d.last_power or 0.0, extrapolated)
             d.cursor += 1
 
     def _pin(self, m: Mark, d: _DeviceLedger, value: float, slope: float, extrapolated: bool) -> None:
@@ -361,6 +386,11 @@ class Ledger:
         with self._lock:
             return len(self._marks)
 
+    def unresolved(self, keys: frozenset[str]) -> bool:
+        """Whether any mark still waits for one of these devices (drives a sensor's fast reads)."""
+        with self._lock:
+            return any(k not in m.energy_j for m in self._marks for k in keys)
+
     def peak_power_w(self, key: str, t0: float, t1: float) -> float | None:
         with self._lock:
             d = self._devs.get(key)
@@ -375,9 +405,19 @@ class Ledger:
             out = {}
             for k, d in self._devs.items():
                 e = d.total_j
+                power = d.last_power
                 if at is not None and d.last_t is not None and d.last_power:
                     e += d.last_power * min(max(0.0, at - d.last_t), 5.0)
-                out[k] = DeviceSnapshot(d.device, e, d.last_power, d.last_t, d.resets, d.errors)
+                elif d.shape and d.last_t is not None:
+                    # Counters are read about once a second; instant power carries the total
+                    # up to the latest sample in between, never letting it go backwards.
+                    # From the read, not the (estimated) refresh: a little short, never double.
+                    t_shape, power = d.shape[-1]
+                    t_from = max(d.last_t, d.last_read_t or d.last_t)
+                    tail = d.shape_energy(t_from, t_shape) if t_shape > t_from else None
+                    d.exported_j = max(d.exported_j, e + (tail or 0.0))
+                    e = d.exported_j
+                out[k] = DeviceSnapshot(d.device, e, power, d.last_t, d.resets, d.errors)
             return out
 
     def values_at(self, t: float) -> dict[str, float]:

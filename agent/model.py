@@ -63,6 +63,7 @@ class Reading:
     t: float
     energy_j: float | None = None
     power_w: float | None = None
+    read_t: float | None = None    # when a counter was read, if ``t`` is an earlier refresh time
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,9 @@ class _Loop:
 
     def __init__(self, name: str, period_s: float, fn: Callable[[float, bool], None], clock: Clock,
                  rng: random.Random, fast: Callable[[float], bool],
-                 ) -> None:
+                 next_at: Callable[[float], float | None] | None = None) -> None:
         self.name, self.period_s, self.fn, self.clock = name, period_s, fn, clock
-        self.rng, self.fast = rng, fast
+        self.rng, self.fast, self.next_at = rng, fast, next_at
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"wattmeter-{name}", daemon=True)
@@ -54,10 +54,16 @@ class _Loop:
         clock, period = self.clock, self.period_s
         slot = clock.now()
         due = slot + self.rng.random() * period
+        poke_owed = False     # a poke that came too soon after a read is served, not dropped
         while not self.stopping.is_set():
             now = clock.now()
             fast = self.fast(now)
             target = min(due, self.last_read + FAST_PERIOD_S) if fast else due
+            wish = self.next_at(now) if self.next_at is not None else None
+            if wish is not None and wish < target:
+                target = max(wish, self.last_read + MIN_POKE_GAP_S / 5)   # a scheduled read (counter pair)
+            if poke_owed:
+                target = min(target, self.last_read + MIN_POKE_GAP_S)
             if now < target:
                 poked = self.wake.wait(target - now)
                 self.wake.clear()
@@ -65,9 +71,11 @@ class _Loop:
                     break
                 now = clock.now()
                 if poked and now - self.last_read < MIN_POKE_GAP_S:
+                    poke_owed = True
                     continue
-                if not poked and now < target:
+                if not poked and now < target - 0.0005:
                     continue
+            poke_owed = False
             self.last_read = now
             self.fn(now, fast)
             if now >= due:
@@ -79,14 +87,15 @@ class _Loop:
         self.fn(clock.now(), False)   # final read, so the ledger covers the stop instant
 
 
-def _fast_policy(sensor: Sensor, pending: Callable[[], int]) -> Callable[[float], bool]:
-    """When a reader goes fast: edges are pending (``fast_edges``), or the sensor asks to
-    calibrate its counter timing (``wants_fast(now)``)."""
+def _fast_policy(sensor: Sensor, ledger: Ledger) -> Callable[[float], bool]:
+    """When a reader goes fast: an edge waits for one of *its* devices (``fast_edges``), or
+    the sensor asks to calibrate its counter timing (``wants_fast(now)``)."""
     edges = bool(getattr(sensor, "fast_edges", False))
     wants = getattr(sensor, "wants_fast", None)
     if not edges and wants is None:
         return lambda now: False
-    return lambda now: (edges and pending() > 0) or (wants is not None and wants(now))
+    keys = frozenset(d.key for d in sensor.devices())
+    return lambda now: (edges and ledger.unresolved(keys)) or (wants is not None and wants(now))
 
 
 class Sampler:
@@ -146,11 +155,11 @@ class Sampler:
         with self._lock:
             if self._loops:
                 return
-            pending = self.ledger.pending_marks
             for s in self.sensors:
-                fast = _fast_policy(s, pending)
+                fast = _fast_policy(s, self.ledger)
                 self._loops.append(_Loop(s.name, s.period_s, lambda now, fast, s=s: self.read_sensor(s, now, fast),
-                                         self.clock, random.Random(self._rng.random()), fast))
+                                         self.clock, random.Random(self._rng.random()), fast,
+                                         getattr(s, "next_read_at", None)))
             for name, period, fn in self._tasks:
                 self._loops.append(_Loop(name, period, lambda now, fast, fn=fn: fn(now), self.clock, random.Random(self._rng.random()),
                                          lambda now: False))

@@ -1,6 +1,12 @@
-"""Subcommands. Each module has ``add_parser(subparsers)`` that sets ``handler``."""
+"""Subcommands. Each module has ``add_parser(subparsers)`` that sets ``handler``; modules are
+imported only when their command runs (or for the full --help)."""
 from __future__ import annotations
 
-from . import doctor, estimate, report, run, serve
+import importlib
+from types import ModuleType
 
-COMMANDS = [run, serve, report, estimate, doctor]
+NAMES = ["run", "serve", "report", "estimate", "doctor"]
+
+
+def load(name: str) -> ModuleType:
+    return importlib.import_module(f"{__name__}.{name}")

@@ -21,7 +21,12 @@ FIELD_POWER_INSTANT = 186
 AVERAGED_POWER_LAG_S = 0.5    # a 1 s trailing average describes the instant 0.5 s ago
 CALIBRATE_S = 0.5             # a burst of fast reads that dates counter refreshes to a few ms...
 RECALIBRATE_S = 10.0          # ...repeated while the phase of some counter is still uncertain
-PHASE_LOCKED_S = 0.015       # 5 ms reads +- 3 ms refresh jitter give ~11 ms at best
+PHASE_LOCKED_S = 0.015        # 5 ms reads +- 3 ms refresh jitter give ~11 ms at best
+# Reading the energy counter cost 3.5 ms of CPU per call on an H100 (field 186: 10 us), so the
+# counter is read about once a second, as a pair of reads straddling a predicted refresh, and
+# instant power (cheap) is read at the sensor's cadence to shape energy between counter reads.
+COUNTER_PERIOD_S = 1.0
+PAIR_HALF_GAP_S = 0.008
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 _AVERAGING_ARCHS = ("ampere", "ada", "hopper", "blackwell")
 
@@ -89,7 +94,10 @@ class _Gpu:
     has_counter: bool
     power_mode: str          # "counter", "instant_field", "average", "instant"
     tracker: RefreshTracker = field(default_factory=RefreshTracker)
-    instant_ok: bool = False     # field 186 works (used to shape edges on counter GPUs)
+    instant_ok: bool = False     # field 186 works (shapes energy between counter reads)
+    shape_usage: bool = False    # else nvmlDeviceGetPowerUsage is instantaneous and shapes it
+    next_counter_at: float = 0.0  # when the counter is next read (locked phase)
+    pair_second: float | None = None  # the second read of a pending pair
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
 
@@ -121,9 +129,12 @@ class NvmlSensor:
             raise SensorUnavailable("nvml", "no GPU is visible to this job",
                                     "check CUDA_VISIBLE_DEVICES, or use --fake-gpus N")
         # Power-only GPUs need a faster cadence than counters (DESIGN: 10-20 Hz instant power).
-        self.period_s = period_s if all(g.has_counter for g in self._gpus) else min(period_s, power_period_s)
+        shaped = any(g.instant_ok or g.shape_usage for g in self._gpus if g.has_counter)
+        self.period_s = period_s if all(g.has_counter for g in self._gpus) and not shaped \
+            else min(period_s, power_period_s)
         self.fast_edges = any(g.has_counter for g in self._gpus)
         self._burst_start: float | None = None
+        self._edges_pending = False
 
     @staticmethod
     def _import() -> ModuleType:
@@ -157,7 +168,8 @@ class NvmlSensor:
             dev = Device(key=f"gpu{idx}", component=Component.GPU, source=source, labels=labels,
                          update_period_s=0.1 if has_counter else (1.0 if mode == "average" else self.power_period_s),
                          simulated=self.simulated)
-            gpus.append(_Gpu(idx, h, dev, has_counter, mode, RefreshTracker(period_s=0.1), instant_ok))
+            shape_usage = has_counter and not instant_ok and not self._averages(h, model)
+            gpus.append(_Gpu(idx, h, dev, has_counter, mode, RefreshTracker(period_s=0.1), instant_ok, shape_usage))
         return gpus
 
     def _probe(self, call: Any) -> bool:
@@ -217,25 +229,68 @@ class NvmlSensor:
         return [g.device for g in self._gpus]
 
     def read_fast(self, now: float) -> Batch:
-        """A read near a window edge: counters plus instant power, which shapes the energy
-        between the edge and the next counter refresh (see Ledger shape samples)."""
-        return self.read(now, shape=True)
+        """A read while a window edge waits: also schedules a counter pair at the next refresh,
+        so the edge resolves within ~0.1 s instead of at the next scheduled pair."""
+        self._edges_pending = True
+        return self.read(now)
 
-    def read(self, now: float, shape: bool = False) -> Batch:
+    def next_read_at(self, now: float) -> float | None:
+        """When the sampler should read next for a scheduled counter read (None: no wish)."""
+        times = [g.pair_second if g.pair_second is not None else g.next_counter_at
+                 for g in self._gpus if g.has_counter and (g.instant_ok or g.shape_usage)]
+        return min(times) if times else None
+
+    def _read_shape(self, g: _Gpu, now: float, batch: Batch) -> None:
+        if g.instant_ok:
+            sample = self._instant_sample(g.handle, now)
+            if sample is not None:
+                batch.readings.append(Reading(g.device.key, sample[1] or now, power_w=sample[0]))
+        elif g.shape_usage:
+            batch.readings.append(Reading(g.device.key, now, power_w=self.nvml.nvmlDeviceGetPowerUsage(g.handle) / 1000.0))
+
+    def _counter_due(self, g: _Gpu, now: float) -> bool:
+        """Whether to pay for a counter read now. Unshaped GPUs read it every time; shaped ones
+        read it while calibrating, else as a pair around a predicted refresh."""
+        if not (g.instant_ok or g.shape_usage):
+            return True
+        tracker = g.tracker
+        if tracker.uncertainty_s > PHASE_LOCKED_S:
+            if self._edges_pending or (self._burst_start is not None and now - self._burst_start < CALIBRATE_S):
+                return True     # an edge waits (or calibration): every fast read, which also re-locks
+            if now >= g.next_counter_at:      # unlocked between bursts: a plain 1 Hz read
+                g.next_counter_at = now + COUNTER_PERIOD_S
+                return True
+            return False
+        if g.pair_second is not None:
+            if now + 0.001 < g.pair_second:
+                return False
+            g.pair_second = None
+            self._plan_pair(g, now + (0.0 if self._edges_pending else COUNTER_PERIOD_S))
+            return True
+        if self._edges_pending and g.next_counter_at - now > 0.15:
+            self._plan_pair(g, now)
+        if now + 0.001 < g.next_counter_at:
+            return False
+        g.pair_second = g.next_counter_at + 2 * PAIR_HALF_GAP_S
+        return True
+
+    def _plan_pair(self, g: _Gpu, after: float) -> None:
+        refresh = g.tracker.next_refresh_after(after + PAIR_HALF_GAP_S)
+        g.next_counter_at = (refresh if refresh is not None else after + COUNTER_PERIOD_S) - PAIR_HALF_GAP_S
+
+    def read(self, now: float) -> Batch:
         batch = Batch()
         n = self.nvml
         for g in self._gpus:
             key = g.device.key
             try:
                 if g.power_mode == "counter":
-                    if shape and g.instant_ok:
-                        sample = self._instant_sample(g.handle, now)
-                        if sample is not None:
-                            batch.readings.append(Reading(key, sample[1] or now, power_w=sample[0]))
-                    mj = n.nvmlDeviceGetTotalEnergyConsumption(g.handle)
-                    t = g.tracker.observe(now, mj / 1000.0)
-                    if t is not None:
-                        batch.readings.append(Reading(key, t, energy_j=mj / 1000.0))
+                    self._read_shape(g, now, batch)
+                    if self._counter_due(g, now):
+                        mj = n.nvmlDeviceGetTotalEnergyConsumption(g.handle)
+                        t = g.tracker.observe(now, mj / 1000.0)
+                        if t is not None:
+                            batch.readings.append(Reading(key, t, energy_j=mj / 1000.0, read_t=now))
                 elif g.power_mode == "instant_field":
                     w = self._instant_field(g.handle)
                     if w is None:
@@ -248,6 +303,7 @@ class NvmlSensor:
                     batch.readings.append(Reading(key, now - lag, power_w=w))
             except n.NVMLError as exc:
                 batch.errors.append(SensorError(self.name, _error_kind(n, exc), key, _decode(str(exc))))
+        self._edges_pending = False
         return batch
 
     def read_processes(self, now: float) -> list[ProcessUsage]:

@@ -98,6 +98,15 @@ class RefreshTracker:
         t = start_t + ((phase - start_t) % p)
         return min(max(t, lo), hi)
 
+    def next_refresh_after(self, t: float) -> float | None:
+        """The first refresh expected after t, from the best-supported phase (None: unknown)."""
+        if not self._arcs:
+            return None
+        p = self.period_s
+        start, length = max(_arcs(_pieces(self._arcs, p), p), key=lambda a: a[1])
+        phase = (start + 0.5 * length) % p
+        return t + ((phase - t) % p)
+
     @property
     def uncertainty_s(self) -> float:
         """How far apart the refresh phases still allowed lie (a period when nothing is known)."""
