@@ -307,6 +307,7 @@ class Ledger:
         and the edge can be placed on a power step (see step_interpolate)."""
         k = d.n - 1
         if k < 1:
+            self._resolve_before_first(d)
             return
         t_a = d.point(k - 1)[0]
         t_b = d.last_t
@@ -325,6 +326,20 @@ class Ledger:
                 found = d.value_at(m.t)
                 value, extrapolated = (found[0], found[2]) if found else (d.point(k - 1)[1], True)
             self._pin(m, d, value, d.last_power or 0.0, extrapolated)
+            d.cursor += 1
+
+    def _resolve_before_first(self, d: _DeviceLedger) -> None:
+        """Marks before a counter's first point: measured back from it with instant power when
+        that was read densely, else pinned to it and flagged (the gap is lost)."""
+        t_first, e_first, _ = d.point(0)
+        base = self._marks[0].seq if self._marks else self._next_seq
+        d.cursor = max(d.cursor, base)
+        while d.cursor < self._next_seq:
+            m = self._marks[d.cursor - base]
+            if m.t >= t_first:
+                break
+            tail = d.shape_energy(m.t, t_first, TAIL_GAP_S) if t_first - m.t <= TAIL_MAX_S else None
+            self._pin(m, d, e_first - (tail or 0.0), d.last_power or 0.0, tail is None)
             d.cursor += 1
 
     def _pin(self, m: Mark, d: _DeviceLedger, value: float, slope: float, extrapolated: bool) -> None:

@@ -75,7 +75,7 @@ def test_counter_that_changes_on_every_read_is_stamped_at_the_read():
 
 def test_unchanged_value_returns_none_and_uncertainty_shrinks():
     tracker = RefreshTracker()
-    assert tracker.observe(0.0, 5.0) == 0.0
+    assert tracker.observe(0.0, 5.0) is None      # the first value is as of an unknown refresh
     assert tracker.observe(0.05, 5.0) is None
     assert 0.05 < tracker.observe(0.12, 6.0) <= 0.12
     assert tracker.uncertainty_s > 0.01

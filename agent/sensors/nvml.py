@@ -26,6 +26,7 @@ PHASE_LOCKED_S = 0.015        # 5 ms reads +- 3 ms refresh jitter give ~11 ms at
 # counter is read about once a second, as a pair of reads straddling a predicted refresh, and
 # instant power (cheap) is read at the sensor's cadence to shape energy between counter reads.
 COUNTER_PERIOD_S = 1.0
+FIELD_PERIOD_S = 0.02
 PAIR_HALF_GAP_S = 0.008
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 _AVERAGING_ARCHS = ("ampere", "ada", "hopper", "blackwell")
@@ -132,6 +133,10 @@ class NvmlSensor:
         shaped = any(g.instant_ok or g.shape_usage for g in self._gpus if g.has_counter)
         self.period_s = period_s if all(g.has_counter for g in self._gpus) and not shaped \
             else min(period_s, power_period_s)
+        if any(g.power_mode == "instant_field" for g in self._gpus):
+            # Power-only GPUs integrate field 186, a short mean that costs ~10 us to read:
+            # read it often enough to see (nearly) every value, rather than 2 in 5.
+            self.period_s = min(self.period_s, FIELD_PERIOD_S)
         self.fast_edges = any(g.has_counter for g in self._gpus)
         self._burst_start: float | None = None
         self._edges_pending = False
@@ -183,12 +188,16 @@ class NvmlSensor:
         sample = self._instant_sample(handle, now)
         return None if sample is None else sample[0]
 
-    def _instant_sample(self, handle: Any, now: float | None) -> tuple[float, float | None] | None:
+    def _instant_sample(self, handle: Any, now: float | None,
+                        strict: bool = False) -> tuple[float, float | None] | None:
         """(watts, clock time the value was sampled) from field 186. NVML stamps each field value
-        with the wall time it was taken; a value that is 20 ms old belongs 20 ms back."""
+        with the wall time it was taken; a value that is 20 ms old belongs 20 ms back.
+        ``strict`` lets NVML errors through (a lost GPU must show as an error, not silence)."""
         try:
             values = self.nvml.nvmlDeviceGetFieldValues(handle, [FIELD_POWER_INSTANT])
         except self.nvml.NVMLError:
+            if strict:
+                raise
             return None
         entry = values[0]
         if entry.nvmlReturn != 0:   # the call succeeds while a field fails: check each entry
@@ -242,7 +251,7 @@ class NvmlSensor:
 
     def _read_shape(self, g: _Gpu, now: float, batch: Batch) -> None:
         if g.instant_ok:
-            sample = self._instant_sample(g.handle, now)
+            sample = self._instant_sample(g.handle, now, strict=True)
             if sample is not None:
                 batch.readings.append(Reading(g.device.key, sample[1] or now, power_w=sample[0]))
         elif g.shape_usage:
@@ -254,6 +263,8 @@ class NvmlSensor:
         if not (g.instant_ok or g.shape_usage):
             return True
         tracker = g.tracker
+        if not tracker.dated:
+            return True         # until the first change is seen, the ledger has no counter point
         if tracker.uncertainty_s > PHASE_LOCKED_S:
             if self._edges_pending or (self._burst_start is not None and now - self._burst_start < CALIBRATE_S):
                 return True     # an edge waits (or calibration): every fast read, which also re-locks
@@ -292,11 +303,12 @@ class NvmlSensor:
                         if t is not None:
                             batch.readings.append(Reading(key, t, energy_j=mj / 1000.0, read_t=now))
                 elif g.power_mode == "instant_field":
-                    w = self._instant_field(g.handle)
-                    if w is None:
+                    sample = self._instant_sample(g.handle, now, strict=True)
+                    if sample is None:
                         batch.errors.append(SensorError(self.name, "not_supported", key, "instant power field failed"))
                         continue
-                    batch.readings.append(Reading(key, now, power_w=w))
+                    # Dated by NVML's own timestamp; a repeated timestamp is the same value again.
+                    batch.readings.append(Reading(key, sample[1] or now, power_w=sample[0]))
                 else:
                     w = n.nvmlDeviceGetPowerUsage(g.handle) / 1000.0
                     lag = AVERAGED_POWER_LAG_S if g.power_mode == "average" else 0.0

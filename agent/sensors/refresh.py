@@ -66,12 +66,15 @@ class RefreshTracker:
     _arcs: list[Arc] = field(default_factory=list)
     _arcs_t: float = 0.0               # when the arcs were last narrowed
     _fast_changes: int = 0             # consecutive fast reads that all saw a change
+    dated: bool = False                # some value has been dated (the first change was seen)
 
     def observe(self, read_t: float, value: float) -> float | None:
         """Feed one read. Returns the estimated time of ``value`` if it is new, else None."""
         if self._last_value is None:
+            # The first value is as of an unknown refresh up to a period ago: dating it at the
+            # read would charge a new meter for energy burned before it started. Wait for a change.
             self._last_value, self._prev_read = value, read_t
-            return read_t
+            return None
         if value == self._last_value:
             self._prev_read = read_t
             self._fast_changes = 0
@@ -79,6 +82,7 @@ class RefreshTracker:
         p = self.period_s
         prev = self._prev_read if self._prev_read is not None else read_t - p
         self._last_value, self._prev_read = value, read_t
+        self.dated = True
         # Several changes in a row on reads much closer than a period: the counter refreshes
         # at least as often as we read it, so the value is current.
         self._fast_changes = self._fast_changes + 1 if read_t - prev < 0.5 * p else 0
