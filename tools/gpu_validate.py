@@ -65,6 +65,38 @@ def integrate(h, stop, out):
     out.update(inst_j=inst_j, avg_j=avg_j, samples=n)
 
 
+class Reference(threading.Thread):
+    """Polls field 186 (instant power) as fast as it can, for an independent reference:
+    the integral over any interval, scaled so the whole run matches the energy counter."""
+
+    def __init__(self, h):
+        super().__init__(daemon=True)
+        self.h, self.stop, self.samples = h, threading.Event(), []
+
+    def run(self):
+        while not self.stop.is_set():
+            v = pynvml.nvmlDeviceGetFieldValues(self.h, [pynvml.NVML_FI_DEV_POWER_INSTANT])[0]
+            if v.nvmlReturn == 0:
+                self.samples.append((time.monotonic(), v.value.uiVal / 1000.0))
+            time.sleep(0.001)
+
+    def integral(self, a, b):
+        pts = [(t, w) for t, w in self.samples if a <= t <= b]
+        return sum(0.5 * (w0 + w1) * (t1 - t0) for (t0, w0), (t1, w1) in zip(pts, pts[1:]))
+
+
+def nvml_cost(h, n=300):
+    out = {}
+    for name, call in (("energy_counter", lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(h)),
+                       ("field_186", lambda: pynvml.nvmlDeviceGetFieldValues(h, [pynvml.NVML_FI_DEV_POWER_INSTANT])),
+                       ("power_usage", lambda: pynvml.nvmlDeviceGetPowerUsage(h))):
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(n):
+            call()
+        out[name] = {"wall_us": 1e6 * (time.perf_counter() - w0) / n, "cpu_us": 1e6 * (time.process_time() - c0) / n}
+    return out
+
+
 def main():
     import torch  # noqa: F401  (warm up CUDA before timing)
     from wattmeter.meter import Meter
@@ -74,41 +106,45 @@ def main():
     pynvml.nvmlInit()
     h = pynvml.nvmlDeviceGetHandleByIndex(0)
     res = {"gpu": pynvml.nvmlDeviceGetName(h), "driver": pynvml.nvmlSystemGetDriverVersion()}
-    res["refresh_idle"] = refresh_period(h, 2.0)
-    # Counter vs integrated power over idle 2 s -> burst 4 s -> idle 2 s.
-    stop, out = threading.Event(), {}
-    th = threading.Thread(target=integrate, args=(h, stop, out))
-    e0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-    th.start()
-    time.sleep(2)
-    burst(4)
-    time.sleep(2)
-    stop.set()
-    th.join()
-    e1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-    res["counter_vs_power"] = {"counter_j": (e1 - e0) / 1000, "instant_field_j": out["inst_j"],
-                               "power_usage_avg_j": out["avg_j"], "samples": out["samples"]}
-    # wattmeter windows vs counter deltas read right around the calls (burst starts inside).
+    res["nvml_call_cost"] = nvml_cost(h)
+    res["refresh_idle"] = refresh_period(h, 1.0)
+    ref = Reference(h)
+    ref.start()
     sensor = NvmlSensor()
     meter = Meter([sensor]).start()
-    time.sleep(1)
+    time.sleep(1.0)
+    c_start, tc_start = pynvml.nvmlDeviceGetTotalEnergyConsumption(h), time.monotonic()
+    time.sleep(0.5)
     rows = []
-    for dur in (0.7, 1.5, 3.0):
-        for _ in range(3):
-            time.sleep(1.0)
-            c0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+    for dur in (0.3, 0.7, 1.5, 3.0):
+        for _ in range(4):
+            time.sleep(0.6)
+            t0 = time.monotonic()
             w = meter.window("v")
             burst(dur)
             w.end()
-            c1 = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
-            r = w.result()
-            g = [d for d in r.devices if d.labels.get("gpu") == "0"][0]
-            rows.append({"duration_s": round(r.duration_s, 3), "wattmeter_j": round(g.energy_j, 2),
-                         "counter_delta_j": (c1 - c0) / 1000, "avg_w": round(g.avg_power_w, 1),
-                         "approximate": r.approximate})
+            t1 = time.monotonic()
+            rows.append((dur, t0, t1, w))
+    time.sleep(0.5)
+    c_end, tc_end = pynvml.nvmlDeviceGetTotalEnergyConsumption(h), time.monotonic()
+    time.sleep(0.2)
+    t_all = (ref.samples[0][0], ref.samples[-1][0])
+    ref.stop.set()
+    ref.join()
+    # Counter reads are up to one refresh stale at both ends; over ~30 s that is < 0.5 %.
+    scale = ((c_end - c_start) / 1000.0) / ref.integral(tc_start, tc_end)
+    out = []
+    for dur, t0, t1, w in rows:
+        r = w.result()
+        g = [d for d in r.devices if d.labels.get("gpu") == "0"][0]
+        truth = ref.integral(t0, t1) * scale
+        out.append({"duration_s": round(r.duration_s, 3), "wattmeter_j": round(g.energy_j, 2),
+                    "reference_j": round(truth, 2), "error_pct": round(100 * (g.energy_j - truth) / truth, 2),
+                    "approximate": r.approximate})
     meter.close()
-    res["windows"] = rows
-    res["refresh_busy"] = None
+    res["reference_samples_per_s"] = round(len(ref.samples) / (t_all[1] - t_all[0]), 1)
+    res["reference_scale_counter_over_field186"] = round(scale, 4)
+    res["windows"] = out
     json.dump(res, sys.stdout, indent=2)
     print()
 
