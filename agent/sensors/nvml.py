@@ -21,11 +21,11 @@ FIELD_POWER_INSTANT = 186
 AVERAGED_POWER_LAG_S = 0.5    # a 1 s trailing average describes the instant 0.5 s ago
 CALIBRATE_S = 0.5             # a burst of fast reads that dates counter refreshes to a few ms...
 RECALIBRATE_S = 10.0          # ...repeated while the phase of some counter is still uncertain
-PHASE_LOCKED_S = 0.015        # 5 ms reads +- 3 ms refresh jitter give ~11 ms at best
+PHASE_LOCKED_S = 0.025        # phases known to this: pairs 16 ms apart straddle the refresh
 # Reading the energy counter cost 3.5 ms of CPU per call on an H100 (field 186: 10 us), so the
 # counter is read about once a second, as a pair of reads straddling a predicted refresh, and
 # instant power (cheap) is read at the sensor's cadence to shape energy between counter reads.
-COUNTER_PERIOD_S = 1.0
+COUNTER_PERIOD_S = 2.0
 FIELD_PERIOD_S = 0.02
 PAIR_HALF_GAP_S = 0.008
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
@@ -99,6 +99,7 @@ class _Gpu:
     shape_usage: bool = False    # else nvmlDeviceGetPowerUsage is instantaneous and shapes it
     next_counter_at: float = 0.0  # when the counter is next read (locked phase)
     pair_second: float | None = None  # the second read of a pending pair
+    last_shape_t: float = -1e18
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
 
@@ -130,9 +131,7 @@ class NvmlSensor:
             raise SensorUnavailable("nvml", "no GPU is visible to this job",
                                     "check CUDA_VISIBLE_DEVICES, or use --fake-gpus N")
         # Power-only GPUs need a faster cadence than counters (DESIGN: 10-20 Hz instant power).
-        shaped = any(g.instant_ok or g.shape_usage for g in self._gpus if g.has_counter)
-        self.period_s = period_s if all(g.has_counter for g in self._gpus) and not shaped \
-            else min(period_s, power_period_s)
+        self.period_s = period_s if all(g.has_counter for g in self._gpus) else min(period_s, power_period_s)
         if any(g.power_mode == "instant_field" for g in self._gpus):
             # Power-only GPUs integrate field 186, a short mean that costs ~10 us to read:
             # read it often enough to see (nearly) every value, rather than 2 in 5.
@@ -247,9 +246,15 @@ class NvmlSensor:
         """When the sampler should read next for a scheduled counter read (None: no wish)."""
         times = [g.pair_second if g.pair_second is not None else g.next_counter_at
                  for g in self._gpus if g.has_counter and (g.instant_ok or g.shape_usage)]
-        return min(times) if times else None
+        due = [t for t in times if t > now - 0.5]     # long-past wishes are not a reason to spin
+        return min(due) if due else None
 
     def _read_shape(self, g: _Gpu, now: float, batch: Batch) -> None:
+        # At the sensor's cadence, and at every read while an edge waits; the extra wake-ups
+        # for scheduled counter reads do not need another power sample.
+        if not self._edges_pending and now - g.last_shape_t < 0.8 * self.period_s:
+            return
+        g.last_shape_t = now
         if g.instant_ok:
             sample = self._instant_sample(g.handle, now, strict=True)
             if sample is not None:
@@ -266,6 +271,7 @@ class NvmlSensor:
         if not tracker.dated:
             return True         # until the first change is seen, the ledger has no counter point
         if tracker.uncertainty_s > PHASE_LOCKED_S:
+            g.pair_second = None
             if self._edges_pending or (self._burst_start is not None and now - self._burst_start < CALIBRATE_S):
                 return True     # an edge waits (or calibration): every fast read, which also re-locks
             if now >= g.next_counter_at:      # unlocked between bursts: a plain 1 Hz read

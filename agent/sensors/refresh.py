@@ -67,6 +67,7 @@ class RefreshTracker:
     _arcs_t: float = 0.0               # when the arcs were last narrowed
     _fast_changes: int = 0             # consecutive fast reads that all saw a change
     dated: bool = False                # some value has been dated (the first change was seen)
+    _uncertainty: float = 0.1          # cached: read on every sampler wake-up
 
     def observe(self, read_t: float, value: float) -> float | None:
         """Feed one read. Returns the estimated time of ``value`` if it is new, else None."""
@@ -88,6 +89,7 @@ class RefreshTracker:
         self._fast_changes = self._fast_changes + 1 if read_t - prev < 0.5 * p else 0
         if self._fast_changes >= 3:
             self._arcs = []
+            self._measure()
             return read_t
         lo, hi = max(prev, read_t - p), read_t
         j = self.jitter_s
@@ -96,6 +98,7 @@ class RefreshTracker:
         narrowed = _intersect(arcs, bracket, p) if arcs else []
         self._arcs = narrowed or [bracket]
         self._arcs_t = read_t
+        self._measure()
         start, length = max(self._arcs, key=lambda a: a[1])
         phase = start + 0.5 * length
         start_t = lo - j                     # the widened bracket's start, as in ``bracket``
@@ -114,10 +117,14 @@ class RefreshTracker:
     @property
     def uncertainty_s(self) -> float:
         """How far apart the refresh phases still allowed lie (a period when nothing is known)."""
+        return self._uncertainty
+
+    def _measure(self) -> None:
         if not self._arcs:
-            return self.period_s
+            self._uncertainty = self.period_s
+            return
         arcs = _arcs(_pieces(self._arcs, self.period_s), self.period_s)
-        return min(self.period_s, sum(n for _, n in arcs) + (len(arcs) - 1) * self.period_s / 2)
+        self._uncertainty = min(self.period_s, sum(n for _, n in arcs) + (len(arcs) - 1) * self.period_s / 2)
 
     def _widened(self, now: float) -> list[Arc]:
         p = self.period_s
