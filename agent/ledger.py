@@ -20,8 +20,8 @@ RING_POINTS = 4096        # fine history per device (~7 min at 10 Hz)
 BLOCK_POINTS = 64         # fine points per coarse peak-power block
 SHAPE_SAMPLES = 512       # instant-power samples kept per counter device (~25 s at 20 Hz)
 SHAPE_GAP_S = 0.15        # shape samples this dense (20 Hz, jittered) shape a counter segment
-TAIL_MAX_S = 0.25         # an edge this close to the next counter read uses the measured tail
-TAIL_GAP_S = 0.025        # ...when instant power was read at least this often
+TAIL_MAX_S = 0.5          # an edge this close to the next counter read uses the measured tail
+TAIL_GAP_S = 0.06         # ...when instant power was read at least this often
 POWER_SPAN_S = 1.0        # counter power is the slope over at least this long (refresh-time noise)
 RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
 
@@ -166,16 +166,27 @@ class _DeviceLedger:
         return step_interpolate(t0, e0, t1, e1, t, low, high)
 
     def shape_energy(self, a: float, b: float, gap: float = 0.0) -> float | None:
-        """Energy from a to b from instant-power samples (trapezoid, held at the ends), or None
-        unless the samples cover [a, b] with no hole wider than ``gap``."""
+        """Energy from a to b from instant-power samples, or None unless the samples cover
+        [a, b] with no hole wider than ``gap``. Each value counts as the mean power since the
+        previous sample's time (NVML dates field values when they were taken): exact for a
+        short-window average read at every refresh, half a read interval off for a truly
+        instantaneous value. The last value is held forward."""
         gap = gap or SHAPE_GAP_S
         pts = [(t, w) for t, w in self.shape if a - gap <= t <= b + gap]
         if not pts or pts[0][0] > a + gap or pts[-1][0] < b - gap:
             return None
         if any(t1 - t0 > gap for (t0, _), (t1, _) in zip(pts, pts[1:])):
             return None
-        pts = [(a, pts[0][1])] + [p for p in pts if a < p[0] < b] + [(b, pts[-1][1])]
-        return sum(0.5 * (w0 + w1) * (t1 - t0) for (t0, w0), (t1, w1) in zip(pts, pts[1:]))
+        energy, t_prev = 0.0, a
+        for t, w in pts:
+            if t > t_prev:
+                energy += w * (min(t, b) - t_prev)
+                t_prev = min(t, b)
+            if t >= b:
+                break
+        if t_prev < b:
+            energy += pts[-1][1] * (b - t_prev)
+        return energy
 
     def push(self, t: float, e: float, p: float) -> None:
         i = self.n % RING_POINTS
@@ -235,7 +246,7 @@ class Ledger:
         if d is None:
             return
         if r.energy_j is None and d.device.source == Source.COUNTER:
-            if r.power_w is not None:
+            if r.power_w is not None and (not d.shape or r.t > d.shape[-1][0]):
                 d.shape.append((r.t, r.power_w))   # shapes edges; the counter has the energy
             return
         if d.last_t is not None and r.t <= d.last_t:
