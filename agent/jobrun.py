@@ -42,6 +42,7 @@ class JobRunner:
     kill_grace_s: float = 10.0
     carbon: Any = None                              # CarbonAccountant-like: add_energy/add_device_hours/snapshot
     on_tick: list[Callable[[], None]] = field(default_factory=list)   # e.g. pushgateway pushes
+    on_result: list[Callable[[WindowResult], None]] = field(default_factory=list)  # before the last tick
     env: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
@@ -125,6 +126,8 @@ class JobRunner:
             meter.stop()
             self._extend_timeline(timeline, result.end_t, final=True)
             self._feed_carbon(window)
+            for done in self.on_result:
+                done(result)
             for hook in self.on_tick:
                 hook()
             for sig, handler in old.items():

@@ -104,6 +104,7 @@ def run_command(args: argparse.Namespace) -> int:
     runner = JobRunner(meter, ident, writer, checkpoint_s=checkpoint_s, kill_grace_s=grace_s, carbon=carbon)
     exporter = _job_exporter(args, settings, meter, ident, carbon)
     if exporter is not None:
+        runner.on_result.append(exporter.finish)   # the last push equals the record
         runner.on_tick.append(exporter.tick)
     try:
         outcome = runner.run(cmd)

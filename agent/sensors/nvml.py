@@ -7,7 +7,9 @@ integrated by the ledger. NVML errors are translated to SensorError here and now
 from __future__ import annotations
 
 import os
+import re
 import socket
+import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Sequence
@@ -27,6 +29,9 @@ PHASE_LOCKED_S = 0.025        # phases known to this: pairs 16 ms apart straddle
 # instant power (cheap) is read at the sensor's cadence to shape energy between counter reads.
 COUNTER_PERIOD_S = 2.0
 FIELD_PERIOD_S = 0.02
+NO_INSTANCE = 0xFFFFFFFF      # gpuInstanceId of a process on a GPU not in MIG mode
+MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
+MIG_LAYOUT_TTL_S = 60.0
 PAIR_HALF_GAP_S = 0.008
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 _AVERAGING_ARCHS = ("ampere", "ada", "hopper", "blackwell")
@@ -139,6 +144,7 @@ class NvmlSensor:
         self.fast_edges = any(g.has_counter for g in self._gpus)
         self._burst_start: float | None = None
         self._edges_pending = False
+        self._mig_cache: tuple[float, dict[str, dict[str, float]]] | None = None
 
     @staticmethod
     def _import() -> ModuleType:
@@ -330,9 +336,14 @@ class NvmlSensor:
         out: list[ProcessUsage] = []
         mismatch = getattr(n, "NVMLLibraryMismatchError", ())
         for g in self._gpus:
+            instance: dict[int, str] = {}
             try:
                 running = n.nvmlDeviceGetComputeRunningProcesses(g.handle)
                 g.pids = tuple(int(p.pid) for p in running)
+                for p in running:   # MIG: which GPU instance the process runs in
+                    gi = getattr(p, "gpuInstanceId", None)
+                    if gi is not None and int(gi) != NO_INSTANCE:
+                        instance[int(p.pid)] = str(int(gi))
             except (n.NVMLError, *((mismatch,) if mismatch else ())):
                 g.pids = ()
             try:
@@ -345,8 +356,47 @@ class NvmlSensor:
                 sm[int(s.pid)] = max(sm.get(int(s.pid), 0.0), float(s.smUtil))
             for pid in g.pids:
                 out.append(ProcessUsage(g.device.key, pid, min(1.0, sm.get(pid, 0.0) / 100.0), now,
-                                        g.device.labels.get("mig")))
+                                        instance.get(pid) or g.device.labels.get("mig")))
         return out
+
+    def mig_layout(self) -> dict[str, dict[str, float]]:
+        """Per GPU in MIG mode, each GPU instance's fraction of the GPU's SMs. NVML has no
+        per-instance power, so attribution apportions the parent's energy by these (estimated)."""
+        now = time.monotonic()
+        if self._mig_cache is not None and now - self._mig_cache[0] < MIG_LAYOUT_TTL_S:
+            return self._mig_cache[1]
+        n, out = self.nvml, {}
+        for g in self._gpus:
+            try:
+                if int(n.nvmlDeviceGetMigMode(g.handle)[0]) != 1:
+                    continue
+                slots = n.nvmlDeviceGetMaxMigDeviceCount(g.handle)
+            except (n.NVMLError, AttributeError):
+                continue
+            instances: dict[str, float] = {}
+            for i in range(slots):
+                try:
+                    mig = n.nvmlDeviceGetMigDeviceHandleByIndex(g.handle, i)
+                    gi = int(n.nvmlDeviceGetGpuInstanceId(mig))
+                except n.NVMLError:
+                    continue        # an empty slot
+                share = self._sm_fraction(g.handle, mig)
+                if share is not None:
+                    instances[str(gi)] = share
+            if instances:
+                out[g.device.key] = instances
+        self._mig_cache = (now, out)
+        return out
+
+    def _sm_fraction(self, parent: Any, mig: Any) -> float | None:
+        n = self.nvml
+        try:
+            return n.nvmlDeviceGetAttributes(mig).multiprocessorCount / n.nvmlDeviceGetAttributes(parent).multiprocessorCount
+        except (n.NVMLError, AttributeError, ZeroDivisionError, TypeError):
+            pass
+        # The profile name says how many of the GPU's 7 compute slices the instance has: "MIG 3g.40gb".
+        match = re.search(r"(\d+)g\.\d+gb", _decode(n.nvmlDeviceGetName(mig)))
+        return int(match.group(1)) / MIG_SLICES if match else None
 
     def close(self) -> None:
         try:

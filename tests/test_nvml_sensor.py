@@ -1,0 +1,90 @@
+"""The NVML sensor against the fake pynvml: selection, fallbacks, faults, MIG."""
+from __future__ import annotations
+
+import pytest
+
+from wattmeter.attribution import AttributionConfig, Attributor, conservation_error
+from wattmeter.clock import VirtualClock
+from wattmeter.meter import Meter
+from wattmeter.sensors.fake_nvml import FakeNVML, build_module
+from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
+from wattmeter.sensors.scenario import Scenario, load_scenario
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def sensor_for(data: dict, selection: GpuSelection | None = None):
+    clock = VirtualClock(start=50.0)
+    fake = FakeNVML(Scenario.from_dict(data), clock)
+    return clock, fake, NvmlSensor(build_module(fake), selection or GpuSelection(None), wall=clock.wall)
+
+
+def test_selection_by_index_uuid_prefix_and_mig_id():
+    gpus = [(0, "GPU-aaaa1111-0000"), (1, "GPU-bbbb2222-0000"), (2, "GPU-cccc3333-0000")]
+    assert GpuSelection(["2", "0"]).match(gpus) == [(2, None), (0, None)]
+    assert GpuSelection(["GPU-bbbb"]).match(gpus) == [(1, None)]
+    assert GpuSelection(["cccc3333"]).match(gpus) == [(2, None)]
+    assert GpuSelection(["MIG-GPU-aaaa1111-0000/1/0"]).match(gpus) == [(0, "MIG-GPU-aaaa1111-0000/1/0")]
+    # CUDA stops at the first entry that matches nothing, and so does the sensor.
+    assert GpuSelection(["1", "7", "2"]).match(gpus) == [(1, None)]
+    assert GpuSelection.from_env({"CUDA_VISIBLE_DEVICES": ""}).match(gpus) == []
+    assert GpuSelection.from_env({}).match(gpus) == [(0, None), (1, None), (2, None)]
+
+
+def test_picks_counter_then_instant_field_then_power_usage():
+    _, _, s = sensor_for({"gpu": [
+        {"model": H100, "trace": {"kind": "constant", "power_w": 100.0}},
+        {"model": H100, "trace": {"kind": "constant", "power_w": 100.0}, "sensor": {"energy_counter": False}},
+        {"model": H100, "trace": {"kind": "constant", "power_w": 100.0},
+         "sensor": {"energy_counter": False, "instant_field": False}},
+    ]})
+    assert [d.source.value for d in s.devices()] == ["counter", "sampled", "sampled"]
+    assert [g.power_mode for g in s._gpus] == ["counter", "instant_field", "average"]
+
+
+def test_gpu_lost_is_an_error_and_counter_resumes_after_reset():
+    clock, fake, s = sensor_for({
+        "gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 200.0}}],
+        "fault": [{"kind": "gpu_lost", "gpu": 0, "at_s": 1.0, "for_s": 1.0}]})
+    meter = Meter([s], clock=clock)
+    kinds = []
+    for _ in range(40):
+        clock.advance(0.1)
+        meter.poll()
+    kinds = dict(meter.status["nvml"].errors)
+    assert kinds.get("gpu_lost", 0) > 0
+    snap = meter.snapshot()["gpu0"]
+    # 4 s at 200 W, minus the second off the bus (and what the restarted counter cannot know).
+    assert 400.0 <= snap.energy_j <= 800.0 + 1e-6
+
+
+def test_mig_layout_and_process_instances():
+    clock = VirtualClock(start=10.0)
+    fake = FakeNVML(load_scenario("mig_a100"), clock)
+    s = NvmlSensor(build_module(fake), wall=clock.wall)
+    assert s.mig_layout() == {"gpu0": pytest.approx({"1": 3 / 7, "5": 2 / 7, "6": 2 / 7})}
+    clock.advance(2.0)
+    usage = {u.pid: u for u in s.read_processes(clock.now())}
+    assert usage[7001].mig_instance == "1" and usage[7002].mig_instance == "5"
+
+
+def test_mig_energy_is_apportioned_by_instance_and_labelled_estimated():
+    clock = VirtualClock(start=10.0)
+    fake = FakeNVML(load_scenario("mig_a100"), clock)
+    s = NvmlSensor(build_module(fake), wall=clock.wall)
+    meter = Meter([s], clock=clock)
+    att = Attributor(s.read_processes, config=AttributionConfig(), mig_layout=s.mig_layout)
+    meter.poll()
+    for step in range(100):
+        clock.advance(0.1)
+        meter.poll()
+        if step % 10 == 9:
+            att.tick(clock.now(), meter.snapshot())
+    snap = att.snapshot(meter.snapshot())
+    assert conservation_error(snap, "gpu0") < 1e-3
+    parts = {k.mig_instance: v for k, v in snap.processes.items()}
+    assert all(k.estimated for k in snap.processes)
+    device = snap.device_j["gpu0"]
+    # The trainer's instance holds 3 of 7 slices; it never gets more than its instance's share.
+    assert parts["1"] <= device * 3 / 7 * 1.01
+    assert parts["1"] > parts["5"] > 0
