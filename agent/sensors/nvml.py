@@ -23,11 +23,12 @@ FIELD_POWER_INSTANT = 186
 AVERAGED_POWER_LAG_S = 0.5    # a 1 s trailing average describes the instant 0.5 s ago
 CALIBRATE_S = 0.5             # a burst of fast reads that dates counter refreshes to a few ms...
 RECALIBRATE_S = 10.0          # ...repeated while the phase of some counter is still uncertain
+MAX_RECALIBRATE_S = 300.0
 PHASE_LOCKED_S = 0.025        # phases known to this: pairs 16 ms apart straddle the refresh
 # Reading the energy counter cost 3.5 ms of CPU per call on an H100 (field 186: 10 us), so the
 # counter is read about once a second, as a pair of reads straddling a predicted refresh, and
 # instant power (cheap) is read at the sensor's cadence to shape energy between counter reads.
-COUNTER_PERIOD_S = 2.0
+COUNTER_PERIOD_S = 4.0
 FIELD_PERIOD_S = 0.02
 NO_INSTANCE = 0xFFFFFFFF      # gpuInstanceId of a process on a GPU not in MIG mode
 MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
@@ -143,6 +144,7 @@ class NvmlSensor:
             self.period_s = min(self.period_s, FIELD_PERIOD_S)
         self.fast_edges = any(g.has_counter for g in self._gpus)
         self._burst_start: float | None = None
+        self._recalibrate_s = RECALIBRATE_S
         self._edges_pending = False
         self._mig_cache: tuple[float, dict[str, dict[str, float]]] | None = None
 
@@ -233,7 +235,13 @@ class NvmlSensor:
         if start is not None and now - start < CALIBRATE_S:
             return True
         unlocked = any(g.has_counter and g.tracker.uncertainty_s > PHASE_LOCKED_S for g in self._gpus)
-        if unlocked and (start is None or now - start >= RECALIBRATE_S):
+        if not unlocked:
+            self._recalibrate_s = RECALIBRATE_S
+        elif start is None or now - start >= self._recalibrate_s:
+            # Each burst costs ~100 counter reads (~0.35 s of CPU on an H100): back off while
+            # a counter will not lock (an irregular refresh), up to once every 5 minutes.
+            if start is not None:
+                self._recalibrate_s = min(MAX_RECALIBRATE_S, 2 * self._recalibrate_s)
             self._burst_start = now
             return True
         return False
