@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 
 from ..discovery import SensorPlan, discover
 from .common import add_sensor_arguments, sensor_plan, settings_from_cwd
@@ -20,21 +21,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def doctor(args: argparse.Namespace) -> int:
     plan: SensorPlan = sensor_plan(args, settings_from_cwd(), pid=None)
-    # Probe RAPL and the CPU model separately: `discover` stops at the first CPU source that works.
     found = discover(plan)
     report: list[dict] = []
     for s in found.sensors:
         inner = getattr(s, "inner", s)
         devs = [f"{d.key} ({d.source.value}{', simulated' if d.simulated else ''})" for d in s.devices()]
-        batch = s.read(plan.clock.now() if plan.clock else 0.0) if hasattr(s, "read") else None
+        batch = s.read(time.monotonic())
         errors = [f"{e.device_key}: {e.kind} {e.message}".strip() for e in (batch.errors if batch else [])]
         report.append({"sensor": inner.name, "ok": not errors, "devices": devs, "errors": errors})
     seen = {r["sensor"] for r in report}
     for name, exc in found.unavailable.items():
         if name not in seen:
             report.append({"sensor": name, "ok": False, "reason": exc.reason, "fix": exc.fix})
-    if plan.cpu == "auto" and "rapl" not in seen and "rapl" not in found.unavailable:
-        pass
     for s in found.sensors:
         s.close()
     if args.json:
