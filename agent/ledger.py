@@ -276,8 +276,12 @@ class Ledger:
             power = r.power_w if r.power_w is not None else slope
         elif r.power_w is not None:
             power = max(0.0, r.power_w)
-            delta = 0.0 if d.last_t is None or d.last_power is None else \
-                0.5 * (power + d.last_power) * (r.t - d.last_t)
+            if d.last_t is None or d.last_power is None:
+                delta = 0.0
+            elif d.device.power_is_mean:
+                delta = power * (r.t - d.last_t)      # the value covers the time since the last one
+            else:
+                delta = 0.5 * (power + d.last_power) * (r.t - d.last_t)
             slope = delta / (r.t - d.last_t) if d.last_t is not None and r.t > d.last_t else power
         else:
             return

@@ -49,6 +49,7 @@ class Device:
     update_period_s: float = 0.1   # how often the underlying value refreshes
     simulated: bool = False        # produced by the fake NVML backend
     wrap_j: float | None = None    # counter range: a decrease is a wrap (RAPL), not a reset
+    power_is_mean: bool = False    # each power value is the mean since the previous one (NVML field 186)
 
 
 @dataclass(frozen=True)

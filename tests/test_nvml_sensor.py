@@ -103,3 +103,40 @@ def test_calibration_bursts_back_off_while_a_counter_will_not_lock():
     assert gaps[:4] == [10, 20, 40, 80]
     tracker._uncertainty = 0.01                 # locked: no bursts
     assert not s.wants_fast(t + 1000.0)
+
+
+def test_power_only_gpu_learns_the_field_refresh_and_asks_to_read_each_value_once():
+    clock, fake, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0},
+                                          "sensor": {"energy_counter": False, "instant_refresh_s": 0.02}}]})
+    g = s._gpus[0]
+    assert g.power_mode == "instant_field" and s.devices()[0].power_is_mean
+    for _ in range(12):                    # reads 7 ms apart: some values are seen twice, none missed
+        clock.advance(0.007)
+        s.read(clock.now())
+    assert g.field_steps and min(g.field_steps) == pytest.approx(0.02, abs=2e-6)   # whole µs
+    wish = s.next_read_at(clock.now())
+    assert wish == pytest.approx(g.field_next + 0.002)
+    assert 0.0 < g.field_next - g.field_last_t <= 0.02 + 1e-9
+
+
+def test_power_only_energy_tiles_field_values_exactly():
+    clock, fake, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "square", "high_w": 650.0, "low_w": 90.0,
+                                                                   "high_s": 0.15, "low_s": 0.25},
+                                          "sensor": {"energy_counter": False, "instant_refresh_s": 0.02}}]})
+    meter = Meter([s], clock=clock)
+    meter.poll()
+    for _ in range(20):
+        clock.advance(0.01)
+        meter.poll()
+    w = meter.window("job")
+    t0 = clock.now()
+    for _ in range(240):                   # 2.4 s, reading every value (every 10 ms)
+        clock.advance(0.01)
+        meter.poll()
+    w.end()
+    t1 = clock.now()
+    for _ in range(10):
+        clock.advance(0.01)
+        meter.poll()
+    truth = fake.true_energy_j(0, t0, t1)
+    assert w.result().total_energy_j == pytest.approx(truth, rel=0.01)

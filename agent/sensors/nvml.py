@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections import deque
 import socket
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ PHASE_LOCKED_S = 0.025        # phases known to this: pairs 16 ms apart straddle
 # instant power (cheap) is read at the sensor's cadence to shape energy between counter reads.
 COUNTER_PERIOD_S = 4.0
 FIELD_PERIOD_S = 0.02
+FIELD_READ_DELAY_S = 0.002    # read a new field value this long after it is expected
+MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
 NO_INSTANCE = 0xFFFFFFFF      # gpuInstanceId of a process on a GPU not in MIG mode
 MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
 MIG_LAYOUT_TTL_S = 60.0
@@ -106,6 +109,10 @@ class _Gpu:
     next_counter_at: float = 0.0  # when the counter is next read (locked phase)
     pair_second: float | None = None  # the second read of a pending pair
     last_shape_t: float = -1e18
+    field_last_us: int = 0              # power-only GPUs: NVML timestamp of the newest field value,
+    field_last_t: float | None = None   # its time on our clock...
+    field_next: float | None = None     # ...and when the next one is expected
+    field_steps: deque = field(default_factory=lambda: deque(maxlen=32))
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
 
@@ -178,6 +185,7 @@ class NvmlSensor:
             if mig:
                 labels["mig"] = mig
             dev = Device(key=f"gpu{idx}", component=Component.GPU, source=source, labels=labels,
+                         power_is_mean=mode == "instant_field",
                          update_period_s=0.1 if has_counter else (1.0 if mode == "average" else self.power_period_s),
                          simulated=self.simulated)
             shape_usage = has_counter and not instant_ok and not self._averages(h, model)
@@ -196,10 +204,11 @@ class NvmlSensor:
         return None if sample is None else sample[0]
 
     def _instant_sample(self, handle: Any, now: float | None,
-                        strict: bool = False) -> tuple[float, float | None] | None:
+                        strict: bool = False) -> tuple[float, float | None, int] | None:
         """(watts, clock time the value was sampled) from field 186. NVML stamps each field value
         with the wall time it was taken; a value that is 20 ms old belongs 20 ms back.
-        ``strict`` lets NVML errors through (a lost GPU must show as an error, not silence)."""
+        ``strict`` lets NVML errors through (a lost GPU must show as an error, not silence).
+        The third item is NVML's raw timestamp (µs), which identifies the value."""
         try:
             values = self.nvml.nvmlDeviceGetFieldValues(handle, [FIELD_POWER_INSTANT])
         except self.nvml.NVMLError:
@@ -213,7 +222,7 @@ class NvmlSensor:
         if now is not None and entry.timestamp:
             age = self.wall(now) - entry.timestamp / 1e6
             t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
-        return entry.value.uiVal / 1000.0, t
+        return entry.value.uiVal / 1000.0, t, int(entry.timestamp or 0)
 
     def _averages(self, handle: Any, model: str) -> bool:
         """True where nvmlDeviceGetPowerUsage is a 1 s trailing average (Ampere+, except GA100)."""
@@ -257,11 +266,23 @@ class NvmlSensor:
         return self.read(now)
 
     def next_read_at(self, now: float) -> float | None:
-        """When the sampler should read next for a scheduled counter read (None: no wish)."""
+        """When the sampler should read next: a scheduled counter read, or just after the next
+        field-186 refresh of a power-only GPU (so every value is read once). None: no wish."""
         times = [g.pair_second if g.pair_second is not None else g.next_counter_at
                  for g in self._gpus if g.has_counter and (g.instant_ok or g.shape_usage)]
+        times += [g.field_next + FIELD_READ_DELAY_S for g in self._gpus
+                  if g.power_mode == "instant_field" and g.field_next is not None]
         due = [t for t in times if t > now - 0.5]     # long-past wishes are not a reason to spin
         return min(due) if due else None
+
+    @staticmethod
+    def _learn_field_refresh(g: _Gpu, t: float, ts_us: int) -> None:
+        """Field 186 refreshes on its own clock: its timestamps give the period (the shortest
+        recent step, as missed values show up as multiples) and when the next value lands."""
+        if g.field_last_us and ts_us > g.field_last_us:
+            g.field_steps.append((ts_us - g.field_last_us) / 1e6)
+            g.field_next = t + max(MIN_FIELD_PERIOD_S, min(g.field_steps))
+        g.field_last_us, g.field_last_t = ts_us, t
 
     def _read_shape(self, g: _Gpu, now: float, batch: Batch) -> None:
         # At the sensor's cadence, and at every read while an edge waits; the extra wake-ups
@@ -328,6 +349,10 @@ class NvmlSensor:
                         batch.errors.append(SensorError(self.name, "not_supported", key, "instant power field failed"))
                         continue
                     # Dated by NVML's own timestamp; a repeated timestamp is the same value again.
+                    if sample[1] is not None:
+                        if sample[2] == g.field_last_us:
+                            continue          # the same value again: nothing new to integrate
+                        self._learn_field_refresh(g, sample[1], sample[2])
                     batch.readings.append(Reading(key, sample[1] or now, power_w=sample[0]))
                 else:
                     w = n.nvmlDeviceGetPowerUsage(g.handle) / 1000.0
