@@ -1,9 +1,10 @@
 """Cumulative energy per device: E(t) as a monotonic piecewise-linear function of time.
 
-Counters are differenced (a decrease is a reset, never negative energy); power readings are
-integrated with the trapezoid rule. Window edges are *marks*: a mark created at time t is
-resolved for each device when that device's first point after t arrives, by interpolating
-between the two points around t. So begin/end are O(1) and never touch a sensor.
+Counters are differenced (a decrease is a reset, a known range a wrap; never negative energy);
+power readings are integrated with the trapezoid rule. Window edges are *marks*: a mark created
+at time t is resolved for each device once the points around t are known, by interpolating
+between them (for counters, shaped by instant power or placed on a power step). So begin/end
+are O(1) and never touch a sensor.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import threading
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Iterable
 
 from .model import Device, Reading, Source
 
@@ -297,12 +298,14 @@ class Ledger:
             # are smooth at the sampling scale: interpolate between the two points at once.
             self._resolve(d, t_prev, e_prev, power)
 
-    def _resolve(self, d: _DeviceLedger, t_prev: float | None, e_prev: float, slope: float) -> None:
+    def _next_mark(self, d: _DeviceLedger) -> Mark | None:
+        """The oldest mark this device has not resolved yet (marks are in time order)."""
         base = self._marks[0].seq if self._marks else self._next_seq
-        if d.cursor < base:
-            d.cursor = base
-        while d.cursor < self._next_seq:
-            m = self._marks[d.cursor - base]
+        d.cursor = max(d.cursor, base)
+        return self._marks[d.cursor - base] if d.cursor < self._next_seq else None
+
+    def _resolve(self, d: _DeviceLedger, t_prev: float | None, e_prev: float, slope: float) -> None:
+        while (m := self._next_mark(d)) is not None:
             if m.t >= d.last_t:  # type: ignore[operator]
                 break
             if t_prev is None:
@@ -326,10 +329,7 @@ class Ledger:
             return
         t_a = d.point(k - 1)[0]
         t_b = d.last_t
-        base = self._marks[0].seq if self._marks else self._next_seq
-        d.cursor = max(d.cursor, base)
-        while d.cursor < self._next_seq:
-            m = self._marks[d.cursor - base]
+        while (m := self._next_mark(d)) is not None:
             if m.t >= t_b:  # type: ignore[operator]
                 break
             if m.t >= t_a:
@@ -347,10 +347,7 @@ class Ledger:
         """Marks before a counter's first point: measured back from it with instant power when
         that was read densely, else pinned to it and flagged (the gap is lost)."""
         t_first, e_first, _ = d.point(0)
-        base = self._marks[0].seq if self._marks else self._next_seq
-        d.cursor = max(d.cursor, base)
-        while d.cursor < self._next_seq:
-            m = self._marks[d.cursor - base]
+        while (m := self._next_mark(d)) is not None:
             if m.t >= t_first:
                 break
             tail = d.shape_energy(m.t, t_first, TAIL_GAP_S) if t_first - m.t <= TAIL_MAX_S else None
@@ -412,6 +409,11 @@ class Ledger:
                 self._pin(m, d, value, d.last_power or 0.0, True)
             self._trim_marks()
 
+    def force_resolve_all(self) -> None:
+        """Resolve every waiting mark now (the sampler has stopped)."""
+        for m in list(self._marks):
+            self.force_resolve(m)
+
     def pending_marks(self) -> int:
         with self._lock:
             return len(self._marks)
@@ -427,19 +429,15 @@ class Ledger:
             return None if d is None else d.peak_w(t0, t1)
 
     # -- output ----------------------------------------------------------------
-    def snapshot(self, at: float | None = None) -> dict[str, DeviceSnapshot]:
-        """Monotonic totals as of each device's last point. With ``at``, each total is
-        extrapolated to that time at the last power (for timelines only: an extrapolated
-        value can exceed the next real point, so counters must never export it)."""
+    def snapshot(self) -> dict[str, DeviceSnapshot]:
+        """Monotonic totals per device, safe to export as Prometheus counters."""
         with self._lock:
             out = {}
             for k, d in self._devs.items():
                 e = d.total_j
                 power = d.last_power
-                if at is not None and d.last_t is not None and d.last_power:
-                    e += d.last_power * min(max(0.0, at - d.last_t), 5.0)
-                elif d.shape and d.last_t is not None:
-                    # Counters are read about once a second; instant power carries the total
+                if d.shape and d.last_t is not None:
+                    # Counters are read every few seconds; instant power carries the total
                     # up to the latest sample in between, never letting it go backwards.
                     # From the read, not the (estimated) refresh: a little short, never double.
                     t_shape, power = d.shape[-1]
@@ -500,6 +498,3 @@ def step_interpolate(t0: float, e0: float, t1: float, e1: float, t: float,
     s = (high * dt - de) / (high - low)          # step position from t0
     return e0 + (low * x if x <= s else low * s + high * (x - s))
 
-
-def totals(snapshot: Mapping[str, DeviceSnapshot]) -> dict[str, float]:
-    return {k: s.energy_j for k, s in snapshot.items()}

@@ -58,8 +58,7 @@ class Meter:
         """Stop sampling (idempotent). Open windows keep their start; ``start()`` resumes."""
         if self.sampler.running:
             self.sampler.stop()
-        for m in self._unresolved():
-            self.ledger.force_resolve(m)
+        self.ledger.force_resolve_all()
 
     def close(self) -> None:
         self.stop()
@@ -123,9 +122,6 @@ class Meter:
 
     def _edge_waiting(self) -> None:
         self.sampler.poke()
-
-    def _unresolved(self) -> list[Mark]:
-        return list(self.ledger._marks)
 
     def settle_timeout_s(self) -> float:
         slowest = max((s.period_s for s in self.sensors), default=0.1)
