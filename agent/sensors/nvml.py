@@ -127,7 +127,6 @@ class NvmlSensor:
         # Maps the meter's clock to wall time, to date NVML's field timestamps.
         self.wall = wall or SystemClock().wall
         self.simulated = bool(getattr(self.nvml, "WATTMETER_FAKE", False))
-        self.counter_period_s = period_s
         self.power_period_s = power_period_s
         err = self.nvml.NVMLError
         try:
@@ -199,8 +198,9 @@ class NvmlSensor:
         except self.nvml.NVMLError:
             return False
 
-    def _instant_field(self, handle: Any, now: float | None = None) -> float | None:
-        sample = self._instant_sample(handle, now)
+    def _instant_field(self, handle: Any) -> float | None:
+        """Whether field 186 answers, and its watts (a probe at discovery)."""
+        sample = self._instant_sample(handle, None)
         return None if sample is None else sample[0]
 
     def _instant_sample(self, handle: Any, now: float | None,
