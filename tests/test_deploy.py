@@ -99,6 +99,15 @@ PROMQL_KEYWORDS = {"and", "or", "unless", "bool", "offset", "atan2", "inf", "nan
 GRAFANA_BUILTINS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "1h"}
 
 
+
+def _terminate(proc: subprocess.Popen) -> None:
+    """Stop a server started by a test: SIGTERM, then SIGKILL after 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
 def _yaml():
     return pytest.importorskip("yaml")
 
@@ -943,11 +952,7 @@ def test_real_exporter_matches_metric_list():
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
             assert r.status == 200
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _terminate(proc)
     seen: dict[str, set[frozenset]] = {}
     for line in body.splitlines():
         m = _SAMPLE.match(line)
@@ -1127,9 +1132,5 @@ def test_prometheus_evaluates_rules_and_dashboards(tmp_path):
                   json.loads(urllib.request.urlopen(f"{base}/api/v1/alerts", timeout=10).read())["data"]["alerts"]}
         assert "WattmeterGPUSensorErrors" in alerts  # pending: errors keep increasing
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _terminate(proc)
         exporter.shutdown()
