@@ -63,10 +63,9 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
 
 
 def _cpu_sensor(plan: SensorPlan, out: Discovered) -> Sensor | None:
-    from .sensors.cpu import CpuModelSensor
-    from .sensors.rapl import RaplSensor
-
     if plan.cpu in ("auto", "rapl"):
+        from .sensors.rapl import RaplSensor
+
         try:
             return RaplSensor(root=plan.powercap_root)
         except SensorUnavailable as exc:
@@ -75,6 +74,8 @@ def _cpu_sensor(plan: SensorPlan, out: Discovered) -> Sensor | None:
                 out.notes.append(f"RAPL unavailable: {exc.reason} ({exc.fix}).")
                 return None
             out.notes.append(f"CPU power is modelled from utilisation: RAPL unavailable ({exc.reason}; {exc.fix}).")
+    from .sensors.cpu import CpuModelSensor  # only now: hosts with RAPL never import the model
+
     try:
         return CpuModelSensor(tdp_w=plan.cpu_tdp_w)
     except SensorUnavailable as exc:

@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import json
 import math
+import random
+import subprocess
+import sys
+import uuid
 
 import pytest
 
 from wattmeter.errors import ScenarioError
 from wattmeter.sensors.scenario import (ConstantTrace, PiecewiseLinearTrace, RampTrace, Scenario, SquareTrace,
-                                        StepsTrace, bundled_scenarios, load_scenario, parse_smi_csv)
+                                        StepsTrace, _uuid4_text, bundled_scenarios, load_scenario, parse_smi_csv)
 
 SMI_LOG = """timestamp, index, power.draw [W]
 2024/05/01 12:00:00.123, 0, 312.45 W
@@ -165,6 +169,21 @@ def test_identity_is_deterministic_from_seed(tmp_path):
     assert [g.uuid for g in one.gpus] == [g.uuid for g in again.gpus]
     assert one.gpus[0].uuid != one.gpus[1].uuid != other.gpus[1].uuid
     assert one.gpus[0].uuid.startswith("GPU-") and len(one.gpus[0].uuid) == 40
+
+
+@pytest.mark.parametrize("bits", [0, 2**128 - 1, *(random.Random(7).getrandbits(128) for _ in range(20))])
+def test_gpu_uuids_read_as_the_uuid_module_prints_them(bits):
+    assert _uuid4_text(bits) == str(uuid.UUID(int=bits, version=4))
+
+
+def test_simulated_gpus_start_without_imports_only_other_paths_need():
+    # Meter() start latency: uuid (imports platform), statistics and difflib are imported lazily.
+    code = ("import sys; before = set(sys.modules)\n"
+            "from wattmeter.sensors import fake_nvml, scenario\n"
+            "fake_nvml.build_module(fake_nvml.FakeNVML(scenario.load_scenario('bursty')))\n"
+            "print(sorted({'uuid', 'statistics', 'difflib'} & (set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_default_scenario_is_n_busy_h100s_with_varying_power():

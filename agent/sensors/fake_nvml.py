@@ -145,7 +145,7 @@ class FakeNVML(InfoCalls):
         return int(round(self.clock.wall(self.t0 + scenario_t) * 1e6))
 
     def _stub(self, name: str) -> Callable[..., Any]:
-        setter = any(name.startswith(p) for p in ("nvmlDeviceSet", "nvmlDeviceReset", "nvmlDeviceClear"))
+        setter = name.startswith(("nvmlDeviceSet", "nvmlDeviceReset", "nvmlDeviceClear"))
         code = nv.NVML_ERROR_NO_PERMISSION if setter else nv.NVML_ERROR_NOT_SUPPORTED
 
         def not_simulated(*args: Any, **kwargs: Any) -> Any:
@@ -321,15 +321,17 @@ def build_module(fake: FakeNVML) -> types.ModuleType:
     real = real_pynvml()
     mod = types.ModuleType("pynvml", real.__doc__)
     skip = {"__name__", "__spec__", "__loader__", "__package__", "__builtins__", "__cached__", "__doc__"}
+    simulated = [name for name in dir(FakeNVML) if name.startswith("nvml")]
+    no_stub = _PURE_HELPERS.union(simulated)   # the simulated ones are set below
+    ns = mod.__dict__   # filled directly: ~2500 names, set on every simulated Meter's construction
     for name, value in vars(real).items():
         if name in skip:
             continue
-        if name.startswith("nvml") and inspect.isfunction(value) and name not in _PURE_HELPERS:
+        if name.startswith("nvml") and name not in no_stub and inspect.isfunction(value):
             value = fake._stub(name)
-        setattr(mod, name, value)
-    for name in dir(FakeNVML):
-        if name.startswith("nvml"):
-            setattr(mod, name, getattr(fake, name))
+        ns[name] = value
+    for name in simulated:
+        ns[name] = getattr(fake, name)
 
     def _nvmlGetFunctionPointer(name: str) -> Any:   # no shared library behind the fake
         fake._require_init()

@@ -3,7 +3,6 @@ mixin of ``FakeNVML``; lifecycle, discovery, energy, power and field calls live 
 from __future__ import annotations
 
 import ctypes
-import uuid as uuidlib
 from typing import TYPE_CHECKING, Any
 
 import pynvml as nv
@@ -33,6 +32,8 @@ class MigHandle:
     __slots__ = ("owner", "gpu", "spec", "uuid", "name")
 
     def __init__(self, owner: Any, gpu: SimGpu, spec: MigSpec) -> None:
+        import uuid as uuidlib  # lazy: only MIG scenarios need it, and it imports platform (~2 ms)
+
         self.owner, self.gpu, self.spec = owner, gpu, spec
         self.uuid = "MIG-" + str(uuidlib.uuid5(uuidlib.NAMESPACE_OID, f"{gpu.spec.uuid}/{spec.gi_id}"))
         slices = max(1, round(spec.sm_share * 7))

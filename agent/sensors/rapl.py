@@ -40,7 +40,8 @@ NO_RAPL_FIX = (
     "/sys/class/powercap read-only; most cloud VMs expose no RAPL, so the CPU model is used instead"
 )
 
-_ZONE_RE = re.compile(r"^intel-rapl:(\d+)(?::(\d+))?$")
+# Compiled on first use (re caches it): hosts without powercap never need it.
+_ZONE_PATTERN = r"^intel-rapl:(\d+)(?::(\d+))?$"
 
 
 @dataclass(frozen=True)
@@ -137,15 +138,15 @@ class RaplSensor:
         their parent (as /sys/devices/virtual/powercap/intel-rapl does)."""
         seen: dict[str, str] = {}
         for entry in sorted(os.listdir(self.root)):
-            if _ZONE_RE.match(entry):
+            if re.match(_ZONE_PATTERN, entry):
                 seen.setdefault(entry, os.path.join(self.root, entry))
                 parent_dir = os.path.join(self.root, entry)
                 for sub in sorted(os.listdir(parent_dir)) if os.path.isdir(parent_dir) else ():
-                    if _ZONE_RE.match(sub):
+                    if re.match(_ZONE_PATTERN, sub):
                         seen.setdefault(sub, os.path.join(parent_dir, sub))
         zones = []
         for zone_id, path in seen.items():
-            m = _ZONE_RE.match(zone_id)
+            m = re.match(_ZONE_PATTERN, zone_id)
             assert m is not None
             parent = f"intel-rapl:{m.group(1)}" if m.group(2) is not None else None
             zones.append(RaplZone(

@@ -2,7 +2,6 @@
 ``ScenarioError`` whose one-line message names the file, the field path and the fix."""
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import re
@@ -106,6 +105,8 @@ class _Table:
         allowed = self.used if allowed is None else allowed | self.used
         for key in self.data:
             if key not in allowed:
+                import difflib  # lazy: only a typo in the file needs it
+
                 close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
                 fix = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(sorted(allowed))}"
                 self.ctx.fail(self.at(str(key)), f"unknown key; {fix}")
@@ -288,6 +289,8 @@ def _fault(ctx: _Ctx, tbl: _Table, n_gpus: int) -> FaultSpec:
         import pynvml
         function = tbl.text("function")
         if not (function.startswith("nvml") and callable(getattr(pynvml, function, None))):
+            import difflib  # lazy: error path only
+
             close = difflib.get_close_matches(function, [n for n in dir(pynvml) if n.startswith("nvml")], n=1)
             ctx.fail(tbl.at("function"), f"{function!r} is not a pynvml function"
                                          + (f"; did you mean {close[0]!r}?" if close else ""))

@@ -8,9 +8,7 @@ cost O(1) or O(log n) per read however long the scenario has run.
 from __future__ import annotations
 
 import math
-import statistics
 from bisect import bisect_right
-from datetime import datetime
 from itertools import accumulate
 from typing import Protocol, Sequence
 
@@ -161,6 +159,8 @@ class PiecewiseLinearTrace(_Base):
             raise TraceError("sample times must be strictly increasing")
         self.loop = bool(loop) and len(ts) >= 2
         if self.loop:
+            import statistics  # lazy: ~2 ms of imports (fractions, decimal) that only looping replays need
+
             gap = statistics.median(b - a for a, b in zip(ts, ts[1:]))
             ts.append(ts[-1] + gap)
             ps.append(ps[0])
@@ -214,15 +214,15 @@ _POWER_COLUMNS = ("power.draw [w]", "power.draw", "power.draw.instant [w]", "pow
 _MISSING = ("[n/a]", "n/a", "[not supported]", "[unknown error]", "")
 
 
-_EPOCH = datetime(1970, 1, 1)
-
-
 def _parse_timestamp(text: str) -> float:
+    from datetime import datetime  # lazy: only nvidia-smi replays parse timestamps
+
+    epoch = datetime(1970, 1, 1)
     for fmt in ("%Y/%m/%d %H:%M:%S.%f", "%Y/%m/%d %H:%M:%S", "%Y-%m-%d %H:%M:%S.%f", "%Y-%m-%d %H:%M:%S"):
         try:
             # Naive wall time, no time zone: only differences matter, and a local zone would
             # jump at DST changes. Seconds since 1970 as a float keep about 0.2 us.
-            return (datetime.strptime(text, fmt) - _EPOCH).total_seconds()
+            return (datetime.strptime(text, fmt) - epoch).total_seconds()
         except ValueError:
             continue
     raise TraceError(f"bad timestamp {text!r}; expected like '2024/05/01 12:00:00.123'")
