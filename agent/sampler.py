@@ -55,10 +55,11 @@ class _Loop:
         slot = clock.now()
         due = slot + self.rng.random() * period
         poke_owed = False     # a poke that came too soon after a read is served, not dropped
+        fast_gap = FAST_PERIOD_S
         while not self.stopping.is_set():
             now = clock.now()
             fast = self.fast(now)
-            target = min(due, self.last_read + FAST_PERIOD_S) if fast else due
+            target = min(due, self.last_read + fast_gap) if fast else due
             wish = self.next_at(now) if self.next_at is not None else None
             if wish is not None and wish < target:
                 target = max(wish, self.last_read + MIN_POKE_GAP_S / 5)   # a scheduled read (counter pair)
@@ -77,6 +78,9 @@ class _Loop:
                     continue
             poke_owed = False
             self.last_read = now
+            # Jittered too: a fixed 5 ms beat divides a 100 ms refresh period, so every refresh
+            # would be seen at the same offset and brackets around it would never narrow.
+            fast_gap = FAST_PERIOD_S * (0.5 + self.rng.random())
             self.fn(now, fast)
             if now >= due:
                 slot += period

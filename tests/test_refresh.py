@@ -86,3 +86,32 @@ def test_unchanged_value_returns_none_and_uncertainty_shrinks():
         if tracker.observe(t, v_new) is not None:
             v = v_new
     assert tracker.uncertainty_s < 0.015
+
+
+def test_a_steady_counter_clock_is_dated_to_a_millisecond():
+    # No jitter, no drift: the allowances stay small, so the calibration burst's brackets
+    # (5 ms reads at jittered offsets) pin the phase to well under a read gap.
+    for seed in (1, 2, 3):
+        errors, _ = simulate(0.1, 0.037, seed)
+        assert errors[-1] < 0.0015
+
+
+def test_a_value_read_after_a_long_gap_is_the_latest_refresh_not_one_before():
+    # The bracket (read - period, read] holds the locked phase twice; the value is the newer one.
+    tracker = RefreshTracker(period_s=0.1)
+    phase, t, value = 0.0123, 0.0, 0.0
+    while t < 0.6:       # lock the phase with 5 ms reads
+        value = float((t - phase) // 0.1)
+        tracker.observe(t, value)
+        t += 0.0047
+    read = 5.0 + phase + 0.002        # just after a refresh, seconds after the last read
+    est = tracker.observe(read, value + 99.0)
+    assert abs(est - (5.0 + phase)) < 0.002
+
+
+def test_a_change_is_dated_no_later_than_the_end_of_the_call_that_saw_it():
+    tracker = RefreshTracker(period_s=0.1)
+    assert tracker.observe(0.0, 1.0) is None
+    assert tracker.observe(0.095, 1.0, end_t=0.0985) is None
+    est = tracker.observe(0.1, 2.0, end_t=0.1035)     # the refresh landed during the slow call
+    assert 0.095 <= est <= 0.1035

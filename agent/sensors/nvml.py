@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Sequence
 
-from ..clock import SystemClock
+from ..clock import Clock, SystemClock
 from ..model import Batch, Component, Device, ProcessUsage, Reading, SensorError, Source
 from .base import SensorUnavailable
 from .refresh import RefreshTracker
@@ -122,11 +122,14 @@ class NvmlSensor:
 
     def __init__(self, nvml: ModuleType | None = None, selection: GpuSelection | None = None,
                  period_s: float = 0.1, power_period_s: float = 0.05,
-                 wall: Callable[[float], float] | None = None) -> None:
+                 wall: Callable[[float], float] | None = None, clock: Clock | None = None) -> None:
         self.nvml = nvml or self._import()
         # Maps the meter's clock to wall time, to date NVML's field timestamps.
         self.wall = wall or SystemClock().wall
         self.simulated = bool(getattr(self.nvml, "WATTMETER_FAKE", False))
+        fake = getattr(self.nvml, "WATTMETER_FAKE_NVML", None)
+        # Times the end of each counter call; the fake's own clock keeps virtual-time tests exact.
+        self._clock: Clock = clock or (fake.clock if fake is not None else SystemClock())
         self.power_period_s = power_period_s
         err = self.nvml.NVMLError
         try:
@@ -305,10 +308,15 @@ class NvmlSensor:
         tracker = g.tracker
         if not tracker.dated:
             return True         # until the first change is seen, the ledger has no counter point
+        if self._burst_start is not None and now - self._burst_start < CALIBRATE_S:
+            # The whole burst, not just up to the first dated change: one 5 ms bracket leaves
+            # the phase off by up to 2.5 ms; several at random offsets pin it to a fraction.
+            g.pair_second = None
+            return True
         if tracker.uncertainty_s > PHASE_LOCKED_S:
             g.pair_second = None
-            if self._edges_pending or (self._burst_start is not None and now - self._burst_start < CALIBRATE_S):
-                return True     # an edge waits (or calibration): every fast read, which also re-locks
+            if self._edges_pending:
+                return True     # an edge waits: every fast read, which also re-locks
             if now >= g.next_counter_at:      # unlocked between bursts: a plain 1 Hz read
                 g.next_counter_at = now + COUNTER_PERIOD_S
                 return True
@@ -328,7 +336,10 @@ class NvmlSensor:
 
     def _plan_pair(self, g: _Gpu, after: float) -> None:
         refresh = g.tracker.next_refresh_after(after + PAIR_HALF_GAP_S)
-        g.next_counter_at = (refresh if refresh is not None else after + COUNTER_PERIOD_S) - PAIR_HALF_GAP_S
+        if refresh is None:
+            g.next_counter_at = after + COUNTER_PERIOD_S - PAIR_HALF_GAP_S
+            return
+        g.next_counter_at = refresh - PAIR_HALF_GAP_S
 
     def read(self, now: float) -> Batch:
         batch = Batch()
@@ -340,7 +351,9 @@ class NvmlSensor:
                     self._read_shape(g, now, batch)
                     if self._counter_due(g, now):
                         mj = n.nvmlDeviceGetTotalEnergyConsumption(g.handle)
-                        t = g.tracker.observe(now, mj / 1000.0)
+                        # A read is taken somewhere inside the call (3.5 ms on an H100), and
+                        # ``now`` predates it: a change seen here happened before the call ended.
+                        t = g.tracker.observe(now, mj / 1000.0, self._clock.now())
                         if t is not None:
                             batch.readings.append(Reading(key, t, energy_j=mj / 1000.0, read_t=now))
                 elif g.power_mode == "instant_field":

@@ -60,7 +60,9 @@ def _intersect(arcs: list[Arc], bracket: Arc, period: float) -> list[Arc]:
 class RefreshTracker:
     period_s: float = 0.1
     drift_per_period: float = 0.0005   # fraction of a period the phase may wander per period
-    jitter_s: float = 0.003            # one refresh may come this early or late (H100: +-2.5 ms)
+    jitter_s: float = 0.003            # one refresh may come this early or late (H100: +-2.5 ms)...
+    min_jitter_s: float = 0.0003       # ...but assume only this until reads disagree (see observe)
+    min_drift_per_period: float = 0.00005  # likewise for drift
     _last_value: float | None = None
     _prev_read: float | None = None    # last read that still saw the old value
     _arcs: list[Arc] = field(default_factory=list)
@@ -68,9 +70,12 @@ class RefreshTracker:
     _fast_changes: int = 0             # consecutive fast reads that all saw a change
     dated: bool = False                # some value has been dated (the first change was seen)
     _uncertainty: float = 0.1          # cached: read on every sampler wake-up
+    _jitter: float = -1.0              # the allowances in use (grow to jitter_s and
+    _drift: float = -1.0               # drift_per_period when brackets conflict)
 
-    def observe(self, read_t: float, value: float) -> float | None:
-        """Feed one read. Returns the estimated time of ``value`` if it is new, else None."""
+    def observe(self, read_t: float, value: float, end_t: float | None = None) -> float | None:
+        """Feed one read, taken between ``read_t`` and ``end_t`` (when the call returned).
+        Returns the estimated time of ``value`` if it is new, else None."""
         if self._last_value is None:
             # The first value is as of an unknown refresh up to a period ago: dating it at the
             # read would charge a new meter for energy burned before it started. Wait for a change.
@@ -83,6 +88,7 @@ class RefreshTracker:
         p = self.period_s
         prev = self._prev_read if self._prev_read is not None else read_t - p
         self._last_value, self._prev_read = value, read_t
+        read_t = max(read_t, end_t if end_t is not None else read_t)
         self.dated = True
         # Several changes in a row on reads much closer than a period: the counter refreshes
         # at least as often as we read it, so the value is current.
@@ -92,17 +98,32 @@ class RefreshTracker:
             self._measure()
             return read_t
         lo, hi = max(prev, read_t - p), read_t
-        j = self.jitter_s
+        # Every bracket is widened by the jitter allowance. A full allowance on a counter that
+        # keeps time leaves the centre of the allowed phases off by up to half a read gap, so
+        # start small and grow it only when brackets conflict (a jittery refresh, as on an H100).
+        if self._jitter < 0:
+            self._jitter = min(self.min_jitter_s, self.jitter_s)
+            self._drift = min(self.min_drift_per_period, self.drift_per_period)
+        j = self._jitter
         bracket: Arc = ((lo - j) % p, min(p, hi - lo + 2 * j))
         arcs = self._widened(read_t)
         narrowed = _intersect(arcs, bracket, p) if arcs else []
+        if arcs and not narrowed and (j < self.jitter_s or self._drift < self.drift_per_period):
+            self._jitter = j = min(self.jitter_s, 2 * j)
+            self._drift = min(self.drift_per_period, 2 * self._drift)
+            bracket = ((lo - j) % p, min(p, hi - lo + 2 * j))
+            narrowed = _intersect(self._widened(read_t, extra=j), bracket, p)
         self._arcs = narrowed or [bracket]
         self._arcs_t = read_t
         self._measure()
         start, length = max(self._arcs, key=lambda a: a[1])
         phase = start + 0.5 * length
-        start_t = lo - j                     # the widened bracket's start, as in ``bracket``
-        t = start_t + ((phase - start_t) % p)
+        # The value is the latest refresh before the read: the predicted instance at or before
+        # ``hi`` (a bracket a whole period wide holds the phase twice), unless that one lies
+        # well before ``lo``, when the refresh came a little earlier than the next instance.
+        t = hi - ((hi - phase) % p)
+        if t < lo - (0.5 * length + j):
+            t += p
         return min(max(t, lo), hi)
 
     def next_refresh_after(self, t: float) -> float | None:
@@ -126,8 +147,9 @@ class RefreshTracker:
         arcs = _arcs(_pieces(self._arcs, self.period_s), self.period_s)
         self._uncertainty = min(self.period_s, sum(n for _, n in arcs) + (len(arcs) - 1) * self.period_s / 2)
 
-    def _widened(self, now: float) -> list[Arc]:
+    def _widened(self, now: float, extra: float = 0.0) -> list[Arc]:
         p = self.period_s
         periods = max(1.0, (now - self._arcs_t) / p)
-        grow = min(0.5 * p, self.drift_per_period * p * periods)
+        drift = self._drift if self._drift >= 0 else self.drift_per_period
+        grow = min(0.5 * p, drift * p * periods + extra)
         return _arcs(_pieces([((s - grow) % p, min(p, n + 2 * grow)) for s, n in self._arcs], p), p)
