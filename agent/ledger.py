@@ -25,6 +25,8 @@ TAIL_MAX_S = 0.5          # an edge this close to the next counter read uses the
 TAIL_GAP_S = 0.06         # ...when instant power was read at least this often
 POWER_SPAN_S = 1.0        # counter power is the slope over at least this long (refresh-time noise)
 RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
+SAME_VALUE_S = 0.0005     # shape samples closer than this are one value read twice
+MIN_BOX_S, MAX_BOX_S = 0.005, 0.05   # a short-window power field's refresh box (H100: 20 ms)
 
 
 @dataclass
@@ -173,7 +175,10 @@ class _DeviceLedger:
         short-window average read at every refresh, half a read interval off for a truly
         instantaneous value. The last value is held forward."""
         gap = gap or SHAPE_GAP_S
-        pts = [(t, w) for t, w in self.shape if a - gap <= t <= b + gap]
+        pts: list[tuple[float, float]] = []
+        for t, w in self.shape:
+            if a - gap <= t <= b + gap and not (pts and t - pts[-1][0] < SAME_VALUE_S):
+                pts.append((t, w))       # one value read twice is dated twice, a hair apart
         if not pts or pts[0][0] > a + gap or pts[-1][0] < b - gap:
             return None
         if any(t1 - t0 > gap for (t0, _), (t1, _) in zip(pts, pts[1:])):
@@ -187,7 +192,7 @@ class _DeviceLedger:
                 break
         if t_prev < b:
             energy += pts[-1][1] * (b - t_prev)
-        return energy
+        return energy + _partial_box_correction(pts, a, b)
 
     def push(self, t: float, e: float, p: float) -> None:
         i = self.n % RING_POINTS
@@ -471,6 +476,42 @@ class Ledger:
             if a is None or b is None:
                 return None
             return b[0] - a[0]
+
+
+def _partial_box_correction(pts: list[tuple[float, float]], a: float, b: float) -> float:
+    """What the step model changes at the two ends of ``shape_energy``'s sum.
+
+    Each field value is the mean over one refresh box. An edge inside a box gets a share of
+    that box: pro rata assumes the power was flat across it, which is exactly wrong where a
+    kernel starts or stops inside the box (the usual case at a job's edges). Where both
+    neighbouring boxes were read, the box is modelled as one step between their powers
+    (``step_interpolate``), placed so the box's energy is kept."""
+    gaps = [t1 - t0 for (t0, _), (t1, _) in zip(pts, pts[1:])]
+    box = min(gaps, default=0.0)
+    if not MIN_BOX_S <= box <= MAX_BOX_S or sum(abs(g - box) < 0.1 * box for g in gaps) < 2:
+        return 0.0
+
+    def step_share(k: int, x: float) -> float | None:
+        """Energy of box k from its start to x (None: neighbours missing or not adjacent)."""
+        if not 0 < k < len(pts) - 1:
+            return None
+        (t_lo, w_lo), (t_k, w_k), (t_hi, w_hi) = pts[k - 1], pts[k], pts[k + 1]
+        if abs(t_k - t_lo - box) > 0.1 * box or abs(t_hi - t_k - box) > 0.1 * box:
+            return None
+        return step_interpolate(t_k - box, 0.0, t_k, w_k * box, x, w_lo, w_hi)
+
+    fix = 0.0
+    k = next((i for i, (t, _) in enumerate(pts) if t > a), None)
+    m = next((i for i, (t, _) in enumerate(pts) if t >= b), None)
+    if k is None or m is None or k == m:
+        return 0.0          # both ends in one box: nothing to split
+    t_k, w_k = pts[k]
+    if a > t_k - box and (e := step_share(k, a)) is not None:
+        fix += (w_k * box - e) - w_k * (t_k - a)
+    t_m, w_m = pts[m]
+    if b > t_m - box and abs(t_m - pts[m - 1][0] - box) <= 0.1 * box and (e := step_share(m, b)) is not None:
+        fix += e - w_m * (b - (t_m - box))
+    return fix
 
 
 def step_interpolate(t0: float, e0: float, t1: float, e1: float, t: float,

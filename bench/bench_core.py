@@ -44,6 +44,8 @@ STEP_PERIOD_S = STEP_HIGH_S + STEP_LOW_S      # 2.05 s: 2.05 mod 0.4 = 0.05, so 
 STEP = {"kind": "square", "high_w": 600.0, "low_w": 70.0, "high_s": STEP_HIGH_S, "low_s": STEP_LOW_S, "phase_s": 0.0}
 TRACE_LABELS = {
     "counter": {0: "bursty 650/90 W (H100)", 1: "idle->burst, step-up right after start (H100)"},
+    "counter_h100clock": {0: "bursty 650/90 W (H100, refresh 99.97 ms +-2.5 ms)",
+                          1: "idle->burst (H100, refresh 99.97 ms +-2.5 ms)"},
     "power": {0: "bursty 650/90 W (H100, field 186)", 1: "idle->burst, step-up right after start (H100, field 186)",
               2: "bursty 650/90 W (A100, GetPowerUsage only)"},
 }
@@ -53,6 +55,11 @@ def scenario_data(kind: str) -> dict:
     h100 = "NVIDIA H100 80GB HBM3"
     if kind == "counter":
         gpus = [{"model": h100, "trace": dict(BURSTY)}, {"model": h100, "trace": dict(STEP)}]
+    elif kind == "counter_h100clock":
+        # The refresh clock measured on a real H100: 99.97 ms between refreshes, each +-2.5 ms.
+        clock = {"counter_refresh_s": 0.09997, "counter_jitter_s": 0.0025}
+        gpus = [{"model": h100, "trace": dict(BURSTY), "sensor": dict(clock)},
+                {"model": h100, "trace": dict(STEP), "sensor": dict(clock)}]
     elif kind == "power":
         no_counter = {"energy_counter": False}
         gpus = [{"model": h100, "trace": dict(BURSTY), "sensor": dict(no_counter)},
@@ -68,7 +75,7 @@ def scenario_data(kind: str) -> dict:
 def job_plan(kind: str, n: int, seed: int = 5) -> list[tuple[str, float, float]]:
     """[(case, duration_s, lead_s)], the same sequence for every meter (same seed)."""
     rng = random.Random(f"bench-{kind}-{seed}")
-    cases = [("counter_ge1s", 1.0, 1.5), ("counter_0.7s", 0.7, 0.7)] if kind == "counter" else [("power_ge1s", 1.0, 1.5)]
+    cases = [("counter_ge1s", 1.0, 1.5), ("counter_0.7s", 0.7, 0.7)] if kind.startswith("counter") else [("power_ge1s", 1.0, 1.5)]
     out = []
     for _ in range(n):
         for name, lo, hi in cases:   # interleaved, so slow drift hits every case alike
@@ -654,14 +661,14 @@ def _summ_records(recs: list[dict]) -> dict:
 
 def phase_accuracy(kind: str, n: int, n_cold: int, tmp: str, have: dict, log_dir: str) -> dict:
     t0 = time.monotonic() + 1.0   # scenario t=0, shared by every child through CLOCK_MONOTONIC
-    ngpus = 2 if kind == "counter" else 3
+    ngpus = 2 if kind.startswith("counter") else 3
     base = [sys.executable, HERE, "--case", "accuracy", "--scenario", kind, "--t0", repr(t0)]
     argvs, envs = {}, {}
     argvs["wm-live"] = base + ["--meter", "wm-live", "--jobs", str(n)]
     argvs["wm-fresh"] = base + ["--meter", "wm-fresh", "--jobs", str(n)]
     if have["zeus"] is None:
         argvs["zeus"] = base + ["--meter", "zeus", "--jobs", str(n)]
-    if have["codecarbon"] is None:
+    if have["codecarbon"] is None and kind != "counter_h100clock":   # CodeCarbon: the main run is enough
         stub = _stub_nvidia_smi(tmp)
         for g in range(ngpus):
             for mode, jobs in (("cc-cold", n_cold), ("cc-warm", n)):
@@ -699,7 +706,7 @@ def phase_accuracy(kind: str, n: int, n_cold: int, tmp: str, have: dict, log_dir
                           "records": m["records"]}
     if have["zeus"] is not None:
         summary["zeus"] = {"label": "Zeus", "cases": {}, "failures": [f"not measured: {have['zeus']}"], "notes": [], "records": []}
-    if have["codecarbon"] is not None:
+    if have["codecarbon"] is not None and kind != "counter_h100clock":
         summary["cc-cold"] = {"label": "CodeCarbon", "cases": {}, "failures": [f"not measured: {have['codecarbon']}"],
                               "notes": [], "records": []}
     return summary
@@ -714,16 +721,30 @@ def phase_overhead(seconds: float, have: dict, tmp: str, log_dir: str, real: boo
                         "--seconds", str(seconds)] + (["--real"] if real else [])
         if meter == "codecarbon":
             envs[meter] = _env(path_prefix=_stub_nvidia_smi(tmp))
-    res = C.run_children_in_step(argvs, env=_env(), envs=envs, timeout=seconds + 120, log_dir=log_dir)
-    base = res.get("baseline", {})
-    base_cpu = base.get("cpu_s", 0.0) if "error" not in base else 0.0
-    out = {"seconds": seconds, "ngpus": "all real" if real else 8, "baseline_cpu_s": base_cpu, "meters": {}}
-    for meter, r in res.items():
-        if "error" in r:
-            out["meters"][meter] = {"error": r["error"]}
+    # Three rounds, each meter's median round reported: one 10 s round on a shared 2-core
+    # machine moved this figure between 0.45 % and 0.9 % from run to run.
+    rounds = []
+    for _ in range(1 if real else 3):
+        res = C.run_children_in_step(argvs, env=_env(), envs=envs, timeout=seconds + 120, log_dir=log_dir)
+        base = res.get("baseline", {})
+        base_cpu = base.get("cpu_s", 0.0) if "error" not in base else 0.0
+        meters = {}
+        for meter, r in res.items():
+            if "error" in r:
+                meters[meter] = {"error": r["error"]}
+                continue
+            pct = (r["cpu_s"] - (base_cpu if meter != "baseline" else 0.0)) / r["wall_s"] * 100.0
+            meters[meter] = {**r, "cpu_pct_of_core": round(pct, 3)}
+        rounds.append((base_cpu, meters))
+    out = {"seconds": seconds, "ngpus": "all real" if real else 8, "rounds": len(rounds),
+           "baseline_cpu_s": [b for b, _ in rounds], "meters": {}}
+    for meter in rounds[0][1]:
+        ok = sorted((m[meter] for _, m in rounds if "cpu_pct_of_core" in m.get(meter, {})),
+                    key=lambda r: r["cpu_pct_of_core"])
+        if not ok:
+            out["meters"][meter] = rounds[0][1][meter]
             continue
-        pct = (r["cpu_s"] - (base_cpu if meter != "baseline" else 0.0)) / r["wall_s"] * 100.0
-        out["meters"][meter] = {**r, "cpu_pct_of_core": round(pct, 3)}
+        out["meters"][meter] = {**ok[len(ok) // 2], "cpu_pct_of_core_rounds": [r["cpu_pct_of_core"] for r in ok]}
     return out
 
 
@@ -879,6 +900,10 @@ def build_table(res: dict) -> list[dict]:
     err_row("power_ge1s", "GPU energy error, power-only, step-up after start", "power", gpu="gpu1")
     err_row("counter_0.7s", "GPU energy error, 0.7 s job, counter path (meter running)", "counter")
     err_row("counter_0.7s", "GPU energy error, 0.7 s job, counter path (new meter per job)", "counter", "wm-fresh")
+    err_row("counter_ge1s", "Robustness: counter path, 1.0-1.5 s, H100 refresh clock (99.97 ms +-2.5 ms), meter running",
+            "counter_h100clock")
+    err_row("counter_ge1s", "Robustness: same, new meter per job", "counter_h100clock", "wm-fresh")
+    err_row("counter_ge1s", "Robustness: same, Zeus (for comparison)", "counter_h100clock", "zeus")
     ov = res.get("overhead", {}).get("meters", {}).get("wattmeter", {})
     v = ov.get("cpu_pct_of_core")
     rows.append({"what": "Sampler CPU, 8 fake GPUs at 10 Hz", "target": "<= 0.5 % of one core",
@@ -1081,7 +1106,7 @@ def main_parent(a: argparse.Namespace) -> None:
         print(f"[bench] {name} done in {time.monotonic() - t:.1f} s", file=sys.stderr, flush=True)
 
     res["accuracy"] = {}
-    for kind in ("counter", "power"):
+    for kind in ("counter", "counter_h100clock", "power"):
         t = time.monotonic()
         print(f"[bench] accuracy/{kind} ...", file=sys.stderr, flush=True)
         try:

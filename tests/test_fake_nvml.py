@@ -73,6 +73,32 @@ def test_counter_deltas_equal_ground_truth_between_refresh_instants():
     assert abs((e1 - e0) / 1000 - truth_j) <= 0.002
 
 
+def test_a_jittered_counter_refreshes_off_the_grid_but_in_order_and_the_truth_still_holds():
+    jitter = 0.0025
+    fake, clock = make([gpu(CONST_300, energy_offset_j=0.0,
+                            sensor={"counter_refresh_s": 0.09997, "counter_phase_s": 0.03, "counter_jitter_s": jitter})])
+    fake.nvmlInit()
+    h = fake.nvmlDeviceGetHandleByIndex(0)
+    grid = fake._gpus[0].counter_grid
+    offsets = [grid.at(k) - (0.03 + k * 0.09997) for k in range(400)]
+    assert max(map(abs, offsets)) <= jitter and max(offsets) > 0.8 * jitter and min(offsets) < -0.8 * jitter
+    for k in (5, 77, 391):                       # the counter moves exactly at each jittered refresh
+        r = grid.at(k)
+        at(clock, fake, r - 1e-5)
+        before = fake.nvmlDeviceGetTotalEnergyConsumption(h)
+        at(clock, fake, r + 1e-5)
+        after = fake.nvmlDeviceGetTotalEnergyConsumption(h)
+        assert grid.tick(r + 1e-5) == k and grid.tick(r - 1e-5) == k - 1
+        assert after - before == pytest.approx((r - grid.at(k - 1)) * 300.0 * 1000, abs=1)
+        assert after / 1000 == pytest.approx(fake.true_energy_j(0, fake.t0, fake.t0 + r), abs=0.002)
+
+
+def test_counter_jitter_above_half_a_period_is_a_scenario_error():
+    from wattmeter.sensors.scenario_loader import ScenarioError
+    with pytest.raises(ScenarioError, match="counter_jitter_s"):
+        make([gpu(CONST_300, sensor={"counter_refresh_s": 0.1, "counter_jitter_s": 0.08})])
+
+
 # -- power semantics ----------------------------------------------------------------------------
 
 def power_reader(mode: str):

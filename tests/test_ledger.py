@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from wattmeter.ledger import Ledger
@@ -177,3 +178,38 @@ def test_peak_power_over_window():
         ledger.record([Reading("p0", float(i), power_w=p)])
     assert ledger.peak_power_w("p0", 0.5, 3.5) == 400
     assert ledger.peak_power_w("p0", 3.5, 4.0) == 100
+
+
+def _box_shape(step_t: float, low: float, high: float, box: float = 0.02, n: int = 20):
+    """Field-186-like samples: each value is the mean over the box ending at its time."""
+    out = []
+    for k in range(1, n + 1):
+        t1 = k * box
+        t0 = t1 - box
+        lo_part = max(0.0, min(t1, step_t) - t0)
+        out.append((t1, (low * lo_part + high * (box - lo_part)) / box))
+    return out
+
+
+def test_an_edge_inside_a_power_box_is_split_on_the_step_not_pro_rata():
+    from wattmeter.ledger import _DeviceLedger
+    d = _DeviceLedger(Device("gpu0", Component.GPU, Source.COUNTER), 0)
+    step_t, low, high = 0.207, 70.0, 600.0        # a kernel starts 7 ms into the box (0.20, 0.22]
+    d.shape.extend(_box_shape(step_t, low, high))
+    for a in (0.201, 0.205, 0.2069, 0.21, 0.219):
+        b = 0.30
+        exact = low * max(0.0, step_t - a) + high * (b - max(a, step_t))
+        assert d.shape_energy(a, b, 0.06) == pytest.approx(exact, abs=1e-9)
+    # The end of a span inside the box is split the same way.
+    exact = low * (step_t - 0.1) + high * (0.213 - step_t)
+    assert d.shape_energy(0.1, 0.213, 0.06) == pytest.approx(exact, abs=1e-9)
+
+
+def test_flat_or_missing_neighbours_keep_the_pro_rata_share():
+    from wattmeter.ledger import _DeviceLedger
+    d = _DeviceLedger(Device("gpu0", Component.GPU, Source.COUNTER), 0)
+    d.shape.extend([(0.02 * k, 300.0) for k in range(1, 11)])       # flat: nothing to split
+    assert d.shape_energy(0.051, 0.15, 0.06) == pytest.approx(300.0 * (0.15 - 0.051))
+    d = _DeviceLedger(Device("gpu0", Component.GPU, Source.COUNTER), 0)
+    d.shape.extend([(0.02, 70.0), (0.06, 335.0), (0.08, 600.0)])     # the box before is missing
+    assert d.shape_energy(0.045, 0.08, 0.06) == pytest.approx(335.0 * 0.015 + 600.0 * 0.02)

@@ -140,3 +140,41 @@ def test_power_only_energy_tiles_field_values_exactly():
         meter.poll()
     truth = fake.true_energy_j(0, t0, t1)
     assert w.result().total_energy_j == pytest.approx(truth, rel=0.01)
+
+
+def test_reads_back_to_back_until_a_counter_change_dates_the_first_point():
+    clock, _, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0},
+                                       "sensor": {"counter_phase_s": 0.05}}]})
+    tracker = s._gpus[0].tracker
+    start = clock.now()
+    while not tracker.dated:
+        assert s.next_read_at(clock.now()) == clock.now()    # a new meter's first edge waits on this
+        s.read(clock.now())
+        clock.advance(0.001)
+    assert clock.now() - start <= 0.1 + 0.002                # one refresh period at most
+    assert s.next_read_at(clock.now()) != clock.now()
+
+
+def test_back_to_back_reads_stop_after_a_while_if_the_counter_never_moves():
+    clock, _, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 0.0}}]})
+    s.read(clock.now())
+    assert s.next_read_at(clock.now()) == clock.now()
+    clock.advance(1.0)
+    assert s.next_read_at(clock.now()) != clock.now()
+
+
+def test_pairs_straddle_the_predicted_refresh_at_shifted_offsets():
+    clock, fake, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0},
+                                          "sensor": {"counter_phase_s": 0.05}}]})
+    g = s._gpus[0]
+    while clock.now() - fake.t0 < 1.0:                     # calibrate: fast reads at jittered gaps
+        s.read(clock.now())
+        clock.advance(0.0025 + 0.005 * ((clock.now() * 7919) % 1.0))
+    assert g.tracker.uncertainty_s < 0.025                 # locked: pairs are planned
+    offsets = []
+    for _ in range(20):
+        s._plan_pair(g, clock.now())
+        refresh = g.tracker.next_refresh_after(clock.now() + 0.008)
+        offsets.append(g.next_counter_at + 0.008 - refresh)
+    assert all(abs(o) <= 0.004 + 1e-9 for o in offsets)
+    assert max(offsets) - min(offsets) > 0.002             # not always centred on the prediction

@@ -37,12 +37,43 @@ class Grid:
         return self.phase + k * self.period
 
 
+class JitteredGrid(Grid):
+    """Refresh k lands at phase + k * period + u_k, u_k uniform in [-jitter, jitter] and a pure
+    function of k (a real counter's refreshes wander: +-2.5 ms on an H100)."""
+
+    __slots__ = ("jitter", "seed")
+
+    def __init__(self, phase: float, period: float, jitter: float, seed: int) -> None:
+        super().__init__(phase, period)
+        self.jitter = min(jitter, 0.45 * period)   # refreshes never swap order
+        self.seed = seed
+
+    def _u(self, k: int) -> float:
+        x = (k * 0x9E3779B97F4A7C15 + self.seed) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 31
+        x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+        return (x / 2.0 ** 64 * 2.0 - 1.0) * self.jitter
+
+    def at(self, k: int) -> float:
+        return self.phase + k * self.period + self._u(k)
+
+    def tick(self, t: float) -> int:
+        k = super().tick(t)
+        while self.at(k) > t + _EPS:
+            k -= 1
+        while self.at(k + 1) <= t + _EPS:
+            k += 1
+        return k
+
+
 class SimGpu:
     def __init__(self, spec: GpuSpec, faults: Sequence[FaultSpec]) -> None:
         self.spec = spec
         self.trace = spec.trace
         s = spec.sensor
-        self.counter_grid = Grid(s.counter_phase_s, s.counter_refresh_s)
+        self.counter_grid = (JitteredGrid(s.counter_phase_s, s.counter_refresh_s, s.counter_jitter_s, spec.index)
+                             if s.counter_jitter_s > 0 else Grid(s.counter_phase_s, s.counter_refresh_s))
         self.power_grid = Grid(s.counter_phase_s, s.power_refresh_s)
         self.instant_grid = Grid(s.counter_phase_s, s.instant_refresh_s)
         self.util_grid = Grid(s.counter_phase_s, s.util_refresh_s)

@@ -7,6 +7,7 @@ integrated by the ledger. NVML errors are translated to SensorError here and now
 from __future__ import annotations
 
 import os
+import random
 import re
 from collections import deque
 import socket
@@ -30,6 +31,7 @@ PHASE_LOCKED_S = 0.025        # phases known to this: pairs 16 ms apart straddle
 # counter is read about once a second, as a pair of reads straddling a predicted refresh, and
 # instant power (cheap) is read at the sensor's cadence to shape energy between counter reads.
 COUNTER_PERIOD_S = 4.0
+DENSE_START_S = 0.3           # back-to-back reads at start, at most this long (a stuck counter)
 FIELD_PERIOD_S = 0.02
 FIELD_READ_DELAY_S = 0.002    # read a new field value this long after it is expected
 MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
@@ -37,6 +39,7 @@ NO_INSTANCE = 0xFFFFFFFF      # gpuInstanceId of a process on a GPU not in MIG m
 MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
 MIG_LAYOUT_TTL_S = 60.0
 PAIR_HALF_GAP_S = 0.008
+PAIR_SHIFT_S = 0.004
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 _AVERAGING_ARCHS = ("ampere", "ada", "hopper", "blackwell")
 
@@ -153,6 +156,8 @@ class NvmlSensor:
             self.period_s = min(self.period_s, FIELD_PERIOD_S)
         self.fast_edges = any(g.has_counter for g in self._gpus)
         self._burst_start: float | None = None
+        self._first_read: float | None = None
+        self._rng = random.Random()
         self._recalibrate_s = RECALIBRATE_S
         self._edges_pending = False
         self._mig_cache: tuple[float, dict[str, dict[str, float]]] | None = None
@@ -271,6 +276,12 @@ class NvmlSensor:
     def next_read_at(self, now: float) -> float | None:
         """When the sampler should read next: a scheduled counter read, or just after the next
         field-186 refresh of a power-only GPU (so every value is read once). None: no wish."""
+        if self._first_read is None:
+            self._first_read = now
+        if now - self._first_read < DENSE_START_S and any(g.has_counter and not g.tracker.dated for g in self._gpus):
+            # Until a counter's first change is seen, read back to back: that change dates the
+            # first point, which a new meter's first window edge is measured back from.
+            return now
         times = [g.pair_second if g.pair_second is not None else g.next_counter_at
                  for g in self._gpus if g.has_counter and (g.instant_ok or g.shape_usage)]
         times += [g.field_next + FIELD_READ_DELAY_S for g in self._gpus
@@ -339,7 +350,9 @@ class NvmlSensor:
         if refresh is None:
             g.next_counter_at = after + COUNTER_PERIOD_S - PAIR_HALF_GAP_S
             return
-        g.next_counter_at = refresh - PAIR_HALF_GAP_S
+        # Centred on the prediction, pairs only confirm it; shifted at random, their ends cut the
+        # allowed phases from either side, so the estimate keeps up with a wandering clock.
+        g.next_counter_at = refresh - PAIR_HALF_GAP_S + self._rng.uniform(-PAIR_SHIFT_S, PAIR_SHIFT_S)
 
     def read(self, now: float) -> Batch:
         batch = Batch()

@@ -84,6 +84,7 @@ class SensorSpec:
 
     counter_refresh_s: float = 0.1
     counter_phase_s: float = 0.0          # refresh instants are phase + k * refresh (all grids)
+    counter_jitter_s: float = 0.0         # each counter refresh lands up to this early or late
     energy_counter: bool = True
     power_usage: str = "average_1s"       # "average_1s" or "instant": what GetPowerUsage returns
     power_refresh_s: float = 0.1

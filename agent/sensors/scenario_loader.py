@@ -194,6 +194,7 @@ def _sensor(ctx: _Ctx, tbl: _Table | None, defaults: dict[str, Any]) -> SensorSp
         ctx.fail(tbl.at("counter_phase_s"), f"{phase:g} must be below counter_refresh_s ({refresh:g})")
     spec = SensorSpec(
         counter_refresh_s=refresh, counter_phase_s=phase,
+        counter_jitter_s=tbl.num("counter_jitter_s", base.counter_jitter_s, lo=0, hi=0.45 * refresh),
         energy_counter=tbl.flag("energy_counter", base.energy_counter),
         power_usage=tbl.text("power_usage", base.power_usage, choices=("average_1s", "instant")),
         power_refresh_s=tbl.num("power_refresh_s", base.power_refresh_s, lo=0, lo_open=True),
