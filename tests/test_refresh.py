@@ -115,3 +115,21 @@ def test_a_change_is_dated_no_later_than_the_end_of_the_call_that_saw_it():
     assert tracker.observe(0.095, 1.0, end_t=0.0985) is None
     est = tracker.observe(0.1, 2.0, end_t=0.1035)     # the refresh landed during the slow call
     assert 0.095 <= est <= 0.1035
+
+
+def test_a_conflicting_bracket_resyncs_near_the_old_phase_instead_of_its_own_centre():
+    # Locked on a steady clock (small allowances), then a refresh lands 6 ms early (an H100's
+    # clock drifts and jitters) and is seen by a read ~90 ms after the last one.
+    tracker = RefreshTracker(period_s=0.1)
+    phase, t, value = 0.0123, 0.0, 0.0
+    while t < 0.6:
+        value = float((t - phase) // 0.1)
+        tracker.observe(t, value)
+        t += 0.0047
+    prev = 5.0 + phase - 0.085            # saw the old value
+    assert tracker.observe(prev, value) is None
+    truth = 5.0 + phase - 0.006
+    est = tracker.observe(truth + 0.0016, value + 50.0)
+    assert abs(est - truth) < 0.004                      # not the middle of the 88 ms bracket
+    nxt = tracker.next_refresh_after(truth + 0.01)       # and the phase is still roughly known
+    assert abs(nxt - (truth + 0.1)) < 0.015

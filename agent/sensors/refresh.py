@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 Arc = tuple[float, float]   # (start phase in [0, period), length in [0, period])
+RESYNC_SLACK_S = 0.008      # after a conflict, phases this far beyond the allowances stay possible
 
 
 def _pieces(arcs: list[Arc], period: float) -> list[tuple[float, float]]:
@@ -108,16 +109,19 @@ class RefreshTracker:
         bracket: Arc = ((lo - j) % p, min(p, hi - lo + 2 * j))
         arcs = self._widened(read_t)
         narrowed = _intersect(arcs, bracket, p) if arcs else []
-        if arcs and not narrowed and (j < self.jitter_s or self._drift < self.drift_per_period):
-            self._jitter = j = min(self.jitter_s, 2 * j)
-            self._drift = min(self.drift_per_period, 2 * self._drift)
+        if arcs and not narrowed:
+            # A conflict: this clock jitters or drifts. Take the full allowances from now on,
+            # and re-sync near the old estimate (it lagged a drifting clock by a few ms)
+            # rather than from this bracket alone, which may be a whole period wide.
+            self._jitter, self._drift = j, _ = self.jitter_s, self.drift_per_period
             bracket = ((lo - j) % p, min(p, hi - lo + 2 * j))
-            narrowed = _intersect(self._widened(read_t, extra=j), bracket, p)
+            narrowed = _intersect(self._widened(read_t, extra=j + RESYNC_SLACK_S), bracket, p)
+        old = self._arcs
         self._arcs = narrowed or [bracket]
         self._arcs_t = read_t
         self._measure()
-        start, length = max(self._arcs, key=lambda a: a[1])
-        phase = start + 0.5 * length
+        start, length = max(old if arcs and not narrowed else self._arcs, key=lambda a: a[1])
+        phase = start + 0.5 * length    # lost the lock: the old estimate still dates this value best
         # The value is the latest refresh before the read: the predicted instance at or before
         # ``hi`` (a bracket a whole period wide holds the phase twice), unless that one lies
         # well before ``lo``, when the refresh came a little earlier than the next instance.
