@@ -178,3 +178,29 @@ def test_pairs_straddle_the_predicted_refresh_at_shifted_offsets():
         offsets.append(g.next_counter_at + 0.008 - refresh)
     assert all(abs(o) <= 0.004 + 1e-9 for o in offsets)
     assert max(offsets) - min(offsets) > 0.002             # not always centred on the prediction
+
+
+def test_steady_pairs_start_on_a_cadence_read_just_before_a_refresh():
+    clock, fake, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0},
+                                          "sensor": {"counter_phase_s": 0.05}}]})
+    g = s._gpus[0]
+    reads = []
+    mod = s.nvml
+    real = mod.nvmlDeviceGetTotalEnergyConsumption
+    mod.nvmlDeviceGetTotalEnergyConsumption = lambda h: (reads.append(clock.now()), real(h))[1]
+    while not g.tracker.dated or clock.now() - fake.t0 < 1.0:     # lock the phase
+        s.read(clock.now())
+        clock.advance(0.003)
+    planned = clock.now()
+    s._plan_pair(g, planned + 4.0, steady=True)
+    assert g.next_counter_at >= planned + 4.0 + 3.0 - 0.02         # its own wake-up only as a fallback
+    reads.clear()
+    t_end = clock.now() + 8.0
+    while clock.now() < t_end:                                     # cadence reads every 37 ms
+        s.read(clock.now())
+        wish = s.next_read_at(clock.now())
+        step = 0.037 if wish is None else max(0.0005, min(0.037, wish - clock.now()))
+        clock.advance(step)
+    assert 2 <= len(reads) <= 4                                    # one pair, maybe two, in 8 s
+    assert planned + 4.0 <= reads[0] < planned + 4.0 + 3.0 - 0.02  # on a cadence read, before the fallback
+    assert 0.015 <= reads[1] - reads[0] <= 0.017                   # then the second read, 16 ms on

@@ -6,6 +6,7 @@ integrated by the ledger. NVML errors are translated to SensorError here and now
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -40,6 +41,8 @@ MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
 MIG_LAYOUT_TTL_S = 60.0
 PAIR_HALF_GAP_S = 0.008
 PAIR_SHIFT_S = 0.004
+PAIR_MARGIN_S = 0.003         # a pair started on a cadence read keeps the refresh this far inside
+PIGGYBACK_S = 3.0             # how long a steady pair waits for such a read before its own wake-up
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 _AVERAGING_ARCHS = ("ampere", "ada", "hopper", "blackwell")
 
@@ -111,6 +114,7 @@ class _Gpu:
     shape_usage: bool = False    # else nvmlDeviceGetPowerUsage is instantaneous and shapes it
     next_counter_at: float = 0.0  # when the counter is next read (locked phase)
     pair_second: float | None = None  # the second read of a pending pair
+    pair_due: float = math.inf        # from when a steady pair may start on a cadence read
     last_shape_t: float = -1e18
     field_last_us: int = 0              # power-only GPUs: NVML timestamp of the newest field value,
     field_last_t: float | None = None   # its time on our clock...
@@ -298,11 +302,11 @@ class NvmlSensor:
             g.field_next = t + max(MIN_FIELD_PERIOD_S, min(g.field_steps))
         g.field_last_us, g.field_last_t = ts_us, t
 
-    def _read_shape(self, g: _Gpu, now: float, batch: Batch) -> None:
-        # At the sensor's cadence, and at every read while an edge waits; the extra wake-ups
-        # for scheduled counter reads do not need another power sample.
+    def _read_shape(self, g: _Gpu, now: float, batch: Batch) -> bool:
+        """Read instant power at the sensor's cadence, and at every read while an edge waits
+        (the extra wake-ups for scheduled counter reads need no power sample). True: read."""
         if not self._edges_pending and now - g.last_shape_t < 0.8 * self.period_s:
-            return
+            return False
         g.last_shape_t = now
         if g.instant_ok:
             sample = self._instant_sample(g.handle, now, strict=True)
@@ -310,8 +314,9 @@ class NvmlSensor:
                 batch.readings.append(Reading(g.device.key, sample[1] or now, power_w=sample[0]))
         elif g.shape_usage:
             batch.readings.append(Reading(g.device.key, now, power_w=self.nvml.nvmlDeviceGetPowerUsage(g.handle) / 1000.0))
+        return True
 
-    def _counter_due(self, g: _Gpu, now: float) -> bool:
+    def _counter_due(self, g: _Gpu, now: float, cadence: bool = False) -> bool:
         """Whether to pay for a counter read now. Unshaped GPUs read it every time; shaped ones
         read it while calibrating, else as a pair around a predicted refresh."""
         if not (g.instant_ok or g.shape_usage):
@@ -336,16 +341,30 @@ class NvmlSensor:
             if now + 0.001 < g.pair_second:
                 return False
             g.pair_second = None
-            self._plan_pair(g, now + (0.0 if self._edges_pending else COUNTER_PERIOD_S))
+            if self._edges_pending:
+                self._plan_pair(g, now)
+            else:
+                self._plan_pair(g, now + COUNTER_PERIOD_S, steady=True)
             return True
         if self._edges_pending and g.next_counter_at - now > 0.15:
             self._plan_pair(g, now)
+        elif cadence and now >= g.pair_due:
+            # Between edges a pair may start on a cadence read that falls just before a
+            # predicted refresh: then only its second read needs a wake-up of its own.
+            refresh = tracker.next_refresh_after(now)
+            if refresh is not None and PAIR_MARGIN_S <= refresh - now <= 2 * PAIR_HALF_GAP_S - PAIR_MARGIN_S:
+                g.pair_second = now + 2 * PAIR_HALF_GAP_S
+                return True
         if now + 0.001 < g.next_counter_at:
             return False
         g.pair_second = g.next_counter_at + 2 * PAIR_HALF_GAP_S
         return True
 
-    def _plan_pair(self, g: _Gpu, after: float) -> None:
+    def _plan_pair(self, g: _Gpu, after: float, steady: bool = False) -> None:
+        """Schedule the next pair after ``after``; a steady one may start on a cadence read
+        from then on, and is scheduled on its own PIGGYBACK_S later if none came."""
+        g.pair_due = after if steady else math.inf
+        after += PIGGYBACK_S if steady else 0.0
         refresh = g.tracker.next_refresh_after(after + PAIR_HALF_GAP_S)
         if refresh is None:
             g.next_counter_at = after + COUNTER_PERIOD_S - PAIR_HALF_GAP_S
@@ -361,8 +380,8 @@ class NvmlSensor:
             key = g.device.key
             try:
                 if g.power_mode == "counter":
-                    self._read_shape(g, now, batch)
-                    if self._counter_due(g, now):
+                    cadence = self._read_shape(g, now, batch)
+                    if self._counter_due(g, now, cadence):
                         mj = n.nvmlDeviceGetTotalEnergyConsumption(g.handle)
                         # A read is taken somewhere inside the call (3.5 ms on an H100), and
                         # ``now`` predates it: a change seen here happened before the call ended.
