@@ -11,7 +11,6 @@ import os
 import random
 import re
 from collections import deque
-import socket
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -192,7 +191,7 @@ class NvmlSensor:
                 mode, source = "instant_field", Source.SAMPLED
             else:
                 mode, source = ("average" if self._averages(h, model) else "instant"), Source.SAMPLED
-            labels = {"gpu": str(idx), "uuid": uuids[idx], "model": model, "hostname": socket.gethostname()}
+            labels = {"gpu": str(idx), "uuid": uuids[idx], "model": model, "hostname": os.uname().nodename}
             if mig:
                 labels["mig"] = mig
             dev = Device(key=f"gpu{idx}", component=Component.GPU, source=source, labels=labels,
