@@ -240,3 +240,26 @@ def test_process_scope_is_preferred_for_job_energy():
     r = w.result()
     assert math.isclose(r.component_energy_j("cpu"), 25.0)
     assert math.isclose(r.component_energy_j("cpu", "host"), 100.0)
+
+
+def test_discovery_pauses_the_cyclic_collector_and_restores_it():
+    import gc
+
+    from wattmeter.discovery import SensorPlan, discover
+
+    assert gc.isenabled()
+    seen = []
+    import wattmeter.discovery as d
+    real = d._discover
+    d._discover = lambda plan: (seen.append(gc.isenabled()), real(plan))[1]
+    try:
+        discover(SensorPlan(fake_gpus=1, cpu="none", ram="none"))
+    finally:
+        d._discover = real
+    assert seen == [False] and gc.isenabled()
+    gc.disable()
+    try:
+        discover(SensorPlan(fake_gpus=1, cpu="none", ram="none"))
+        assert not gc.isenabled()          # a caller's choice is kept
+    finally:
+        gc.enable()
