@@ -76,8 +76,8 @@ def test_counter_that_changes_on_every_read_is_stamped_at_the_read():
 def test_unchanged_value_returns_none_and_uncertainty_shrinks():
     tracker = RefreshTracker()
     assert tracker.observe(0.0, 5.0) is None      # the first value is as of an unknown refresh
-    assert tracker.observe(0.05, 5.0) is None
-    assert 0.05 < tracker.observe(0.12, 6.0) <= 0.12
+    assert tracker.observe(0.11, 5.0) is None
+    assert 0.11 < tracker.observe(0.12, 6.0) <= 0.12
     assert tracker.uncertainty_s > 0.01
     t, v = 0.12, 6.0
     while t < 0.8:
@@ -133,3 +133,24 @@ def test_a_conflicting_bracket_resyncs_near_the_old_phase_instead_of_its_own_cen
     assert abs(est - truth) < 0.004                      # not the middle of the 88 ms bracket
     nxt = tracker.next_refresh_after(truth + 0.01)       # and the phase is still roughly known
     assert abs(nxt - (truth + 0.1)) < 0.015
+
+
+def test_a_first_change_seen_after_a_long_stall_is_left_undated():
+    # The reader was held up for 150 ms right after start: the refresh could be anywhere in the
+    # last 100 ms. The next change, seen by reads 3 ms apart, dates the counter instead.
+    tracker = RefreshTracker(period_s=0.1)
+    phase = 0.0123
+    value = lambda t: float((t - phase) // 0.1)
+    assert tracker.observe(0.0, value(0.0)) is None
+    assert tracker.observe(0.15, value(0.15)) is None and not tracker.dated
+    t, est = 0.15, None
+    while est is None:
+        t += 0.003
+        est = tracker.observe(t, value(t))
+    assert tracker.dated and abs(est - (phase + 0.2)) <= 0.003
+
+
+def test_a_counter_read_only_slowly_is_still_dated_after_a_few_changes():
+    tracker = RefreshTracker(period_s=0.1)
+    dated = [tracker.observe(t * 0.1 + 0.05, float(t)) for t in range(8)]
+    assert [d is None for d in dated[:4]] == [True] * 4 and dated[4] is not None

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 Arc = tuple[float, float]   # (start phase in [0, period), length in [0, period])
 RESYNC_SLACK_S = 0.008      # after a conflict, phases this far beyond the allowances stay possible
+FIRST_BRACKET_S = 0.02      # the first dated change needs a bracket this narrow...
+MAX_WIDE_SKIPS = 3          # ...unless this many changes have come in wider ones
 
 
 def _pieces(arcs: list[Arc], period: float) -> list[tuple[float, float]]:
@@ -71,6 +73,7 @@ class RefreshTracker:
     _fast_changes: int = 0             # consecutive fast reads that all saw a change
     dated: bool = False                # some value has been dated (the first change was seen)
     _uncertainty: float = 0.1          # cached: read on every sampler wake-up
+    _wide_skips: int = 0               # first changes left undated for a wide bracket
     _jitter: float = -1.0              # the allowances in use (grow to jitter_s and
     _drift: float = -1.0               # drift_per_period when brackets conflict)
 
@@ -90,6 +93,13 @@ class RefreshTracker:
         prev = self._prev_read if self._prev_read is not None else read_t - p
         self._last_value, self._prev_read = value, read_t
         read_t = max(read_t, end_t if end_t is not None else read_t)
+        if not self._arcs and read_t - prev > FIRST_BRACKET_S and self._wide_skips < MAX_WIDE_SKIPS:
+            # No phase known yet and a wide bracket (a reader held up past a refresh right
+            # after start): dating this value is a guess anywhere in the last period, up to
+            # 100 ms off. Leave it undated, as the very first value; the next change is seen
+            # by reads a few ms apart.
+            self._wide_skips += 1
+            return None
         self.dated = True
         # Several changes in a row on reads much closer than a period: the counter refreshes
         # at least as often as we read it, so the value is current.
