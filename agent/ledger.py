@@ -509,7 +509,7 @@ def _partial_box_correction(pts: list[tuple[float, float]], a: float, b: float) 
     if a > t_k - box and (e := step_share(k, a)) is not None:
         fix += (w_k * box - e) - w_k * (t_k - a)
     t_m, w_m = pts[m]
-    if b > t_m - box and abs(t_m - pts[m - 1][0] - box) <= 0.1 * box and (e := step_share(m, b)) is not None:
+    if b > t_m - box and (e := step_share(m, b)) is not None:
         fix += e - w_m * (b - (t_m - box))
     return fix
 

@@ -74,8 +74,14 @@ class RefreshTracker:
     dated: bool = False                # some value has been dated (the first change was seen)
     _uncertainty: float = 0.1          # cached: read on every sampler wake-up
     _wide_skips: int = 0               # first changes left undated for a wide bracket
-    _jitter: float = -1.0              # the allowances in use (grow to jitter_s and
-    _drift: float = -1.0               # drift_per_period when brackets conflict)
+    _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
+    _drift: float = field(init=False)   # drift_per_period when brackets conflict)
+
+    def __post_init__(self) -> None:
+        # A full allowance on a counter that keeps time leaves the centre of the allowed phases
+        # off by up to half a read gap, so start small (see observe).
+        self._jitter = min(self.min_jitter_s, self.jitter_s)
+        self._drift = min(self.min_drift_per_period, self.drift_per_period)
 
     def observe(self, read_t: float, value: float, end_t: float | None = None) -> float | None:
         """Feed one read, taken between ``read_t`` and ``end_t`` (when the call returned).
@@ -109,12 +115,8 @@ class RefreshTracker:
             self._measure()
             return read_t
         lo, hi = max(prev, read_t - p), read_t
-        # Every bracket is widened by the jitter allowance. A full allowance on a counter that
-        # keeps time leaves the centre of the allowed phases off by up to half a read gap, so
-        # start small and grow it only when brackets conflict (a jittery refresh, as on an H100).
-        if self._jitter < 0:
-            self._jitter = min(self.min_jitter_s, self.jitter_s)
-            self._drift = min(self.min_drift_per_period, self.drift_per_period)
+        # Every bracket is widened by the jitter allowance, which grows only when brackets
+        # conflict (a jittery refresh, as on an H100).
         j = self._jitter
         bracket: Arc = ((lo - j) % p, min(p, hi - lo + 2 * j))
         arcs = self._widened(read_t)
@@ -123,15 +125,17 @@ class RefreshTracker:
             # A conflict: this clock jitters or drifts. Take the full allowances from now on,
             # and re-sync near the old estimate (it lagged a drifting clock by a few ms)
             # rather than from this bracket alone, which may be a whole period wide.
-            self._jitter, self._drift = j, _ = self.jitter_s, self.drift_per_period
+            self._jitter, self._drift = self.jitter_s, self.drift_per_period
+            j = self._jitter
             bracket = ((lo - j) % p, min(p, hi - lo + 2 * j))
             narrowed = _intersect(self._widened(read_t, extra=j + RESYNC_SLACK_S), bracket, p)
-        old = self._arcs
+        # Lost the lock (arcs but no overlap even so): the old estimate still dates this value best.
+        dating = self._arcs if arcs and not narrowed else narrowed or [bracket]
         self._arcs = narrowed or [bracket]
         self._arcs_t = read_t
         self._measure()
-        start, length = max(old if arcs and not narrowed else self._arcs, key=lambda a: a[1])
-        phase = start + 0.5 * length    # lost the lock: the old estimate still dates this value best
+        start, length = max(dating, key=lambda a: a[1])
+        phase = start + 0.5 * length
         # The value is the latest refresh before the read: the predicted instance at or before
         # ``hi`` (a bracket a whole period wide holds the phase twice), unless that one lies
         # well before ``lo``, when the refresh came a little earlier than the next instance.
@@ -164,6 +168,5 @@ class RefreshTracker:
     def _widened(self, now: float, extra: float = 0.0) -> list[Arc]:
         p = self.period_s
         periods = max(1.0, (now - self._arcs_t) / p)
-        drift = self._drift if self._drift >= 0 else self.drift_per_period
-        grow = min(0.5 * p, drift * p * periods + extra)
+        grow = min(0.5 * p, self._drift * p * periods + extra)
         return _arcs(_pieces([((s - grow) % p, min(p, n + 2 * grow)) for s, n in self._arcs], p), p)
