@@ -45,8 +45,8 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
     nvml = None
     scenario_path = plan.fake_scenario or os.environ.get("WATTMETER_FAKE_NVML") or None
     if scenario_path or plan.fake_gpus:
-        from .sensors import fake_nvml
-        from .sensors.scenario import Scenario, load_scenario
+        from .sim import fake_nvml
+        from .sim.scenario import Scenario, load_scenario
 
         scenario = load_scenario(scenario_path) if scenario_path else Scenario.default(int(plan.fake_gpus or 1))
         out.fake = fake_nvml.FakeNVML(scenario, plan.clock or SystemClock())

@@ -6,7 +6,7 @@
     python bench/bench_core.py --real --out real.json     # on a GPU host: overhead, latency, start-up, memory
     python bench/bench_core.py --attach-real real.json    # fold that real-GPU result into core.json
 
-Every GPU figure comes from the fake NVML (wattmeter.sensors.fake_nvml) installed as
+Every GPU figure comes from the fake NVML (wattmeter.sim.fake_nvml) installed as
 ``sys.modules["pynvml"]``, so wattmeter, Zeus and CodeCarbon read the same simulated GPUs and
 are scored against the same ground truth, ``fake.true_energy_j(i, t0, t1)``, over the user's true
 window: from just before the start call to just after the stop call (wall-clock time, the fake's
@@ -35,7 +35,7 @@ HERE = os.path.abspath(__file__)
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 # -- the traces -------------------------------------------------------------------------------------
-# GPU 0: the bundled "bursty" square wave (agent/scenarios/bursty.toml): 150 ms at 650 W, 250 ms at 90 W.
+# GPU 0: the bundled "bursty" square wave (agent/sim/scenarios/bursty.toml): 150 ms at 650 W, 250 ms at 90 W.
 BURSTY = {"kind": "square", "high_w": 650.0, "low_w": 90.0, "high_s": 0.150, "low_s": 0.250, "phase_s": 0.0}
 # GPU 1: idle, then a burst. Each job starts 2-40 ms before a rising edge, so the workload's
 # power steps up right after the start call (the realistic launch of a job on an idle GPU).
@@ -273,8 +273,8 @@ def step_model_j(fake, g: int, t0: float, t1: float) -> float | None:
 
 def child_accuracy(a: argparse.Namespace) -> None:
     from wattmeter.clock import SystemClock
-    from wattmeter.sensors import fake_nvml
-    from wattmeter.sensors.scenario import Scenario
+    from wattmeter.sim import fake_nvml
+    from wattmeter.sim.scenario import Scenario
 
     clock = SystemClock()
     scen = Scenario.from_dict(scenario_data(a.scenario), source=f"bench-{a.scenario}")
@@ -344,8 +344,8 @@ def child_accuracy(a: argparse.Namespace) -> None:
 def child_overhead(a: argparse.Namespace) -> None:
     import resource
     from wattmeter.clock import SystemClock
-    from wattmeter.sensors import fake_nvml
-    from wattmeter.sensors.scenario import Scenario
+    from wattmeter.sim import fake_nvml
+    from wattmeter.sim.scenario import Scenario
 
     if a.real:   # the machine's own GPUs through nvidia-ml-py
         import pynvml as mod
@@ -410,8 +410,8 @@ def child_overhead(a: argparse.Namespace) -> None:
 def child_window_latency(a: argparse.Namespace) -> None:
     import gc
     from wattmeter.clock import SystemClock
-    from wattmeter.sensors import fake_nvml
-    from wattmeter.sensors.scenario import Scenario
+    from wattmeter.sim import fake_nvml
+    from wattmeter.sim.scenario import Scenario
 
     if a.real:
         import pynvml as mod
@@ -474,9 +474,9 @@ def child_window_cpu(a: argparse.Namespace) -> None:
     until the edge is pinned. 1 GPU; 20 windows of 50 ms, 250 ms apart, vs the same time idle."""
     from wattmeter.clock import SystemClock
     from wattmeter.meter import Meter
-    from wattmeter.sensors import fake_nvml
+    from wattmeter.sim import fake_nvml
     from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
-    from wattmeter.sensors.scenario import Scenario
+    from wattmeter.sim.scenario import Scenario
     if a.real:
         import pynvml as mod
     else:
@@ -553,8 +553,8 @@ _STATUS = ("def _st():\n"
            "        k, _, v = line.partition(':')\n"
            "        if k in ('VmRSS', 'VmHWM', 'Threads'): o[k] = int(v.split()[0])\n"
            "    return o\n")
-_FAKE = ("from wattmeter.sensors import fake_nvml\n"
-         "from wattmeter.sensors.scenario import load_scenario\n"
+_FAKE = ("from wattmeter.sim import fake_nvml\n"
+         "from wattmeter.sim.scenario import load_scenario\n"
          "fake_nvml.install(fake_nvml.FakeNVML(load_scenario('bursty')))\n")
 STARTUP_SCRIPTS = {
     "bare": _STATUS + "import json, time\ntime.sleep(0.3)\nprint(json.dumps({'status': _st()}))\n",
@@ -580,7 +580,7 @@ STARTUP_SCRIPTS = {
     # The same, with the fake NVML's own modules imported before the clock starts (a real GPU
     # machine imports pynvml instead; nvmlInit's own cost there is not simulated).
     "wattmeter-fake-preimported": ("import json, time\n" + _STATUS +
-                  "import wattmeter.sensors.fake_nvml, wattmeter.sensors.scenario, wattmeter.sensors.scenario_loader\n"
+                  "import wattmeter.sim.fake_nvml, wattmeter.sim.scenario, wattmeter.sim.scenario_loader\n"
                   "p = time.perf_counter\nt0 = p()\nimport wattmeter\nfrom wattmeter.meter import Meter\nt1 = p()\n"
                   "m = Meter()\nt2 = p()\nm.start()\nt3 = p()\nw = m.window('first')\nt4 = p()\n"
                   "time.sleep(0.3)\nt5 = p()\nw.end()\nr = w.result()\nt6 = p()\n"

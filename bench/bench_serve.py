@@ -37,9 +37,9 @@ def _rig(n_gpus: int, procs_per_gpu: int, pid_labels: bool):
     from wattmeter.attribution import AttributionConfig, Attributor
     from wattmeter.clock import VirtualClock
     from wattmeter.meter import Meter
-    from wattmeter.sensors.fake_nvml import FakeNVML, build_module
+    from wattmeter.sim.fake_nvml import FakeNVML, build_module
     from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
-    from wattmeter.sensors.scenario import Scenario
+    from wattmeter.sim.scenario import Scenario
 
     if procs_per_gpu:
         gpus = [{"model": H100, "trace": {"kind": "square", "high_w": 650.0, "low_w": 120.0, "high_s": 2.0,

@@ -11,9 +11,9 @@ from wattmeter.clock import VirtualClock
 from wattmeter.ledger import DeviceSnapshot
 from wattmeter.meter import Meter
 from wattmeter.model import Component, Device, ProcessUsage, Source
-from wattmeter.sensors.fake_nvml import FakeNVML, build_module
+from wattmeter.sim.fake_nvml import FakeNVML, build_module
 from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
-from wattmeter.sensors.scenario import Scenario, load_scenario
+from wattmeter.sim.scenario import Scenario, load_scenario
 
 GPU = Device("gpu0", Component.GPU, Source.COUNTER, labels={"gpu": "0", "uuid": "GPU-0", "hostname": "h"})
 

@@ -10,8 +10,8 @@ import pynvml
 import pytest
 
 from wattmeter.clock import VirtualClock
-from wattmeter.sensors.fake_nvml import FakeNVML, install, installed, real_pynvml, uninstall
-from wattmeter.sensors.scenario import Scenario
+from wattmeter.sim.fake_nvml import FakeNVML, install, installed, real_pynvml, uninstall
+from wattmeter.sim.scenario import Scenario
 
 REAL = real_pynvml()
 
@@ -94,7 +94,7 @@ def test_a_jittered_counter_refreshes_off_the_grid_but_in_order_and_the_truth_st
 
 
 def test_counter_jitter_above_half_a_period_is_a_scenario_error():
-    from wattmeter.sensors.scenario_loader import ScenarioError
+    from wattmeter.sim.scenario_loader import ScenarioError
     with pytest.raises(ScenarioError, match="counter_jitter_s"):
         make([gpu(CONST_300, sensor={"counter_refresh_s": 0.1, "counter_jitter_s": 0.08})])
 

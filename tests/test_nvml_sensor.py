@@ -6,9 +6,9 @@ import pytest
 from wattmeter.attribution import AttributionConfig, Attributor, conservation_error
 from wattmeter.clock import VirtualClock
 from wattmeter.meter import Meter
-from wattmeter.sensors.fake_nvml import FakeNVML, build_module
+from wattmeter.sim.fake_nvml import FakeNVML, build_module
 from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
-from wattmeter.sensors.scenario import Scenario, load_scenario
+from wattmeter.sim.scenario import Scenario, load_scenario
 
 H100 = "NVIDIA H100 80GB HBM3"
 

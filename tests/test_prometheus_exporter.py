@@ -16,9 +16,9 @@ from wattmeter.clock import VirtualClock
 from wattmeter.exporters.prometheus import (ExportSources, Health, JobEnergy, build_registry, job_energy)
 from wattmeter.meter import Meter
 from wattmeter.model import Component
-from wattmeter.sensors.fake_nvml import FakeNVML, build_module
+from wattmeter.sim.fake_nvml import FakeNVML, build_module
 from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
-from wattmeter.sensors.scenario import Scenario
+from wattmeter.sim.scenario import Scenario
 
 from scripted import ScriptedSensor, constant
 

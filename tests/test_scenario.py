@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from wattmeter.errors import ScenarioError
-from wattmeter.sensors.scenario import (ConstantTrace, PiecewiseLinearTrace, RampTrace, Scenario, SquareTrace,
+from wattmeter.sim.scenario import (ConstantTrace, PiecewiseLinearTrace, RampTrace, Scenario, SquareTrace,
                                         StepsTrace, _uuid4_text, bundled_scenarios, load_scenario, parse_smi_csv)
 
 SMI_LOG = """timestamp, index, power.draw [W]
@@ -179,7 +179,7 @@ def test_gpu_uuids_read_as_the_uuid_module_prints_them(bits):
 def test_simulated_gpus_start_without_imports_only_other_paths_need():
     # Meter() start latency: uuid (imports platform), statistics and difflib are imported lazily.
     code = ("import sys; before = set(sys.modules)\n"
-            "from wattmeter.sensors import fake_nvml, scenario\n"
+            "from wattmeter.sim import fake_nvml, scenario\n"
             "fake_nvml.build_module(fake_nvml.FakeNVML(scenario.load_scenario('bursty')))\n"
             "print(sorted({'uuid', 'statistics', 'difflib'} & (set(sys.modules) - before)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

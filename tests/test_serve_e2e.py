@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from wattmeter.cli import main
-from wattmeter.sensors.scenario import load_scenario
+from wattmeter.sim.scenario import load_scenario
 
 from e2e_servers import (PROMETHEUS_NAMES, Prometheus, WattmeterServe, http_get, require_binary, wait_until)
 

@@ -22,7 +22,7 @@ __all__ = [
     "load_scenario", "bundled_scenarios", "model_defaults", "ARCHITECTURES", "FAULT_KINDS", "BUNDLED_DIR",
 ]
 
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "scenarios"
+BUNDLED_DIR = Path(__file__).resolve().parent / "scenarios"
 
 # Oldest first: defaults below compare positions in this tuple.
 ARCHITECTURES = ("pascal", "volta", "turing", "ampere", "ga100", "ada", "hopper", "blackwell")
@@ -269,7 +269,7 @@ class Scenario:
 
 
 def bundled_scenarios() -> list[str]:
-    """Names of the scenarios shipped in wattmeter/scenarios (usable as ``load_scenario(name)``)."""
+    """Names of the scenarios shipped in wattmeter/sim/scenarios (usable as ``load_scenario(name)``)."""
     return sorted(p.stem for p in BUNDLED_DIR.glob("*.toml")) + sorted(
         p.stem for p in BUNDLED_DIR.glob("*.json"))
 
