@@ -1,90 +1,209 @@
 """Running a child command under a meter: signals, checkpoints, the final record.
 
-Nothing measured is lost: checkpoint records are appended every ``checkpoint_s``; SIGTERM and
-SIGINT are forwarded to the child and the final record is still written; a child that crashes,
-is killed, or cannot be started still gets a record.
+Nothing measured is lost and the child's exit code always wins:
+- a first checkpoint record comes ``first_checkpoint_s`` after the start, then one every
+  ``checkpoint_s``, so even a SIGKILL of the agent leaves a record of what ran;
+- records go to a ``RunSink`` (``runsink.py``), which never raises: what it cannot write now it
+  retries at each checkpoint and saves to a fallback at the end;
+- SIGINT, SIGTERM and SIGHUP are forwarded to the child, whatever stdin is; at a terminal the
+  child runs in its own process group in the foreground, so Ctrl-C reaches it once, and a
+  ``kill -INT`` of the agent reaches it too;
+- the child dies with the agent (``PR_SET_PDEATHSIG`` on Linux, else a watchdog process), so an
+  agent killed by the OOM killer never leaves an orphan job holding a GPU.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import signal
 import subprocess
 import sys
-import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from .meter import Meter
 from .model import WindowResult
+from .runsink import RunFacts, RunIdentity, RunSink, SinkClose
 from .timeline import Timeline
 from .windows import Window
-from .exporters.records import RecordWriter, RunIdentity, run_record
 
 TIMELINE_PERIOD_S = 1.0
-TIMELINE_LAG_S = 2.5      # the slowest sensor (1 s) has certainly reported by then
+TIMELINE_LAG_S = 2.5      # the slowest sensor (1 s) has certainly reported, and its segment settled
+STALE_S = 10.0            # a device with no history this long after a point is read as extrapolated
+WAIT_POLL_S = 0.1         # how often the child's state is polled
+PR_SET_PDEATHSIG = 1
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass
 class RunOutcome:
     status: str                  # completed | failed | killed | not_found
     exit_code: int
-    result: WindowResult
-    record: dict
+    result: WindowResult         # peak powers from the timeline (the ledger's one E(t))
+    facts: RunFacts
     message: str = ""
+    sink: SinkClose = field(default_factory=SinkClose)
+
+
+def _libc_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()
+
+WATCHDOG = """\
+import os, signal, sys, time
+agent, child, group = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+while True:
+    time.sleep(0.2)
+    try:
+        os.kill(child, 0)
+    except OSError:
+        break                               # the child is gone: nothing to guard
+    if os.getppid() != agent:               # the agent died: we were re-parented
+        try:
+            (os.killpg if group else os.kill)(child, signal.SIGKILL)
+        except OSError:
+            pass
+        break
+"""
+
+
+def start_watchdog(agent_pid: int, child_pid: int, group: bool) -> subprocess.Popen:
+    """A tiny process, child of the agent, that kills the job when the agent disappears.
+    The fallback where PR_SET_PDEATHSIG does not exist."""
+    return subprocess.Popen([sys.executable, "-c", WATCHDOG, str(agent_pid), str(child_pid), "1" if group else "0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            close_fds=True)
+
+
+def _controlling_tty() -> int | None:
+    """A descriptor on our controlling terminal when we are its foreground group, else None."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.tcgetpgrp(fd) == os.getpgrp():
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _set_foreground(tty_fd: int, pgrp: int) -> None:
+    # A background group may take the terminal only with SIGTTOU blocked (as shells do).
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
+    try:
+        os.tcsetpgrp(tty_fd, pgrp)
+    except OSError:
+        pass
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @dataclass
 class JobRunner:
     meter: Meter
     ident: RunIdentity
-    writer: RecordWriter
+    sink: RunSink
     checkpoint_s: float = 30.0
+    first_checkpoint_s: float = 2.0
     kill_grace_s: float = 10.0
     carbon: Any = None                              # CarbonAccountant-like: add_energy/add_device_hours/snapshot
     on_tick: list[Callable[[], None]] = field(default_factory=list)   # e.g. pushgateway pushes
     on_result: list[Callable[[WindowResult], None]] = field(default_factory=list)  # before the last tick
     env: dict[str, str] | None = None
+    child_stdout: int | None = None                 # fd for the child's stdout; None: the agent's
+    die_with_agent: bool = True
 
     def __post_init__(self) -> None:
         self._child: subprocess.Popen | None = None
+        self._watchdog: subprocess.Popen | None = None
         self._signals: list[int] = []
-        self._lock = threading.Lock()
         self._carbon_t: float | None = None
         self._carbon_e = 0.0
+        self._tty: int | None = None
+        self._own_group = False
 
     # -- signals ---------------------------------------------------------------
     def _forward(self, signum: int, _frame: Any) -> None:
         self._signals.append(signum)
         child = self._child
-        if child is None or child.poll() is not None:
+        if child is None or child.returncode is not None:
             return
-        # At a terminal, Ctrl-C already reached the child through the process group.
-        if signum == signal.SIGINT and os.isatty(0):
-            return
+        # Always forwarded: at a terminal the child is in its own foreground group, so a Ctrl-C
+        # reaches only the child and this handler only sees signals sent to the agent itself.
         try:
-            child.send_signal(signum)
+            os.kill(child.pid, signum)
         except ProcessLookupError:
             pass
 
     def _install_signals(self) -> dict[int, Any]:
         old = {}
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in FORWARDED:
             try:
                 old[sig] = signal.signal(sig, self._forward)
             except ValueError:   # not the main thread (tests calling run() from a thread)
                 break
         return old
 
+    # -- the child -------------------------------------------------------------
+    def _preexec(self) -> Callable[[], None] | None:
+        parent = os.getpid()
+        prctl = _PRCTL if self.die_with_agent else None
+        own_group, tty = self._own_group, self._tty
+        if prctl is None and not own_group:
+            return None
+
+        def setup() -> None:   # in the child, between fork and exec: no locks, no allocation-heavy work
+            if own_group:
+                os.setpgid(0, 0)
+                if tty is not None:
+                    _set_foreground(tty, os.getpid())
+            if prctl is not None:
+                prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                if os.getppid() != parent:       # the agent died before the prctl took hold
+                    os._exit(128 + signal.SIGKILL)
+        return setup
+
+    def _spawn(self, cmd: Sequence[str]) -> subprocess.Popen:
+        self._tty = _controlling_tty()
+        self._own_group = self._tty is not None
+        child = subprocess.Popen(list(cmd), env=self.env, stdout=self.child_stdout, preexec_fn=self._preexec())
+        if self._own_group and self._tty is not None:
+            try:
+                os.setpgid(child.pid, child.pid)    # both sides set it: no race with the child's exec
+            except OSError:
+                pass
+            _set_foreground(self._tty, child.pid)
+        if self.die_with_agent and _PRCTL is None:
+            self._watchdog = start_watchdog(os.getpid(), child.pid, self._own_group)
+        return child
+
+    def _release_tty(self) -> None:
+        if self._tty is not None:
+            _set_foreground(self._tty, os.getpgrp())
+            os.close(self._tty)
+            self._tty = None
+
     # -- carbon ------------------------------------------------------------------
-    def _feed_carbon(self, window: Window) -> None:
+    def _feed_carbon(self, partial: WindowResult) -> None:
         """Give the accountant each interval's energy with its own wall times (time-varying intensity)."""
         if self.carbon is None:
             return
-        now_t = self.meter.clock.now()
-        partial = window.partial() if not window.ended else window.result()
         total = partial.total_energy_j
         t0 = self._carbon_t if self._carbon_t is not None else partial.start_t
-        if total > self._carbon_e or now_t > t0:
+        if total > self._carbon_e or partial.end_t > t0:
             self.carbon.add_energy(max(0.0, total - self._carbon_e), self.meter.clock.wall(t0),
                                    self.meter.clock.wall(partial.end_t))
             gpus = sum(1 for d in partial.devices if d.component.value == "gpu")
@@ -100,15 +219,13 @@ class JobRunner:
         meter = self.meter
         meter.start()
         window = meter.window(self.ident.job)
-        t0 = window._start.t  # type: ignore[union-attr]
+        t0 = meter.clock.now()
         timeline = Timeline(t0=t0)
-        self._timeline_t = t0
-        timeline.add(t0, meter.ledger.values_at(t0))
         old = self._install_signals()
         status, code, message = "completed", 0, ""
         try:
             try:
-                self._child = subprocess.Popen(list(cmd), env=self.env)
+                self._child = self._spawn(cmd)
             except FileNotFoundError:
                 status, code, message = "not_found", 127, f"command not found: {cmd[0]}"
             except PermissionError:
@@ -121,37 +238,44 @@ class JobRunner:
                 if code < 0:
                     code = 128 - code
         finally:
+            self._release_tty()
+            if self._watchdog is not None:
+                self._watchdog.kill()
+                self._watchdog.wait()
             window.end()
             result = window.result()
             meter.stop()
-            self._extend_timeline(timeline, result.end_t, final=True)
-            self._feed_carbon(window)
+            timeline = self._final_timeline(timeline, result)
+            result = _with_timeline_peaks(result, timeline)
+            self._feed_carbon(result)
             for done in self.on_result:
                 done(result)
             for hook in self.on_tick:
                 hook()
             for sig, handler in old.items():
                 signal.signal(sig, handler)
-        record = run_record(result, self.ident, status=status, exit_code=code, carbon=self._carbon_record(),
-                            timeline=timeline.to_record(), errors=self._errors())
-        self.writer.write(record)
-        return RunOutcome(status, code, result, record, message)
+        facts = RunFacts(self.ident, status, code, carbon=self._carbon_record(), timeline=timeline.to_record(),
+                         errors=self._errors())
+        self.sink.write(result, facts)
+        return RunOutcome(status, code, result, facts, message, self.sink.close())
 
     def _wait(self, window: Window, timeline: Timeline) -> int:
         child = self._child
         assert child is not None
         clock = self.meter.clock
-        next_checkpoint = clock.now() + self.checkpoint_s
+        start = clock.now()
+        next_checkpoint = start + min(self.first_checkpoint_s, self.checkpoint_s)
+        next_timeline = start + TIMELINE_PERIOD_S
         term_at: float | None = None
         while True:
-            try:
-                rc = child.wait(timeout=TIMELINE_PERIOD_S)
+            rc = self._poll_child(child)
+            if rc is not None:
                 return rc
-            except subprocess.TimeoutExpired:
-                pass
             now = clock.now()
-            self._extend_timeline(timeline, now - TIMELINE_LAG_S)
-            if self._signals and term_at is None and signal.SIGTERM in self._signals:
+            if now >= next_timeline:
+                next_timeline = now + TIMELINE_PERIOD_S
+                self._extend_timeline(timeline, now - TIMELINE_LAG_S, now)
+            if term_at is None and signal.SIGTERM in self._signals:
                 term_at = now
             if term_at is not None and now - term_at > self.kill_grace_s:
                 child.kill()       # the child ignored SIGTERM past the grace period
@@ -159,27 +283,85 @@ class JobRunner:
                 next_checkpoint = now + self.checkpoint_s
                 self._checkpoint(window, timeline)
 
-    def _extend_timeline(self, timeline: Timeline, until: float, final: bool = False) -> None:
-        """Timeline points each TIMELINE_PERIOD_S, read from the ledger's history once the
-        sampler has covered them (so slow sensors do not show as spikes)."""
-        while self._timeline_t + TIMELINE_PERIOD_S <= until:
-            self._timeline_t += TIMELINE_PERIOD_S
-            timeline.add(self._timeline_t, self.meter.ledger.values_at(self._timeline_t))
-        if final and until > self._timeline_t:
-            self._timeline_t = until
-            timeline.add(until, self.meter.ledger.values_at(until))
+    def _poll_child(self, child: subprocess.Popen) -> int | None:
+        """The child's exit status, or None while it runs. At a terminal a stopped child (Ctrl-Z)
+        stops the agent too, as a shell job would, and both resume together on `fg`."""
+        if not self._own_group:
+            try:
+                return child.wait(timeout=WAIT_POLL_S)
+            except subprocess.TimeoutExpired:
+                return None
+        try:
+            pid, st = os.waitpid(child.pid, os.WNOHANG | os.WUNTRACED)
+        except ChildProcessError:
+            return child.wait()
+        if pid == 0:
+            time.sleep(WAIT_POLL_S)
+            return None
+        if os.WIFSTOPPED(st):
+            if self._tty is not None:
+                _set_foreground(self._tty, os.getpgrp())
+            os.kill(os.getpid(), signal.SIGSTOP)          # the shell sees the job stopped
+            if self._tty is not None:                     # ...and on `fg` we are back here
+                _set_foreground(self._tty, child.pid)
+            os.killpg(child.pid, signal.SIGCONT)
+            return None
+        child.returncode = os.waitstatus_to_exitcode(st)
+        return child.returncode
+
+    # -- timeline ------------------------------------------------------------------
+    def _extend_timeline(self, timeline: Timeline, until: float, now: float) -> None:
+        """Spans of TIMELINE_PERIOD_S up to ``until``, from the ledger's settled history. A device
+        whose history does not reach a span yet holds the timeline back (never a made-up 0 W),
+        unless it has been silent for STALE_S; the final timeline fills in the rest."""
+        ledger = self.meter.ledger
+        keys = [d.key for d in ledger.devices]
+        while timeline.last_t + TIMELINE_PERIOD_S <= until:
+            a = timeline.last_t
+            b = a + TIMELINE_PERIOD_S
+            spans: dict[str, float] = {}
+            for k in keys:
+                e = ledger.energy_between(k, a, b)
+                if e is None:
+                    if now - b < STALE_S:
+                        return
+                    e = 0.0
+                spans[k] = e
+            timeline.add_span(b, spans)
+
+    def _final_timeline(self, timeline: Timeline, result: WindowResult) -> Timeline:
+        """Complete the timeline to the window's end from the final E(t), then anchor it to the
+        window's energies so it integrates to what the record says."""
+        ledger = self.meter.ledger
+        end = result.end_t
+        while timeline.last_t < end - 1e-9:
+            a = timeline.last_t
+            b = min(end, a + TIMELINE_PERIOD_S)
+            if end - b < 0.5 * TIMELINE_PERIOD_S:
+                b = end                            # no sliver of a span at the end
+            va, vb = ledger.values_at(a), ledger.values_at(b)
+            timeline.add_span(b, {k: max(0.0, vb[k] - va.get(k, vb[k])) for k in vb})
+        timeline.finish({d.key: d.energy_j for d in result.devices})
+        return timeline
 
     def _checkpoint(self, window: Window, timeline: Timeline) -> None:
-        self._feed_carbon(window)
         partial = window.partial()
-        record = run_record(partial, self.ident, status="running", exit_code=None, checkpoint=True,
-                            carbon=self._carbon_record(), timeline=timeline.to_record(), errors=self._errors())
-        try:
-            self.writer.write(record, final=False)
-        except OSError as exc:   # a full disk must not kill the job; the final write will retry
-            sys.stderr.write(f"wattmeter: warning: checkpoint not written: {exc}\n")
+        self._feed_carbon(partial)
+        facts = RunFacts(self.ident, "running", None, checkpoint=True, carbon=self._carbon_record(),
+                         timeline=timeline.to_record(), errors=self._errors())
+        self.sink.write(partial, facts)     # never raises; a failed record is kept and retried
         for hook in self.on_tick:
             hook()
 
     def _errors(self) -> dict[str, int]:
         return {f"{name}:{kind}": n for name, st in self.meter.status.items() for kind, n in st.errors.items()}
+
+
+def _with_timeline_peaks(result: WindowResult, timeline: Timeline) -> WindowResult:
+    """Peak power from the same E(t) as the energy: the highest ~1 s mean power of the timeline,
+    never below the average (a run shorter than a span has only its average)."""
+    devices = []
+    for d in result.devices:
+        peak = timeline.peak_w(d.key)
+        devices.append(replace(d, peak_power_w=max(d.avg_power_w, peak if peak is not None else 0.0)))
+    return replace(result, devices=tuple(devices))
