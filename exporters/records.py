@@ -210,8 +210,10 @@ class RecordSink:
 
     def __init__(self, jsonl_path: str | None, csv_path: str | None = None, *,
                  env: Mapping[str, str] | None = None, stderr_fd: int = 2,
-                 fifo_timeout_s: float = FIFO_TIMEOUT_S) -> None:
+                 fifo_timeout_s: float = FIFO_TIMEOUT_S,
+                 append: Callable[..., None] = append_line) -> None:
         self.jsonl_path = jsonl_path
+        self._append = append            # injected in tests (an I/O error on demand)
         self.csv_path = csv_path
         self.env = dict(os.environ if env is None else env)
         self.stderr_fd = stderr_fd
@@ -247,7 +249,7 @@ class RecordSink:
         for target, record in self._pending:
             try:
                 if target == "jsonl":
-                    append_line(self.jsonl_path, json_line(record), fifo_timeout_s=self.fifo_timeout_s)  # type: ignore[arg-type]
+                    self._append(self.jsonl_path, json_line(record), fifo_timeout_s=self.fifo_timeout_s)
                 else:
                     self._append_csv(record)
             except (OSError, ValueError) as exc:
@@ -267,7 +269,7 @@ class RecordSink:
         if empty:
             writer.writeheader()
         writer.writerow(csv_row(record))
-        append_line(self.csv_path, buf.getvalue(), fifo_timeout_s=self.fifo_timeout_s)
+        self._append(self.csv_path, buf.getvalue(), fifo_timeout_s=self.fifo_timeout_s)
 
     def close(self) -> SinkClose:
         with self._lock:
