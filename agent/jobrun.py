@@ -359,9 +359,16 @@ class JobRunner:
 
 def _with_timeline_peaks(result: WindowResult, timeline: Timeline) -> WindowResult:
     """Peak power from the same E(t) as the energy: the highest ~1 s mean power of the timeline,
-    never below the average (a run shorter than a span has only its average)."""
+    capped by the highest power the ledger holds for the window (sensor values, or counter slopes
+    over at least 1 s), so a lumpy stretch of interpolation is never reported as a peak; never
+    below the average. A run too short for a full span keeps the ledger's figure."""
     devices = []
     for d in result.devices:
         peak = timeline.peak_w(d.key)
-        devices.append(replace(d, peak_power_w=max(d.avg_power_w, peak if peak is not None else 0.0)))
+        cap = d.peak_power_w
+        if peak is None:
+            peak = cap if cap is not None else d.avg_power_w
+        elif cap is not None:
+            peak = min(peak, cap)
+        devices.append(replace(d, peak_power_w=max(d.avg_power_w, peak)))
     return replace(result, devices=tuple(devices))
