@@ -45,6 +45,7 @@ class RunOutcome:
     facts: RunFacts
     message: str = ""
     sink: SinkClose = field(default_factory=SinkClose)
+    hook_errors: list[str] = field(default_factory=list)   # failed pushes etc., each said once
 
 
 def _libc_prctl() -> Callable[..., int] | None:
@@ -134,6 +135,17 @@ class JobRunner:
         self._carbon_e = 0.0
         self._tty: int | None = None
         self._own_group = False
+        self._hook_errors: dict[str, str] = {}
+        self.child_exit_code: int | None = None      # set as soon as the child is reaped
+
+    def _call(self, hook: Callable[..., None], *args: Any) -> None:
+        """Run an on_tick/on_result hook (a Pushgateway push...): its failure is reported once at
+        the end, and never stops the run, the records or the exit code."""
+        try:
+            hook(*args)
+        except Exception as exc:   # noqa: BLE001 - any hook failure must not cost the job's outcome
+            what = f"{type(exc).__name__}: {exc}"
+            self._hook_errors.setdefault(what, f"an exporter hook failed ({what}); the run went on")
 
     # -- signals ---------------------------------------------------------------
     def _forward(self, signum: int, _frame: Any) -> None:
@@ -234,6 +246,7 @@ class JobRunner:
                 status, code, message = "not_found", 126, f"cannot run {cmd[0]}: {exc.strerror or exc}"
             if self._child is not None:
                 code = self._wait(window, timeline)
+                self.child_exit_code = 128 - code if code < 0 else code
                 status = "completed" if code == 0 else ("killed" if code < 0 else "failed")
                 if code < 0:
                     code = 128 - code
@@ -249,15 +262,15 @@ class JobRunner:
             result = _with_timeline_peaks(result, timeline)
             self._feed_carbon(result)
             for done in self.on_result:
-                done(result)
+                self._call(done, result)
             for hook in self.on_tick:
-                hook()
+                self._call(hook)
             for sig, handler in old.items():
                 signal.signal(sig, handler)
         facts = RunFacts(self.ident, status, code, carbon=self._carbon_record(), timeline=timeline.to_record(),
                          errors=self._errors())
         self.sink.write(result, facts)
-        return RunOutcome(status, code, result, facts, message, self.sink.close())
+        return RunOutcome(status, code, result, facts, message, self.sink.close(), list(self._hook_errors.values()))
 
     def _wait(self, window: Window, timeline: Timeline) -> int:
         child = self._child
@@ -351,7 +364,7 @@ class JobRunner:
                          timeline=timeline.to_record(), errors=self._errors())
         self.sink.write(partial, facts)     # never raises; a failed record is kept and retried
         for hook in self.on_tick:
-            hook()
+            self._call(hook)
 
     def _errors(self) -> dict[str, int]:
         return {f"{name}:{kind}": n for name, st in self.meter.status.items() for kind, n in st.errors.items()}

@@ -13,6 +13,7 @@ import csv
 import errno
 import io
 import json
+import math
 import os
 import select
 import stat
@@ -119,8 +120,23 @@ def csv_row(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def json_line(record: Mapping[str, Any]) -> str:
-    return json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+    """One JSONL line. A non-finite number (a broken sensor) becomes null rather than costing the
+    record: strict JSON readers would reject NaN, and a raise here would lose the line."""
+    try:
+        return json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+    except ValueError:
+        return json.dumps(_finite(record), separators=(",", ":"), allow_nan=False) + "\n"
 
 
 # -- writing one line -------------------------------------------------------------

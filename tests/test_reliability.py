@@ -531,6 +531,50 @@ def test_plain_json_flag_still_means_stdout(tmp_path):
     assert json.loads(p.stdout)["status"] == "completed"
 
 
+# -- exporters and values that fail ----------------------------------------------------------
+@case("A Pushgateway push (any exporter hook) raises at every tick and at the end",
+      records="checkpoints and the final record", exit_code="the child's (3)", energy="kept",
+      metrics="one warning, however many pushes failed")
+def test_failing_exporter_hooks_never_cost_the_run(tmp_path):
+    from wattmeter.discovery import SensorPlan, discover
+    from wattmeter.jobrun import JobRunner
+    from wattmeter.meter import Meter
+    from wattmeter.runsink import RunIdentity
+
+    calls = []
+
+    def push(*_args) -> None:
+        calls.append(1)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    found = discover(SensorPlan(fake_gpus=1, cpu="none", ram="none"))
+    meter = Meter(found.sensors)
+    sink = RecordSink(str(tmp_path / "r.jsonl"), env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    runner = JobRunner(meter, RunIdentity("r1", "job", "h", "python"), sink, first_checkpoint_s=0.3,
+                       checkpoint_s=0.3, on_tick=[push], on_result=[push])
+    try:
+        outcome = runner.run([sys.executable, "-c", "import time; time.sleep(1.5); raise SystemExit(3)"])
+    finally:
+        meter.close()
+    assert outcome.exit_code == 3 and len(calls) >= 3
+    assert outcome.hook_errors == ["an exporter hook failed (ConnectionRefusedError: [Errno 111] Connection "
+                                   "refused); the run went on"]
+    recs = lines(tmp_path / "r.jsonl")
+    assert recs[-1]["exit_code"] == 3 and recs[-1]["energy_j"]["gpu"] > 0
+    assert any(r["checkpoint"] for r in recs[:-1])
+
+
+@case("A non-finite value (NaN, inf) reaches a record", records="written, the value as null",
+      exit_code="-", energy="every finite figure kept")
+def test_non_finite_values_become_null_not_a_lost_record(tmp_path):
+    sink = RecordSink(str(tmp_path / "r.jsonl"), env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    sink.write_record({"run_id": "r1", "checkpoint": False, "energy_j": {"gpu": 5.0, "cpu": float("nan")},
+                       "joules_per_token": float("inf")})
+    assert sink.close().warning is None
+    assert lines(tmp_path / "r.jsonl") == [{"run_id": "r1", "checkpoint": False,
+                                            "energy_j": {"gpu": 5.0, "cpu": None}, "joules_per_token": None}]
+
+
 # -- the doc is generated from CASES ------------------------------------------------------------
 def render_table() -> str:
     rows = ["| Case | Test | Record | Exit code | Energy | Metrics, messages |", "|---|---|---|---|---|---|"]

@@ -124,12 +124,23 @@ def run_command(args: argparse.Namespace) -> int:
         runner.on_tick.append(exporter.tick)
     try:
         outcome = runner.run(cmd)
+    except Exception as exc:   # noqa: BLE001 - after the child ran, its exit code still wins
+        if runner.child_exit_code is None:
+            raise
+        _say(2, f"wattmeter: error: the job ended (exit {runner.child_exit_code}) but its record failed: "
+                f"{type(exc).__name__}: {exc}\n")
+        return runner.child_exit_code
     finally:
-        if exporter is not None:
-            exporter.close()
+        try:
+            if exporter is not None:
+                exporter.close()
+        except Exception as exc:   # noqa: BLE001
+            _say(2, f"wattmeter: warning: exporter: {type(exc).__name__}: {exc}\n")
         meter.close()
     if outcome.message:
         _say(2, f"wattmeter: error: {outcome.message}\n")
+    for problem in outcome.hook_errors:
+        _say(2, f"wattmeter: warning: {problem}\n")
     if outcome.sink.warning:
         _say(2, f"wattmeter: warning: {outcome.sink.warning}\n")
     if json_to is not None:
