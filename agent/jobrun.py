@@ -30,8 +30,12 @@ from .timeline import Timeline
 from .windows import Window
 
 TIMELINE_PERIOD_S = 1.0
-TIMELINE_LAG_S = 2.5      # the slowest sensor (1 s) has certainly reported, and its segment settled
-STALE_S = 10.0            # a device with no history this long after a point is read as extrapolated
+# The timeline is read from the ledger's history, which changes until a counter segment's
+# neighbours are known (a few seconds) and is kept for a few minutes only (a ring). Spans older
+# than TIMELINE_LAG_S are taken during the run, settled and still held; the rest, at the end,
+# from the final E(t). So a run up to TIMELINE_LAG_S long is read entirely at its end.
+TIMELINE_LAG_S = 30.0
+STALE_S = 10.0            # a device with no history this long after a span reads 0 W there
 WAIT_POLL_S = 0.1         # how often the child's state is polled
 PR_SET_PDEATHSIG = 1
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from wattmeter.discovery import SensorPlan, discover
+from wattmeter import jobrun
 from wattmeter.jobrun import JobRunner
 from wattmeter.meter import Meter
 from wattmeter.model import WindowResult
@@ -61,8 +62,12 @@ def _spans(timeline: dict, key: str) -> list[tuple[float, float]]:
     return out
 
 
-@pytest.mark.parametrize("scenario,high_w", [("bursty.toml", 650.0), ("h100x2.toml", 700.0)])
-def test_timeline_integrates_to_the_energy_and_peak_is_bounded(scenario, high_w):
+@pytest.mark.parametrize("scenario,high_w,lag_s", [("bursty.toml", 650.0, 30.0), ("h100x2.toml", 700.0, 30.0),
+                                                   ("bursty.toml", 650.0, 2.0)],
+                         ids=["bursty-read-at-end", "h100x2-read-at-end", "bursty-read-during-run"])
+def test_timeline_integrates_to_the_energy_and_peak_is_bounded(scenario, high_w, lag_s, monkeypatch):
+    # lag_s 2: most spans are read during the run, as on a run longer than TIMELINE_LAG_S.
+    monkeypatch.setattr(jobrun, "TIMELINE_LAG_S", lag_s)
     outcome, sink = _run(SensorPlan(fake_scenario=str(SCENARIOS / scenario), cpu="none", ram="none"), 5.0)
     assert outcome.exit_code == 0
     timeline = outcome.facts.timeline
