@@ -504,6 +504,43 @@ def test_ctrl_c_at_the_terminal_reaches_the_child_once(tmp_path):
     assert r["exit_code"] == 130
 
 
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def _until(cond: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@case("Ctrl-Z at the terminal, then `fg`", records="final record", exit_code="the child's (130)",
+      energy="kept", metrics="child and agent stop together and resume together")
+def test_ctrl_z_stops_child_and_agent_together(tmp_path):
+    rec = tmp_path / "r.jsonl"
+    proc, master, marks, pidfile = _agent_on_a_pty(tmp_path, rec)
+    child_pid = int(pidfile.read_text())
+    try:
+        os.write(master, b"\x1a")
+        assert _until(lambda: _state(child_pid) == "T" and _state(proc.pid) == "T"), \
+            (_state(child_pid), _state(proc.pid))
+        os.kill(proc.pid, signal.SIGCONT)                 # what `fg` does for the agent's group
+        assert _until(lambda: _state(child_pid) != "T" and _state(proc.pid) != "T")
+        os.write(master, b"\x03")
+        assert proc.wait(timeout=30) == 130
+    finally:
+        os.close(master)
+    assert marks.read_text() == "int\n"
+    [r] = lines(rec)
+    assert r["exit_code"] == 130 and r["energy_j"]["gpu"] > 0
+
+
 # -- --json ---------------------------------------------------------------------------------
 @case("`run --json - -- CMD | jq` with a child that prints to stdout", records="final record; stdout holds "
       "only it", exit_code="the child's (3)", energy="kept", metrics="the child's stdout goes to stderr")
