@@ -5,9 +5,11 @@ Nothing measured is lost and the child's exit code always wins:
   ``checkpoint_s``, so even a SIGKILL of the agent leaves a record of what ran;
 - records go to a ``RunSink`` (``runsink.py``), which never raises: what it cannot write now it
   retries at each checkpoint and saves to a fallback at the end;
-- SIGINT, SIGTERM and SIGHUP are forwarded to the child, whatever stdin is; at a terminal the
-  child runs in its own process group in the foreground, so Ctrl-C reaches it once, and a
-  ``kill -INT`` of the agent reaches it too;
+- SIGINT, SIGTERM and SIGHUP sent to the agent are forwarded to the child, whatever stdin is.
+  The child stays in the agent's process group (the shell's job, so Ctrl-Z and `fg` just work).
+  On Linux the signals are taken synchronously with their sender's details: one the terminal
+  sent (Ctrl-C, a hangup) went to the whole foreground group, the child included, so it is not
+  sent twice; one sent with kill(2) is forwarded;
 - the child dies with the agent (``PR_SET_PDEATHSIG`` on Linux, else a watchdog process), so an
   agent killed by the OOM killer never leaves an orphan job holding a GPU.
 """
@@ -38,6 +40,9 @@ STALE_S = 10.0            # a device with no history this long after a span read
 WAIT_POLL_S = 0.1         # how often the child's state is polled
 PR_SET_PDEATHSIG = 1
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+SI_KERNEL = 0x80          # si_code of a signal the kernel sent (a terminal's Ctrl-C or hangup)
+# Linux: signals are blocked and taken with sigtimedwait, which says who sent them.
+SIGWAIT = sys.platform.startswith("linux")
 
 
 @dataclass
@@ -89,30 +94,26 @@ def start_watchdog(agent_pid: int, child_pid: int, group: bool) -> subprocess.Po
                             close_fds=True)
 
 
-def _controlling_tty() -> int | None:
-    """A descriptor on our controlling terminal when we are its foreground group, else None."""
+def _foreground_at_terminal() -> bool:
+    """Whether we are in the foreground group of a controlling terminal (fallback path only)."""
     try:
-        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError:
-        return None
+        return False
     try:
-        if os.tcgetpgrp(fd) == os.getpgrp():
-            return fd
+        return os.tcgetpgrp(fd) == os.getpgrp()
     except OSError:
-        pass
-    os.close(fd)
-    return None
-
-
-def _set_foreground(tty_fd: int, pgrp: int) -> None:
-    # A background group may take the terminal only with SIGTTOU blocked (as shells do).
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTTOU})
-    try:
-        os.tcsetpgrp(tty_fd, pgrp)
-    except OSError:
-        pass
+        return False
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        os.close(fd)
+
+
+def hold_signals() -> None:
+    """Block the forwarded signals in the calling thread. The composition root calls this before
+    any other thread starts, so every thread inherits it and ``JobRunner`` takes each signal
+    itself, with its sender's details (``sigtimedwait``). No-op where that is not available."""
+    if SIGWAIT:
+        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
 
 
 @dataclass
@@ -136,8 +137,6 @@ class JobRunner:
         self._signals: list[int] = []
         self._carbon_t: float | None = None
         self._carbon_e = 0.0
-        self._tty: int | None = None
-        self._own_group = False
         self._hook_errors: dict[str, str] = {}
         self.child_exit_code: int | None = None      # set as soon as the child is reaped
 
@@ -151,65 +150,71 @@ class JobRunner:
             self._hook_errors.setdefault(what, f"an exporter hook failed ({what}); the run went on")
 
     # -- signals ---------------------------------------------------------------
-    def _forward(self, signum: int, _frame: Any) -> None:
+    def _on_signal(self, signum: int, from_terminal: bool) -> None:
         self._signals.append(signum)
         child = self._child
         if child is None or child.returncode is not None:
             return
-        # Always forwarded: at a terminal the child is in its own foreground group, so a Ctrl-C
-        # reaches only the child and this handler only sees signals sent to the agent itself.
+        if from_terminal:
+            return      # the terminal signalled the whole foreground group: the child has it already
         try:
             os.kill(child.pid, signum)
         except ProcessLookupError:
             pass
 
-    def _install_signals(self) -> dict[int, Any]:
+    def _handler(self, signum: int, _frame: Any) -> None:
+        """Where signals are not taken synchronously (or reach a thread that did not block them):
+        the sender is unknown, so a SIGINT while we own the terminal's foreground is taken to be
+        its Ctrl-C."""
+        self._on_signal(signum, signum == signal.SIGINT and _foreground_at_terminal())
+
+    def _install_signals(self) -> tuple[dict[int, Any], set[int] | None]:
         old = {}
         for sig in FORWARDED:
             try:
-                old[sig] = signal.signal(sig, self._forward)
+                old[sig] = signal.signal(sig, self._handler)
             except ValueError:   # not the main thread (tests calling run() from a thread)
                 break
-        return old
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED) if SIGWAIT else None
+        return old, mask
+
+    def _take_signals(self, timeout_s: float) -> None:
+        """Wait up to timeout_s for a forwarded signal (Linux), else just sleep."""
+        if not SIGWAIT:
+            time.sleep(timeout_s)
+            return
+        info = signal.sigtimedwait(FORWARDED, timeout_s)
+        while info is not None:
+            self._on_signal(info.si_signo, info.si_code == SI_KERNEL)
+            info = signal.sigtimedwait(FORWARDED, 0)
+
+    def _restore_signals(self, old: dict[int, Any], mask: set[int] | None) -> None:
+        if mask is not None:
+            while signal.sigtimedwait(FORWARDED, 0) is not None:
+                pass        # for a child that is gone: nothing left to forward
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
     # -- the child -------------------------------------------------------------
     def _preexec(self) -> Callable[[], None] | None:
         parent = os.getpid()
         prctl = _PRCTL if self.die_with_agent else None
-        own_group, tty = self._own_group, self._tty
-        if prctl is None and not own_group:
-            return None
 
-        def setup() -> None:   # in the child, between fork and exec: no locks, no allocation-heavy work
-            if own_group:
-                os.setpgid(0, 0)
-                if tty is not None:
-                    _set_foreground(tty, os.getpid())
+        def setup() -> None:   # in the child, between fork and exec
+            if SIGWAIT:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)   # exec keeps the mask
             if prctl is not None:
                 prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
                 if os.getppid() != parent:       # the agent died before the prctl took hold
                     os._exit(128 + signal.SIGKILL)
-        return setup
+        return setup if (SIGWAIT or prctl is not None) else None
 
     def _spawn(self, cmd: Sequence[str]) -> subprocess.Popen:
-        self._tty = _controlling_tty()
-        self._own_group = self._tty is not None
         child = subprocess.Popen(list(cmd), env=self.env, stdout=self.child_stdout, preexec_fn=self._preexec())
-        if self._own_group and self._tty is not None:
-            try:
-                os.setpgid(child.pid, child.pid)    # both sides set it: no race with the child's exec
-            except OSError:
-                pass
-            _set_foreground(self._tty, child.pid)
         if self.die_with_agent and _PRCTL is None:
-            self._watchdog = start_watchdog(os.getpid(), child.pid, self._own_group)
+            self._watchdog = start_watchdog(os.getpid(), child.pid, False)
         return child
-
-    def _release_tty(self) -> None:
-        if self._tty is not None:
-            _set_foreground(self._tty, os.getpgrp())
-            os.close(self._tty)
-            self._tty = None
 
     # -- carbon ------------------------------------------------------------------
     def _feed_carbon(self, partial: WindowResult) -> None:
@@ -232,15 +237,21 @@ class JobRunner:
     # -- main ------------------------------------------------------------------
     def run(self, cmd: Sequence[str]) -> RunOutcome:
         meter = self.meter
+        old, mask = self._install_signals()      # before the sampler starts: its thread inherits the mask
         meter.start()
         window = meter.window(self.ident.job)
         t0 = meter.clock.now()
         timeline = Timeline(t0=t0)
-        old = self._install_signals()
         status, code, message = "completed", 0, ""
         try:
+            self._take_signals(0.0)      # held during start-up (hold_signals): a Ctrl-C then stops here
             try:
-                self._child = self._spawn(cmd)
+                if self._signals:
+                    sig = self._signals[0]
+                    status, code = "killed", 128 + sig
+                    message = f"interrupted by {signal.Signals(sig).name} before the command started"
+                else:
+                    self._child = self._spawn(cmd)
             except FileNotFoundError:
                 status, code, message = "not_found", 127, f"command not found: {cmd[0]}"
             except PermissionError:
@@ -254,7 +265,6 @@ class JobRunner:
                 if code < 0:
                     code = 128 - code
         finally:
-            self._release_tty()
             if self._watchdog is not None:
                 self._watchdog.kill()
                 self._watchdog.wait()
@@ -268,8 +278,7 @@ class JobRunner:
                 self._call(done, result)
             for hook in self.on_tick:
                 self._call(hook)
-            for sig, handler in old.items():
-                signal.signal(sig, handler)
+            self._restore_signals(old, mask)
         facts = RunFacts(self.ident, status, code, carbon=self._carbon_record(), timeline=timeline.to_record(),
                          errors=self._errors())
         self.sink.write(result, facts)
@@ -300,30 +309,12 @@ class JobRunner:
                 self._checkpoint(window, timeline)
 
     def _poll_child(self, child: subprocess.Popen) -> int | None:
-        """The child's exit status, or None while it runs. At a terminal a stopped child (Ctrl-Z)
-        stops the agent too, as a shell job would, and both resume together on `fg`."""
-        if not self._own_group:
-            try:
-                return child.wait(timeout=WAIT_POLL_S)
-            except subprocess.TimeoutExpired:
-                return None
-        try:
-            pid, st = os.waitpid(child.pid, os.WNOHANG | os.WUNTRACED)
-        except ChildProcessError:
-            return child.wait()
-        if pid == 0:
-            time.sleep(WAIT_POLL_S)
-            return None
-        if os.WIFSTOPPED(st):
-            if self._tty is not None:
-                _set_foreground(self._tty, os.getpgrp())
-            os.kill(os.getpid(), signal.SIGSTOP)          # the shell sees the job stopped
-            if self._tty is not None:                     # ...and on `fg` we are back here
-                _set_foreground(self._tty, child.pid)
-            os.killpg(child.pid, signal.SIGCONT)
-            return None
-        child.returncode = os.waitstatus_to_exitcode(st)
-        return child.returncode
+        """The child's exit status, or None after waiting WAIT_POLL_S (taking signals meanwhile)."""
+        rc = child.poll()
+        if rc is None:
+            self._take_signals(WAIT_POLL_S)
+            rc = child.poll()
+        return rc
 
     # -- timeline ------------------------------------------------------------------
     def _extend_timeline(self, timeline: Timeline, until: float, now: float) -> None:

@@ -8,8 +8,8 @@ import uuid
 
 from ..config import Settings, labels as parse_labels, positive_float
 from ..errors import UsageError
-from ..exporters.records import RecordSink, append_line, json_line, record_of
-from ..jobrun import JobRunner
+from ..exporters.records import RecordSink, append_line, check_writable, json_line, record_of
+from ..jobrun import JobRunner, hold_signals
 from ..meter import Meter
 from ..runsink import RunIdentity
 from ..summary import render
@@ -103,8 +103,15 @@ def run_command(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise UsageError(f"records path {records if not csv_path else records + ' / ' + csv_path}: cannot write "
                          f"({exc}); pass --records with a writable file") from None
-    if json_to not in (None, "-") and os.path.isdir(json_to):
-        raise UsageError(f"--json {json_to}: is a directory; pass a file path, or '-' for stdout")
+    if json_to not in (None, "-"):
+        try:
+            check_writable(json_to)
+        except OSError as exc:
+            raise UsageError(f"--json {json_to}: cannot write ({exc}); pass a writable file, or '-' for stdout") \
+                from None
+    # From here on SIGINT/SIGTERM/SIGHUP are held for the job runner, in every thread started
+    # below (exporters, sampler), so it can tell a terminal's Ctrl-C from a kill(1).
+    hold_signals()
     carbon = _carbon(args, settings)
     plan = sensor_plan(args, settings, pid=os.getpid(), local_rank_gpu=True)
     found = discover_or_fail(plan)
