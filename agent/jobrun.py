@@ -108,6 +108,24 @@ def _foreground_at_terminal() -> bool:
         os.close(fd)
 
 
+def _pending() -> set[int]:
+    return signal.sigpending() & set(FORWARDED)
+
+
+def _dequeue(pending: set[int]) -> list[Any]:
+    """Dequeue these pending signals with their siginfo. Only signals known to be pending are
+    asked for, with no wait: CPython's sigtimedwait returns an uninitialised siginfo when a wait
+    is cut short by a stop/continue (EINTR) at its deadline, which would forward a made-up signal."""
+    out = []
+    for _ in range(len(pending)):
+        info = signal.sigtimedwait(pending, 0)
+        if info is None or info.si_signo not in pending:
+            break
+        pending = pending - {info.si_signo}
+        out.append(info)
+    return out
+
+
 def hold_signals() -> None:
     """Block the forwarded signals in the calling thread. The composition root calls this before
     any other thread starts, so every thread inherits it and ``JobRunner`` takes each signal
@@ -159,7 +177,7 @@ class JobRunner:
             return      # the terminal signalled the whole foreground group: the child has it already
         try:
             os.kill(child.pid, signum)
-        except ProcessLookupError:
+        except OSError:     # gone since the poll
             pass
 
     def _handler(self, signum: int, _frame: Any) -> None:
@@ -179,18 +197,21 @@ class JobRunner:
         return old, mask
 
     def _take_signals(self, timeout_s: float) -> None:
-        """Wait up to timeout_s for a forwarded signal (Linux), else just sleep."""
+        """Take the forwarded signals that are pending, waiting up to timeout_s for one (Linux),
+        else just sleep."""
         if not SIGWAIT:
             time.sleep(timeout_s)
             return
-        info = signal.sigtimedwait(FORWARDED, timeout_s)
-        while info is not None:
+        pending = _pending()
+        if not pending and timeout_s > 0:
+            time.sleep(timeout_s)      # blocked signals stay pending; at most WAIT_POLL_S late
+            pending = _pending()
+        for info in _dequeue(pending):
             self._on_signal(info.si_signo, info.si_code == SI_KERNEL)
-            info = signal.sigtimedwait(FORWARDED, 0)
 
     def _restore_signals(self, old: dict[int, Any], mask: set[int] | None) -> None:
         if mask is not None:
-            while signal.sigtimedwait(FORWARDED, 0) is not None:
+            for _ in _dequeue(_pending()):
                 pass        # for a child that is gone: nothing left to forward
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for sig, handler in old.items():

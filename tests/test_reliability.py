@@ -11,6 +11,7 @@ import errno
 import fcntl
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -524,6 +525,58 @@ def test_signal_before_the_command_starts_stops_the_run(tmp_path):
     assert not marker.exists()
     [r] = lines(tmp_path / "r.jsonl")
     assert r["exit_code"] == 143 and r["status"] == "killed"
+
+
+@case("Ctrl-Z, `fg`, then Ctrl-C in an interactive bash", records="final record", exit_code="the child's (130)",
+      energy="kept", metrics="the job stops and resumes as one; the child gets one SIGINT")
+def test_job_control_in_an_interactive_shell(tmp_path):
+    import pty
+    import shutil
+
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("bash is not installed")
+    rec, marks, pidfile = tmp_path / "r.jsonl", tmp_path / "marks", tmp_path / "child.pid"
+    script = tmp_path / "child.py"
+    script.write_text(SIGINT_CHILD)
+    pid, fd = pty.fork()
+    if pid == 0:   # pragma: no cover - the shell, on the pty
+        os.environ.update(env_for(tmp_path))
+        os.execv(bash, [bash, "--norc", "--noprofile", "-i"])
+    out = bytearray()
+
+    def pump_until(pred: Callable[[], bool], timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                return False
+            r, _, _ = select.select([fd], [], [], 0.05)
+            if r:
+                try:
+                    out.extend(os.read(fd, 65536))
+                except OSError:
+                    return pred()
+        return True
+
+    try:
+        cmd = " ".join([*WM, "run", "--fake-gpus", "1", "--quiet", "--records", str(rec), "--", sys.executable,
+                        str(script), str(marks), str(pidfile)])
+        os.write(fd, f"{cmd}\n".encode())
+        assert pump_until(pidfile.exists)
+        child = int(pidfile.read_text())
+        os.write(fd, b"\x1a")                                   # Ctrl-Z: the whole job stops
+        assert pump_until(lambda: _state(child) == "T"), out.decode(errors="replace")
+        os.write(fd, b"fg; echo FG=$?\n")                    # fg's status is the job's
+        assert pump_until(lambda: _state(child) in "RS"), out.decode(errors="replace")
+        os.write(fd, b"\x03")                                   # Ctrl-C
+        assert pump_until(lambda: b"FG=130" in out), out.decode(errors="replace")
+        os.write(fd, b"exit\n")
+    finally:
+        os.close(fd)
+        os.waitpid(pid, 0)
+    assert marks.read_text() == "int\n"
+    [r] = [x for x in lines(rec) if not x["checkpoint"]]
+    assert r["exit_code"] == 130 and r["energy_j"]["gpu"] > 0
 
 
 # -- --json ---------------------------------------------------------------------------------
