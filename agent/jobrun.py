@@ -373,7 +373,12 @@ class JobRunner:
         return timeline
 
     def _checkpoint(self, window: Window, timeline: Timeline) -> None:
-        partial = window.partial()
+        try:
+            partial = window.partial()
+        except Exception as exc:   # noqa: BLE001 - a failed checkpoint must not end the job's metering
+            what = f"{type(exc).__name__}: {exc}"
+            self._hook_errors.setdefault(what, f"a checkpoint failed ({what}); the run went on")
+            return
         self._feed_carbon(partial)
         facts = RunFacts(self.ident, "running", None, checkpoint=True, carbon=self._carbon_record(),
                          timeline=timeline.to_record(), errors=self._errors())
