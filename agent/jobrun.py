@@ -36,7 +36,6 @@ TIMELINE_PERIOD_S = 1.0
 # than TIMELINE_LAG_S are taken during the run, settled and still held; the rest, at the end,
 # from the final E(t). So a run up to TIMELINE_LAG_S long is read entirely at its end.
 TIMELINE_LAG_S = 30.0
-STALE_S = 10.0            # a device with no history this long after a span reads 0 W there
 WAIT_POLL_S = 0.1         # how often the child's state is polled
 PR_SET_PDEATHSIG = 1
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -320,7 +319,7 @@ class JobRunner:
             now = clock.now()
             if now >= next_timeline:
                 next_timeline = now + TIMELINE_PERIOD_S
-                self._extend_timeline(timeline, now - TIMELINE_LAG_S, now)
+                self._extend_timeline(timeline, now - TIMELINE_LAG_S)
             if term_at is None and signal.SIGTERM in self._signals:
                 term_at = now
             if term_at is not None and now - term_at > self.kill_grace_s:
@@ -338,37 +337,32 @@ class JobRunner:
         return rc
 
     # -- timeline ------------------------------------------------------------------
-    def _extend_timeline(self, timeline: Timeline, until: float, now: float) -> None:
-        """Spans of TIMELINE_PERIOD_S up to ``until``, from the ledger's settled history. A device
-        whose history does not reach a span yet holds the timeline back (never a made-up 0 W),
-        unless it has been silent for STALE_S; the final timeline fills in the rest."""
+    def _extend_timeline(self, timeline: Timeline, until: float) -> None:
+        """Spans of TIMELINE_PERIOD_S up to ``until`` (TIMELINE_LAG_S ago: settled history),
+        each the difference of the ledger's E(t) at its two ends."""
+        self._spans_from_ledger(timeline, until, final=False)
+
+    def _spans_from_ledger(self, timeline: Timeline, until: float, final: bool) -> None:
         ledger = self.meter.ledger
-        keys = [d.key for d in ledger.devices]
-        while timeline.last_t + TIMELINE_PERIOD_S <= until:
-            a = timeline.last_t
-            b = a + TIMELINE_PERIOD_S
-            spans: dict[str, float] = {}
-            for k in keys:
-                e = ledger.energy_between(k, a, b)
-                if e is None:
-                    if now - b < STALE_S:
-                        return
-                    e = 0.0
-                spans[k] = e
-            timeline.add_span(b, spans)
+        if timeline.last_t + (0.0 if final else TIMELINE_PERIOD_S) > until:
+            return
+        va = ledger.values_at(timeline.last_t)
+        while timeline.last_t < until - 1e-9:
+            b = timeline.last_t + TIMELINE_PERIOD_S
+            if b > until:
+                if not final:
+                    break
+                b = until
+            elif final and until - b < 0.5 * TIMELINE_PERIOD_S:
+                b = until                          # no sliver of a span at the end
+            vb = ledger.values_at(b)
+            timeline.add_span(b, {k: max(0.0, vb[k] - va.get(k, vb[k])) for k in vb})
+            va = vb
 
     def _final_timeline(self, timeline: Timeline, result: WindowResult) -> Timeline:
         """Complete the timeline to the window's end from the final E(t), then anchor it to the
         window's energies so it integrates to what the record says."""
-        ledger = self.meter.ledger
-        end = result.end_t
-        while timeline.last_t < end - 1e-9:
-            a = timeline.last_t
-            b = min(end, a + TIMELINE_PERIOD_S)
-            if end - b < 0.5 * TIMELINE_PERIOD_S:
-                b = end                            # no sliver of a span at the end
-            va, vb = ledger.values_at(a), ledger.values_at(b)
-            timeline.add_span(b, {k: max(0.0, vb[k] - va.get(k, vb[k])) for k in vb})
+        self._spans_from_ledger(timeline, result.end_t, final=True)
         timeline.finish({d.key: d.energy_j for d in result.devices})
         return timeline
 
