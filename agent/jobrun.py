@@ -126,11 +126,14 @@ def _dequeue(pending: set[int]) -> list[Any]:
 
 
 def hold_signals() -> None:
-    """Block the forwarded signals in the calling thread. The composition root calls this before
-    any other thread starts, so every thread inherits it and ``JobRunner`` takes each signal
-    itself, with its sender's details (``sigtimedwait``). No-op where that is not available."""
+    """Hold SIGINT in the calling thread. The composition root calls this before any other
+    thread starts (discovery, exporters, sampler), so every thread inherits it and ``JobRunner``
+    takes each SIGINT itself with its sender's details (``sigtimedwait``): only SIGINT needs
+    them, since a terminal sends it to the whole group. SIGTERM and SIGHUP stay deliverable (a
+    hung start-up still yields to them) and are forwarded however they arrive. A SIGINT held
+    before the command starts stops the run there. No-op where sigtimedwait is unavailable."""
     if SIGWAIT:
-        signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 
 
 @dataclass

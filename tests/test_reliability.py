@@ -497,34 +497,41 @@ def _until(cond: Callable[[], bool], timeout: float = 10) -> bool:
     return True
 
 
-@case("SIGTERM during start-up, before the command runs", records="final record, `killed`",
-      exit_code="128+15", energy="recorded (start-up only)", metrics="the command is never started")
+@case("SIGINT during start-up, before the command runs", records="final record, `killed`",
+      exit_code="128+2", energy="recorded (start-up only)", metrics="the command is never started")
 def test_signal_before_the_command_starts_stops_the_run(tmp_path):
-    from wattmeter.discovery import SensorPlan, discover
-    from wattmeter.jobrun import SIGWAIT, JobRunner, hold_signals
-    from wattmeter.meter import Meter
-    from wattmeter.runsink import RunIdentity
+    from wattmeter.jobrun import SIGWAIT
 
     if not SIGWAIT:
-        pytest.skip("signals are held for the runner on Linux only")
+        pytest.skip("SIGINT is held for the runner on Linux only")
     marker = tmp_path / "started"
-    found = discover(SensorPlan(fake_gpus=1, cpu="none", ram="none"))
-    meter = Meter(found.sensors)
-    sink = RecordSink(str(tmp_path / "r.jsonl"), env={"XDG_STATE_HOME": str(tmp_path / "state")})
-    runner = JobRunner(meter, RunIdentity("r1", "job", "h", "python"), sink)
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    hold_signals()                          # as `wattmeter run` does before discovery
-    try:
-        os.kill(os.getpid(), signal.SIGTERM)   # arrives while sensors are being set up
-        outcome = runner.run([sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"])
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
-        meter.close()
-    assert outcome.exit_code == 143 and outcome.status == "killed"
-    assert outcome.message == "interrupted by SIGTERM before the command started"
+    # In its own process, in `wattmeter run`'s order: hold SIGINT, then discovery (during which
+    # the Ctrl-C lands), then the runner.
+    script = f"""
+import os, signal, sys
+from wattmeter.discovery import SensorPlan, discover
+from wattmeter.exporters.records import RecordSink
+from wattmeter.jobrun import JobRunner, hold_signals
+from wattmeter.meter import Meter
+from wattmeter.runsink import RunIdentity
+hold_signals()
+os.kill(os.getpid(), signal.SIGINT)
+found = discover(SensorPlan(fake_gpus=1, cpu="none", ram="none"))
+meter = Meter(found.sensors)
+sink = RecordSink({str(tmp_path / "r.jsonl")!r})
+outcome = JobRunner(meter, RunIdentity("r1", "job", "h", "python"), sink).run(
+    [sys.executable, "-c", "open({str(marker)!r}, 'w').close()"])
+meter.close()
+print(outcome.message)
+sys.exit(outcome.exit_code)
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                       env=env_for(tmp_path))
+    assert p.returncode == 130, p.stderr
+    assert p.stdout.strip() == "interrupted by SIGINT before the command started"
     assert not marker.exists()
     [r] = lines(tmp_path / "r.jsonl")
-    assert r["exit_code"] == 143 and r["status"] == "killed"
+    assert r["exit_code"] == 130 and r["status"] == "killed"
 
 
 @case("Ctrl-Z, `fg`, then Ctrl-C in an interactive bash", records="final record", exit_code="the child's (130)",

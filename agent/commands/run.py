@@ -109,13 +109,12 @@ def run_command(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"--json {json_to}: cannot write ({exc}); pass a writable file, or '-' for stdout") \
                 from None
+    # From here on SIGINT is held for the job runner, in every thread started below (discovery,
+    # exporters, sampler), so it can tell a terminal's Ctrl-C from a kill(1).
+    hold_signals()
     carbon = _carbon(args, settings)
     plan = sensor_plan(args, settings, pid=os.getpid(), local_rank_gpu=True)
     found = discover_or_fail(plan)
-    # From here on SIGINT/SIGTERM/SIGHUP are held for the job runner, in every thread started
-    # below (exporters, sampler), so it can tell a terminal's Ctrl-C from a kill(1). Not
-    # earlier: a hung driver during discovery must still give way to Ctrl-C and SIGTERM.
-    hold_signals()
     meter = Meter(found.sensors, notes=found.notes)
     ident = RunIdentity(run_id=uuid.uuid4().hex[:12], job=job, hostname=socket.gethostname(),
                         command=os.path.basename(cmd[0]), labels=labels,
