@@ -227,8 +227,11 @@ class RecordSink:
     def __init__(self, jsonl_path: str | None, csv_path: str | None = None, *,
                  env: Mapping[str, str] | None = None, stderr_fd: int = 2,
                  fifo_timeout_s: float = FIFO_TIMEOUT_S,
-                 append: Callable[..., None] = append_line) -> None:
+                 append: Callable[..., None] = append_line,
+                 enrich: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> None:
         self.jsonl_path = jsonl_path
+        self._enrich = enrich            # extra fields other features add to each record
+        self.enrich_error: str | None = None
         self._append = append            # injected in tests (an I/O error on demand)
         self.csv_path = csv_path
         self.env = dict(os.environ if env is None else env)
@@ -250,6 +253,11 @@ class RecordSink:
         self.write_record(record_of(result, facts))
 
     def write_record(self, record: dict) -> None:
+        if self._enrich is not None:
+            try:
+                record = {**record, **self._enrich(record)}
+            except Exception as exc:   # noqa: BLE001 - the measured record is kept without the extras
+                self.enrich_error = f"{type(exc).__name__}: {exc}"
         with self._lock:
             self.last_record = record
             # A newer record (checkpoint or final) supersedes any checkpoint still pending.

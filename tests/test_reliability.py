@@ -148,6 +148,22 @@ def test_fallback_goes_to_stderr_as_json_when_the_state_folder_fails(tmp_path):
     assert closed.fallback == "stderr" and "stderr (as JSON)" in closed.warning
 
 
+def test_a_failing_enricher_keeps_the_record_without_its_extras(tmp_path):
+    def extras(record) -> dict:
+        if record.get("checkpoint"):
+            raise ValueError("bad value file")
+        return {"value": {"images": 3.0}}
+
+    sink = RecordSink(str(tmp_path / "r.jsonl"), env={"XDG_STATE_HOME": str(tmp_path / "state")}, enrich=extras)
+    sink.write_record({"run_id": "r1", "checkpoint": True, "energy_j": {"gpu": 1.0}})
+    sink.write_record({"run_id": "r1", "checkpoint": False, "energy_j": {"gpu": 2.0}})
+    assert sink.enrich_error == "ValueError: bad value file"
+    assert lines(tmp_path / "r.jsonl") == [
+        {"run_id": "r1", "checkpoint": True, "energy_j": {"gpu": 1.0}},
+        {"run_id": "r1", "checkpoint": False, "energy_j": {"gpu": 2.0}, "value": {"images": 3.0}}]
+    assert sink.last_record["value"] == {"images": 3.0}
+
+
 # -- end to end: the final record write fails -------------------------------------------
 @case("Records path is `/dev/full` (every write fails)", records="fallback file in `$XDG_STATE_HOME/wattmeter/`",
       exit_code="the child's (3)", energy="kept", metrics="one warning naming the fallback; summary printed")

@@ -148,6 +148,8 @@ def run_command(args: argparse.Namespace) -> int:
         _say(2, f"wattmeter: error: {outcome.message}\n")
     for problem in outcome.hook_errors:
         _say(2, f"wattmeter: warning: {problem}\n")
+    if sink.enrich_error:
+        _say(2, f"wattmeter: warning: extra record fields failed ({sink.enrich_error}); the record was kept\n")
     if outcome.sink.warning:
         _say(2, f"wattmeter: warning: {outcome.sink.warning}\n")
     if json_to is not None:
