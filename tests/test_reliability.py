@@ -256,6 +256,23 @@ def test_fifo_with_reader(tmp_path):
     assert not warnings(p.stderr) and not fallback_records(tmp_path)
 
 
+@case("Records path is a FIFO whose reader stops reading", records="fallback file after a 2 s deadline "
+      "(the reader may hold a cut line)", exit_code="the child's (3)", energy="kept", metrics="one warning")
+def test_fifo_with_a_stalled_reader(tmp_path):
+    fifo = tmp_path / "r.fifo"
+    os.mkfifo(fifo)
+    held = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)    # a reader that never reads
+    try:
+        labels = [a for i in range(80) for a in ("--label", f"k{i}={'v' * 1000}")]   # > the 64 KiB pipe
+        p = run_wm(tmp_path, "run", "--fake-gpus", "1", "--records", str(fifo), *labels, "--", sys.executable,
+                   "-c", "raise SystemExit(3)", timeout=60)
+    finally:
+        os.close(held)
+    rec = assert_fallback(tmp_path, p, 3)
+    assert len(rec["labels"]) == 80
+    assert "stopped reading" in p.stderr
+
+
 # -- a real small filesystem (root only) -------------------------------------------------
 @pytest.fixture
 def small_tmpfs(tmp_path):

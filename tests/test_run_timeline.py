@@ -63,8 +63,9 @@ def _spans(timeline: dict, key: str) -> list[tuple[float, float]]:
 
 
 @pytest.mark.parametrize("scenario,high_w,lag_s", [("bursty.toml", 650.0, 30.0), ("h100x2.toml", 700.0, 30.0),
-                                                   ("bursty.toml", 650.0, 2.0)],
-                         ids=["bursty-read-at-end", "h100x2-read-at-end", "bursty-read-during-run"])
+                                                   ("bursty.toml", 650.0, 2.0), ("a100_power_only.toml", 398.0, 30.0)],
+                         ids=["bursty-read-at-end", "h100x2-read-at-end", "bursty-read-during-run",
+                              "a100-power-only"])
 def test_timeline_integrates_to_the_energy_and_peak_is_bounded(scenario, high_w, lag_s, monkeypatch):
     # lag_s 2: most spans are read during the run, as on a run longer than TIMELINE_LAG_S.
     monkeypatch.setattr(jobrun, "TIMELINE_LAG_S", lag_s)
@@ -85,6 +86,15 @@ def test_timeline_integrates_to_the_energy_and_peak_is_bounded(scenario, high_w,
     # The final record and the summary read the same result.
     final_result, final_facts = sink.written[-1]
     assert final_facts.exit_code == 0 and final_result is outcome.result
+
+
+def test_peak_is_not_the_average_when_power_steps_up():
+    # 58 W for 3 s, then 300-395 W: the peak is a ~1 s mean from the busy part, not the average
+    # (earlier, short runs reported peak == average).
+    outcome, _ = _run(SensorPlan(fake_scenario=str(SCENARIOS / "a100_power_only.toml"), cpu="none", ram="none"), 5.0)
+    [gpu] = [d for d in outcome.result.devices if d.component.value == "gpu"]
+    assert gpu.peak_power_w > 1.5 * gpu.avg_power_w
+    assert 280.0 <= gpu.peak_power_w <= 398.0
 
 
 def test_first_checkpoint_comes_early_and_carries_energy():
