@@ -190,7 +190,9 @@ def test_run_pushes_to_a_real_pushgateway_that_prometheus_scrapes(tmp_path: Path
         # to JobExporter.finish(); otherwise the meter's total at stop, which differs from the
         # window by at most the meter's edges (a counter read, the stop tail: < 1.5 s at 200 W).
         assert abs(pushed_gpu_j - record["energy_j"]["gpu"]) <= 200.0 * 1.5
-        assert prom.query(f'wattmeter_build_info{{run_id="{run_id}",simulated="true"}}')
+        # Job-scoped only: a run never pushes the daemon's host-level names (they would double count).
+        names = {r["metric"]["__name__"] for r in prom.query(f'{{run_id="{run_id}"}}')}
+        assert names and all(n.startswith(("wattmeter_job_", "push_")) for n in names), names
     finally:
         if prom is not None:
             prom.stop()
