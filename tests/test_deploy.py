@@ -59,20 +59,23 @@ METRICS: dict[str, set[str]] = {
     "wattmeter_cpu_energy_joules_total": {"domain", "hostname", "source"},
     "wattmeter_ram_energy_joules_total": {"hostname", "source"},
     "wattmeter_job_energy_joules_total": {"job", "component", "hostname"},
+    "wattmeter_job_power_watts": {"job", "component", "hostname"},
+    "wattmeter_job_emissions_grams_total": {"job", "scope", "hostname"},
     "wattmeter_tokens_total": {"model", "kind"},
     "wattmeter_energy_per_token_joules": {"model"},
     "wattmeter_emissions_grams_total": {"scope"},
     "wattmeter_grid_intensity_grams_per_kwh": {"zone", "source"},
     "wattmeter_water_litres_total": set(),
     "wattmeter_sensor_errors_total": {"sensor", "error"},
-    "wattmeter_up": {"sensor"},
+    "wattmeter_up": {"sensor", "device"},
     "wattmeter_build_info": {"version", "simulated"},
     "wattmeter_series_dropped_total": {"metric"},
 }
 # Series Prometheus itself synthesises for each target.
 SYNTHETIC = {"up": set()}
 # Labels Prometheus attaches to scraped series (scrape config / ServiceMonitor relabelings).
-TARGET_LABELS = {"instance", "job", "node", "exporter_pod", "exporter_namespace"}
+TARGET_LABELS = {"instance", "job", "node", "exporter_pod", "exporter_namespace",
+                 "run_id"}    # run_id: the Pushgateway grouping key of a `wattmeter run`
 ALL_LABELS = set().union(*METRICS.values()) | TARGET_LABELS
 
 PROMQL_FUNCTIONS = {
@@ -1000,6 +1003,7 @@ def _fake_exposition(t: float) -> str:
         out.append(line("wattmeter_cpu_energy_joules_total", {**h, "domain": domain, "source": "counter"}, watts * t))
     out.append(line("wattmeter_ram_energy_joules_total", {**h, "source": "modelled"}, 12.0 * t))
     out.append(line("wattmeter_job_energy_joules_total", {**h, "job": "train-llama", "component": "gpu"}, 200.0 * t))
+    out.append(line("wattmeter_job_power_watts", {**h, "job": "train-llama", "component": "gpu"}, 200.0))
     out.append(line("wattmeter_tokens_total", {"model": "llama-3.1-8b", "kind": "generation"}, 1000.0 * t))
     out.append(line("wattmeter_tokens_total", {"model": "llama-3.1-8b", "kind": "prompt"}, 4000.0 * t))
     out.append(line("wattmeter_energy_per_token_joules", {"model": "llama-3.1-8b"}, 0.3))
@@ -1010,6 +1014,7 @@ def _fake_exposition(t: float) -> str:
     out.append(line("wattmeter_sensor_errors_total", {"sensor": "nvml", "error": "timeout"}, int(t / 2)))
     out.append(line("wattmeter_up", {"sensor": "nvml"}, 1))
     out.append(line("wattmeter_up", {"sensor": "rapl"}, 1))
+    out.append(line("wattmeter_up", {"sensor": "nvml", "device": "gpu0"}, 1))
     out.append(line("wattmeter_build_info", {"version": "0.1.0", "simulated": "true"}, 1))
     out.append(line("wattmeter_series_dropped_total", {"metric": "wattmeter_job_energy_joules_total"}, int(t)))
     return "".join(out)
