@@ -10,6 +10,7 @@ Outputs:
   deploy/helm/wattmeter/dashboards/*.json   (same bytes, for the chart's ConfigMap)
   deploy/helm/wattmeter/files/rules.yml     (copy of deploy/prometheus/rules.yml)
   deploy/kubernetes/prometheusrule.yaml     (the same rules as a Prometheus Operator PrometheusRule)
+  deploy/helm/wattmeter/values.schema.json  (deploy/chart_schema.py; serve's flags from its parser)
 
 The dashboards are code so that every panel uses the same datasource variable
 (${DS_PROMETHEUS}), units and conventions, and so that tests/test_deploy.py can
@@ -506,6 +507,14 @@ def outputs() -> dict[Path, str]:
     rules = (DEPLOY / "prometheus" / "rules.yml").read_text()
     out[DEPLOY / "helm" / "wattmeter" / "files" / "rules.yml"] = rules
     out[DEPLOY / "kubernetes" / "prometheusrule.yaml"] = prometheus_rule(rules)
+    sys.path.insert(0, str(DEPLOY))
+    import chart_schema
+
+    flags = chart_schema.serve_flags()
+    if flags is None:     # wattmeter not installed here: the checked-in schema is kept
+        print("note: wattmeter is not importable; values.schema.json not regenerated", file=sys.stderr)
+    else:
+        out[DEPLOY / "helm" / "wattmeter" / "values.schema.json"] = render(chart_schema.schema(flags))
     return out
 
 

@@ -71,8 +71,9 @@ METRICS: dict[str, set[str]] = {
     "wattmeter_build_info": {"version", "simulated"},
     "wattmeter_series_dropped_total": {"metric"},
 }
-# Series Prometheus itself synthesises for each target.
-SYNTHETIC = {"up": set()}
+# Series Prometheus itself synthesises for each target, and the one foreign series an alert
+# reads (kube-state-metrics: which nodes have GPUs, for WattmeterAgentAbsent).
+SYNTHETIC = {"up": set(), "kube_node_status_capacity": {"node", "resource", "unit"}}
 # Labels Prometheus attaches to scraped series (scrape config / ServiceMonitor relabelings).
 TARGET_LABELS = {"instance", "job", "node", "exporter_pod", "exporter_namespace",
                  "run_id"}    # run_id: the Pushgateway grouping key of a `wattmeter run`
@@ -376,6 +377,36 @@ def test_promtool_check_rules():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lowercase, punctuation dropped, spaces to dashes."""
+    out = set()
+    for line in markdown.splitlines():
+        m = re.match(r"#+\s+(.*)", line)
+        if m:
+            out.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return out
+
+
+def test_every_rule_and_alert_has_a_unit_test_and_every_alert_a_runbook():
+    yaml = _yaml()
+    tests = yaml.safe_load(RULES_TEST.read_text())["tests"]
+    tested_alerts = {a["alertname"] for t in tests for a in t.get("alert_rule_test", [])
+                     if a.get("exp_alerts")}        # a test that expects it to fire, not only silence
+    tested_exprs = " ".join(e["expr"] for t in tests for e in t.get("promql_expr_test", []))
+    doc = _rules_doc()
+    anchors = _anchors((ROOT / "docs" / "deploy.md").read_text())
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            if "record" in rule:
+                assert re.search(re.escape(rule["record"]) + r"\b", tested_exprs), f"untested: {rule['record']}"
+            else:
+                name = rule["alert"]
+                assert name in tested_alerts, f"no promtool test fires {name}"
+                url = rule["annotations"].get("runbook_url", "")
+                assert url == f"docs/deploy.md#{name.lower()}", (name, url)
+                assert name.lower() in anchors, f"docs/deploy.md has no section for {name}"
+
+
 def test_promtool_test_rules():
     proc = subprocess.run([_promtool(), "test", "rules", str(RULES_TEST)],
                           capture_output=True, text=True, timeout=120)
@@ -672,7 +703,7 @@ def test_dockerfile():
     entry = json.loads(by["ENTRYPOINT"][-1])
     cmd = json.loads(by["CMD"][-1])
     assert entry[-1] == "wattmeter"
-    assert cmd[:3] == ["serve", "--listen", f"0.0.0.0:{PORT}"]
+    assert cmd[:3] == ["serve", "--listen", f":{PORT}"]     # dual-stack: IPv4, IPv6 or both
     errors = check_wattmeter_container("Dockerfile", cmd, {}, [PORT])
     assert not errors
     ignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().split()
@@ -794,7 +825,9 @@ def test_systemd_analyze_verify(tmp_path):
 FULL_VALUES = {
     "zone": "FR", "pue": "1.2", "fakeGpus": 2, "powercapGid": 998, "runtimeClassName": "nvidia",
     "electricityMaps": {"existingSecret": "emaps"},
-    "extraArgs": ["--log-level", "debug"], "extraEnv": [{"name": "EXTRA", "value": "1"}],
+    # Real serve flags only: the chart's schema refuses unknown ones (serve would exit 2 on them).
+    "extraArgs": ["--max-series", "5000", "--process-interval=2"], "extraEnv": [{"name": "EXTRA", "value": "1"}],
+    "networkPolicy": {"enabled": True}, "priorityClass": {"create": True},
     "podAnnotations": {"example.com/a": "b"},
     "webConfig": {"enabled": True, "tlsSecret": "wattmeter-tls", "config": {
         "tls_server_config": {"cert_file": "/etc/wattmeter/tls/tls.crt",
@@ -867,6 +900,11 @@ def test_helm_template(values, tmp_path):
         assert "WATTMETER_ELECTRICITYMAPS_TOKEN" not in env  # the token is a mounted file
         rule = next(d for d in docs if d["kind"] == "PrometheusRule")
         assert rule["spec"] == _rules_doc()
+        netpol = next(d for d in docs if d["kind"] == "NetworkPolicy")
+        assert netpol["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": PORT}]
+        assert netpol["spec"]["podSelector"]["matchLabels"] == ds["spec"]["selector"]["matchLabels"]
+        pc = next(d for d in docs if d["kind"] == "PriorityClass")
+        assert ds["spec"]["template"]["spec"]["priorityClassName"] == pc["metadata"]["name"]
         dashboards = [d for d in docs if d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"]["labels"]]
         assert len(dashboards) == len(DASHBOARDS)
         for cm in dashboards:
@@ -875,7 +913,10 @@ def test_helm_template(values, tmp_path):
         assert ds["spec"]["template"]["spec"]["securityContext"]["supplementalGroups"] == [998]
     else:
         assert kinds.count("ServiceMonitor") == 0 and kinds.count("PrometheusRule") == 0
-        assert c["args"] == ["serve", "--listen", f"0.0.0.0:{PORT}"]
+        assert "NetworkPolicy" not in kinds and "PriorityClass" not in kinds
+        # No priority class by default: system-node-critical is refused outside kube-system on some clouds.
+        assert "priorityClassName" not in ds["spec"]["template"]["spec"]
+        assert c["args"] == ["serve", "--listen", f":{PORT}"]     # dual-stack by default
         assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics", "scheme": "HTTP"}
         assert "ClusterRole" not in kinds
 
@@ -892,6 +933,47 @@ def test_helm_tls_only_keeps_http_probes_over_https(tmp_path):
     assert sm["spec"]["endpoints"][0]["scheme"] == "https"
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("web-config"))
     assert "tls_server_config" in _yaml().safe_load(cm["data"]["web-config.yml"])
+
+
+@pytest.mark.parametrize("extra, bad", [
+    (["--log-level", "debug"], "--log-level"),
+    (["--listen", "0.0.0.0:1"], "--listen"),      # the chart renders --listen itself
+])
+def test_helm_schema_refuses_unknown_serve_flags(extra, bad, tmp_path):
+    with pytest.raises(Exception, match=re.escape(bad)):
+        _helm_render({"extraArgs": extra}, tmp_path)
+
+
+def test_helm_schema_refuses_unknown_values_and_bad_types(tmp_path):
+    with pytest.raises(Exception, match="listenAdress|additional"):
+        _helm_render({"listenAdress": "::"}, tmp_path)
+    with pytest.raises(Exception, match="port"):
+        _helm_render({"port": "9445x"}, tmp_path)
+
+
+@pytest.mark.parametrize("address, rendered", [("", ":9445"), ("::", "[::]:9445"), ("0.0.0.0", "0.0.0.0:9445"),
+                                               ("fd00::1", "[fd00::1]:9445")])
+def test_helm_listen_address_forms_parse_in_serve(address, rendered, tmp_path):
+    from wattmeter.exporters.http import parse_listen
+    docs = _helm_render({"listenAddress": address}, tmp_path)
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:3] == ["serve", "--listen", rendered]
+    parse_listen(rendered)      # what serve will accept at start
+
+
+def test_helm_schema_lists_every_value_and_every_serve_flag():
+    yaml = _yaml()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]) - {"global"} == set(values)
+    pattern = schema["properties"]["extraArgs"]["items"]["pattern"]
+    sys.path.insert(0, str(DEPLOY))
+    import chart_schema
+    flags = chart_schema.serve_flags()
+    assert flags and all(re.fullmatch(pattern, f) and re.fullmatch(pattern, f + "=1") for f in flags)
+    assert not re.fullmatch(pattern, "--log-level") and re.fullmatch(pattern, "debug")
+    assert re.fullmatch(pattern, "-1") and re.fullmatch(pattern, "")
 
 
 def test_helm_static_sanity():
