@@ -688,13 +688,54 @@ def test_compose_stack():
     assert jobs["pushgateway"]["honor_labels"] is True
 
 
+def _installed_version(binary: str) -> str | None:
+    path = shutil.which(binary)
+    if not path:
+        return None
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    m = re.search(r"version (\d+\.\d+\.\d+)", out.stdout + out.stderr)
+    return m.group(1) if m else None
+
+
+def test_compose_runs_the_prometheus_and_pushgateway_versions_the_tests_run():
+    services = _yaml().safe_load(COMPOSE.read_text())["services"]
+    for service, binaries in (("prometheus", ("prometheus",)),
+                              ("pushgateway", ("prometheus-pushgateway", "pushgateway"))):
+        tag = services[service]["image"].rsplit(":v", 1)[1]
+        found = next((v for v in map(_installed_version, binaries) if v), None)
+        if found is None:
+            pytest.skip(f"{binaries[0]} not installed (Debian: apt-get install {binaries[0]})")
+        assert tag == found, f"compose runs {service} {tag}; the tests run {found}"
+
+
+def test_image_build_is_pinned():
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), "a syntax= line fetches a frontend at build time"
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    assert re.fullmatch(r"python:3\.12-slim-bookworm@sha256:[0-9a-f]{64}", base)
+    assert all(f.split()[0] == "${BASE_IMAGE}" for f in re.findall(r"^FROM\s+(.*)$", text, re.M))
+    assert "-c deploy/docker/constraints.txt" in text
+    assert "!deploy/docker/constraints.txt" in (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text()
+    pins = {ln.split("==")[0] for ln in (DEPLOY / "docker" / "constraints.txt").read_text().splitlines()
+            if ln and not ln.startswith("#")}
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["auth"],
+              *project["optional-dependencies"]["podresources"]]
+    for req in wanted:
+        if "python_version<" in req.replace(" ", ""):
+            continue
+        name = re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in constraints.txt: run deploy/pin.sh"
+
+
 def test_dockerfile():
     text = DOCKERFILE.read_text()
     instructions = re.findall(r"^(FROM|USER|EXPOSE|HEALTHCHECK|ENTRYPOINT|CMD)\s+(.*)$", text, re.M)
     by = {}
     for k, v in instructions:
         by.setdefault(k, []).append(v)
-    assert all("slim" in f for f in by["FROM"])
+    assert all(f.startswith("${BASE_IMAGE}") for f in by["FROM"]) and "-slim-" in text  # pinned: test_image_build_is_pinned
     user = by["USER"][-1].split(":")[0]
     assert user not in {"root", "0"}
     assert by["EXPOSE"] == [str(PORT)]
