@@ -25,6 +25,7 @@ from ..exporters.http import DEFAULT_HOST, DEFAULT_PORT, ListenAddress, MetricsS
 from ..exporters.prometheus import ExportSources, Health, build_registry
 from ..exporters.webconfig import WebConfig, load_web_config
 from ..health import Freshness
+from ..podresources import with_pod_resources
 from ..meter import Meter
 from ..model import Scope
 from ..sensors.base import ProcessSensor
@@ -187,8 +188,13 @@ def _serve(meter: Meter, opts: ServeOptions) -> int:
         resolver = CgroupResolver(opts.proc_root, PodDirectory(opts.pods_root, own_pod_uid=own_pod),
                                   sidecar=opts.sidecar)
         layouts = [getattr(s, "mig_layout") for s in psensors if callable(getattr(s, "mig_layout", None))]
-        attributor = Attributor(lambda now: [u for s in psensors for u in s.read_processes(now)],
-                                resolver.lookup, opts.attribution, layouts[0] if layouts else None)
+        # Whole GPUs and MIG instances -> pods through the kubelet pod-resources API (no hostPID needed).
+        lookup, read, warning = with_pod_resources(
+            resolver.lookup, lambda now: [u for s in psensors for u in s.read_processes(now)],
+            {k: s.device.labels.get("uuid", "") for k, s in meter.snapshot().items()}, os.environ)
+        if warning:
+            sys.stderr.write(f"wattmeter: warning: {warning}\n")
+        attributor = Attributor(read, lookup, opts.attribution, layouts[0] if layouts else None)
         sources.attribution = attributor
         _task(meter, health, "processes", opts.process_interval_s,
               lambda now: attributor.tick(now, meter.snapshot()))
