@@ -72,6 +72,7 @@ def schema(flags: list[str]) -> dict[str, Any]:
             "webConfig": _obj({"enabled": BOOL, "config": ANY_OBJ, "existingSecret": STR, "tlsSecret": STR},
                               strict=True),
             "hostPID": BOOL,
+            "podResources": _obj({"enabled": BOOL, "hostPath": STR}, strict=True),
             "podLogs": _obj({"enabled": BOOL, "hostPath": STR}, strict=True),
             "runtimeClassName": STR, "priorityClassName": STR,
             "priorityClass": _obj({"create": BOOL, "value": {"type": "integer", "maximum": 1000000000}},
