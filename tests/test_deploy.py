@@ -962,6 +962,36 @@ def test_helm_template(values, tmp_path):
         assert "ClusterRole" not in kinds
 
 
+def _k8s_schema_errors(docs: list[dict]) -> list[str]:
+    """Strict validation against the Kubernetes OpenAPI schemas (kubernetes-validate ships them:
+    no network). prometheus-operator CRDs (ServiceMonitor, PrometheusRule) have no schema there;
+    their shape is checked by the tests above."""
+    kv = pytest.importorskip("kubernetes_validate")
+    version = kv.latest_version()
+    errors = []
+    for d in docs:
+        if d["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue
+        try:
+            kv.validate(d, version, strict=True)
+        except kv.ValidationError as exc:
+            errors.append(f"{d['kind']}/{d['metadata']['name']}: {exc}")
+    return errors
+
+
+@pytest.mark.parametrize("values", [{}, FULL_VALUES, {"listenAddress": "::", "hostPID": False,
+                                                       "podResources": {"enabled": False}}],
+                         ids=["defaults", "everything-on", "no-hostpid"])
+def test_helm_rendered_output_validates_against_kubernetes_schemas(values, tmp_path):
+    docs = _helm_render(values, tmp_path)
+    assert not _k8s_schema_errors(docs)
+
+
+@pytest.mark.parametrize("path", K8S_FILES, ids=lambda p: p.name)
+def test_plain_manifests_validate_against_kubernetes_schemas(path):
+    assert not _k8s_schema_errors(_load_yaml_all(path))
+
+
 def test_helm_tls_only_keeps_http_probes_over_https(tmp_path):
     values = {"webConfig": {"enabled": True, "tlsSecret": "wattmeter-tls", "config": {
         "tls_server_config": {"cert_file": "/etc/wattmeter/tls/tls.crt", "key_file": "/etc/wattmeter/tls/tls.key"}}},
