@@ -79,6 +79,9 @@ def test_serve_plus_two_pushed_runs_on_one_gpu_add_up(tmp_path: Path) -> None:
             fleet_w = prom.value(_panel(title))
             assert abs(fleet_w - TRUE_POWER_W) <= 0.02 * TRUE_POWER_W, (title, fleet_w)
         assert prom.value(_panel("GPU power sensor (NVML gauge)")) == pytest.approx(TRUE_POWER_W, rel=0.02)
+        # Each running job reports its GPU's power at job level, beside (never inside) the node panels.
+        for r in prom.query('wattmeter_job_power_watts{component="gpu"}'):
+            assert float(r["value"][1]) == pytest.approx(TRUE_POWER_W, rel=0.05), r
 
         for proc, _ in runs:
             assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
