@@ -120,3 +120,38 @@ def test_healthz_fails_when_the_sampler_stopped() -> None:
     clock, meter, fresh = _meter([])
     ok, text = fresh.healthz()         # meter never started
     assert not ok and text.startswith("unhealthy: the sampler is not running")
+
+
+def test_serve_exports_device_up_zero_error_counters_and_a_per_sensor_healthz(tmp_path) -> None:
+    """Through `wattmeter serve`: the wiring (serve.py's hooks) reaches the scrape and /healthz."""
+    import time
+
+    from e2e_servers import WattmeterServe, http_get, wait_until
+
+    serve = WattmeterServe(["--fake-gpus", "2", "--cpu", "model"], tmp_path / "serve")
+    try:
+        def scraped() -> str | None:
+            body = http_get(f"{serve.url}/metrics")[1].decode()
+            both = all(f'wattmeter_up{{sensor="nvml",device="gpu{i}"}} 1.0' in body for i in (0, 1))
+            return body if both else None      # a device not read yet is 0 until its first reading
+        body = wait_until(scraped, 30, "per-device wattmeter_up")
+        assert 'wattmeter_up{sensor="nvml",device=""} 1.0' in body
+        for sensor, kind in (("nvml", "gpu_lost"), ("nvml", "timeout"), ("http", "read_timeout"),
+                             ("http", "connection_limit"), ("http", "body_too_large")):
+            assert f'wattmeter_sensor_errors_total{{sensor="{sensor}",error="{kind}"}} 0.0' in body
+        status, text = http_get(f"{serve.url}/healthz")
+        assert status == 200 and text.decode().startswith("ok\n") and "nvml: up (2/2 devices fresh)" in text.decode()
+        time.sleep(0.1)
+    finally:
+        serve.stop()
+
+
+def test_serve_refuses_an_unknown_flag_with_one_line_and_exit_2(tmp_path) -> None:
+    """What a chart's extraArgs typo does when the schema is bypassed: no crash-loop traceback."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "wattmeter", "serve", "--log-level", "debug"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--log-level" in lines[0] and "Traceback" not in out.stderr
