@@ -363,11 +363,15 @@ def socket_path(env: Mapping[str, str]) -> str | None:
 
 def with_pod_resources(lookup: Callable[[int, float], ContainerInfo],
                        read: Callable[[float], list[ProcessUsage]], gpu_uuids: Mapping[str, str],
-                       env: Mapping[str, str]) -> tuple[Callable[[int, float], ContainerInfo],
-                                                        Callable[[float], list[ProcessUsage]], str | None]:
+                       env: Mapping[str, str],
+                       mig_uuids: Callable[[], Mapping[str, tuple[str, str]]] | None = None,
+                       ) -> tuple[Callable[[int, float], ContainerInfo],
+                                  Callable[[float], list[ProcessUsage]], str | None]:
     """serve's hook: the attribution's (lookup, read_processes), through pod-resources when the
-    socket is there (see ``socket_path``), and the one warning to print when it is not usable."""
-    resolver, warning = open_resolver(lookup, gpu_uuids, socket_path(env))
+    socket is there (see ``socket_path``), and the one warning to print when it is not usable.
+    ``mig_uuids`` (MIG device UUID -> (GPU UUID, GPU instance id)) places the device plugin's
+    ``MIG-<uuid>`` IDs; without it only the legacy ``MIG-GPU-<uuid>/<gi>/<ci>`` IDs are placed."""
+    resolver, warning = open_resolver(lookup, gpu_uuids, socket_path(env), mig_uuids)
     if resolver is None:
         return lookup, read, warning
     return resolver.lookup, resolver.read_processes(read), None

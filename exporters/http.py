@@ -201,6 +201,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.rfile.close()      # the stdlib's reader: replaced by one with a whole-request deadline
         self._reader = _DeadlineReader(self.connection, self.timeout, lambda: self.server.count("read_timeout"))
         self.rfile = io.BufferedReader(self._reader)
         conn = self.connection
