@@ -24,9 +24,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from ..config import Settings, positive_float
+from ..ledger import DeviceSnapshot
 from .http import MetricsServer, parse_listen
 from ..model import Component, Scope
-from .prometheus import JOB_METRIC, Health, JobEnergy, job_energy
+from .prometheus import JOB_METRIC, Health, JobEnergy, MeterLike, job_energy
 from .pushgateway import Pusher, validate_gateway_url
 from .webconfig import load_web_config
 
@@ -56,14 +57,14 @@ JOB_POWER_METRIC = "wattmeter_job_power_watts"
 JOB_EMISSIONS_METRIC = "wattmeter_job_emissions_grams_total"
 
 
-def job_power(snapshot: Mapping[str, object]) -> dict[str, float]:
+def job_power(snapshot: Mapping[str, DeviceSnapshot]) -> dict[str, float]:
     """The job's latest power per component: its process-tree share where a component has one,
     else the host device (GPUs a run uses are its own; see ``job_energy``)."""
     out: dict[str, float] = {}
     for comp in Component:
-        devs = [s for s in snapshot.values() if s.device.component == comp]    # type: ignore[attr-defined]
-        scoped = [s for s in devs if s.device.scope == Scope.PROCESS]          # type: ignore[attr-defined]
-        powers = [s.power_w for s in (scoped or devs) if s.power_w is not None]  # type: ignore[attr-defined]
+        devs = [s for s in snapshot.values() if s.device.component == comp]
+        scoped = [s for s in devs if s.device.scope == Scope.PROCESS]
+        powers = [s.power_w for s in (scoped or devs) if s.power_w is not None]
         if powers:
             out[comp.value] = float(sum(powers))
     return out
@@ -75,7 +76,7 @@ class JobCollector(Collector):
     ``final`` set (the job has ended): the energy totals of the record, and nothing else.
     """
 
-    def __init__(self, job: str, hostname: str, meter: object, carbon: object = None) -> None:
+    def __init__(self, job: str, hostname: str, meter: MeterLike, carbon: Any = None) -> None:
         self.job, self.hostname, self.meter, self.carbon = job, hostname, meter, carbon
         self.final: list[JobEnergy] | None = None
 
@@ -87,12 +88,12 @@ class JobCollector(Collector):
         energy = CounterMetricFamily(JOB_METRIC[:-len("_total")], "Energy of the job by component (J).",
                                      labels=labels)
         final = self.final
-        snap = self.meter.snapshot() if final is None else {}    # type: ignore[attr-defined]
+        snap = self.meter.snapshot() if final is None else {}
         for j in (final if final is not None else job_energy(self.job, snap)):
             energy.add_metric([j.job, j.component, self.hostname], j.energy_j)
         yield energy
         if self.carbon is not None:
-            res = self.carbon.snapshot()      # type: ignore[attr-defined]
+            res = self.carbon.snapshot()      # CarbonAccountant -> CarbonResult
             em = CounterMetricFamily(JOB_EMISSIONS_METRIC[:-len("_total")], "Emissions of the job (g CO2e).",
                                      labels=("job", "scope", "hostname"))
             for scope, grams in sorted(res.emissions_g.items()):
@@ -159,7 +160,7 @@ def start_job_exporter(args: argparse.Namespace, settings: Settings, meter: Any,
 
     out = JobExporter(job=ident.job, collector=JobCollector(ident.job, ident.hostname, meter, carbon))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(out.collector)   # type: ignore[arg-type]
+    registry.register(out.collector)
     if address is not None:
         out.server = MetricsServer(registry, address, web, flag="--metrics-port").start()
         out.notes.append(f"serving the job's metrics at {out.server.url}/metrics")
