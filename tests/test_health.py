@@ -155,3 +155,21 @@ def test_serve_refuses_an_unknown_flag_with_one_line_and_exit_2(tmp_path) -> Non
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--log-level" in lines[0] and "Traceback" not in out.stderr
+
+
+def test_every_error_kind_the_fake_faults_produce_is_declared() -> None:
+    """The declared kinds (exported at 0 from the start) cover what the NVML sensor counts under
+    every fault the bundled faults scenario injects (slow calls, unsupported calls and fields, a
+    counter reset, a lost GPU); a kind counted but not declared would again appear only at its
+    first error and be invisible to increase()."""
+    from wattmeter.sim.scenario import load_scenario
+
+    clock = VirtualClock(start=1000.0)
+    module = build_module(FakeNVML(load_scenario("faults"), clock))
+    meter = Meter([NvmlSensor(module, GpuSelection(None))], clock=clock)
+    for _ in range(400):        # the scenario's 40 s
+        clock.advance(0.1)
+        meter.poll()
+    counted = set(meter.status["nvml"].errors)
+    assert counted, "the faults scenario should make the sensor count errors"
+    assert counted <= set(SENSOR_ERROR_KINDS["nvml"]), counted - set(SENSOR_ERROR_KINDS["nvml"])
