@@ -217,8 +217,8 @@ class _HFHooks:
     (set ``include_num_input_tokens_seen`` in TrainingArguments) as "training" tokens; on_log
     adds the cumulative, interval and step figures to training logs (and to the matching
     ``state.log_history`` entry, so ``trainer_state.json`` has them) but never to evaluation
-    logs; the final log of ``train()`` (the one with ``train_runtime``) ends the window and
-    carries its exact result, also kept in ``.result``. ``log_every=N`` asks the Trainer to log
+    logs; the summary log ``train()`` writes after its last epoch (no step ``loss``) ends the
+    window and carries its exact result, also kept in ``.result``. ``log_every=N`` asks the Trainer to log
     every N optimizer steps. Only the local main process meters: every rank on a node sees the
     same GPUs, and counting them per rank would multiply the energy.
 
@@ -237,6 +237,7 @@ class _HFHooks:
         self._active = False
         self._seen = 0
         self._in_eval = False
+        self._done = False
 
     @property
     def result(self) -> "WindowResult | None":
@@ -279,7 +280,7 @@ class _HFHooks:
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._move_first()                     # also covers trainer.add_callback() after __init__
         self._active = bool(getattr(state, "is_local_process_zero", True))
-        self._in_eval = False
+        self._in_eval = self._done = False
         if self._active:
             self._seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)   # resumed runs start > 0
             self.tracker.begin()
@@ -300,6 +301,13 @@ class _HFHooks:
     def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._in_eval = True
 
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The loop is over when max_steps is reached or a callback stopped it (early stopping);
+        # then the next log without a step "loss" is train()'s summary (train_runtime, train_loss).
+        max_steps = int(getattr(state, "max_steps", 0) or 0)
+        if getattr(control, "should_training_stop", False) or (max_steps and state.global_step >= max_steps):
+            self._done = True
+
     def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._in_eval = False
 
@@ -311,7 +319,7 @@ class _HFHooks:
             return
         if self._in_eval or any(str(k).startswith("eval_") for k in logs):
             return
-        if "train_runtime" in logs:            # Trainer.train()'s last log: the exact result
+        if self._done and "loss" not in logs:  # Trainer.train()'s summary log: the exact result
             figures = self.tracker.final_figures()
         else:
             figures = self.tracker.log_figures()

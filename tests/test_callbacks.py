@@ -273,6 +273,11 @@ def test_hf_final_log_carries_the_exact_result_into_logs_and_history():
         state.global_step = step
         state.num_input_tokens_seen += 500
         cb.on_step_end(args, state, control)
+    step_log = {"loss": 1.1, "train_runtime": 2.9}          # step logs carry speed metrics too
+    cb.on_log(args, state, control, logs=step_log)
+    assert cb.result is None and "interval_energy_j" in step_log
+    state.max_steps = 3
+    cb.on_epoch_end(args, state, control)                   # the loop is over
     final = {"train_runtime": 3.0, "train_loss": 1.2}
     state.log_history.append({**final, "step": 3})
     cb.on_log(args, state, control, logs=final)
