@@ -13,6 +13,7 @@ Phases (about two minutes once the binary is cached):
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -129,8 +130,11 @@ def test_llama_server_tokens_j_per_token_and_restart(tmp_path: Path) -> None:
     load = Load(llama)
     try:
         wait_until(prom.targets_up, 60, "Prometheus to scrape serve and llama-server")
-        wait_until(lambda: serve_tokens(serve) == {"prompt": 0.0, "generation": 0.0} or None, 60,
-                   "serve to read llama-server's counters")
+        def tokens_up() -> bool:
+            up = counters(http_get(f"{serve.url}/metrics")[1].decode(), "wattmeter_up")
+            return up.get("wattmeter_up{sensor=tokens}") == 1.0
+
+        wait_until(tokens_up, 60, "serve to read llama-server's counters")
 
         # 1. Steady load past the J/token window, then read J/token from Prometheus.
         load.start()
@@ -171,9 +175,11 @@ def test_llama_server_tokens_j_per_token_and_restart(tmp_path: Path) -> None:
 
         wait_until(prometheus_has_total, 30, "Prometheus to scrape the final token total")
         assert prom.value("resets(llamacpp:tokens_predicted_total[10m])") >= 1     # the server did reset
-        wattmeter_counters = prom.query('resets({__name__=~"wattmeter_.*_total"}[10m])')
-        assert wattmeter_counters, "no wattmeter counters in Prometheus"
-        reset = {str(r["metric"]): r["value"][1] for r in wattmeter_counters if float(r["value"][1]) != 0}
+        names = json.loads(http_get(f"{prom.url}/api/v1/label/__name__/values")[1])["data"]
+        wattmeter_counters = [n for n in names if n.startswith("wattmeter_") and n.endswith("_total")]
+        assert "wattmeter_tokens_total" in wattmeter_counters and "wattmeter_gpu_energy_joules_total" in wattmeter_counters
+        reset = {f"{name}{r['metric']}": r["value"][1] for name in wattmeter_counters
+                 for r in prom.query(f"resets({name}[10m])") if float(r["value"][1]) != 0}
         assert reset == {}, f"wattmeter counters went backwards: {reset}"
 
         # Last, so that a J/token miss does not hide the exact-count and restart checks above.
@@ -187,3 +193,22 @@ def test_llama_server_tokens_j_per_token_and_restart(tmp_path: Path) -> None:
         prom.stop()
         assert serve.stop() == 0, serve.output
         llama.stop()
+
+
+def families(text: str) -> dict[str, tuple[str, str]]:
+    return {f.name: (f.type, f.documentation) for f in text_string_to_metric_families(text)}
+
+
+def test_llamacpp_fixture_has_the_real_servers_series_and_help_text(tmp_path: Path) -> None:
+    """tests/fixtures/servers/llamacpp.txt is this llama-server's page: same families, types and
+    HELP text (values differ). A newer llama.cpp that renames a series fails here first."""
+    llama = LlamaServer(llama_server_binary(), write_tiny_gguf(tmp_path / "tiny-llama.gguf"), tmp_path / "llama")
+    try:
+        reply = llama.complete(PROMPT, 8)
+        assert reply["tokens_predicted"] == 8
+        real = llama.metrics()
+    finally:
+        llama.stop()
+    fixture = (Path(__file__).parent / "fixtures" / "servers" / "llamacpp.txt").read_text()
+    assert families(fixture) == families(real)
+    assert counters(real, "llamacpp:tokens_predicted_total") == {"llamacpp:tokens_predicted_total{}": 8.0}
