@@ -7,7 +7,6 @@ import http.server
 import threading
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from wattmeter.tokens import TokenScraper, parse_tokens
