@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -45,10 +46,10 @@ def run_estimate(args: argparse.Namespace) -> int:
 
     if args.count < 1:
         raise UsageError(f"--count {args.count} must be at least 1")
-    if not args.hours > 0:
-        raise UsageError(f"--hours {args.hours:g} must be above 0")
+    if not (args.hours > 0 and math.isfinite(args.hours)):
+        raise UsageError(f"--hours {args.hours:g} must be a finite number above 0, e.g. --hours 100")
     utilisation = 1.0 if args.utilisation is None else args.utilisation
-    if not 0 < utilisation <= 1:
+    if not 0 < utilisation <= 1:   # NaN fails this too
         raise UsageError(f"--utilisation {utilisation:g} is outside (0, 1]; give a fraction such as 0.7")
     spec = lookup_gpu(args.gpu)
     config = CarbonConfig.from_args(args, os.environ, _file_config())
