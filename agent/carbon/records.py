@@ -75,8 +75,8 @@ def _absurd(obj: Mapping[str, Any]) -> str | None:
     duration = obj.get("duration_s")
     if _finite(duration) and duration > 0:
         gpus = max(1, int(obj["gpu_count"])) if _finite(obj.get("gpu_count")) else 1
-        gpu_w = (energy.get("gpu") or 0.0) / duration
-        if gpu_w > MAX_W_PER_GPU * gpus:
+        gpu_w = (energy.get("gpu") or 0.0) / duration / gpus
+        if gpu_w > MAX_W_PER_GPU:
             return f"average GPU power {gpu_w:.3g} W is above {MAX_W_PER_GPU:.0f} W per GPU"
         host_w = ((energy.get("cpu") or 0.0) + (energy.get("ram") or 0.0)) / duration
         if host_w > MAX_HOST_W:

@@ -24,6 +24,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="average fraction of board power drawn, 0 < U <= 1 (default 1.0)")
     p.add_argument("--calibrate", nargs="+", metavar="RECORDS",
                    help="use the average power measured on this GPU family in these run records")
+    p.add_argument("--include-simulated", action="store_true",
+                   help="with --calibrate, also use runs on simulated (fake NVML) GPUs; they are ignored by default")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_carbon_arguments(p)
     p.set_defaults(handler=run_estimate)
@@ -58,8 +60,12 @@ def run_estimate(args: argparse.Namespace) -> int:
         records = load_records(args.calibrate)
         if records.skipped:
             sys.stderr.write(f"wattmeter: warning: {records.skipped_summary()}\n")
-        calibration = calibrate(records, spec)
-        if calibration is None:
+        calibration = calibrate(records, spec, include_simulated=args.include_simulated)
+        if calibration is not None and calibration.ignored_simulated and not calibration.runs:
+            sys.stderr.write(f"wattmeter: note: {calibration.ignored_simulated} simulated run(s) in "
+                             f"{', '.join(args.calibrate)} ignored (fake GPUs are not measurements; "
+                             "--include-simulated uses them); using board power\n")
+        elif calibration is None:
             sys.stderr.write(f"wattmeter: note: no {spec.family} GPUs in {', '.join(args.calibrate)}; "
                              "using board power\n")
     est = estimate(spec, args.count, args.hours, utilisation, config, calibration)
