@@ -143,3 +143,11 @@ def test_doctor_help_describes_the_command(capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "Probe every sensor" in out and "how to fix it" in out
+
+
+def test_a_bad_csv_path_names_csv_not_records(tmp_path):
+    proc = wm("run", "--records", str(tmp_path / "r.jsonl"), "--csv", str(tmp_path / "no" / "x.csv"), "--", "true",
+              cwd=tmp_path)
+    assert one_error(proc) == (f"wattmeter: error: --csv {tmp_path / 'no' / 'x.csv'}: cannot write (directory "
+                               f"{tmp_path / 'no'} does not exist); pass --csv with a writable file")
+    assert not (tmp_path / "r.jsonl").exists()

@@ -117,6 +117,20 @@ def check_gpu_selection(plan: CliSensorPlan, found: Discovered) -> None:
                      f"e.g. --gpus {','.join(str(i) for i in range(min(have, len(wanted))))}")
 
 
+def check_output_paths(*flag_paths: tuple[str, str | None]) -> None:
+    """Each output path is writable, else a one-line error naming its own flag (--csv, not --records)."""
+    from ..exporters.records import check_writable
+
+    for flag, path in flag_paths:
+        if not path:
+            continue
+        try:
+            check_writable(path)
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: cannot write ({exc.strerror or exc}); "
+                             f"pass {flag} with a writable file") from None
+
+
 def discover_or_fail(plan: CliSensorPlan) -> Discovered:
     found = discover(plan)
     try:

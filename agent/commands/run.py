@@ -14,7 +14,7 @@ from ..exporters.records import RecordWriter, RunIdentity
 from ..jobrun import JobRunner
 from ..meter import Meter
 from ..summary import render
-from .common import add_sensor_arguments, discover_or_fail, sensor_plan, settings_from_cwd
+from .common import add_sensor_arguments, check_output_paths, discover_or_fail, sensor_plan, settings_from_cwd
 
 CONTEXT_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_JOB_ID", "SLURM_PROCID", "POD_NAME", "POD_NAMESPACE")
 
@@ -86,6 +86,7 @@ def run_command(args: argparse.Namespace) -> int:
     csv_path = settings.get("csv", args.csv, None, str)
     checkpoint_s = settings.get("checkpoint_interval", args.checkpoint_interval, 30.0, positive_float)
     grace_s = settings.get("kill_grace", args.kill_grace, 10.0, positive_float)
+    check_output_paths(("--records", records), ("--csv", csv_path))   # names the flag whose path is bad
     try:
         writer = RecordWriter(records, csv_path)
     except OSError as exc:
