@@ -59,22 +59,13 @@ def _finite(value: Any) -> bool:
     return type(value) in _NUMBER and math.isfinite(value)   # type(): a bool is not a number here
 
 
-def _absurd(obj: Mapping[str, Any]) -> str | None:
-    """Values no meter produces: non-finite, negative energy, more than 10 kW per GPU."""
-    for name in ("duration_s", "energy_kwh", "start_unix", "end_unix"):
-        if obj.get(name) is not None and not _finite(obj[name]):
-            return f"{name} is not a finite number ({obj[name]!r})"
-    energy = obj.get("energy_j") or {}
-    for key, value in energy.items():
-        if value is None:
-            continue
-        if not _finite(value):
-            return f"energy_j.{key} is not a finite number ({value!r})"
-        if value < 0:
-            return f"energy_j.{key} is negative ({value:.3g} J)"
+def _absurd(obj: Mapping[str, Any], energy: Mapping[str, Any]) -> str | None:
+    """Values no meter produces (beyond the per-field checks of :func:`_problem`): more than
+    10 kW per GPU, more than 100 kW of CPU+RAM, non-finite or negative emissions."""
     duration = obj.get("duration_s")
-    if _finite(duration) and duration > 0:
-        gpus = max(1, int(obj["gpu_count"])) if _finite(obj.get("gpu_count")) else 1
+    if duration is not None and duration > 0:
+        count = obj.get("gpu_count")
+        gpus = max(1, int(count)) if _finite(count) else 1
         gpu_w = (energy.get("gpu") or 0.0) / duration / gpus
         if gpu_w > MAX_W_PER_GPU:
             return f"average GPU power {gpu_w:.3g} W is above {MAX_W_PER_GPU:.0f} W per GPU"
@@ -82,9 +73,9 @@ def _absurd(obj: Mapping[str, Any]) -> str | None:
         if host_w > MAX_HOST_W:
             return f"average CPU+RAM power {host_w:.3g} W is above {MAX_HOST_W:.0f} W"
     carbon = obj.get("carbon")
-    if isinstance(carbon, dict):
-        for key, value in (carbon.get("emissions_g") or {}).items() if isinstance(carbon.get("emissions_g"), dict) \
-                else ():
+    emissions = carbon.get("emissions_g") if carbon else None
+    if isinstance(emissions, dict):
+        for key, value in emissions.items():
             if value is not None and (not _finite(value) or value < 0):
                 return f"carbon.emissions_g.{key} is not a finite number >= 0 ({value!r})"
     return None
@@ -104,13 +95,22 @@ def _problem(obj: Any) -> str | None:
             return f"{name} is not an object"
     for name in ("duration_s", "energy_kwh", "start_unix", "end_unix"):
         value = obj.get(name)
-        if value is not None and type(value) not in _NUMBER:
-            return f"{name} is not a number"
+        if value is not None:
+            if type(value) not in _NUMBER:
+                return f"{name} is not a number"
+            if not math.isfinite(value):
+                return f"{name} is not a finite number ({value!r})"
     energy = obj.get("energy_j") or {}
-    for v in energy.values():
-        if v is not None and type(v) not in _NUMBER:
+    for key, v in energy.items():
+        if v is None:
+            continue
+        if type(v) not in _NUMBER:
             return "energy_j holds a non-number"
-    return _absurd(obj)
+        if not math.isfinite(v):
+            return f"energy_j.{key} is not a finite number ({v!r})"
+        if v < 0:
+            return f"energy_j.{key} is negative ({v:.3g} J)"
+    return _absurd(obj, energy)
 
 
 def _check_path(path: Path) -> None:

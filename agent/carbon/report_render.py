@@ -167,13 +167,12 @@ def _text_table(section: _Section) -> Iterator[str]:
                   for i, h in enumerate(section.headers)]
     n_text = section.n_text
 
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i < n_text else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip() + "\n"
+    # one format string for the whole section: formatting 200k lines cell by cell was a third of the time
+    fmt = "  ".join(f"{{:{'<' if i < n_text else '>'}{w}}}" for i, w in enumerate(widths)).format
 
-    yield line(section.headers)
+    yield fmt(*section.headers).rstrip() + "\n"
     for r in rows:
-        yield line(r)
+        yield fmt(*r).rstrip() + "\n"
 
 
 def render_table(report: Report) -> Iterator[str]:
