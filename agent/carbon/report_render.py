@@ -236,7 +236,7 @@ def render_csv(report: Report) -> Iterator[str]:
     wi = report.what_if
     extra = [f"whatif_{z.key}_g" for z in wi.zones] if wi else []
     buf = _Lines()
-    writer = csv.DictWriter(buf, CSV_COLUMNS + extra, lineterminator="\n")
+    writer = csv.DictWriter(buf, CSV_COLUMNS + extra, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for r in report.rows:
         row = {"level": "job", "run_id": r.run_id, "job": r.job, "host": r.host, "day": r.day, "start": r.start,
@@ -272,7 +272,7 @@ def render_json(report: Report) -> Iterator[str]:
 
 def render_codecarbon(report: Report) -> Iterator[str]:
     buf = _Lines()
-    writer = csv.DictWriter(buf, CODECARBON_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, CODECARBON_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
     for r in report.rows:
         writer.writerow(codecarbon_row(r.as_record()))
