@@ -72,6 +72,18 @@ def fake_gpus(value: Any) -> int:
     return n
 
 
+def checked_fake_request(n: int | None, scenario: str | None) -> tuple[int | None, str | None]:
+    """The Python API's ``Meter(fake_gpus=..., scenario=...)``, checked like the flags."""
+    if n is not None and scenario is not None:
+        raise ConfigError(f"fake_gpus={n!r} and scenario={scenario!r} both given; choose one")
+    if n is not None:
+        try:
+            n = fake_gpus(n)
+        except ValueError as exc:
+            raise ConfigError(f"fake_gpus={n!r}: {exc}") from None
+    return n, scenario
+
+
 def text(value: Any) -> str:
     """A string; a TOML number or table here is a mistake, not something to str()."""
     if not isinstance(value, str):
