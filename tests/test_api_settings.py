@@ -37,3 +37,25 @@ def test_bad_fake_requests_are_refused(kwargs, message):
     with pytest.raises(ConfigError) as err:
         Meter(**kwargs)
     assert str(err.value) == message
+
+
+def test_window_carbon_takes_runs_zone_and_pue(monkeypatch):
+    from wattmeter.carbon.window import window_carbon
+    from wattmeter.errors import UsageError
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    meter = Meter(fake_gpus=1)
+    try:
+        with meter.measure("epoch") as w:
+            import time
+            time.sleep(0.3)
+        result = w.result()
+    finally:
+        meter.close()
+    fr = window_carbon(result, zone="FR", pue=1.2)
+    assert fr.zone == "FR" and fr.pue == 1.2
+    assert fr.emissions_g["location"] == pytest.approx(result.total_energy_j / 3.6e6 * 1.2 * fr.intensity_g_per_kwh)
+    world = window_carbon(result)
+    assert world.intensity_source == "table:world-default"
+    with pytest.raises(UsageError, match="below 1"):
+        window_carbon(result, zone="FR", pue=0.5)
