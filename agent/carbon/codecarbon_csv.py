@@ -52,7 +52,8 @@ def _timestamp(record: Mapping[str, Any]) -> str:
     return str(record.get("end") or record.get("start") or "")[:19]
 
 
-def codecarbon_row(record: Mapping[str, Any]) -> dict[str, Any]:
+def codecarbon_row(record: Mapping[str, Any], places: dict[str | None, dict[str, str]] | None = None) -> dict[str, Any]:
+    """One CodeCarbon row; ``places`` caches the location columns per zone across rows."""
     energy = record.get("energy_j") or {}
     carbon = record.get("carbon") if isinstance(record.get("carbon"), Mapping) else {}
     pue = _num(carbon.get("pue")) or 1.0
@@ -88,7 +89,13 @@ def codecarbon_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "pue": pue,
         "wue": "",
     })
-    row.update(_where(carbon.get("zone")))
+    zone = carbon.get("zone")
+    if places is None:
+        row.update(_where(zone))
+    else:
+        if zone not in places:
+            places[zone] = _where(zone)
+        row.update(places[zone])
     if carbon.get("water_l") is not None and total_kwh:
         row["wue"] = _num(carbon["water_l"]) / (total_kwh / pue)
     return row

@@ -259,11 +259,12 @@ def render_csv(report: Report) -> Iterator[str]:
 
 
 def render_json(report: Report) -> Iterator[str]:
-    """The same document as ``json.dumps(report.as_dict(), indent=2)``, written a job at a time."""
+    """The document of ``report.as_dict()``, written a job at a time: one compact job object per
+    line (the C encoder; an indented 200k-job document took 5 s more), the rest indented."""
     head = report.as_dict(jobs=False)
     yield '{\n  "simulated_runs": ' + json.dumps(head.pop("simulated_runs")) + ',\n  "jobs": ['
     for i, row in enumerate(report.rows):
-        yield ("," if i else "") + "\n    " + json.dumps(row.as_dict(), indent=2).replace("\n", "\n    ")
+        yield ("," if i else "") + "\n    " + json.dumps(row.as_dict())
     yield "\n  ]" if report.rows else "]"
     for key, value in head.items():
         yield ",\n  " + json.dumps(key) + ": " + json.dumps(value, indent=2).replace("\n", "\n  ")
@@ -274,8 +275,9 @@ def render_codecarbon(report: Report) -> Iterator[str]:
     buf = _Lines()
     writer = csv.DictWriter(buf, CODECARBON_COLUMNS, lineterminator="\n", extrasaction="ignore")
     writer.writeheader()
+    places: dict = {}      # zone -> location columns, looked up once per zone
     for r in report.rows:
-        writer.writerow(codecarbon_row(r.as_record()))
+        writer.writerow(codecarbon_row(r.as_record(), places))
         yield buf.drain()
     yield buf.drain()
 
