@@ -52,7 +52,8 @@ def write_records(path: str, base: dict, n: int) -> tuple[int, int]:
 CHILD = ("import resource, sys\n"
          "from wattmeter.cli import main\n"
          "rc = main(sys.argv[1:])\n"
-         "sys.stderr.write('@@RSS_KB %d\\n' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+         "u = resource.getrusage(resource.RUSAGE_SELF)\n"
+         "sys.stderr.write('@@RSS_KB %d %.3f\\n' % (u.ru_maxrss, u.ru_utime + u.ru_stime))\n"
          "sys.exit(rc)\n")
 
 
@@ -65,8 +66,10 @@ def measure(path: str, fmt: str) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"report --format {fmt} failed ({proc.returncode}): {proc.stderr.strip()}")
     lines = proc.stderr.strip().splitlines()
-    rss_kb = int(lines[-1].split()[1])
-    return {"format": fmt, "wall_s": round(wall, 2), "peak_rss_mb": round(rss_kb / 1024, 1),
+    _, rss_kb, cpu_s = lines[-1].split()
+    # wall time moves with the machine's other load; the child's CPU time much less
+    return {"format": fmt, "wall_s": round(wall, 2), "cpu_s": round(float(cpu_s), 2),
+            "peak_rss_mb": round(int(rss_kb) / 1024, 1),
             "stderr": "\n".join(lines[:-1])[:400]}
 
 

@@ -158,3 +158,13 @@ def test_calibrate_ignores_simulated_runs_unless_asked(tmp_path, capsys):
     code, text, _ = run(capsys, "estimate", "--gpu", "H100", "--hours", "1", "--calibrate", str(path),
                         "--include-simulated")
     assert "SIMULATED: 1 of these run(s) metered fake GPUs" in text
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.001234, "0.00123"), (0.5, "0.500"), (1.0, "1.00"), (9.996, "10.0"), (42.42, "42.4"), (99.96, "100"),
+    (285.4, "285"), (999.6, "1,000"), (4400.4, "4,400"), (12345.0, "12,300"), (0.0, "0"), (None, "-"),
+])
+def test_three_significant_figures_at_the_decade_edges(value, text):
+    from wattmeter.carbon.report_render import _f
+
+    assert _f(value) == text

@@ -182,12 +182,19 @@ class RowMaker:
             got = self._days[key] = _utc_day(unix_s)
         return got
 
-    def __call__(self, record: Mapping[str, Any]) -> "JobRow":
-        return job_row(record, self.share, self.day)
+    def __call__(self, record: Mapping[str, Any]) -> "Encoded":
+        return encode_record(record, self.share, self.day)
 
 
-def job_row(record: Mapping[str, Any], _shared: Callable[[Any], Any] = lambda v: v,
-            _day_of: Callable[[float], str] = _utc_day) -> JobRow:
+_NAN = float("nan")
+Encoded = tuple[list[float], list[int], list[Any]]   # a row in rowstore's column order
+
+
+def encode_record(record: Mapping[str, Any], _shared: Callable[[Any], Any] = lambda v: v,
+                  _day_of: Callable[[float], str] = _utc_day) -> Encoded:
+    """A run record as one row of :class:`~wattmeter.carbon.rowstore.RowStore` columns (floats
+    with NaN for "none", ints, objects), built without intermediate objects: the report's
+    per-run cost. :func:`job_row` is the same row as a :class:`JobRow`."""
     energy = record.get("energy_j") or {}
     gpu_j, cpu_j, ram_j = _num(energy.get("gpu")), _num(energy.get("cpu")), _num(energy.get("ram"))
     total = _num(energy.get("total")) if energy.get("total") is not None else gpu_j + cpu_j + ram_j
@@ -197,38 +204,45 @@ def job_row(record: Mapping[str, Any], _shared: Callable[[Any], Any] = lambda v:
     gpu_count = int(_num(record.get("gpu_count")))
     carbon = record.get("carbon")
     carbon = carbon if isinstance(carbon, dict) else None   # dict, not Mapping: JSON objects, and 10x cheaper
-    scopes: dict[str, float] = {}
-    water = None
+    loc = mkt = emb = water = intensity = pue = share = _NAN
+    zone = source = None
     if carbon:
         em = carbon.get("emissions_g")
-        em = em if isinstance(em, dict) else {}
-        scopes = {s: _num(em[s]) for s in SCOPES if em.get(s) is not None}
-        water = _num(carbon["water_l"]) if carbon.get("water_l") is not None else None
-    figures = Figures(1, duration, (gpu_j, cpu_j, ram_j, total), tuple(scopes.items()), water,
-                      generation or prompt + generation, gpu_count * duration / 3600.0,
-                      0 if carbon else 1)
+        if isinstance(em, dict):
+            loc, mkt, emb = [_num(em[s]) if em.get(s) is not None else _NAN for s in SCOPES]
+        if carbon.get("water_l") is not None:
+            water = _num(carbon["water_l"])
+        intensity = _num(carbon.get("intensity_g_per_kwh"))
+        if carbon.get("pue") is not None:
+            pue = _num(carbon["pue"])
+        value = carbon.get("renewable_share")
+        if type(value) in _NUMBER:
+            share = float(value)
+        zone, source = _shared(carbon.get("zone")), _shared(carbon.get("intensity_source"))
     day, start = _day(record, _day_of)
     labels = record.get("labels") or {}
     end_unix = record.get("end_unix")
-    share = carbon.get("renewable_share") if carbon else None
+    has_end = type(end_unix) in _NUMBER
     kwh = record.get("energy_kwh")
-    return JobRow(
-        run_id=str(record["run_id"]), job=_shared(str(record.get("job") or "(unnamed)")),
-        host=_shared(str(record.get("hostname") or "(unknown)")), day=_shared(day), start=start,
-        status=_shared(str(record.get("status") or "unknown")),
-        checkpoint=bool(record.get("checkpoint")),
-        labels=_shared(tuple(sorted((str(k), str(v)) for k, v in labels.items()))),
-        zone=_shared(carbon.get("zone")) if carbon else None,
-        intensity_g_per_kwh=_num(carbon.get("intensity_g_per_kwh")) if carbon else None,
-        intensity_source=_shared(carbon.get("intensity_source")) if carbon else None,
-        pue=_num(carbon.get("pue")) if carbon and carbon.get("pue") is not None else None,
-        tokens_prompt=prompt, tokens_generation=generation, gpu_count=gpu_count,
-        gpu_models=_shared(tuple(str(m) for m in record.get("gpu_models") or ())), figures=figures,
-        simulated=bool(record.get("simulated")),
-        end_unix=float(end_unix) if type(end_unix) in _NUMBER else None,
-        end="" if type(end_unix) in _NUMBER else str(record.get("end") or ""),   # end_unix suffices
-        energy_kwh_it=float(kwh) if type(kwh) in _NUMBER else None,
-        renewable_share=float(share) if type(share) in _NUMBER else None)
+    flags = (1 if record.get("checkpoint") else 0) | (2 if record.get("simulated") else 0) | (0 if carbon else 4)
+    floats = [duration, gpu_j, cpu_j, ram_j, total, loc, mkt, emb, water, gpu_count * duration / 3600.0,
+              intensity, pue, float(end_unix) if has_end else _NAN, float(kwh) if type(kwh) in _NUMBER else _NAN,
+              share]
+    ints = [generation or prompt + generation, prompt, generation, gpu_count, flags]
+    objs = [str(record["run_id"]), _shared(str(record.get("job") or "(unnamed)")),
+            _shared(str(record.get("hostname") or "(unknown)")), _shared(day), start,
+            _shared(str(record.get("status") or "unknown")),
+            _shared(tuple(sorted((str(k), str(v)) for k, v in labels.items()))), zone, source,
+            _shared(tuple(str(m) for m in record.get("gpu_models") or ())),
+            "" if has_end else str(record.get("end") or "")]       # end_unix suffices
+    return floats, ints, objs
+
+
+def job_row(record: Mapping[str, Any], _shared: Callable[[Any], Any] = lambda v: v,
+            _day_of: Callable[[float], str] = _utc_day) -> JobRow:
+    from .rowstore import decode
+
+    return decode(*encode_record(record, _shared, _day_of))
 
 
 class _Sum:
@@ -323,7 +337,7 @@ def build_report(records: RecordSet, group_by: str = "job",
     if not isinstance(store, RowStore):
         store = RowStore()
         for r in records.records:
-            store.append(r if isinstance(r, JobRow) else job_row(r))
+            store.append(r if isinstance(r, JobRow) else encode_record(r))
     order = store.order()
     rows = SortedRows(store, order)
     keys = store.group_keys(group_by)

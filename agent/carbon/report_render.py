@@ -22,6 +22,18 @@ def _f(value: float | None, digits: int = 3) -> str:
         return "-"
     if value == 0:
         return "0"
+    a = abs(value)
+    if 1.0 <= a < 999.5:     # the common case, without the general path's parse and log
+        if a < 10.0:
+            text = "%.2f" % value
+            if not text.endswith("10.00"):     # 9.996 rounds up into the next decade
+                return text
+            return "%.1f" % value
+        if a < 100.0:
+            text = "%.1f" % value
+            if not text.endswith("100.0"):
+                return text
+        return "%.0f" % value
     rounded = float("%.3g" % value)   # the rounding, then the digits it left (99.96 -> 100, not 100.0)
     places = 2 - math.floor(math.log10(abs(rounded)))
     if places <= 0:

@@ -27,6 +27,20 @@ def _opt(x: float) -> float | None:
     return None if x != x else x     # NaN stands for None in the float columns
 
 
+def decode(floats: Sequence[float], ints: Sequence[int], objs: Sequence[Any]) -> JobRow:
+    """One stored row (column order) as a :class:`JobRow`."""
+    (dur, gpu, cpu, ram, tot, loc, mkt, emb, water, gpu_h, inten, pue, end_u, kwh, share) = floats
+    tokens, prompt, gen, gpus, flags = ints
+    run_id, job, host, day, start, status, labels, zone, source, models, end = objs
+    emissions = tuple(pair for pair in (("location", loc), ("market", mkt), ("embodied", emb))
+                      if pair[1] == pair[1])     # NaN marks an absent scope
+    figures = Figures(1, dur, (gpu, cpu, ram, tot), emissions, _opt(water), tokens, gpu_h,
+                      1 if flags & _NO_CARBON else 0)
+    return JobRow(run_id, job, host, day, start, status, bool(flags & _CHECKPOINT), labels, zone,
+                  _opt(inten), source, _opt(pue), prompt, gen, gpus, models, figures,
+                  bool(flags & _SIMULATED), _opt(end_u), end, _opt(kwh), _opt(share))
+
+
 class RowStore(Sequence[JobRow]):
     def __init__(self) -> None:
         self.floats = {name: array("d") for name in _FLOATS}
@@ -51,24 +65,25 @@ class RowStore(Sequence[JobRow]):
         objs = [getattr(row, name) for name in _OBJS]
         return floats, ints, objs
 
-    def append(self, row: JobRow) -> None:
-        floats, ints, objs = self._encode(row)
-        for name, v in zip(_FLOATS, floats):
-            self.floats[name].append(v)
-        for name, v in zip(_INTS, ints):
-            self.ints[name].append(v)
-        for name, v in zip(_OBJS, objs):
-            self.objs[name].append(v)
+    def append(self, row: JobRow | tuple[list[float], list[int], list[Any]]) -> None:
+        """Add a row: a :class:`JobRow`, or one already encoded (``report.encode_record``)."""
+        floats, ints, objs = self._encode(row) if isinstance(row, JobRow) else row
+        for col, v in zip(self._fcols, floats):
+            col.append(v)
+        for col, v in zip(self._icols, ints):
+            col.append(v)
+        for col, v in zip(self._ocols, objs):
+            col.append(v)
         self._n += 1
 
-    def __setitem__(self, i: int, row: JobRow) -> None:
-        floats, ints, objs = self._encode(row)
-        for name, v in zip(_FLOATS, floats):
-            self.floats[name][i] = v
-        for name, v in zip(_INTS, ints):
-            self.ints[name][i] = v
-        for name, v in zip(_OBJS, objs):
-            self.objs[name][i] = v
+    def __setitem__(self, i: int, row: JobRow | tuple[list[float], list[int], list[Any]]) -> None:
+        floats, ints, objs = self._encode(row) if isinstance(row, JobRow) else row
+        for col, v in zip(self._fcols, floats):
+            col[i] = v
+        for col, v in zip(self._icols, ints):
+            col[i] = v
+        for col, v in zip(self._ocols, objs):
+            col[i] = v
 
     def __len__(self) -> int:
         return self._n
@@ -85,17 +100,8 @@ class RowStore(Sequence[JobRow]):
             i += self._n
         if not 0 <= i < self._n:
             raise IndexError(i)
-        (dur, gpu, cpu, ram, tot, loc, mkt, emb, water, gpu_h, inten, pue, end_u, kwh, share) = \
-            [col[i] for col in self._fcols]
-        tokens, prompt, gen, gpus, flags = [col[i] for col in self._icols]
-        run_id, job, host, day, start, status, labels, zone, source, models, end = [col[i] for col in self._ocols]
-        emissions = tuple(pair for pair in (("location", loc), ("market", mkt), ("embodied", emb))
-                          if pair[1] == pair[1])     # NaN marks an absent scope
-        figures = Figures(1, dur, (gpu, cpu, ram, tot), emissions, _opt(water), tokens, gpu_h,
-                          1 if flags & _NO_CARBON else 0)
-        return JobRow(run_id, job, host, day, start, status, bool(flags & _CHECKPOINT), labels, zone,
-                      _opt(inten), source, _opt(pue), prompt, gen, gpus, models, figures,
-                      bool(flags & _SIMULATED), _opt(end_u), end, _opt(kwh), _opt(share))
+        return decode([col[i] for col in self._fcols], [col[i] for col in self._icols],
+                      [col[i] for col in self._ocols])
 
     def __iter__(self) -> Iterator[JobRow]:
         return (self[i] for i in range(self._n))
