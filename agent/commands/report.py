@@ -39,35 +39,51 @@ def _what_if_zones(spec: str | None) -> list:
 
 def run_report(args: argparse.Namespace) -> int:
     from ..carbon.records import load_records
-    from ..carbon.report import build_report
-    from ..carbon.report_render import render
+    from ..carbon.report import BUILTIN_GROUPS, RowMaker, build_report
+    from ..carbon.rowstore import RowStore
+    from ..carbon.report_render import render_chunks
 
     group_by = args.group_by.strip()
     if not group_by:
         raise UsageError("--group-by is empty; use job, host, day or a label key such as team")
     zones = _what_if_zones(args.what_if)            # bad zones fail before any file is read
+    if args.output and not Path(args.output).parent.exists():
+        raise UsageError(f"--output {args.output}: folder '{Path(args.output).parent}' does not exist")
     if args.plot:
         from ..carbon.plot import check_plot_target
 
         check_plot_target(args.plot)
-    records = load_records(args.records)
+    records = load_records(args.records, make=RowMaker(), into=RowStore())   # streamed: one small row per run is kept
     if records.skipped:
         sys.stderr.write(f"wattmeter: warning: {records.skipped_summary()}\n")
     report = build_report(records, group_by, zones)
-    text = render(report, args.format)
+    _check_group_by(group_by, report.rows, BUILTIN_GROUPS)
+    chunks = render_chunks(report, args.format)
     if args.output:
-        out = Path(args.output)
-        if not out.parent.exists():
-            raise UsageError(f"--output {args.output}: folder '{out.parent}' does not exist")
         try:
-            out.write_text(text, encoding="utf-8")
+            with open(args.output, "w", encoding="utf-8") as out:
+                out.writelines(chunks)
         except OSError as exc:
             raise UsageError(f"--output {args.output}: cannot write ({exc.strerror or exc})") from None
     else:
-        sys.stdout.write(text)
+        sys.stdout.writelines(chunks)
     if args.plot:
         from ..carbon.plot import plot_report
 
-        path = plot_report(report, args.plot)
+        timelines = load_records(args.records)   # plots need the timelines the report dropped
+        path = plot_report(report, args.plot, {r["run_id"]: r for r in timelines.records})
         sys.stderr.write(f"wattmeter: plot written to {path}\n")
     return 0
+
+
+def _check_group_by(key: str, rows, builtin: tuple[str, ...]) -> None:
+    """A label key no record has would put every run under '(none)': say so instead."""
+    import difflib
+
+    if key in builtin or not rows or any(key == k for r in rows for k, _ in r.labels):
+        return
+    present = sorted({k for r in rows for k, _ in r.labels})
+    choices = list(builtin) + present
+    close = difflib.get_close_matches(key, choices, 1, 0.0)
+    raise UsageError(f"--group-by {key}: no record has a label '{key}'; use job, host, day"
+                     f"{' or a label: ' + ', '.join(present) if present else ''} (closest: {close[0]})")

@@ -13,7 +13,7 @@ from ..jobrun import JobRunner, hold_signals
 from ..meter import Meter
 from ..runsink import RunIdentity
 from ..summary import render
-from .common import add_sensor_arguments, discover_or_fail, sensor_plan, settings_from_cwd
+from .common import add_sensor_arguments, check_output_paths, discover_or_fail, sensor_plan, settings_from_cwd
 
 CONTEXT_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_JOB_ID", "SLURM_PROCID", "POD_NAME", "POD_NAMESPACE")
 
@@ -98,6 +98,7 @@ def run_command(args: argparse.Namespace) -> int:
     checkpoint_s = settings.get("checkpoint_interval", args.checkpoint_interval, 30.0, positive_float)
     grace_s = settings.get("kill_grace", args.kill_grace, 10.0, positive_float)
     json_to = args.json
+    check_output_paths(("--records", records), ("--csv", csv_path))   # names the flag whose path is bad
     try:
         sink = RecordSink(records, csv_path)
     except OSError as exc:
