@@ -201,3 +201,26 @@ def test_retries_back_off_on_the_injected_clock():
     expected = [0.25, 0.5, 1.0] + [1.0] * (len(gaps) - 3)     # doubling, capped; on a 0.1 s read grid
     assert len(gaps) >= 6 and all(e - 1e-6 <= g <= e + 0.1 + 1e-6 for g, e in zip(gaps, expected))
     assert late.devices() == [] and late.read(clock.now()).readings == []
+
+
+def test_idle_lanes_end_their_threads_and_come_back_on_the_next_call(monkeypatch):
+    from wattmeter.sensors import guard as guard_mod
+    monkeypatch.setattr(guard_mod, "IDLE_EXIT_S", 0.05)
+    fake = fake_of(2)
+    n = with_deadlines(build_module(fake), deadline_s=2.0)
+    guard = n.WATTMETER_DEADLINES
+    before = set(threading.enumerate())
+    n.nvmlInit()
+    handles = [n.nvmlDeviceGetHandleByIndex(i) for i in range(2)]
+    assert [n.nvmlDeviceGetPowerUsage(h) for h in handles] == [300_000, 300_000]
+    lanes = set(threading.enumerate()) - before
+    assert guard.stats().lanes == len(lanes) == 3                  # the library lane and one per GPU
+    deadline = time.monotonic() + 5
+    while guard.stats().lanes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert guard.stats().lanes == 0
+    for t in lanes:
+        t.join(5)
+    assert not [t.name for t in lanes if t.is_alive()]   # their threads ended
+    assert n.nvmlDeviceGetPowerUsage(handles[1]) == 300_000   # a new lane serves the next call
+    assert guard.stats().lanes == 1
