@@ -206,6 +206,20 @@ class _Wattmeter:
         return {g: got.get(g, (None, None)) for g in g_list}
 
 
+class _WattmeterDirect(_Wattmeter):
+    """The NVML sensor on the module itself, without per-call deadlines (to see what they cost)."""
+
+    label = "wattmeter without NVML deadlines (NvmlSensor on pynvml directly)"
+
+    def __init__(self, gpus: list[int]) -> None:
+        import pynvml
+
+        from wattmeter.meter import Meter
+        from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
+        self.notes = []
+        self.meter = Meter([NvmlSensor(pynvml, GpuSelection(None))]).start()
+
+
 class _PerGpu:
     """Zeus / CodeCarbon: one monitor or tracker per GPU, each bracketed on its own."""
 
@@ -284,7 +298,8 @@ def child(a: argparse.Namespace) -> None:
     g_list = [c["index"] for c in cells]
     runner, setup_error = None, None
     try:
-        runner = {"wattmeter": _Wattmeter, "zeus": _Zeus, "codecarbon": _CodeCarbon}[a.meter](g_list)
+        runner = {"wattmeter": _Wattmeter, "wattmeter-direct": _WattmeterDirect, "zeus": _Zeus,
+                  "codecarbon": _CodeCarbon}[a.meter](g_list)
     except Exception as exc:
         setup_error = f"{type(exc).__name__}: {exc}"
     cpu0 = time.process_time()
@@ -417,8 +432,35 @@ def _meter_cell(res: dict, meter: str, group: str, key: str) -> dict | None:
     return res.get(meter, {}).get(group, {}).get("cells", {}).get(key)
 
 
+def summary_markdown(results: dict) -> str:
+    """One row per sensor group and job length: the p90 over loads (its median and its worst
+    load) for each meter. The per-load cells are in ``markdown``."""
+    m = results["matrix"]["meters"]
+    loads = QUICK_LOADS if results["quick"] else LOADS
+    lines = ["| sensors | job | wattmeter p90: median over loads / worst (load) | Zeus p90: median / worst | "
+             "CodeCarbon p90: median / worst |", "|---|---|---|---|---|"]
+    for group in SENSORS:
+        for d in DURATIONS_S:
+            cols = []
+            for meter in ("wattmeter", "zeus", "codecarbon"):
+                p90s = []
+                for load in loads:
+                    c = _meter_cell(m, meter, group, f"{load}|{d:g}s")
+                    if c and "p90" in c:
+                        p90s.append((c["p90"], load))
+                if not p90s:
+                    cols.append("fails" if m.get(meter, {}).get(group) else "—")
+                    continue
+                worst = max(p90s)
+                med = C.median([x for x, _ in p90s])
+                cols.append(f"{_pct(med)} / {_pct(worst[0])}" + (f" ({worst[1]})" if meter == "wattmeter" else ""))
+            lines.append(f"| {group} | {d:g} s | " + " | ".join(cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(results: dict) -> str:
-    lines = []
+    lines = ["Summary (|error| %, p90 per cell; the median and the worst over the loads):", "",
+             summary_markdown(results).rstrip("\n"), ""]
     m = results["matrix"]["meters"]
     quick = results["quick"]
     loads = QUICK_LOADS if quick else LOADS
@@ -537,17 +579,22 @@ def main_parent(a: argparse.Namespace) -> None:
     results["git"] = {"head": rev, "package_sha256": B._tree_hash()}
     have = {"zeus": B._have("zeus.monitor"), "codecarbon": B._have("codecarbon")}
     meters = ["wattmeter"] + [m for m in ("zeus", "codecarbon") if have[m] is None]
+    if a.meters:
+        meters = [m for m in a.meters.split(",") if m]
     results["not_measured"] = {m: why for m, why in have.items() if why is not None}
     env = B._env()
     extra_env = {m: env for m in meters}
     extra_env["codecarbon"] = B._env(path_prefix=B._stub_nvidia_smi(tmp))   # CodeCarbon runs `nvidia-smi` first
     results["sensors"] = {k: v[0] for k, v in SENSORS.items()}
     results["loads"] = {k: load_label(k) for k in (QUICK_LOADS if a.quick else LOADS)}
-    print(f"matrix: {len(SENSORS)} sensor groups x {len(results['loads'])} loads x {len(DURATIONS_S)} durations, "
+    groups = [g for g in (a.groups or ",".join(SENSORS)).split(",") if g]
+    print(f"matrix: {len(groups)} sensor groups x {len(results['loads'])} loads x {len(DURATIONS_S)} durations, "
           f"n={n}, meters {meters}", flush=True)
-    results["matrix"] = run_phase("matrix", list(SENSORS), meters, n, a.quick, tmp, log_dir, extra_env)
-    print(f"faults: {len(FAULTS)} faults x {len(FAULT_LOADS)} loads, 8 s jobs, n={n}", flush=True)
-    results["faults"] = run_phase("faults", list(FAULTS), meters, n, a.quick, tmp, log_dir, extra_env)
+    results["matrix"] = run_phase("matrix", groups, meters, n, a.quick, tmp, log_dir, extra_env)
+    faults = [f for f in (a.faults if a.faults is not None else ",".join(FAULTS)).split(",") if f]
+    print(f"faults: {len(faults)} faults x {len(FAULT_LOADS)} loads, 8 s jobs, n={n}", flush=True)
+    results["faults"] = run_phase("faults", faults, meters, n, a.quick, tmp, log_dir, extra_env) if faults else \
+        {"jobs": [], "meters": {}}
     results["targets"] = targets(results)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["logs"] = log_dir
@@ -555,7 +602,7 @@ def main_parent(a: argparse.Namespace) -> None:
     results["out"] = out
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", encoding="utf-8") as fh:
-        json.dump(results, fh, indent=1)
+        json.dump(results, fh, separators=(",", ":"))   # compact: ~3,000 job records
     with open(os.path.splitext(out)[0] + ".md", "w", encoding="utf-8") as fh:
         fh.write(markdown(results))
     print_report(results)
@@ -567,6 +614,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=None, help="jobs per cell (default 12, or 4 with --quick)")
     ap.add_argument("--out", default=None, help="result file (default bench/results/robustness.json)")
     ap.add_argument("--snapshot", default=None, metavar="REV", help="measure a frozen copy of the package at git REV")
+    ap.add_argument("--meters", default=None,
+                    help="comma list of wattmeter, wattmeter-direct (no NVML deadlines), zeus, codecarbon")
+    ap.add_argument("--groups", default=None, help=f"comma list of sensor groups (default all: {','.join(SENSORS)})")
+    ap.add_argument("--faults", default=None, help="comma list of faults ('' for none; default all)")
     ap.add_argument("--case", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--group", default=None, help=argparse.SUPPRESS)
@@ -574,6 +625,11 @@ def main() -> None:
     a = ap.parse_args()
     if a.jobs is not None and a.jobs < 1:
         ap.error(f"--jobs must be >= 1, got {a.jobs}")
+    for flag, value, known in (("--meters", a.meters, ("wattmeter", "wattmeter-direct", "zeus", "codecarbon")),
+                               ("--groups", a.groups, tuple(SENSORS)), ("--faults", a.faults, FAULTS)):
+        bad = [x for x in (value or "").split(",") if x and x not in known]
+        if bad:
+            ap.error(f"{flag}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
     if a.case == "child":
         a.jobs = a.jobs or 12
         child(a)
