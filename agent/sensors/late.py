@@ -33,7 +33,7 @@ class LateNvmlSensor:
                  on_ready: Callable[["NvmlSensor", float], None] | None = None,
                  first_retry_s: float = FIRST_RETRY_S, max_retry_s: float = MAX_RETRY_S) -> None:
         self.name = name
-        self.period_s = period_s
+        self._period_s = period_s
         self.clock = clock
         self._connect = connect
         self._permanent = permanent
@@ -50,6 +50,12 @@ class LateNvmlSensor:
         self.last_error: BaseException | None = None
         self.given_up = False                        # a permanent failure: no more retries
         self.try_now(self._next_try)
+
+    @property
+    def period_s(self) -> float:
+        """The connected sensor's cadence (power-only GPUs read faster), else the planned one."""
+        inner = self._inner
+        return inner.period_s if inner is not None else self._period_s
 
     # -- connecting ------------------------------------------------------------
     @property
