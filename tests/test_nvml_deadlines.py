@@ -224,3 +224,29 @@ def test_idle_lanes_end_their_threads_and_come_back_on_the_next_call(monkeypatch
     assert not [t.name for t in lanes if t.is_alive()]   # their threads ended
     assert n.nvmlDeviceGetPowerUsage(handles[1]) == 300_000   # a new lane serves the next call
     assert guard.stats().lanes == 1
+
+
+def test_run_starts_the_child_before_a_late_driver_is_ready_and_meters_its_gpus_from_then_on(tmp_path):
+    """`wattmeter run` on the bundled flaky_driver scenario: nvmlInit fails for the first 3 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+    rec = tmp_path / "r.jsonl"
+    started = tmp_path / "started"
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "WATTMETER_FAKE_NVML")}
+    child = f"import time, pathlib; pathlib.Path({str(started)!r}).write_text(repr(time.time())); time.sleep(5)"
+    launched = time.time()
+    p = subprocess.run([sys.executable, "-m", "wattmeter", "run", "--fake-nvml", "flaky_driver", "--records",
+                        str(rec), "--", sys.executable, "-c", child], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert float(started.read_text()) - launched < 3.0       # before NVML answers (3 s into the scenario)
+    assert "GPU metering pending: NVML is not ready after 1 s (NVML could not start (Driver Not Loaded))" in p.stderr
+    [r] = [json.loads(line) for line in rec.read_text().splitlines()]
+    assert r["gpu_count"] == 2
+    # GPU 1 draws a constant 420 W; it is metered only from when NVML answered (3-4 s in), and
+    # the job ends before its counter call hangs (6 s).
+    gpu1 = next(d for d in r["devices"] if d["key"] == "gpu1")
+    assert 0.0 < gpu1["energy_j"] <= 420.0 * (r["duration_s"] - 2.5)
+    assert gpu1["approximate"] and r["approximate"]
