@@ -24,7 +24,7 @@ class SensorPlan:
     powercap_root: str = "/sys/class/powercap"
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES override (None: from the environment)
     clock: Clock | None = None
-    nvml_deadline_s: float = 1.0        # every NVML call (init: 10 s); past it the GPU is stale
+    nvml_deadline_s: float | None = 1.0  # every NVML call (init: 10 s); past it the GPU is stale. None: off
     gpu_wait_s: float = 1.0             # how long discover() waits for NVML before going on without it
 
 
@@ -71,7 +71,7 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
             return
     # Every NVML call gets a deadline, so a hung driver marks its GPU stale instead of
     # blocking the sampler, window ends or scrapes.
-    guarded = with_deadlines(nvml, plan.nvml_deadline_s)
+    guarded = nvml if plan.nvml_deadline_s is None else with_deadlines(nvml, plan.nvml_deadline_s)
     selection = GpuSelection.from_env() if plan.visible_devices is None else \
         GpuSelection([e for e in plan.visible_devices.split(",") if e.strip()])
 

@@ -250,3 +250,14 @@ def test_run_starts_the_child_before_a_late_driver_is_ready_and_meters_its_gpus_
     gpu1 = next(d for d in r["devices"] if d["key"] == "gpu1")
     assert 0.0 < gpu1["energy_j"] <= 420.0 * (r["duration_s"] - 2.5)
     assert gpu1["approximate"] and r["approximate"]
+
+
+def test_deadlines_can_be_turned_off_in_the_plan(tmp_path):
+    plan = SensorPlan(fake_scenario=_scenario_file(tmp_path, []), cpu="none", ram="none", clock=VirtualClock(),
+                      nvml_deadline_s=None)
+    [sensor] = discover(plan).sensors
+    assert not hasattr(sensor.nvml, "WATTMETER_DEADLINES")     # the fake's module itself
+    assert [d.key for d in sensor.devices()] == ["gpu0"]
+    [sensor] = discover(SensorPlan(fake_scenario=plan.fake_scenario, cpu="none", ram="none",
+                                   clock=VirtualClock())).sensors
+    assert sensor.nvml.WATTMETER_DEADLINES.deadline_s == 1.0
