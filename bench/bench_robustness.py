@@ -547,7 +547,7 @@ def targets(results: dict) -> list[dict]:
             verdict = "FAIL"
     out.append({"target": "instant only: p90 <= better of Zeus/CodeCarbon, flagged approximate",
                 "worst": "not measured" if worst_gap is None else
-                f"p90 {worst_gap[0]:+.2f} points vs the better rival ({worst_gap[1]}); "
+                f"p90 {worst_gap[0]:+.2f} points vs the better rival ({worst_gap[1].replace('|', ' / ')}); "
                 f"flagged approximate {flagged}/{n_ok}",
                 "verdict": verdict if worst_gap is not None else "n/a"})
     fw = {k: c for g in f.get("wattmeter", {}).values() for k, c in g.get("cells", {}).items()}
@@ -555,7 +555,7 @@ def targets(results: dict) -> list[dict]:
     if steady:
         mx = max(steady)
         out.append({"target": "8 s steady job, any one fault mid-job, <= 1 % (max)",
-                    "worst": f"max {mx[0]:.2f} % ({mx[1]})", "verdict": "pass" if mx[0] <= 1.0 else "FAIL"})
+                    "worst": f"max {mx[0]:.2f} % ({mx[1].replace('|', ' / ')})", "verdict": "pass" if mx[0] <= 1.0 else "FAIL"})
     return out
 
 
