@@ -76,7 +76,12 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
         GpuSelection([e for e in plan.visible_devices.split(",") if e.strip()])
 
     def connect() -> NvmlSensor:
-        return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall)
+        if plan.nvml_deadline_s is None:
+            return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall)
+        # This attempt runs on its own thread, which discover() waits on with a timeout: a hung
+        # init or discovery holds only it, so its calls need no lanes; later reads get deadlines.
+        with guarded.WATTMETER_DEADLINES.inline():
+            return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall)
 
     def on_ready(sensor: NvmlSensor, t: float) -> None:
         out.gpus_appeared_at = t

@@ -19,13 +19,14 @@ in real time and are what the deadline cuts short.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 import time
 import types
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
-from typing import Any, Callable, Hashable, Mapping
+from typing import Any, Callable, Hashable, Iterator, Mapping
 
 DEFAULT_DEADLINE_S = 1.0
 # nvmlInit can take seconds on a board without persistence mode (the driver loads on demand).
@@ -114,6 +115,18 @@ class NvmlDeadlines:
         self._lanes: dict[Hashable, _Lane] = {}
         self._lock = threading.Lock()
         self._stats = GuardStats()
+        self._inline_ident: int | None = None
+
+    @contextlib.contextmanager
+    def inline(self) -> Iterator[None]:
+        """Calls from this thread run on it directly, without lanes or deadlines, for the block.
+        For a thread that is itself disposable (background discovery, which its caller waits on
+        with a timeout): it saves a hand-off per discovery call (~5 ms per meter start)."""
+        self._inline_ident = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._inline_ident = None
 
     def stats(self) -> GuardStats:
         now = time.monotonic()
@@ -151,6 +164,8 @@ class NvmlDeadlines:
             return True
 
     def call(self, name: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if self._inline_ident is not None and self._inline_ident == threading.get_ident():
+            return fn(*args, **kwargs)
         key = _lane_key(args[0]) if args else _LIB
         deadline = self.deadlines.get(name, self.deadline_s)
         job = _Job(fn, args, kwargs, deadline)
