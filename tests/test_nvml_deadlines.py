@@ -261,3 +261,25 @@ def test_deadlines_can_be_turned_off_in_the_plan(tmp_path):
     [sensor] = discover(SensorPlan(fake_scenario=plan.fake_scenario, cpu="none", ram="none",
                                    clock=VirtualClock())).sensors
     assert sensor.nvml.WATTMETER_DEADLINES.deadline_s == 1.0
+
+
+def test_inline_calls_skip_the_lanes_only_on_their_own_thread():
+    fake = fake_of(1)
+    n = with_deadlines(build_module(fake))
+    guard = n.WATTMETER_DEADLINES
+    with guard.inline():
+        n.nvmlInit()
+        h = n.nvmlDeviceGetHandleByIndex(0)
+        assert n.nvmlDeviceGetPowerUsage(h) == 300_000
+        assert guard.stats().lanes == 0 and guard.stats().calls == 0
+        th, box = None, {}
+
+        def other():
+            box["w"] = n.nvmlDeviceGetPowerUsage(h)
+
+        th = threading.Thread(target=other)
+        th.start()
+        th.join(5)
+        assert box["w"] == 300_000 and guard.stats().lanes == 1   # another thread still gets a lane
+    n.nvmlDeviceGetCount()
+    assert guard.stats().lanes == 2                  # after the block, this thread's calls do too
