@@ -272,7 +272,7 @@ def test_inline_calls_skip_the_lanes_only_on_their_own_thread():
         h = n.nvmlDeviceGetHandleByIndex(0)
         assert n.nvmlDeviceGetPowerUsage(h) == 300_000
         assert guard.stats().lanes == 0 and guard.stats().calls == 0
-        th, box = None, {}
+        box = {}
 
         def other():
             box["w"] = n.nvmlDeviceGetPowerUsage(h)
