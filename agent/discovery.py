@@ -94,7 +94,7 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
     # is still loading, or hung, never delays the job's start by more than gpu_wait_s.
     late = LateNvmlSensor("nvml", connect, clock, plan.gpu_period_s, permanent=lambda exc: _nvml_gone(nvml, exc), on_ready=on_ready)
     if late.wait(plan.gpu_wait_s):
-        out.sensors.append(late.inner)   # ready at once: the NVML sensor itself, as before
+        out.sensors.append(late.connected_sensor)   # ready at once: the NVML sensor itself, as before
         return
     if late.given_up:
         exc = late.last_error if isinstance(late.last_error, SensorUnavailable) else \

@@ -123,6 +123,7 @@ def test_init_failing_for_5s_then_succeeding_meters_the_gpu_from_then_on(tmp_pat
     found = discover(plan)
     [late] = found.sensors
     assert isinstance(late, LateNvmlSensor) and found.gpus_pending and late.devices() == []
+    assert late.pending_reason == "NVML not ready (NVML could not start (Driver Not Loaded)); retried in the background"
     assert any("GPU metering pending" in n and "Driver Not Loaded" in n for n in found.notes)
     meter = Meter(found.sensors, clock=clock)
     meter.poll()
@@ -132,6 +133,7 @@ def test_init_failing_for_5s_then_succeeding_meters_the_gpu_from_then_on(tmp_pat
         meter.poll()
         late.wait(2.0)                               # a retry started by this read, if any
     assert late.connected and 105.0 <= late.appeared_at <= 105.0 + 4.2   # within one backoff step
+    assert late.pending_reason is None
     assert found.gpus_appeared_at == late.appeared_at
     assert any("GPUs appeared at clock time" in n and "gpu0" in n for n in found.notes)
     for _ in range(10):

@@ -63,7 +63,14 @@ class LateNvmlSensor:
         return self._inner is not None
 
     @property
-    def inner(self) -> "NvmlSensor | None":
+    def pending_reason(self) -> str | None:
+        """Why there are no devices yet (for doctor and health), or None once connected or given up."""
+        if self._inner is not None or self.given_up:
+            return None
+        return f"NVML not ready ({unavailable_reason(self.last_error)}); retried in the background"
+
+    @property
+    def connected_sensor(self) -> "NvmlSensor | None":
         """The connected sensor (None until then)."""
         return self._inner
 
