@@ -285,3 +285,15 @@ def test_inline_calls_skip_the_lanes_only_on_their_own_thread():
         assert box["w"] == 300_000 and guard.stats().lanes == 1   # another thread still gets a lane
     n.nvmlDeviceGetCount()
     assert guard.stats().lanes == 2                  # after the block, this thread's calls do too
+
+
+def test_doctor_says_gpu_metering_is_pending_while_the_driver_loads():
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "WATTMETER_FAKE_NVML")}
+    p = subprocess.run([sys.executable, "-m", "wattmeter", "doctor", "--fake-nvml", "flaky_driver"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "note: GPU metering pending: NVML is not ready after 1 s (NVML could not start (Driver Not Loaded))" \
+        in p.stdout
