@@ -85,7 +85,7 @@ class LateNvmlSensor:
             self.attempts += 1
             th = threading.Thread(target=self._run, name=f"wattmeter-{self.name}-connect", daemon=True)
             self._attempt = th
-        th.start()
+            th.start()   # under the lock: ``wait`` never sees a thread that has not started
         return th
 
     def wait(self, timeout_s: float) -> bool:
