@@ -52,10 +52,15 @@ class FakeSource:
 
     now: dict = field(default_factory=dict)
     _base: dict | None = None
+    up: bool = True
 
     @property
     def totals(self) -> dict:
         return dict(self.now)
+
+    @property
+    def models(self) -> frozenset:
+        return frozenset(m for m, _ in self.now)
 
     def deltas(self) -> dict:
         base, self._base = self._base, dict(self.now)
