@@ -1,0 +1,360 @@
+"""Per-request energy in a batched server: overlapping requests share each GPU's energy.
+
+    acct = RequestAccountant(meter, intensity_g_per_kwh=350)
+    with acct.request("req-17", model="llama") as r:        # or: async with ...
+        ...
+        r.add_tokens(812, kind="generation")                # tokens belong to this request only
+    r.result()          # -> RequestResult: J, J/token, g CO2e; final once every overlap is known
+    acct.summary()      # -> {model: ModelSummary} p50/p90 J/request and J/token over recent requests
+
+How energy is split. Every request event (begin, tokens, end) is a boundary. Between two
+boundaries, each GPU's energy E (from the ledger's history, ``meter.ledger.values_at``) goes to
+the requests open on that GPU, in proportion to the generation tokens each produced in that
+interval, else equally (by time: they were all open for the whole interval). Tokens reported
+at once are spread evenly over the time since the request's previous report, so a server that
+reports usage only when a request ends still gets a fair share for every interval. With no
+request open, E goes to the device's ``idle`` share. Each interval's E is handed out exactly
+once, so the parts never sum to more than the device energy.
+
+Intervals are settled in time order up to a frontier: the latest time the ledger has read on
+every GPU and every open request has reported up to. A request is final once the frontier
+passes its end; before that ``result()`` gives a provisional figure (equal shares where other
+requests' tokens are not known yet) with ``final=False``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
+
+from .model import Component
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .meter import Meter
+
+GENERATION, PROMPT = "generation", "prompt"
+MAX_LAG_S = 10.0          # a GPU not read for this long no longer holds the frontier back (lost GPU)
+J_PER_KWH = 3.6e6
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    request_id: str
+    model: str
+    start_t: float
+    end_t: float
+    energy_j: float
+    tokens: Mapping[str, int]
+    device_energy_j: Mapping[str, float]
+    final: bool                            # False: other overlapping requests' tokens are not known yet
+    co2e_g: float | None = None            # given a grid intensity
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_t - self.start_t
+
+    @property
+    def energy_per_token_j(self) -> float | None:
+        """J per generation token (None without generation tokens)."""
+        gen = self.tokens.get(GENERATION, 0)
+        return self.energy_j / gen if gen > 0 else None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """Rolling figures over a model's most recent final requests."""
+
+    model: str
+    requests: int
+    energy_j_p50: float
+    energy_j_p90: float
+    energy_per_token_j_p50: float | None
+    energy_per_token_j_p90: float | None
+    generation_tokens: int
+
+
+@dataclass
+class _Req:
+    request_id: str
+    model: str
+    devices: frozenset[str] | None          # None: every GPU
+    start: float
+    end: float | None = None
+    reports: list[tuple[float, float, int]] = field(default_factory=list)   # (from, to, generation tokens)
+    tokens: dict[str, int] = field(default_factory=dict)
+    known_until: float = 0.0                # tokens are known up to here (end: forever)
+    energy_j: float = 0.0
+    device_j: dict[str, float] = field(default_factory=dict)
+    result: RequestResult | None = None
+
+    def weight(self, a: float, b: float) -> float:
+        """Generation tokens this request produced in [a, b], reports spread over their span."""
+        w = 0.0
+        for s0, s1, n in self.reports:
+            if s1 > s0:
+                overlap = min(b, s1) - max(a, s0)
+                if overlap > 0:
+                    w += n * overlap / (s1 - s0)
+            elif a < s1 <= b:
+                w += n
+        return w
+
+    def on(self, key: str) -> bool:
+        return self.devices is None or key in self.devices
+
+
+class Request:
+    """One request's handle: ``add_tokens`` while it runs, ``result()`` after it ends."""
+
+    def __init__(self, accountant: "RequestAccountant", state: _Req) -> None:
+        self._acct = accountant
+        self._state = state
+
+    @property
+    def request_id(self) -> str:
+        return self._state.request_id
+
+    def add_tokens(self, n: int, kind: str = GENERATION) -> None:
+        if n < 0:
+            raise ValueError(f"token count must be >= 0, got {n}")
+        self._acct._add_tokens(self._state, int(n), kind)
+
+    def end(self) -> "Request":
+        self._acct._end(self._state)
+        return self
+
+    def result(self, timeout_s: float | None = None) -> RequestResult:
+        """The request's energy. Waits briefly (bounded) for the GPUs to be read past its end."""
+        return self._acct._result(self._state, timeout_s)
+
+    def __enter__(self) -> "Request":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+    async def __aenter__(self) -> "Request":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.end()
+
+
+class RequestAccountant:
+    """Splits GPU energy among concurrent requests (see the module doc). Thread-safe.
+
+    ``gpus`` maps a model to the device keys serving it (default: every GPU); ``on_result`` is
+    called (outside the lock) with each request's final result.
+    """
+
+    def __init__(self, meter: "Meter", *, intensity_g_per_kwh: float | None = None,
+                 gpus: Mapping[str, Sequence[str]] | None = None, summary_size: int = 1000,
+                 on_result: Callable[[RequestResult], None] | None = None) -> None:
+        self.meter = meter
+        self.intensity_g_per_kwh = intensity_g_per_kwh
+        self.gpus = {m: frozenset(keys) for m, keys in (gpus or {}).items()}
+        self.on_result = on_result
+        self._lock = threading.Lock()
+        self._live: list[_Req] = []
+        self._times: set[float] = set()
+        self._frontier = meter.clock.now()
+        self._v_frontier = dict(meter.ledger.values_at(self._frontier))
+        self._idle_j: dict[str, float] = {}
+        self._recent: dict[str, deque[RequestResult]] = {}
+        self._summary_size = summary_size
+
+    # -- requests ------------------------------------------------------------------------
+    def request(self, request_id: str, model: str = "default", devices: Sequence[str] | None = None) -> Request:
+        """Begin a request now. ``devices`` overrides the model's GPUs."""
+        devs = frozenset(devices) if devices is not None else self.gpus.get(model)
+        with self._lock:
+            t = self._now()
+            st = _Req(str(request_id), model, devs, t, known_until=t)
+            self._live.append(st)
+            self._times.add(t)
+        return Request(self, st)
+
+    def _add_tokens(self, st: _Req, n: int, kind: str) -> None:
+        done: list[RequestResult] = []
+        with self._lock:
+            if st.end is not None:
+                raise RuntimeError(f"request {st.request_id!r} has ended; count its tokens before it ends")
+            t = self._now()
+            st.tokens[kind] = st.tokens.get(kind, 0) + n
+            if kind == GENERATION and n:
+                st.reports.append((st.known_until, t, n))
+            st.known_until = t
+            self._times.add(t)
+            done = self._settle()
+        self._emit(done)
+
+    def _end(self, st: _Req) -> None:
+        with self._lock:
+            if st.end is not None:
+                return
+            t = self._now()
+            st.end = t
+            st.known_until = float("inf")
+            self._times.add(t)
+            done = self._settle()
+        self._emit(done)
+
+    def _result(self, st: _Req, timeout_s: float | None) -> RequestResult:
+        if st.end is None:
+            raise RuntimeError(f"request {st.request_id!r} has not ended")
+        deadline = time.monotonic() + (self.meter.settle_timeout_s() if timeout_s is None else timeout_s)
+        while True:
+            done, blocked_by_ledger = self.settle()
+            if st.result is not None:
+                return st.result
+            if not (blocked_by_ledger and self.meter.running and time.monotonic() < deadline):
+                break
+            self.meter.sampler.poke()       # a read past the end settles it sooner
+            time.sleep(0.01)
+        with self._lock:
+            return st.result or self._provisional(st)
+
+    def settle(self) -> tuple[list[RequestResult], bool]:
+        """Hand out energy up to the frontier. Returns the requests that became final, and
+        whether the ledger (not an open request) is what holds the frontier back."""
+        with self._lock:
+            done = self._settle()
+            limit_ledger = self._covered(self._now())
+            blocked = any(st.end is not None and st.result is None and limit_ledger < st.end for st in self._live)
+        self._emit(done)
+        return done, blocked
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def idle_j(self) -> dict[str, float]:
+        """Per GPU, the settled energy burned while no request was open on it."""
+        with self._lock:
+            return dict(self._idle_j)
+
+    @property
+    def open_requests(self) -> int:
+        with self._lock:
+            return sum(1 for st in self._live if st.end is None)
+
+    def summary(self) -> dict[str, ModelSummary]:
+        with self._lock:
+            recent = {m: list(q) for m, q in self._recent.items()}
+        out = {}
+        for model, results in sorted(recent.items()):
+            energies = sorted(r.energy_j for r in results)
+            jpt = sorted(x for r in results if (x := r.energy_per_token_j) is not None)
+            out[model] = ModelSummary(model, len(results), _quantile(energies, 0.5), _quantile(energies, 0.9),
+                                      _quantile(jpt, 0.5) if jpt else None, _quantile(jpt, 0.9) if jpt else None,
+                                      sum(r.tokens.get(GENERATION, 0) for r in results))
+        return out
+
+    # -- internals (under the lock) ------------------------------------------------------
+    def _now(self) -> float:
+        # Event times never go below the frontier, so an interval is never handed out twice.
+        return max(self.meter.clock.now(), self._frontier)
+
+    def _gpu_keys(self) -> list[str]:
+        return [k for k, s in self.meter.snapshot().items() if s.device.component == Component.GPU]
+
+    def _covered(self, now: float) -> float:
+        """The latest time every GPU has been read past (a GPU silent for MAX_LAG_S is skipped)."""
+        covered = now
+        for s in self.meter.snapshot().values():
+            if s.device.component == Component.GPU and s.t is not None and now - s.t < MAX_LAG_S:
+                covered = min(covered, s.t)
+        return covered
+
+    def _settle(self) -> list[RequestResult]:
+        now = self._now()
+        limit = min([self._covered(now)] + [st.known_until for st in self._live if st.end is None])
+        if limit <= self._frontier:
+            return []
+        keys = self._gpu_keys()
+        bounds = sorted(t for t in self._times if self._frontier < t < limit) + [limit]
+        a, va = self._frontier, self._v_frontier
+        for b in bounds:
+            vb = self.meter.ledger.values_at(b)
+            self._split(a, b, va, vb, keys, self._live, strict=True)
+            a, va = b, vb
+        self._frontier, self._v_frontier = a, dict(va)
+        self._times = {t for t in self._times if t > a}
+        done = []
+        for st in self._live:
+            if st.end is not None and st.end <= a:
+                st.result = self._make_result(st, st.energy_j, st.device_j, final=True)
+                q = self._recent.setdefault(st.model, deque(maxlen=self._summary_size))
+                q.append(st.result)
+                done.append(st.result)
+            else:
+                st.reports = [r for r in st.reports if r[1] > a]      # spans before the frontier are spent
+        self._live = [st for st in self._live if st.result is None]
+        return done
+
+    def _split(self, a: float, b: float, va: Mapping[str, float], vb: Mapping[str, float], keys: Iterable[str],
+               live: Sequence[_Req], strict: bool,
+               into: dict[int, dict[str, float]] | None = None) -> None:
+        """Hand out each GPU's energy in [a, b]. ``strict``: book into the requests and idle;
+        else add to ``into`` (id(req) -> device -> J) for a provisional figure."""
+        if b <= a:
+            return
+        open_now = [st for st in live if st.start <= a and (st.end is None or st.end >= b)]
+        for k in keys:
+            if k not in va or k not in vb:
+                continue                     # a GPU with no reading yet: nothing known to hand out
+            e = max(0.0, vb[k] - va[k])
+            parts = [st for st in open_now if st.on(k)]
+            if not parts:
+                if strict:
+                    self._idle_j[k] = self._idle_j.get(k, 0.0) + e
+                continue
+            weights = [st.weight(a, b) for st in parts]
+            total = sum(weights)
+            if total <= 0 or any(st.known_until < b for st in parts):
+                weights, total = [1.0] * len(parts), float(len(parts))   # by time: all open the whole interval
+            for st, w in zip(parts, weights):
+                share = e * w / total
+                if strict:
+                    st.energy_j += share
+                    st.device_j[k] = st.device_j.get(k, 0.0) + share
+                elif into is not None:
+                    d = into.setdefault(id(st), {})
+                    d[k] = d.get(k, 0.0) + share
+
+    def _provisional(self, st: _Req) -> RequestResult:
+        assert st.end is not None
+        keys = self._gpu_keys()
+        extra: dict[int, dict[str, float]] = {}
+        bounds = sorted(t for t in self._times if self._frontier < t < st.end) + [st.end]
+        a, va = self._frontier, self._v_frontier
+        for b in bounds:
+            vb = self.meter.ledger.values_at(b)
+            self._split(a, b, va, vb, keys, self._live, strict=False, into=extra)
+            a, va = b, vb
+        dev = dict(st.device_j)
+        for k, e in extra.get(id(st), {}).items():
+            dev[k] = dev.get(k, 0.0) + e
+        return self._make_result(st, sum(dev.values()), dev, final=False)
+
+    def _make_result(self, st: _Req, energy_j: float, device_j: Mapping[str, float], final: bool) -> RequestResult:
+        assert st.end is not None
+        co2 = None if self.intensity_g_per_kwh is None else energy_j / J_PER_KWH * self.intensity_g_per_kwh
+        return RequestResult(st.request_id, st.model, st.start, st.end, energy_j, dict(st.tokens),
+                             dict(device_j), final, co2)
+
+    def _emit(self, done: list[RequestResult]) -> None:
+        if self.on_result is not None:
+            for r in done:
+                self.on_result(r)
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return 0.0
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
