@@ -1,0 +1,157 @@
+"""`serve --proxy-to`: OpenAI pass-through that books each response's usage into its own request."""
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import urllib.parse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pytest
+from fake_openai import FakeOpenAI
+
+from wattmeter.errors import UsageError
+from wattmeter.meter import Meter
+from wattmeter.model import Batch, Component, Device, Reading, Source
+from wattmeter.proxy import OpenAIProxy, UsageCounter
+from wattmeter.requests import RequestAccountant
+
+
+@dataclass
+class FlatGPU:
+    energy: dict[str, Callable[[float], float]]
+    name: str = "fake"
+    period_s: float = 0.02
+
+    def devices(self) -> list[Device]:
+        return [Device(k, Component.GPU, Source.COUNTER) for k in self.energy]
+
+    def read(self, now: float) -> Batch:
+        return Batch([Reading(k, now, energy_j=f(now)) for k, f in self.energy.items()])
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def rig():
+    upstream = FakeOpenAI(delay_s=0.05)
+    meter = Meter([FlatGPU({"gpu0": lambda t: 300.0 * t})]).start()
+    results = []
+    acct = RequestAccountant(meter, on_result=results.append)
+    proxy = OpenAIProxy(upstream.url, acct).start()
+    yield upstream, proxy, acct, results, meter
+    proxy.stop()
+    meter.close()
+    upstream.close()
+
+
+def post(url: str, path: str, doc: dict[str, Any], headers: dict[str, str] | None = None) -> tuple[int, str, bytes]:
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        conn.request("POST", path, body=json.dumps(doc), headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type", ""), resp.read()
+    finally:
+        conn.close()
+
+
+def wait_final(acct: RequestAccountant, results: list, ids: set[str]) -> dict[str, Any]:
+    """Results are final once the GPU has been read past each request's end (a few reads)."""
+    for _ in range(200):
+        acct.settle()
+        got = {r.request_id: r for r in results if r.request_id in ids}
+        if len(got) == len(ids):
+            return got
+        threading.Event().wait(0.02)
+    raise AssertionError(f"not final: {ids - {r.request_id for r in results}}")
+
+
+def sse_events(body: bytes) -> list[Any]:
+    return [json.loads(line[6:]) if line != b"data: [DONE]" else "[DONE]"
+            for line in body.split(b"\n") if line.startswith(b"data: ")]
+
+
+def test_a_plain_completion_passes_through_and_books_its_usage(rig):
+    upstream, proxy, acct, results, _ = rig
+    status, ctype, body = post(proxy.url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 12},
+                               {"X-Request-Id": "abc"})
+    doc = json.loads(body)
+    assert status == 200 and ctype == "application/json" and doc["usage"]["completion_tokens"] == 12
+    assert proxy.counter.totals == {("tiny", "prompt"): 7, ("tiny", "generation"): 12}
+    r = wait_final(acct, results, {"abc"})["abc"]
+    assert r.tokens == {"prompt": 7, "generation": 12} and r.energy_j > 0 and r.model == "tiny"
+
+
+def test_a_stream_gets_usage_asked_for_and_the_client_does_not_see_the_extra_chunk(rig):
+    upstream, proxy, acct, _, _ = rig
+    status, ctype, body = post(proxy.url, "/v1/chat/completions",
+                               {"model": "tiny", "messages": [], "max_tokens": 5, "stream": True})
+    events = sse_events(body)
+    assert status == 200 and ctype == "text/event-stream"
+    assert [e["choices"][0]["text"] for e in events[:-1]] == ["t0", "t1", "t2", "t3", "t4"] and events[-1] == "[DONE]"
+    assert upstream.bodies[-1]["stream_options"] == {"include_usage": True}
+    assert proxy.counter.totals[("tiny", "generation")] == 5
+
+
+def test_a_client_that_asked_for_usage_gets_the_usage_chunk(rig):
+    upstream, proxy, _, _, _ = rig
+    _, _, body = post(proxy.url, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 3, "stream": True,
+                                                     "stream_options": {"include_usage": True}})
+    events = sse_events(body)
+    assert events[-2]["usage"]["completion_tokens"] == 3 and events[-2]["choices"] == []
+
+
+def test_concurrent_clients_book_exact_tokens_per_request_under_their_own_model_name(rig):
+    upstream, proxy, acct, results, meter = rig
+    sizes = {"c0": 10, "c1": 20, "c2": 30, "c3": 40}
+
+    def client(name: str) -> None:
+        # c3 asks for the second served-model-name alias of the same upstream model.
+        post(proxy.url, "/v1/completions", {"model": "alias" if name == "c3" else "tiny", "prompt": "p",
+                                            "max_tokens": sizes[name], "stream": name in ("c1", "c3")},
+             {"X-Request-Id": name})
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in sizes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    got = wait_final(acct, results, set(sizes))
+    assert {k: r.tokens["generation"] for k, r in got.items()} == sizes           # each its own, none doubled
+    assert proxy.counter.totals[("alias", "generation")] == 40
+    assert proxy.counter.totals[("tiny", "generation")] == 60
+    start, end = min(r.start_t for r in got.values()), max(r.end_t for r in got.values())
+    device = meter.ledger.values_at(end)["gpu0"] - meter.ledger.values_at(start)["gpu0"]
+    assert 0 < sum(r.energy_j for r in got.values()) <= device + 1e-6
+
+
+def test_other_paths_pass_through_and_a_dead_upstream_is_a_502():
+    upstream = FakeOpenAI()
+    proxy = OpenAIProxy(upstream.url, None).start()
+    try:
+        parts = urllib.parse.urlsplit(proxy.url)
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+        conn.request("GET", "/v1/models")
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["data"][0]["id"] == "tiny"
+        upstream.close()
+        status, _, body = post(proxy.url, "/v1/completions", {"model": "tiny", "prompt": "x"})
+        assert status == 502 and "unreachable" in json.loads(body)["error"]["message"]
+    finally:
+        proxy.stop()
+
+
+@pytest.mark.parametrize("bad", ["http://127.0.0.1:99999", "http://my host:8000", "ftp://127.0.0.1:8000", ""])
+def test_bad_upstream_urls_are_usage_errors(bad):
+    with pytest.raises(UsageError, match="--proxy-to"):
+        OpenAIProxy(bad, None)
+
+
+def test_usage_counter_is_a_token_source():
+    c = UsageCounter()
+    c.observe("a", 3, 4)
+    assert c.deltas() == {("a", "prompt"): 3, ("a", "generation"): 4} and c.up and c.models == {"a"}
+    assert c.deltas() == {}
