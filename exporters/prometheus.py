@@ -57,7 +57,7 @@ class ExportSources:
     hostname: str
     attribution: Any = None        # .snapshot(ledger_snapshot) -> AttributionSnapshot
     carbon: Any = None             # .snapshot() -> CarbonResult
-    tokens: Any = None             # .snapshot() -> [TokenStat]
+    tokens: Any = None             # .snapshot() -> [TokenStat], .request_summary() -> {model: ModelSummary}
     jobs: Callable[[], Iterable[JobEnergy]] | None = None
     health: list[Callable[[], Iterable[Health]]] = field(default_factory=list)
     pid_labels: bool = False
@@ -185,13 +185,35 @@ class WattmeterCollector(Collector):
         total = CounterMetricFamily("wattmeter_tokens", "Tokens counted by the inference server.",
                                     labels=("model", "kind"))
         per = GaugeMetricFamily("wattmeter_energy_per_token_joules",
-                                "GPU energy per generated token over the recent window (J).", labels=("model",))
-        for st in self.sources.tokens.snapshot():
+                                "GPU energy per generated token over the recent window (J); absent while the "
+                                "token source is down past its window.", labels=("model",))
+        above = GaugeMetricFamily("wattmeter_energy_above_idle_per_token_joules",
+                                  "GPU energy above idle per generated token over the recent window (J).",
+                                  labels=("model",))
+        tokens = self.sources.tokens
+        for st in tokens.snapshot():
             total.add_metric([st.model, "prompt"], st.prompt_tokens_total)
             total.add_metric([st.model, "generation"], st.generation_tokens_total)
             if st.energy_per_token_j is not None:
                 per.add_metric([st.model], st.energy_per_token_j)
-        return iter((total, per))
+            if st.energy_above_idle_per_token_j is not None:
+                above.add_metric([st.model], st.energy_above_idle_per_token_j)
+        yield from (total, per, above)
+        summary = tokens.request_summary()
+        if summary:
+            req_e = GaugeMetricFamily("wattmeter_request_energy_joules",
+                                      "GPU energy per request over recent requests, by quantile (J).",
+                                      labels=("model", "quantile"))
+            req_jpt = GaugeMetricFamily("wattmeter_request_energy_per_token_joules",
+                                        "GPU energy per generated token of a request, by quantile (J).",
+                                        labels=("model", "quantile"))
+            for m, s in summary.items():
+                req_e.add_metric([m, "0.5"], s.energy_j_p50)
+                req_e.add_metric([m, "0.9"], s.energy_j_p90)
+                if s.energy_per_token_j_p50 is not None and s.energy_per_token_j_p90 is not None:
+                    req_jpt.add_metric([m, "0.5"], s.energy_per_token_j_p50)
+                    req_jpt.add_metric([m, "0.9"], s.energy_per_token_j_p90)
+            yield from (req_e, req_jpt)
 
     def _carbon(self) -> Iterator[Metric]:
         res = self.sources.carbon.snapshot()

@@ -14,10 +14,10 @@ from __future__ import annotations
 from .join import TokenJoiner, TokenStat
 from .parse import (AUTO, GENERATION, PROMPT, SERVER_KINDS, CounterSpec, ServerKind, TokenKey, TokenScrapeError,
                     detect_kind, parse_tokens, server_kind, token_series)
-from .scrape import (MAX_BODY_BYTES, OllamaResponseCounter, TokenScraper, TokenSource, TokenTotals, fetch_text,
+from .scrape import (MAX_BODY_BYTES, OllamaResponseCounter, TokenScraper, TokenSource, TokenTotals, Fetcher,
                      normalise_url)
 
 __all__ = ["AUTO", "GENERATION", "PROMPT", "SERVER_KINDS", "CounterSpec", "ServerKind", "TokenKey",
            "TokenScrapeError", "detect_kind", "parse_tokens", "server_kind", "token_series", "MAX_BODY_BYTES",
-           "OllamaResponseCounter", "TokenScraper", "TokenSource", "TokenTotals", "fetch_text", "normalise_url",
+           "OllamaResponseCounter", "TokenScraper", "TokenSource", "TokenTotals", "Fetcher", "normalise_url",
            "TokenJoiner", "TokenStat"]

@@ -20,6 +20,7 @@ from .scrape import TokenSource
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..meter import Meter
+    from ..requests import ModelSummary, RequestAccountant
 
 IDLE_HORIZON_S = 3600.0          # idle power is the lowest seen over this long (a GPU's idle floor drifts)
 
@@ -57,7 +58,7 @@ class TokenJoiner:
 
     def __init__(self, meter: "Meter", source: TokenSource, window_s: float = 60.0,
                  idle_w_per_gpu: float | None = None, gpus: Mapping[str, Sequence[str]] | None = None,
-                 forget_after_s: float = 900.0) -> None:
+                 forget_after_s: float = 900.0, requests: "RequestAccountant | None" = None) -> None:
         if window_s <= 0:
             raise UsageError(f"token window must be > 0 s, got {window_s}")
         self.meter = meter
@@ -65,6 +66,7 @@ class TokenJoiner:
         self.window_s = window_s
         self.idle_w_per_gpu = idle_w_per_gpu
         self.forget_after_s = forget_after_s
+        self.requests = requests                  # per-request figures (proxy mode), exported beside J/token
         self.gpus = {m: tuple(keys) for m, keys in (gpus or {}).items()}
         self._points: deque[_Point] = deque()
         self._counted: dict[TokenKey, int] = {}
@@ -75,6 +77,8 @@ class TokenJoiner:
 
     def tick(self, now: float) -> None:
         """One scrape: count new tokens into the meter and record a (time, tokens) point."""
+        if self.requests is not None:
+            self.requests.settle()               # quiet periods settle too (idle share, finals)
         deltas = self.source.deltas()
         # The server counted these tokens while we were fetching: date them mid-fetch.
         t = (now + self.meter.clock.now()) / 2.0
@@ -128,6 +132,10 @@ class TokenJoiner:
             out.append(TokenStat(model, totals.get((model, PROMPT), 0), totals.get((model, GENERATION), 0),
                                  jpt, above))
         return out
+
+    def request_summary(self) -> dict[str, "ModelSummary"]:
+        """p50/p90 J/request and J/token per model over recent requests ({} without requests)."""
+        return self.requests.summary() if self.requests is not None else {}
 
     def _gpu_keys(self) -> tuple[str, ...]:
         return tuple(k for k, s in self.meter.snapshot().items() if s.device.component == Component.GPU)

@@ -112,27 +112,66 @@ class TokenTotals:
         return out
 
 
-def fetch_text(url: str, deadline_s: float, accept: str = "text/plain;version=0.0.4;q=1,*/*;q=0.1") -> str:
-    """GET ``url`` and return its body, all within ``deadline_s`` of real time, whatever the
-    server's pace: a watchdog shuts the socket at the deadline, so a server that drips one byte
-    a second cannot hold a scrape (or `serve`'s shutdown) past it. Raises TokenScrapeError."""
-    parts = urllib.parse.urlsplit(url)
-    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=deadline_s)
-    expired = threading.Event()
+class Fetcher:
+    """GETs a page within a hard deadline of real time, whatever the server's pace: a watchdog
+    shuts the socket at the deadline, so a server that drips one byte a second cannot hold a
+    scrape past it. ``abort()`` (from another thread) cuts the fetch in flight now and refuses
+    later ones, so `serve` stops at once on SIGTERM."""
 
-    def abort() -> None:
-        expired.set()
-        sock = conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: http.client.HTTPConnection | None = None
+        self._closed = False
 
-    watchdog = threading.Timer(deadline_s, abort)
-    watchdog.daemon = True
-    watchdog.start()
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def abort(self) -> None:
+        with self._lock:
+            self._closed = True
+            conn = self._conn
+        if conn is not None:
+            _shut(conn)
+
+    def fetch(self, url: str, deadline_s: float, accept: str = "text/plain;version=0.0.4;q=1,*/*;q=0.1") -> str:
+        """The body of ``url``; raises TokenScrapeError."""
+        parts = urllib.parse.urlsplit(url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.hostname or "127.0.0.1", parts.port, timeout=deadline_s)
+        with self._lock:
+            if self._closed:
+                raise TokenScrapeError("connection", "stopping")
+            self._conn = conn
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            _shut(conn)
+
+        watchdog = threading.Timer(deadline_s, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return _get(conn, parts, accept, deadline_s, expired)
+        finally:
+            watchdog.cancel()
+            with self._lock:
+                self._conn = None
+            conn.close()
+
+
+def _shut(conn: http.client.HTTPConnection) -> None:
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def _get(conn: http.client.HTTPConnection, parts: urllib.parse.SplitResult, accept: str, deadline_s: float,
+         expired: threading.Event) -> str:
     path = parts.path + (f"?{parts.query}" if parts.query else "")
     try:
         conn.request("GET", path or "/metrics", headers={"Accept": accept, "User-Agent": "wattmeter"})
@@ -163,9 +202,6 @@ def fetch_text(url: str, deadline_s: float, accept: str = "text/plain;version=0.
             raise TokenScrapeError("timeout", f"no full response within {deadline_s:g} s") from None
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
         raise TokenScrapeError("connection", reason) from None
-    finally:
-        watchdog.cancel()
-        conn.close()
     try:
         return b"".join(chunks).decode(charset, errors="replace")
     except LookupError:                      # an unknown charset name
@@ -194,6 +230,11 @@ class TokenScraper:
         self._models: frozenset[str] = frozenset()
         self.scrapes = 0
         self._state = TokenTotals(skip_history=True)
+        self._fetcher = Fetcher()
+
+    def close(self) -> None:
+        """Cut a scrape in flight and refuse later ones (shutdown)."""
+        self._fetcher.abort()
 
     @property
     def name(self) -> str:
@@ -217,7 +258,7 @@ class TokenScraper:
         return self._state.resets
 
     def fetch(self) -> str:
-        return fetch_text(self.url, self.timeout_s)
+        return self._fetcher.fetch(self.url, self.timeout_s)
 
     def ingest(self, text: str) -> dict[TokenKey, int]:
         """Fold one /metrics page into the totals (raises TokenScrapeError; ``poll`` catches it)."""
@@ -239,6 +280,8 @@ class TokenScraper:
         return self.totals
 
     def poll(self) -> dict[TokenKey, int]:
+        if self._fetcher.closed:
+            return self.totals                   # shutting down: not a failure worth a warning
         self.scrapes += 1
         try:
             self.ingest(self.fetch())

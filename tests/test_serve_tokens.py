@@ -1,0 +1,91 @@
+"""`serve`'s token options end to end: bad input, a dripping server, /healthz, the proxy."""
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from e2e_servers import WattmeterServe, free_port, http_get, wait_until
+from fake_openai import FakeOpenAI
+from test_tokens import DripServer
+
+from wattmeter.cli import main
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--server", "vlm"], "unknown server kind 'vlm'; did you mean 'vllm'?"),
+    (["--server", "vllm", "--server-url", "http://127.0.0.1:70000/metrics"], "the port must be 1-65535"),
+    (["--server", "vllm", "--server-url", "http://127.0.0.1:8000/met rics"], "contains spaces"),
+    (["--server", "vllm", "--gpu-model-map", "gpu0=llama,gpu5=qwen"], "--gpu-model-map names gpu5, which does not exist"),
+    (["--server", "vllm", "--jpt-window", "-3"], "--jpt-window: invalid value '-3'"),
+    (["--server", "vllm", "--idle-power", "lots"], "--idle-power: invalid value 'lots'"),
+    (["--server", "vllm", "--proxy-to", "http://127.0.0.1:8000"], "--server and --proxy-to both given"),
+    (["--proxy-to", "http://127.0.0.1:99999"], "--proxy-to 'http://127.0.0.1:99999'"),
+    (["--server-url", "http://127.0.0.1:8000/metrics"], "--server-url needs --server KIND"),
+])
+def test_bad_token_options_are_one_line_and_exit_2(capsys, argv, message):
+    code, err = _cli(["serve", "--fake-gpus", "2", "--cpu", "model", *argv], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and err.startswith("wattmeter: error:")
+
+
+def test_options_come_from_the_environment_too(capsys, monkeypatch):
+    monkeypatch.setenv("WATTMETER_SERVER", "vllm")
+    monkeypatch.setenv("WATTMETER_GPU_MODEL_MAP", "gpu7=llama")
+    code, err = _cli(["serve", "--fake-gpus", "1", "--cpu", "model"], capsys)
+    assert code == 2 and "gpu7" in err and "GPUs: gpu0" in err
+
+
+def test_serve_starts_lists_the_scraper_in_healthz_and_stops_in_2s_despite_a_dripping_server(tmp_path: Path):
+    drip = DripServer(pace_s=0.05)
+    serve = None
+    try:
+        serve = WattmeterServe(["--fake-gpus", "1", "--cpu", "model", "--server", "vllm", "--server-url", drip.url],
+                               tmp_path)
+        status, body = wait_until(lambda: (r := http_get(f"{serve.url}/healthz")) and b"tokens: down" in r[1] and r,
+                                  30, "the token scraper in /healthz")
+        assert status == 200 and b"timeout" in body and drip.url.encode() in body
+        t0 = time.monotonic()
+        serve.proc.send_signal(signal.SIGTERM)
+        assert serve.proc.wait(10) == 0
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        if serve is not None:
+            serve.stop()
+        drip.close()
+
+
+def test_serve_proxy_mode_books_usage_and_exports_per_request_quantiles(tmp_path: Path):
+    upstream = FakeOpenAI(delay_s=0.02)
+    port = free_port()
+    serve = None
+    try:
+        serve = WattmeterServe(["--fake-gpus", "1", "--cpu", "model", "--proxy-to", upstream.url,
+                                "--proxy-listen", f"127.0.0.1:{port}"], tmp_path)
+        assert f"proxying http://127.0.0.1:{port}" in serve.output
+        for i in range(6):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("POST", "/v1/completions", body=json.dumps({"model": "tiny", "prompt": "p",
+                                                                     "max_tokens": 10 * (i + 1)}))
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 10 * (i + 1)
+            conn.close()
+
+        def exported() -> bytes | None:
+            body = http_get(f"{serve.url}/metrics")[1]
+            return body if b'wattmeter_request_energy_joules{model="tiny",quantile="0.9"}' in body else None
+
+        body = wait_until(exported, 60, "per-request quantiles")
+        assert b'wattmeter_tokens_total{model="tiny",kind="generation"} 210.0' in body
+        assert b"tokens: up [proxy" in http_get(f"{serve.url}/healthz")[1]
+    finally:
+        if serve is not None:
+            serve.stop()
+        upstream.close()
