@@ -160,7 +160,7 @@ class RequestAccountant:
         self._live: list[_Req] = []
         self._times: set[float] = set()
         self._frontier = meter.clock.now()
-        self._v_frontier = dict(meter.ledger.values_at(self._frontier))
+        self._v_frontier: dict[str, float] | None = None       # set once every GPU has a reading
         self._idle_j: dict[str, float] = {}
         self._recent: dict[str, deque[RequestResult]] = {}
         self._summary_size = summary_size
@@ -199,6 +199,10 @@ class RequestAccountant:
             st.known_until = float("inf")
             self._times.add(t)
             done = self._settle()
+        # A ledger mark at the end makes the sampler read the GPUs promptly (as a window's edge
+        # does), so the frontier passes the end in a read or two, not at the next slow counter read.
+        self.meter.ledger.mark(t)
+        self.meter.sampler.poke()
         self._emit(done)
 
     def _result(self, st: _Req, timeout_s: float | None) -> RequestResult:
@@ -266,19 +270,36 @@ class RequestAccountant:
                 covered = min(covered, s.t)
         return covered
 
+    def _start_frontier(self) -> bool:
+        """Pin the frontier's energy once every GPU has a reading (the ledger's history holds a
+        device's first value for any earlier time, so energy before it counts as none)."""
+        if self._v_frontier is not None:
+            return True
+        gpus = [s for s in self.meter.snapshot().values() if s.device.component == Component.GPU]
+        if any(s.t is None for s in gpus):
+            return False
+        self._v_frontier = dict(self.meter.ledger.values_at(self._frontier))
+        return True
+
     def _settle(self) -> list[RequestResult]:
+        if not self._start_frontier():
+            return []
         now = self._now()
         limit = min([self._covered(now)] + [st.known_until for st in self._live if st.end is None])
         if limit <= self._frontier:
-            return []
+            return self._finish(self._frontier)
         keys = self._gpu_keys()
         bounds = sorted(t for t in self._times if self._frontier < t < limit) + [limit]
         a, va = self._frontier, self._v_frontier
+        assert va is not None
         for b in bounds:
             vb = self.meter.ledger.values_at(b)
             self._split(a, b, va, vb, keys, self._live, strict=True)
             a, va = b, vb
         self._frontier, self._v_frontier = a, dict(va)
+        return self._finish(a)
+
+    def _finish(self, a: float) -> list[RequestResult]:
         self._times = {t for t in self._times if t > a}
         done = []
         for st in self._live:
@@ -328,6 +349,8 @@ class RequestAccountant:
         extra: dict[int, dict[str, float]] = {}
         bounds = sorted(t for t in self._times if self._frontier < t < st.end) + [st.end]
         a, va = self._frontier, self._v_frontier
+        if va is None:
+            return self._make_result(st, 0.0, {}, final=False)      # no GPU reading yet
         for b in bounds:
             vb = self.meter.ledger.values_at(b)
             self._split(a, b, va, vb, keys, self._live, strict=False, into=extra)
