@@ -427,6 +427,9 @@ def test_scraper_joiner_and_window_end_to_end_over_http(server):
 def test_duplicate_tick_at_the_same_instant_is_ignored():
     meter, clock = make_meter({"gpu0": lambda t: 100 * t})
     joiner = TokenJoiner(meter, FakeSource({("m", "generation"): 1}))
+    joiner.tick(0.0)                                     # before the GPU's first reading: no edge
+    assert len(joiner._points) == 0
+    meter.poll()
     joiner.tick(0.0)
     joiner.tick(0.0)
     assert len(joiner._points) == 1

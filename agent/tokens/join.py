@@ -23,6 +23,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..requests import ModelSummary, RequestAccountant
 
 IDLE_HORIZON_S = 3600.0          # idle power is the lowest seen over this long (a GPU's idle floor drifts)
+# The ledger extrapolates a device past its last reading for at most 5 s (then holds): a window
+# edge further out than this would see no energy at all.
+EXTRAPOLATE_S = 4.0
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,18 @@ class TokenJoiner:
                 self.meter.add_tokens(n, kind)
         if not self.source.up:
             return                              # no point: a failed scrape says nothing about tokens
+        # Before every GPU has a reading the ledger cannot say what energy was at t: such a
+        # point would make a window edge with too little energy behind it. Tokens still count.
+        ready = all(s.t is not None for s in self.meter.snapshot().values() if s.device.component == Component.GPU)
         with self._lock:
             for key, n in deltas.items():
                 self._counted[key] = self._counted.get(key, 0) + n
             for model in self.source.models:
                 self._seen[model] = t
             self._last_ok = t
+            if not ready:
+                self._points.clear()
+                return
             if self._points and t <= self._points[-1].t:
                 return                           # a duplicate tick at the same instant adds nothing
             self._points.append(_Point(t, dict(self._counted)))
@@ -140,8 +149,14 @@ class TokenJoiner:
     def _gpu_keys(self) -> tuple[str, ...]:
         return tuple(k for k, s in self.meter.snapshot().items() if s.device.component == Component.GPU)
 
+    def _reach(self, keys: Sequence[str]) -> float:
+        """The latest time the ledger can give every one of these GPUs' energy for."""
+        snap = self.meter.snapshot()
+        times = [snap[k].t for k in keys if k in snap]
+        return min((t for t in times if t is not None), default=float("-inf")) + EXTRAPOLATE_S
+
     def _energy(self, keys: Sequence[str], t0: float, t1: float) -> float | None:
-        if not keys or t1 <= t0:
+        if not keys or t1 <= t0 or t1 > self._reach(keys):
             return None
         e0, e1 = self.meter.ledger.values_at(t0), self.meter.ledger.values_at(t1)
         if not all(k in e0 and k in e1 for k in keys):
@@ -149,10 +164,12 @@ class TokenJoiner:
         return sum(max(0.0, e1[k] - e0[k]) for k in keys)
 
     def _per_token(self, model: str, points: list[_Point]) -> tuple[float | None, float | None]:
+        keys = tuple(self.gpus.get(model, self._gpu_keys()))
+        reach = self._reach(keys)
+        points = [p for p in points if p.t <= reach]    # the newest edge the ledger has energy for
         if len(points) < 2:
             return None, None
         first, last = points[0], points[-1]
-        keys = tuple(self.gpus.get(model, self._gpu_keys()))
         gen = last.counted.get((model, GENERATION), 0) - first.counted.get((model, GENERATION), 0)
         energy = self._energy(keys, first.t, last.t)
         if energy is None or gen <= 0:
