@@ -190,6 +190,8 @@ class WattmeterCollector(Collector):
         above = GaugeMetricFamily("wattmeter_energy_above_idle_per_token_joules",
                                   "GPU energy above idle per generated token over the recent window (J).",
                                   labels=("model",))
+        age = GaugeMetricFamily("wattmeter_energy_per_token_age_seconds",
+                                "How long ago the J/token window ended (its last token scrape) (s).", labels=("model",))
         tokens = self.sources.tokens
         for st in tokens.snapshot():
             total.add_metric([st.model, "prompt"], st.prompt_tokens_total)
@@ -198,7 +200,9 @@ class WattmeterCollector(Collector):
                 per.add_metric([st.model], st.energy_per_token_j)
             if st.energy_above_idle_per_token_j is not None:
                 above.add_metric([st.model], st.energy_above_idle_per_token_j)
-        yield from (total, per, above)
+            if st.age_s is not None:
+                age.add_metric([st.model], st.age_s)
+        yield from (total, per, above, age)
         summary = tokens.request_summary()
         if summary:
             req_e = GaugeMetricFamily("wattmeter_request_energy_joules",

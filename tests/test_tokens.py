@@ -652,9 +652,11 @@ def test_jpt_disappears_when_the_source_is_down_past_its_window(server):
         clock.advance(5.0)
         meter.poll()
     assert joiner.snapshot()[0].energy_per_token_j == pytest.approx(300 * 5 / 500)
+    assert joiner.snapshot()[0].age_s == pytest.approx(0.0)
     server.status = 503
     run(meter, clock, 15.0, 5.0, lambda t: None)
-    assert joiner.snapshot()[0].energy_per_token_j is not None          # down 15 s of a 20 s window
+    [stat] = joiner.snapshot()
+    assert stat.energy_per_token_j is not None and stat.age_s == pytest.approx(15.0)   # down 15 s of 20: aged
     run(meter, clock, 10.0, 5.0, lambda t: None)
     [stat] = joiner.snapshot()
     assert stat.energy_per_token_j is None and stat.energy_above_idle_per_token_j is None

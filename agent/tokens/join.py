@@ -37,6 +37,7 @@ class TokenStat:
     generation_tokens_total: int
     energy_per_token_j: float | None            # GPU J per generation token over the window
     energy_above_idle_per_token_j: float | None
+    age_s: float | None = None                  # how long ago the J/token window ended (last good scrape in reach)
 
 
 @dataclass(frozen=True)
@@ -137,9 +138,9 @@ class TokenJoiner:
         for model in sorted({m for m, _ in totals}):
             if model in seen and now - seen[model] > self.forget_after_s:
                 continue                         # the server no longer serves it: drop its series
-            jpt, above = self._per_token(model, points) if fresh else (None, None)
+            jpt, above, end_t = self._per_token(model, points) if fresh else (None, None, None)
             out.append(TokenStat(model, totals.get((model, PROMPT), 0), totals.get((model, GENERATION), 0),
-                                 jpt, above))
+                                 jpt, above, None if end_t is None else max(0.0, now - end_t)))
         return out
 
     def request_summary(self) -> dict[str, "ModelSummary"]:
@@ -163,20 +164,20 @@ class TokenJoiner:
             return None
         return sum(max(0.0, e1[k] - e0[k]) for k in keys)
 
-    def _per_token(self, model: str, points: list[_Point]) -> tuple[float | None, float | None]:
+    def _per_token(self, model: str, points: list[_Point]) -> tuple[float | None, float | None, float | None]:
         keys = tuple(self.gpus.get(model, self._gpu_keys()))
         reach = self._reach(keys)
         points = [p for p in points if p.t <= reach]    # the newest edge the ledger has energy for
         if len(points) < 2:
-            return None, None
+            return None, None, None
         first, last = points[0], points[-1]
         gen = last.counted.get((model, GENERATION), 0) - first.counted.get((model, GENERATION), 0)
         energy = self._energy(keys, first.t, last.t)
         if energy is None or gen <= 0:
-            return None, None
+            return None, None, None
         idle_w = self._idle_w(keys, points)
         above = None if idle_w is None else max(0.0, energy - idle_w * (last.t - first.t)) / gen
-        return energy / gen, above
+        return energy / gen, above, last.t
 
     def _idle_w(self, keys: tuple[str, ...], points: list[_Point]) -> float | None:
         if self.idle_w_per_gpu is not None:
