@@ -75,6 +75,16 @@ class ModelSummary:
     generation_tokens: int
 
 
+@dataclass(frozen=True)
+class RequestView:
+    """What the exporter reads: per model (final requests, their J), per GPU the idle share,
+    and the rolling p50/p90 summary."""
+
+    totals: Mapping[str, tuple[int, float]]
+    idle_j: Mapping[str, float]
+    summary: Mapping[str, ModelSummary]
+
+
 @dataclass
 class _Req:
     request_id: str
@@ -162,6 +172,8 @@ class RequestAccountant:
         self._frontier = meter.clock.now()
         self._v_frontier: dict[str, float] | None = None       # set once every GPU has a reading
         self._idle_j: dict[str, float] = {}
+        self._model_j: dict[str, float] = {}          # final requests' energy per model (monotonic)
+        self._model_n: dict[str, int] = {}            # final requests per model (monotonic)
         self._recent: dict[str, deque[RequestResult]] = {}
         self._summary_size = summary_size
 
@@ -238,9 +250,18 @@ class RequestAccountant:
             return dict(self._idle_j)
 
     @property
+    def totals(self) -> dict[str, tuple[int, float]]:
+        """Per model: (final requests, their energy in J), both monotonic (Prometheus counters)."""
+        with self._lock:
+            return {m: (self._model_n[m], self._model_j[m]) for m in self._model_n}
+
+    @property
     def open_requests(self) -> int:
         with self._lock:
             return sum(1 for st in self._live if st.end is None)
+
+    def view(self) -> RequestView:
+        return RequestView(self.totals, self.idle_j, self.summary())
 
     def summary(self) -> dict[str, ModelSummary]:
         with self._lock:
@@ -307,6 +328,8 @@ class RequestAccountant:
                 st.result = self._make_result(st, st.energy_j, st.device_j, final=True)
                 q = self._recent.setdefault(st.model, deque(maxlen=self._summary_size))
                 q.append(st.result)
+                self._model_n[st.model] = self._model_n.get(st.model, 0) + 1
+                self._model_j[st.model] = self._model_j.get(st.model, 0.0) + st.energy_j
                 done.append(st.result)
             else:
                 st.reports = [r for r in st.reports if r[1] > a]      # spans before the frontier are spent

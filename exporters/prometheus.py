@@ -57,7 +57,7 @@ class ExportSources:
     hostname: str
     attribution: Any = None        # .snapshot(ledger_snapshot) -> AttributionSnapshot
     carbon: Any = None             # .snapshot() -> CarbonResult
-    tokens: Any = None             # .snapshot() -> [TokenStat], .request_summary() -> {model: ModelSummary}
+    tokens: Any = None             # .snapshot() -> [TokenStat], .request_view() -> RequestView | None
     jobs: Callable[[], Iterable[JobEnergy]] | None = None
     health: list[Callable[[], Iterable[Health]]] = field(default_factory=list)
     pid_labels: bool = False
@@ -203,15 +203,29 @@ class WattmeterCollector(Collector):
             if st.age_s is not None:
                 age.add_metric([st.model], st.age_s)
         yield from (total, per, above, age)
-        summary = tokens.request_summary()
-        if summary:
-            req_e = GaugeMetricFamily("wattmeter_request_energy_joules",
+        view = tokens.request_view()
+        if view is None:
+            return
+        if view.totals or view.idle_j:
+            n = CounterMetricFamily("wattmeter_requests", "Requests whose energy is final.", labels=("model",))
+            e = CounterMetricFamily("wattmeter_request_energy_joules", "GPU energy of final requests (J).",
+                                    labels=("model",))
+            gap = CounterMetricFamily("wattmeter_request_idle_energy_joules",
+                                      "GPU energy while no request was open on the GPU (J).", labels=("device",))
+            for m, (count, joules) in sorted(view.totals.items()):
+                n.add_metric([m], count)
+                e.add_metric([m], joules)
+            for gpu, joules in sorted(view.idle_j.items()):
+                gap.add_metric([gpu], joules)
+            yield from (n, e, gap)
+        if view.summary:
+            req_e = GaugeMetricFamily("wattmeter_request_energy_quantile_joules",
                                       "GPU energy per request over recent requests, by quantile (J).",
                                       labels=("model", "quantile"))
-            req_jpt = GaugeMetricFamily("wattmeter_request_energy_per_token_joules",
+            req_jpt = GaugeMetricFamily("wattmeter_request_energy_per_token_quantile_joules",
                                         "GPU energy per generated token of a request, by quantile (J).",
                                         labels=("model", "quantile"))
-            for m, s in summary.items():
+            for m, s in view.summary.items():
                 req_e.add_metric([m, "0.5"], s.energy_j_p50)
                 req_e.add_metric([m, "0.9"], s.energy_j_p90)
                 if s.energy_per_token_j_p50 is not None and s.energy_per_token_j_p90 is not None:

@@ -99,8 +99,8 @@ class _Tokens:
         from wattmeter.tokens import TokenStat
         return [TokenStat("llama-3.1-8b", 1000, 4000, 0.31, None)]
 
-    def request_summary(self) -> dict:
-        return {}
+    def request_view(self) -> None:
+        return None
 
 
 def test_metric_names_and_labels_follow_design_section_4() -> None:

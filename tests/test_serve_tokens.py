@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from e2e_servers import WattmeterServe, free_port, http_get, wait_until
+from prometheus_client.parser import text_string_to_metric_families
 from fake_openai import FakeOpenAI
 from test_tokens import DripServer
 
@@ -80,10 +81,18 @@ def test_serve_proxy_mode_books_usage_and_exports_per_request_quantiles(tmp_path
 
         def exported() -> bytes | None:
             body = http_get(f"{serve.url}/metrics")[1]
-            return body if b'wattmeter_request_energy_joules{model="tiny",quantile="0.9"}' in body else None
+            return body if b'wattmeter_requests_total{model="tiny"} 6.0' in body else None
 
-        body = wait_until(exported, 60, "per-request quantiles")
+        body = wait_until(exported, 60, "all 6 requests final")
+        assert b'wattmeter_request_energy_quantile_joules{model="tiny",quantile="0.9"}' in body
         assert b'wattmeter_tokens_total{model="tiny",kind="generation"} 210.0' in body
+        samples = {(f.name, tuple(sorted(x.labels.items()))): x.value
+                   for f in text_string_to_metric_families(body.decode()) for x in f.samples}
+        assert samples[("wattmeter_requests", (("model", "tiny"),))] == 6
+        requests_j = samples[("wattmeter_request_energy_joules", (("model", "tiny"),))]
+        idle_j = samples[("wattmeter_request_idle_energy_joules", (("device", "gpu0"),))]
+        gpu_j = next(v for (name, _), v in samples.items() if name == "wattmeter_gpu_energy_joules")
+        assert requests_j > 0 and requests_j + idle_j <= gpu_j * 1.001      # shares never exceed the GPU
         assert b"tokens: up [proxy" in http_get(f"{serve.url}/healthz")[1]
     finally:
         if serve is not None:

@@ -160,4 +160,5 @@ def start_tokens(opts: TokenOptions, meter: "Meter") -> TokenRuntime:
                          forget_after_s=opts.forget_after_s, requests=acct)
     return TokenRuntime(joiner, f"proxying {proxy.url} -> {opts.url} (tokens from each response's usage)",
                         lambda: f"tokens: up [proxy {proxy.url} -> {opts.url}]",
-                        lambda: [Health("tokens", True, {})], proxy.stop)
+                        lambda: [Health("tokens", True, {"no_usage": counter.responses_without_usage}
+                                        if counter.responses_without_usage else {})], proxy.stop)

@@ -20,7 +20,7 @@ from .scrape import TokenSource
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..meter import Meter
-    from ..requests import ModelSummary, RequestAccountant
+    from ..requests import RequestAccountant, RequestView
 
 IDLE_HORIZON_S = 3600.0          # idle power is the lowest seen over this long (a GPU's idle floor drifts)
 # The ledger extrapolates a device past its last reading for at most 5 s (then holds): a window
@@ -143,9 +143,9 @@ class TokenJoiner:
                                  jpt, above, None if end_t is None else max(0.0, now - end_t)))
         return out
 
-    def request_summary(self) -> dict[str, "ModelSummary"]:
-        """p50/p90 J/request and J/token per model over recent requests ({} without requests)."""
-        return self.requests.summary() if self.requests is not None else {}
+    def request_view(self) -> "RequestView | None":
+        """Per-request figures (proxy mode) for the exporter; None without per-request accounting."""
+        return self.requests.view() if self.requests is not None else None
 
     def _gpu_keys(self) -> tuple[str, ...]:
         return tuple(k for k, s in self.meter.snapshot().items() if s.device.component == Component.GPU)
