@@ -42,7 +42,16 @@ class UsageCounter:
         self._state = TokenTotals(skip_history=False)      # every proxied response is ours
         self._models: set[str] = set()
         self._lock = threading.Lock()
-        self.responses_without_usage = 0
+        self._without_usage = 0
+
+    @property
+    def responses_without_usage(self) -> int:
+        return self._without_usage
+
+    def no_usage(self) -> None:
+        """A completion answered without ``usage`` (counted, shown as an error kind)."""
+        with self._lock:
+            self._without_usage += 1
 
     def observe(self, model: str, prompt: int, generation: int) -> None:
         with self._lock:
@@ -181,7 +190,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._forward()
 
     def _forward(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._error(411, "send the request body with a Content-Length")
+            self.close_connection = True
+            return
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0:
+            self._error(400, "bad Content-Length")
+            self.close_connection = True
+            return
         if length > MAX_REQUEST_BYTES:
             self._error(413, "request body too large")
             return
@@ -261,7 +281,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if usage is None:
             if resp.status < 400:
-                self.proxy.counter.responses_without_usage += 1
+                self.proxy.counter.no_usage()
             return
         prompt, gen = usage
         self.proxy.counter.observe(model, prompt, gen)

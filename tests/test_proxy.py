@@ -155,3 +155,13 @@ def test_usage_counter_is_a_token_source():
     c.observe("a", 3, 4)
     assert c.deltas() == {("a", "prompt"): 3, ("a", "generation"): 4} and c.up and c.models == {"a"}
     assert c.deltas() == {}
+
+
+def test_a_chunked_request_body_is_refused_with_411(rig):
+    _, proxy, _, _, _ = rig
+    parts = urllib.parse.urlsplit(proxy.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
+    conn.request("POST", "/v1/completions", body=iter([b'{"model": "tiny"}']), encode_chunked=True,
+                 headers={"Transfer-Encoding": "chunked"})
+    resp = conn.getresponse()
+    assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]["message"]

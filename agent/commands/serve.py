@@ -217,6 +217,8 @@ def _serve(meter: Meter, opts: ServeOptions) -> int:
                              "see --web-config (docs/security.md)\n")
         if tokens is not None:
             sys.stderr.write(f"wattmeter: {tokens.describe}\n")
+            if tokens.warning:
+                sys.stderr.write(f"wattmeter: warning: {tokens.warning}\n")
         sys.stderr.write(f"wattmeter: serving {server.url}/metrics\n")
         sys.stderr.flush()
         while not stop.wait(1.0):    # short waits keep the main thread responsive to signals

@@ -132,6 +132,7 @@ class TokenRuntime:
     health_line: Callable[[], str]
     health: Callable[[], list[Health]]
     stop: Callable[[], None] = field(default=lambda: None)
+    warning: str = ""
 
 
 def start_tokens(opts: TokenOptions, meter: "Meter") -> TokenRuntime:
@@ -161,4 +162,7 @@ def start_tokens(opts: TokenOptions, meter: "Meter") -> TokenRuntime:
     return TokenRuntime(joiner, f"proxying {proxy.url} -> {opts.url} (tokens from each response's usage)",
                         lambda: f"tokens: up [proxy {proxy.url} -> {opts.url}]",
                         lambda: [Health("tokens", True, {"no_usage": counter.responses_without_usage}
-                                        if counter.responses_without_usage else {})], proxy.stop)
+                                        if counter.responses_without_usage else {})], proxy.stop,
+                        "" if opts.proxy_listen.loopback else
+                        f"the proxy listens on {opts.proxy_listen} without TLS or auth: anyone who reaches it "
+                        f"can use the model server")
