@@ -23,6 +23,7 @@ requests' tokens are not known yet) with ``final=False``.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -139,6 +140,10 @@ class Request:
         """The request's energy. Waits briefly (bounded) for the GPUs to be read past its end."""
         return self._acct._result(self._state, timeout_s)
 
+    async def aresult(self, timeout_s: float | None = None) -> RequestResult:
+        """``result()`` for async code: waits without blocking the event loop."""
+        return await self._acct._aresult(self._state, timeout_s)
+
     def __enter__(self) -> "Request":
         return self
 
@@ -217,20 +222,33 @@ class RequestAccountant:
         self.meter.sampler.poke()
         self._emit(done)
 
-    def _result(self, st: _Req, timeout_s: float | None) -> RequestResult:
+    def _deadline(self, st: _Req, timeout_s: float | None) -> float:
         if st.end is None:
             raise RuntimeError(f"request {st.request_id!r} has not ended")
-        deadline = time.monotonic() + (self.meter.settle_timeout_s() if timeout_s is None else timeout_s)
-        while True:
-            done, blocked_by_ledger = self.settle()
-            if st.result is not None:
-                return st.result
-            if not (blocked_by_ledger and self.meter.running and time.monotonic() < deadline):
-                break
+        return time.monotonic() + (self.meter.settle_timeout_s() if timeout_s is None else timeout_s)
+
+    def _try_result(self, st: _Req, deadline: float) -> RequestResult | None:
+        """The final result, or None while waiting for a GPU read past the end is worth it."""
+        _, blocked_by_ledger = self.settle()
+        if st.result is not None:
+            return st.result
+        if blocked_by_ledger and self.meter.running and time.monotonic() < deadline:
             self.meter.sampler.poke()       # a read past the end settles it sooner
-            time.sleep(0.01)
+            return None
         with self._lock:
             return st.result or self._provisional(st)
+
+    def _result(self, st: _Req, timeout_s: float | None) -> RequestResult:
+        deadline = self._deadline(st, timeout_s)
+        while (res := self._try_result(st, deadline)) is None:
+            time.sleep(0.01)
+        return res
+
+    async def _aresult(self, st: _Req, timeout_s: float | None) -> RequestResult:
+        deadline = self._deadline(st, timeout_s)
+        while (res := self._try_result(st, deadline)) is None:
+            await asyncio.sleep(0.01)       # never block the event loop while the GPUs are read
+        return res
 
     def settle(self) -> tuple[list[RequestResult], bool]:
         """Hand out energy up to the frontier. Returns the requests that became final, and

@@ -155,7 +155,8 @@ def test_async_with_and_tokens_after_end_are_refused():
         with pytest.raises(RuntimeError, match="has ended"):
             r.add_tokens(1)
         step(meter, clock, 1.0)
-        assert r.result().energy_j == pytest.approx(200)
+        res = await r.aresult()
+        assert res.final and res.energy_j == pytest.approx(200) and res == r.result()
 
     asyncio.run(handle())
 

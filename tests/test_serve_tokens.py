@@ -44,6 +44,13 @@ def test_options_come_from_the_environment_too(capsys, monkeypatch):
     assert code == 2 and "gpu7" in err and "GPUs: gpu0" in err
 
 
+def test_options_come_from_the_config_file_too(capsys, monkeypatch, tmp_path: Path):
+    (tmp_path / "wattmeter.toml").write_text('server = "vllm"\ngpu_model_map = { gpu9 = "llama" }\n')
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(["serve", "--fake-gpus", "1", "--cpu", "model"], capsys)
+    assert code == 2 and "--gpu-model-map names gpu9" in err
+
+
 def test_serve_starts_lists_the_scraper_in_healthz_and_stops_in_2s_despite_a_dripping_server(tmp_path: Path):
     drip = DripServer(pace_s=0.05)
     serve = None
