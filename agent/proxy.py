@@ -20,6 +20,7 @@ import json
 import logging
 import socket
 import threading
+import time
 import urllib.parse
 from typing import Any, Mapping
 
@@ -33,6 +34,7 @@ USAGE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "content-length", "host"})
 MAX_REQUEST_BYTES = 64 << 20
+PROGRESS_S = 0.2          # how often a stream's progress is booked into its request
 
 
 class UsageCounter:
@@ -258,8 +260,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Tokens are booked before the answer's last byte goes out: a client that has its answer
         # can read the figures.
         if "text/event-stream" in ctype:
-            usage = self._stream(resp, injected)
-            self._book(resp, model, booking, usage)
+            usage, booked = self._stream(resp, injected, booking)
+            self._book(resp, model, booking, usage, booked)
             self._last_chunk()
         else:
             data = resp.read()
@@ -276,7 +278,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.proxy.connection(fresh=True)
 
     def _book(self, resp: http.client.HTTPResponse, model: str | None, booking: Any,
-              usage: tuple[int, int] | None) -> None:
+              usage: tuple[int, int] | None, booked: int = 0) -> None:
         if model is None:
             return
         if usage is None:
@@ -287,7 +289,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.proxy.counter.observe(model, prompt, gen)
         if booking is not None:
             booking.add_tokens(prompt, PROMPT)
-            booking.add_tokens(gen, GENERATION)
+            # A chunk can carry several tokens: the usage is exact, the progress counted so far
+            # was a lower bound.
+            booking.add_tokens(max(0, gen - booked), GENERATION)
 
     def _head(self, resp: http.client.HTTPResponse, length: int | None) -> None:
         self.send_response_only(resp.status, resp.reason)
@@ -300,11 +304,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(length))
         self.end_headers()
 
-    def _stream(self, resp: http.client.HTTPResponse, injected: bool) -> tuple[int, int] | None:
-        """Relay SSE events as they come (chunked), picking the usage out of the last one."""
+    def _stream(self, resp: http.client.HTTPResponse, injected: bool,
+                booking: Any) -> tuple[tuple[int, int] | None, int]:
+        """Relay SSE events as they come (chunked), picking the usage out of the last one.
+
+        While it streams, each content chunk counts as a generated token for the request
+        (booked every PROGRESS_S), so its energy share follows its progress; the final usage
+        corrects the count. Returns (usage, generation tokens already booked)."""
         self._head(resp, None)
         usage = None
         event: list[bytes] = []
+        booked = pending = 0
+        last = time.monotonic()
         try:
             while line := resp.readline():
                 event.append(line)
@@ -312,25 +323,33 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     continue
                 keep = True
                 for part in event:
-                    if part.startswith(b"data:") and b'"usage"' in part:
+                    if not part.startswith(b"data:") or part[5:].strip() == b"[DONE]":
+                        continue
+                    content = True
+                    if b'"usage"' in part:
                         try:
                             doc = json.loads(part[5:])
                         except ValueError:
                             continue
+                        content = bool(isinstance(doc, dict) and doc.get("choices"))
                         found = _usage(doc)
                         if found is not None:
                             usage = found
                             # The usage-only chunk we asked for: the client did not, so keep it back.
-                            keep = not (injected and not doc.get("choices"))
+                            keep = not (injected and not content)
+                    pending += content
                 if keep:
                     self._chunk(b"".join(event))
                 event = []
+                if booking is not None and pending and time.monotonic() - last >= PROGRESS_S:
+                    booking.add_tokens(pending, GENERATION)
+                    booked, pending, last = booked + pending, 0, time.monotonic()
             if event:
                 self._chunk(b"".join(event))
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True            # the client left: what usage we saw still counts
             self.proxy.connection(fresh=True)       # the upstream answer was not read to its end
-        return usage
+        return usage, booked
 
     def _last_chunk(self) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import http.client
 import json
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -165,3 +166,43 @@ def test_a_chunked_request_body_is_refused_with_411(rig):
                  headers={"Transfer-Encoding": "chunked"})
     resp = conn.getresponse()
     assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]["message"]
+
+
+class RecordingAccountant:
+    """Stands in for RequestAccountant: records each booking with its time."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, str, float]] = []
+
+    def request(self, request_id: str, model: str = "default") -> "RecordingAccountant.Req":
+        return RecordingAccountant.Req(self, request_id)
+
+    class Req:
+        def __init__(self, acct: "RecordingAccountant", request_id: str) -> None:
+            self.acct, self.id = acct, request_id
+
+        def add_tokens(self, n: int, kind: str = "generation") -> None:
+            self.acct.calls.append((self.id, n, kind, time.monotonic()))
+
+        def __enter__(self) -> "RecordingAccountant.Req":
+            self.acct.calls.append((self.id, 0, "begin", time.monotonic()))
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.acct.calls.append((self.id, 0, "end", time.monotonic()))
+
+
+def test_a_stream_books_its_progress_while_it_runs_and_the_usage_corrects_it():
+    upstream = FakeOpenAI(delay_s=1.0)                 # 20 chunks over 1 s
+    acct = RecordingAccountant()
+    proxy = OpenAIProxy(upstream.url, acct).start()    # type: ignore[arg-type]
+    try:
+        post(proxy.url, "/v1/completions", {"model": "tiny", "prompt": "p", "max_tokens": 20, "stream": True},
+             {"X-Request-Id": "s"})
+    finally:
+        proxy.stop()
+        upstream.close()
+    gen = [n for _, n, kind, _ in acct.calls if kind == "generation"]
+    assert sum(gen) == 20 and len([n for n in gen if n]) >= 3       # progress during the stream, then the rest
+    assert [k for _, _, k, _ in acct.calls if k == "prompt"] == ["prompt"]
+    assert acct.calls[0][2] == "begin" and acct.calls[-1][2] == "end"
