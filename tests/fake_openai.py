@@ -1,7 +1,8 @@
 """A small OpenAI-compatible server on 127.0.0.1 for proxy tests and the proxy benchmark.
 
 POST /v1/completions and /v1/chat/completions answer with ``completion_tokens`` tokens (the
-request's ``max_tokens``, default 16) after ``delay_s``; with ``stream`` each token is an SSE
+request's ``max_tokens``, default 16) after ``delay_s`` (or the request's ``x_delay_s``); with
+``stream`` each token is an SSE
 chunk, and a final usage-only chunk follows when ``stream_options.include_usage`` is set (as
 vLLM and llama.cpp do). ``pad_bytes`` pads a non-streamed answer (benchmark: a 1 kB response).
 """
@@ -40,12 +41,13 @@ class FakeOpenAI:
                 with outer.lock:
                     outer.bodies.append(body)
                 n = int(body.get("max_tokens", 16))
+                delay_s = float(body.get("x_delay_s", outer.delay_s))      # test-only: per-request pace
                 usage = {"prompt_tokens": outer.prompt_tokens, "completion_tokens": n,
                          "total_tokens": outer.prompt_tokens + n}
                 model = body.get("model", "tiny")
                 if not body.get("stream"):
-                    if outer.delay_s:
-                        time.sleep(outer.delay_s)
+                    if delay_s:
+                        time.sleep(delay_s)
                     doc = {"id": "cmpl-1", "object": "text_completion", "model": model,
                            "choices": [{"index": 0, "text": "x" * outer.pad_bytes, "finish_reason": "length"}],
                            "usage": usage}
@@ -56,8 +58,8 @@ class FakeOpenAI:
                 self.send_header("Transfer-Encoding", "chunked")
                 self.end_headers()
                 for i in range(n):
-                    if outer.delay_s:
-                        time.sleep(outer.delay_s / n)
+                    if delay_s:
+                        time.sleep(delay_s / n)
                     chunk = {"id": "cmpl-1", "model": model, "choices": [{"index": 0, "text": f"t{i}"}],
                              "usage": None}
                     self._chunk(f"data: {json.dumps(chunk)}\n\n".encode())

@@ -206,3 +206,33 @@ def test_a_stream_books_its_progress_while_it_runs_and_the_usage_corrects_it():
     assert sum(gen) == 20 and len([n for n in gen if n]) >= 3       # progress during the stream, then the rest
     assert [k for _, _, k, _ in acct.calls if k == "prompt"] == ["prompt"]
     assert acct.calls[0][2] == "begin" and acct.calls[-1][2] == "end"
+
+
+def test_four_concurrent_streams_get_their_share_of_a_flat_gpu():
+    # 20 tokens/s each, for 1, 2, 3 and 4 s, all started together on a flat 300 W GPU: in each
+    # second the GPU is shared equally by the streams still running -> 75, 175, 325 and 625 J.
+    upstream = FakeOpenAI()
+    meter = Meter([FlatGPU({"gpu0": lambda t: 300.0 * t})]).start()
+    results: list = []
+    acct = RequestAccountant(meter, on_result=results.append)
+    proxy = OpenAIProxy(upstream.url, acct).start()
+    try:
+        def client(i: int) -> None:
+            post(proxy.url, "/v1/completions", {"model": "tiny", "prompt": "p", "max_tokens": 20 * i,
+                                                "x_delay_s": float(i), "stream": True}, {"X-Request-Id": f"c{i}"})
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in (1, 2, 3, 4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        got = wait_final(acct, results, {"c1", "c2", "c3", "c4"})
+    finally:
+        proxy.stop()
+        meter.close()
+        upstream.close()
+    for i, expected_j in zip((1, 2, 3, 4), (75.0, 175.0, 325.0, 625.0)):
+        r = got[f"c{i}"]
+        assert r.tokens["generation"] == 20 * i
+        assert r.energy_j == pytest.approx(expected_j, rel=0.05), f"c{i}"
+        assert r.energy_per_token_j == pytest.approx(expected_j / (20 * i), rel=0.05)
