@@ -126,12 +126,12 @@ class OpenAIProxy:
             raise UsageError(f"proxy cannot listen on {host}:{port}: {exc.strerror or exc}; "
                              f"pick another port with --proxy-listen") from None
         self._httpd.daemon_threads = True
+        self._host = host
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"http://{self._host}:{self._httpd.server_port}"
 
     def start(self) -> "OpenAIProxy":
         self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.2,), name="wattmeter-proxy",

@@ -95,7 +95,7 @@ class _Req:
     end: float | None = None
     reports: list[tuple[float, float, int]] = field(default_factory=list)   # (from, to, generation tokens)
     tokens: dict[str, int] = field(default_factory=dict)
-    known_until: float = 0.0                # tokens are known up to here (end: forever)
+    known_until: float = 0.0                # generation tokens are known up to here (end: forever)
     energy_j: float = 0.0
     device_j: dict[str, float] = field(default_factory=dict)
     result: RequestResult | None = None
@@ -198,10 +198,13 @@ class RequestAccountant:
         with self._lock:
             if st.end is not None:
                 raise RuntimeError(f"request {st.request_id!r} has ended; count its tokens before it ends")
-            t = self._now()
             st.tokens[kind] = st.tokens.get(kind, 0) + n
-            if kind == GENERATION and n:
+            if kind != GENERATION:
+                return                   # shares follow generation tokens: other kinds are only counted
+            t = self._now()
+            if n:
                 st.reports.append((st.known_until, t, n))
+            # Generation up to t is now known; the next report covers the time from here.
             st.known_until = t
             self._times.add(t)
             done = self._settle()

@@ -226,3 +226,19 @@ def test_conservation_over_random_overlaps(script):
         assert all(p >= 0 for p in parts)
         assert sum(parts) + idle.get(k, 0.0) == pytest.approx(device, rel=1e-9, abs=1e-6)
     assert all(r.device_energy_j.get("gpu0", 0.0) == 0.0 for r in results if r.model == "m1")
+
+
+def test_a_prompt_report_does_not_cut_the_span_of_the_next_generation_report():
+    meter, clock, acct = setup({"gpu0": lambda t: 200 * t})
+    a, b = acct.request("a"), acct.request("b")
+    for i in range(1, 11):
+        step(meter, clock, 1.0)
+        a.add_tokens(10)
+        if i == 5:
+            b.add_tokens(50)
+        if i == 9:
+            b.add_tokens(7, kind="prompt")            # counted, but says nothing about generation
+    b.add_tokens(50)                                  # the generation of t = 5..10
+    a.end(), b.end()
+    step(meter, clock, 1.0)
+    assert a.result().energy_j == pytest.approx(1000) and b.result().energy_j == pytest.approx(1000)

@@ -20,7 +20,6 @@ from typing import Any, Callable
 from ..attribution import AttributionConfig, Attributor
 from ..cgroups import CgroupResolver, PodDirectory, parse_cgroup
 from ..config import Settings, positive_float, positive_int
-from ..errors import UsageError
 from ..exporters.http import DEFAULT_HOST, DEFAULT_PORT, ListenAddress, MetricsServer, parse_listen
 from ..exporters.prometheus import ExportSources, Health, build_registry
 from ..exporters.webconfig import WebConfig, load_web_config

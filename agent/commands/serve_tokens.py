@@ -95,25 +95,26 @@ def token_options(args: argparse.Namespace, settings: Settings) -> TokenOptions 
     if kind is not None and proxy_to is not None:
         raise UsageError("--server and --proxy-to both given: the proxy counts every request's tokens "
                          "exactly; drop --server")
-    common = dict(
-        model=settings.get("model", args.model, None, str),
-        window_s=settings.get("jpt_window", args.jpt_window, 60.0, positive_float),
-        idle_w_per_gpu=settings.get("idle_power", args.idle_power, None, _non_negative),
-        gpu_map=settings.get("gpu_model_map", args.gpu_model_map, {}, _gpu_map),
-        forget_after_s=settings.get("drop_model_after", args.drop_model_after, 900.0, positive_float))
+    no_map: dict[str, str] = {}
+    model = settings.get("model", args.model, None, str)
+    window_s = settings.get("jpt_window", args.jpt_window, 60.0, positive_float)
+    idle_w = settings.get("idle_power", args.idle_power, None, _non_negative)
+    gpu_map = settings.get("gpu_model_map", args.gpu_model_map, no_map, _gpu_map)
+    forget_s = settings.get("drop_model_after", args.drop_model_after, 900.0, positive_float)
     if proxy_to is not None:
         from ..proxy import normalise_upstream
 
         normalise_upstream(proxy_to)
         listen = parse_listen(settings.get("proxy_listen", args.proxy_listen, PROXY_DEFAULT_LISTEN, str),
                               flag="--proxy-listen")
-        return TokenOptions(None, proxy_to, proxy_listen=listen, **common)   # type: ignore[arg-type]
-    if kind != AUTO:
-        server_kind(kind)                      # unknown family: the closest one in the message
-    if url is None and kind == AUTO:
+        return TokenOptions(None, proxy_to, model, window_s, idle_w, gpu_map, forget_s, proxy_listen=listen)
+    assert kind is not None
+    if kind == AUTO and url is None:
         raise UsageError("--server auto needs --server-url (there is no default port to guess)")
-    url = url or server_kind(kind).default_url
-    return TokenOptions(TokenScraper(kind, url, model=common["model"]), url, **common)  # type: ignore[arg-type]
+    if kind != AUTO:
+        url = url or server_kind(kind).default_url      # an unknown family: the closest one in the message
+    assert url is not None
+    return TokenOptions(TokenScraper(kind, url, model=model), url, model, window_s, idle_w, gpu_map, forget_s)
 
 
 def check_gpu_map(opts: TokenOptions, meter: "Meter") -> None:

@@ -12,7 +12,6 @@ import logging
 import socket
 import ssl
 import threading
-import time
 import urllib.parse
 from collections import Counter
 from typing import TYPE_CHECKING, Any, Mapping, Protocol
