@@ -188,7 +188,7 @@ def test_threads_with_a_running_meter_keep_their_own_tokens():
         meter.close()
 
 
-events = st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["open", "tokens", "end", "tick"]),
+events = st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["open", "tokens", "prompt", "end", "tick"]),
                             st.integers(0, 50), st.floats(0.0, 3.0)), min_size=1, max_size=60)
 
 
@@ -208,6 +208,8 @@ def test_conservation_over_random_overlaps(script):
             handles[slot] = acct.request(f"r{len(done)}-{slot}", model=f"m{slot % 2}")
         elif what == "tokens" and r is not None:
             r.add_tokens(n)
+        elif what == "prompt" and r is not None:
+            r.add_tokens(n, kind="prompt")
         elif what == "end" and r is not None:
             r.end()
             done.append(handles.pop(slot))
