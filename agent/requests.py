@@ -219,10 +219,11 @@ class RequestAccountant:
             st.known_until = float("inf")
             self._times.add(t)
             done = self._settle()
-        # A ledger mark at the end makes the sampler read the GPUs promptly (as a window's edge
-        # does), so the frontier passes the end in a read or two, not at the next slow counter read.
+        # A ledger mark at the end makes the sampler read the GPUs' counters at its next tick (as a
+        # window's edge does), so the frontier passes the end in a read or two, not at the next slow
+        # counter read. No poke: waking every reader per request would cost a busy server more than
+        # the tick it saves; ``result()`` pokes when someone waits.
         self.meter.ledger.mark(t)
-        self.meter.sampler.poke()
         self._emit(done)
 
     def _deadline(self, st: _Req, timeout_s: float | None) -> float:
