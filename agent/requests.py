@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
 
 from .model import Component
 
@@ -179,6 +179,7 @@ class RequestAccountant:
         self._idle_j: dict[str, float] = {}
         self._model_j: dict[str, float] = {}          # final requests' energy per model (monotonic)
         self._model_n: dict[str, int] = {}            # final requests per model (monotonic)
+        self._ended_at_frontier = False               # a request ended exactly at the frontier (virtual clocks)
         self._recent: dict[str, deque[RequestResult]] = {}
         self._summary_size = summary_size
 
@@ -194,7 +195,6 @@ class RequestAccountant:
         return Request(self, st)
 
     def _add_tokens(self, st: _Req, n: int, kind: str) -> None:
-        done: list[RequestResult] = []
         with self._lock:
             if st.end is not None:
                 raise RuntimeError(f"request {st.request_id!r} has ended; count its tokens before it ends")
@@ -204,11 +204,10 @@ class RequestAccountant:
             t = self._now()
             if n:
                 st.reports.append((st.known_until, t, n))
-            # Generation up to t is now known; the next report covers the time from here.
+            # Generation up to t is now known; the next report covers the time from here. Settling
+            # waits for the next end or settle(): a stream's reports come often and cost nothing here.
             st.known_until = t
             self._times.add(t)
-            done = self._settle()
-        self._emit(done)
 
     def _end(self, st: _Req) -> None:
         with self._lock:
@@ -218,6 +217,7 @@ class RequestAccountant:
             st.end = t
             st.known_until = float("inf")
             self._times.add(t)
+            self._ended_at_frontier |= t <= self._frontier
             done = self._settle()
         # A ledger mark at the end makes the sampler read the GPUs' counters at its next tick (as a
         # window's edge does), so the frontier passes the end in a read or two, not at the next slow
@@ -303,7 +303,7 @@ class RequestAccountant:
         return max(self.meter.clock.now(), self._frontier)
 
     def _gpu_keys(self) -> list[str]:
-        return [k for k, s in self.meter.snapshot().items() if s.device.component == Component.GPU]
+        return [d.key for d in self.meter.ledger.devices if d.component == Component.GPU]
 
     def _covered(self, now: float) -> float:
         """The latest time every GPU has been read past (a GPU silent for MAX_LAG_S is skipped)."""
@@ -330,19 +330,34 @@ class RequestAccountant:
         now = self._now()
         limit = min([self._covered(now)] + [st.known_until for st in self._live if st.end is None])
         if limit <= self._frontier:
-            return self._finish(self._frontier)
+            return self._finish(self._frontier) if self._ended_at_frontier else []
         keys = self._gpu_keys()
         bounds = sorted(t for t in self._times if self._frontier < t < limit) + [limit]
-        a, va = self._frontier, self._v_frontier
+        va = self._v_frontier
         assert va is not None
-        for b in bounds:
+        for a, b, open_now in self._sweep(self._frontier, bounds):
             vb = self.meter.ledger.values_at(b)
-            self._split(a, b, va, vb, keys, self._live, strict=True)
-            a, va = b, vb
-        self._frontier, self._v_frontier = a, dict(va)
-        return self._finish(a)
+            self._split(a, b, va, vb, keys, open_now, strict=True)
+            va = vb
+        self._frontier, self._v_frontier = bounds[-1], dict(va)
+        return self._finish(self._frontier)
+
+    def _sweep(self, a0: float, bounds: Sequence[float]) -> Iterator[tuple[float, float, list[_Req]]]:
+        """(a, b, the requests open for all of [a, b]) for consecutive bounds, in one pass (every
+        begin and end is a bound, so a request is open for all of an interval or none of it)."""
+        by_start = sorted(self._live, key=lambda st: st.start)
+        i, a = 0, a0
+        active: list[_Req] = []
+        for b in bounds:
+            while i < len(by_start) and by_start[i].start <= a:
+                active.append(by_start[i])
+                i += 1
+            active = [st for st in active if st.end is None or st.end >= b]
+            yield a, b, active
+            a = b
 
     def _finish(self, a: float) -> list[RequestResult]:
+        self._ended_at_frontier = False
         self._times = {t for t in self._times if t > a}
         done = []
         for st in self._live:
@@ -359,13 +374,12 @@ class RequestAccountant:
         return done
 
     def _split(self, a: float, b: float, va: Mapping[str, float], vb: Mapping[str, float], keys: Iterable[str],
-               live: Sequence[_Req], strict: bool,
+               open_now: Sequence[_Req], strict: bool,
                into: dict[int, dict[str, float]] | None = None) -> None:
         """Hand out each GPU's energy in [a, b]. ``strict``: book into the requests and idle;
         else add to ``into`` (id(req) -> device -> J) for a provisional figure."""
         if b <= a:
             return
-        open_now = [st for st in live if st.start <= a and (st.end is None or st.end >= b)]
         for k in keys:
             if k not in va or k not in vb:
                 continue                     # a GPU with no reading yet: nothing known to hand out
@@ -393,13 +407,13 @@ class RequestAccountant:
         keys = self._gpu_keys()
         extra: dict[int, dict[str, float]] = {}
         bounds = sorted(t for t in self._times if self._frontier < t < st.end) + [st.end]
-        a, va = self._frontier, self._v_frontier
+        va = self._v_frontier
         if va is None:
             return self._make_result(st, 0.0, {}, final=False)      # no GPU reading yet
-        for b in bounds:
+        for a, b, open_now in self._sweep(self._frontier, bounds):
             vb = self.meter.ledger.values_at(b)
-            self._split(a, b, va, vb, keys, self._live, strict=False, into=extra)
-            a, va = b, vb
+            self._split(a, b, va, vb, keys, open_now, strict=False, into=extra)
+            va = vb
         dev = dict(st.device_j)
         for k, e in extra.get(id(st), {}).items():
             dev[k] = dev.get(k, 0.0) + e
