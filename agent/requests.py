@@ -161,17 +161,20 @@ class RequestAccountant:
     """Splits GPU energy among concurrent requests (see the module doc). Thread-safe.
 
     ``gpus`` maps a model to the device keys serving it (default: every GPU); ``on_result`` is
-    called (outside the lock) with each request's final result.
+    called (outside the lock) with each request's final result. ``settle_on_end=False`` leaves
+    settling to ``settle()`` calls (a server's periodic task), keeping it off the request path.
     """
 
     def __init__(self, meter: "Meter", *, intensity_g_per_kwh: float | None = None,
                  gpus: Mapping[str, Sequence[str]] | None = None, summary_size: int = 1000,
-                 on_result: Callable[[RequestResult], None] | None = None) -> None:
+                 on_result: Callable[[RequestResult], None] | None = None, settle_on_end: bool = True) -> None:
         self.meter = meter
         self.intensity_g_per_kwh = intensity_g_per_kwh
         self.gpus = {m: frozenset(keys) for m, keys in (gpus or {}).items()}
         self.on_result = on_result
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()               # request state; held briefly
+        self._settle_lock = threading.Lock()        # one settler at a time (the heavy part is outside _lock)
+        self.settle_on_end = settle_on_end
         self._live: list[_Req] = []
         self._times: set[float] = set()
         self._frontier = meter.clock.now()
@@ -218,13 +221,13 @@ class RequestAccountant:
             st.known_until = float("inf")
             self._times.add(t)
             self._ended_at_frontier |= t <= self._frontier
-            done = self._settle()
         # A ledger mark at the end makes the sampler read the GPUs' counters at its next tick (as a
         # window's edge does), so the frontier passes the end in a read or two, not at the next slow
         # counter read. No poke: waking every reader per request would cost a busy server more than
         # the tick it saves; ``result()`` pokes when someone waits.
         self.meter.ledger.mark(t)
-        self._emit(done)
+        if self.settle_on_end:
+            self._emit(self._settle())
 
     def _deadline(self, st: _Req, timeout_s: float | None) -> float:
         if st.end is None:
@@ -257,8 +260,8 @@ class RequestAccountant:
     def settle(self) -> tuple[list[RequestResult], bool]:
         """Hand out energy up to the frontier. Returns the requests that became final, and
         whether the ledger (not an open request) is what holds the frontier back."""
+        done = self._settle()
         with self._lock:
-            done = self._settle()
             limit_ledger = self._covered(self._now())
             blocked = any(st.end is not None and st.result is None and limit_ledger < st.end for st in self._live)
         self._emit(done)
@@ -325,27 +328,43 @@ class RequestAccountant:
         return True
 
     def _settle(self) -> list[RequestResult]:
-        if not self._start_frontier():
-            return []
-        now = self._now()
-        limit = min([self._covered(now)] + [st.known_until for st in self._live if st.end is None])
-        if limit <= self._frontier:
-            return self._finish(self._frontier) if self._ended_at_frontier else []
-        keys = self._gpu_keys()
-        bounds = sorted(t for t in self._times if self._frontier < t < limit) + [limit]
-        va = self._v_frontier
-        assert va is not None
-        for a, b, open_now in self._sweep(self._frontier, bounds):
-            vb = self.meter.ledger.values_at(b)
-            self._split(a, b, va, vb, keys, open_now, strict=True)
-            va = vb
-        self._frontier, self._v_frontier = bounds[-1], dict(va)
-        return self._finish(self._frontier)
+        """Settle up to the frontier. The heavy part (the ledger's history at every bound) runs
+        outside the main lock, so requests begin, report and end meanwhile: every event after
+        the snapshot below is at or after ``limit``, and no new report span starts before it."""
+        with self._settle_lock:
+            with self._lock:
+                if not self._start_frontier():
+                    return []
+                now = self._now()
+                limit = min([self._covered(now)] + [st.known_until for st in self._live if st.end is None])
+                if limit <= self._frontier:
+                    return self._finish(self._frontier) if self._ended_at_frontier else []
+                bounds = sorted(t for t in self._times if self._frontier < t < limit) + [limit]
+                live = list(self._live)
+                a0, va = self._frontier, self._v_frontier
+            assert va is not None
+            keys = self._gpu_keys()
+            shares: dict[int, dict[str, float]] = {}
+            idle: dict[str, float] = {}
+            for a, b, open_now in self._sweep(a0, bounds, live):
+                vb = self.meter.ledger.values_at(b)
+                self._split(a, b, va, vb, keys, open_now, shares, idle)
+                va = vb
+            with self._lock:
+                for st in live:
+                    for k, e in shares.get(id(st), {}).items():
+                        st.energy_j += e
+                        st.device_j[k] = st.device_j.get(k, 0.0) + e
+                for k, e in idle.items():
+                    self._idle_j[k] = self._idle_j.get(k, 0.0) + e
+                self._frontier, self._v_frontier = bounds[-1], dict(va)
+                return self._finish(self._frontier)
 
-    def _sweep(self, a0: float, bounds: Sequence[float]) -> Iterator[tuple[float, float, list[_Req]]]:
+    @staticmethod
+    def _sweep(a0: float, bounds: Sequence[float], live: Sequence[_Req]) -> Iterator[tuple[float, float, list[_Req]]]:
         """(a, b, the requests open for all of [a, b]) for consecutive bounds, in one pass (every
         begin and end is a bound, so a request is open for all of an interval or none of it)."""
-        by_start = sorted(self._live, key=lambda st: st.start)
+        by_start = sorted(live, key=lambda st: st.start)
         i, a = 0, a0
         active: list[_Req] = []
         for b in bounds:
@@ -373,11 +392,11 @@ class RequestAccountant:
         self._live = [st for st in self._live if st.result is None]
         return done
 
-    def _split(self, a: float, b: float, va: Mapping[str, float], vb: Mapping[str, float], keys: Iterable[str],
-               open_now: Sequence[_Req], strict: bool,
-               into: dict[int, dict[str, float]] | None = None) -> None:
-        """Hand out each GPU's energy in [a, b]. ``strict``: book into the requests and idle;
-        else add to ``into`` (id(req) -> device -> J) for a provisional figure."""
+    @staticmethod
+    def _split(a: float, b: float, va: Mapping[str, float], vb: Mapping[str, float], keys: Iterable[str],
+               open_now: Sequence[_Req], into: dict[int, dict[str, float]], idle: dict[str, float]) -> None:
+        """Hand out each GPU's energy in [a, b] into ``into`` (id(req) -> device -> J) and ``idle``.
+        Where a request's tokens are not known yet (provisional figures only), by time."""
         if b <= a:
             return
         for k in keys:
@@ -386,21 +405,15 @@ class RequestAccountant:
             e = max(0.0, vb[k] - va[k])
             parts = [st for st in open_now if st.on(k)]
             if not parts:
-                if strict:
-                    self._idle_j[k] = self._idle_j.get(k, 0.0) + e
+                idle[k] = idle.get(k, 0.0) + e
                 continue
             weights = [st.weight(a, b) for st in parts]
             total = sum(weights)
             if total <= 0 or any(st.known_until < b for st in parts):
                 weights, total = [1.0] * len(parts), float(len(parts))   # by time: all open the whole interval
             for st, w in zip(parts, weights):
-                share = e * w / total
-                if strict:
-                    st.energy_j += share
-                    st.device_j[k] = st.device_j.get(k, 0.0) + share
-                elif into is not None:
-                    d = into.setdefault(id(st), {})
-                    d[k] = d.get(k, 0.0) + share
+                d = into.setdefault(id(st), {})
+                d[k] = d.get(k, 0.0) + e * w / total
 
     def _provisional(self, st: _Req) -> RequestResult:
         assert st.end is not None
@@ -410,9 +423,9 @@ class RequestAccountant:
         va = self._v_frontier
         if va is None:
             return self._make_result(st, 0.0, {}, final=False)      # no GPU reading yet
-        for a, b, open_now in self._sweep(self._frontier, bounds):
+        for a, b, open_now in self._sweep(self._frontier, bounds, self._live):
             vb = self.meter.ledger.values_at(b)
-            self._split(a, b, va, vb, keys, open_now, strict=False, into=extra)
+            self._split(a, b, va, vb, keys, open_now, extra, {})
             va = vb
         dev = dict(st.device_j)
         for k, e in extra.get(id(st), {}).items():

@@ -48,8 +48,11 @@ class Flat:
     def read(self, now): return Batch([Reading("gpu0", now, energy_j=300.0 * now)])
     def close(self): pass
 
-meter = Meter([Flat()]).start()
-proxy = OpenAIProxy({upstream!r}, RequestAccountant(meter)).start()
+meter = Meter([Flat()])
+acct = RequestAccountant(meter, settle_on_end=False)        # as `serve` runs it: settled by its token task
+meter.sampler.add_task("tokens", 5.0, lambda now: acct.settle())
+meter.start()
+proxy = OpenAIProxy({upstream!r}, acct).start()
 print(proxy.url, flush=True)
 sys.stdin.read()
 """

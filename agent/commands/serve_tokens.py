@@ -155,7 +155,8 @@ def start_tokens(opts: TokenOptions, meter: "Meter") -> TokenRuntime:
     from ..requests import RequestAccountant
 
     counter = UsageCounter()
-    acct = RequestAccountant(meter, gpus=opts.gpus or None)
+    # Settled by the token task (joiner.tick), off the request path.
+    acct = RequestAccountant(meter, gpus=opts.gpus or None, settle_on_end=False)
     proxy = OpenAIProxy(opts.url, acct, counter, host=opts.proxy_listen.host, port=opts.proxy_listen.port,
                         default_model=opts.model or "default").start()
     joiner = TokenJoiner(meter, counter, opts.window_s, opts.idle_w_per_gpu, opts.gpus or None,
