@@ -275,6 +275,12 @@ class RequestAccountant:
             return dict(self._idle_j)
 
     @property
+    def settled_until(self) -> float:
+        """Energy up to this time has been handed out (to requests and idle), for good."""
+        with self._lock:
+            return self._frontier
+
+    @property
     def totals(self) -> dict[str, tuple[int, float]]:
         """Per model: (final requests, their energy in J), both monotonic (Prometheus counters)."""
         with self._lock:
@@ -309,11 +315,13 @@ class RequestAccountant:
         return [d.key for d in self.meter.ledger.devices if d.component == Component.GPU]
 
     def _covered(self, now: float) -> float:
-        """The latest time every GPU has been read past (a GPU silent for MAX_LAG_S is skipped)."""
+        """The latest time whose energy the ledger will not revise on any GPU: one refresh period
+        behind its last reading (a counter's last step is dated from the reads after it). A GPU
+        silent for MAX_LAG_S is skipped."""
         covered = now
         for s in self.meter.snapshot().values():
             if s.device.component == Component.GPU and s.t is not None and now - s.t < MAX_LAG_S:
-                covered = min(covered, s.t)
+                covered = min(covered, s.t - s.device.update_period_s)
         return covered
 
     def _start_frontier(self) -> bool:
@@ -322,8 +330,8 @@ class RequestAccountant:
         if self._v_frontier is not None:
             return True
         gpus = [s for s in self.meter.snapshot().values() if s.device.component == Component.GPU]
-        if any(s.t is None for s in gpus):
-            return False
+        if any(s.t is None for s in gpus) or self._covered(self.meter.clock.now()) < self._frontier:
+            return False                 # the ledger's value at the start is not settled yet
         self._v_frontier = dict(self.meter.ledger.values_at(self._frontier))
         return True
 

@@ -63,7 +63,9 @@ def test_overlapping_requests_share_by_tokens_and_never_double_count():
     assert ra.tokens == {"generation": 300} and rb.tokens == {"generation": 100, "prompt": 50}
     assert ra.energy_per_token_j == pytest.approx(7.5) and rb.energy_per_token_j == pytest.approx(7.5)
     acct.settle()
-    assert acct.idle_j == {"gpu0": pytest.approx(3000)}
+    # Idle from t = 10 up to where the ledger's values are final (a refresh period behind its last read).
+    assert 19.0 < acct.settled_until < 20.0
+    assert acct.idle_j == {"gpu0": pytest.approx(300 * (acct.settled_until - 10.0))}
 
 
 def test_without_tokens_requests_share_by_time():
@@ -104,7 +106,7 @@ def test_a_model_shares_only_its_own_gpus_and_the_rest_is_idle():
     res = r.result()
     assert res.device_energy_j == {"gpu0": pytest.approx(3600)}
     assert res.co2e_g == pytest.approx(3600 / 3.6e6 * 360.0)
-    assert acct.idle_j["gpu1"] == pytest.approx(1300)
+    assert acct.idle_j["gpu1"] == pytest.approx(100 * acct.settled_until)     # never used: idle throughout
 
 
 def test_result_is_provisional_while_an_overlapping_request_is_open():
@@ -218,7 +220,7 @@ def test_conservation_over_random_overlaps(script):
         done.append(r)
     step(meter, clock, 0.5)
     acct.settle()
-    end = clock.now()
+    end = acct.settled_until
     results = [r.result(timeout_s=0) for r in done]
     assert all(r.final for r in results)
     idle = acct.idle_j
@@ -244,3 +246,49 @@ def test_a_prompt_report_does_not_cut_the_span_of_the_next_generation_report():
     a.end(), b.end()
     step(meter, clock, 1.0)
     assert a.result().energy_j == pytest.approx(1000) and b.result().energy_j == pytest.approx(1000)
+
+
+def test_conservation_holds_with_concurrent_clients_and_a_concurrent_settler():
+    meter = Meter([CounterSensor({"gpu0": lambda t: 300.0 * t + 20.0 * (t % 0.37)}, period_s=0.01)]).start()
+    try:
+        threading.Event().wait(0.05)
+        t0 = meter.clock.now()
+        acct = RequestAccountant(meter, settle_on_end=False)
+        stop = threading.Event()
+
+        def settler() -> None:
+            while not stop.is_set():
+                acct.settle()
+                stop.wait(0.003)
+
+        def client(k: int) -> None:
+            for i in range(40):
+                with acct.request(f"{k}-{i}") as r:
+                    for _ in range(i % 4):
+                        r.add_tokens(k + 1)
+                        threading.Event().wait(0.001)
+
+        s = threading.Thread(target=settler)
+        s.start()
+        clients = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        stop.set()
+        s.join()
+        for _ in range(200):                                       # until the GPU is read past the last end
+            acct.settle()
+            if acct.totals.get("default", (0, 0.0))[0] == 160:
+                break
+            threading.Event().wait(0.01)
+        assert acct.open_requests == 0
+        finals = acct.totals["default"]
+        assert finals[0] == 160                                   # every request final, none twice
+        v = meter.ledger.values_at
+        device = v(acct.settled_until)["gpu0"] - v(t0)["gpu0"]
+        # t0 is a few microseconds before the accountant's start: a few mJ at 300 W.
+        assert finals[1] + acct.idle_j["gpu0"] == pytest.approx(device, abs=0.05)
+        assert finals[1] + acct.idle_j["gpu0"] <= device + 1e-9
+    finally:
+        meter.close()
