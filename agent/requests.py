@@ -225,7 +225,8 @@ class RequestAccountant:
         # window's edge does), so the frontier passes the end in a read or two, not at the next slow
         # counter read. No poke: waking every reader per request would cost a busy server more than
         # the tick it saves; ``result()`` pokes when someone waits.
-        self.meter.ledger.mark(t)
+        if self.meter.running:           # a stopped sampler would leave the mark pending for good
+            self.meter.ledger.mark(t)
         if self.settle_on_end:
             self._emit(self._settle())
 
