@@ -31,6 +31,8 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
     (["--server", "vllm", "--proxy-to", "http://127.0.0.1:8000"], "--server and --proxy-to both given"),
     (["--proxy-to", "http://127.0.0.1:99999"], "--proxy-to 'http://127.0.0.1:99999'"),
     (["--server-url", "http://127.0.0.1:8000/metrics"], "--server-url needs --server KIND"),
+    (["--server", "auto"], "--server auto needs --server-url"),
+    (["--proxy-to", "http://127.0.0.1:8000", "--proxy-listen", "127.0.0.1:70000"], "--proxy-listen"),
 ])
 def test_bad_token_options_are_one_line_and_exit_2(capsys, argv, message):
     code, err = _cli(["serve", "--fake-gpus", "2", "--cpu", "model", *argv], capsys)
