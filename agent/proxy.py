@@ -42,7 +42,6 @@ class UsageCounter:
 
     def __init__(self) -> None:
         self._state = TokenTotals(skip_history=False)      # every proxied response is ours
-        self._models: set[str] = set()
         self._lock = threading.Lock()
         self._without_usage = 0
 
@@ -56,8 +55,6 @@ class UsageCounter:
             self._without_usage += 1
 
     def observe(self, model: str, prompt: int, generation: int) -> None:
-        with self._lock:
-            self._models.add(model)
         for kind, n in ((PROMPT, prompt), (GENERATION, generation)):
             if n > 0:
                 self._state.add((model, kind), n)
@@ -75,8 +72,9 @@ class UsageCounter:
 
     @property
     def models(self) -> frozenset[str]:
-        with self._lock:
-            return frozenset(self._models)
+        """None known: the proxy sees models only as they answer (the joiner counts a model's
+        tokens as a sign of life, so one without requests for its forget time is dropped)."""
+        return frozenset()
 
 
 def normalise_upstream(url: str) -> urllib.parse.SplitResult:

@@ -154,7 +154,7 @@ def test_bad_upstream_urls_are_usage_errors(bad):
 def test_usage_counter_is_a_token_source():
     c = UsageCounter()
     c.observe("a", 3, 4)
-    assert c.deltas() == {("a", "prompt"): 3, ("a", "generation"): 4} and c.up and c.models == {"a"}
+    assert c.deltas() == {("a", "prompt"): 3, ("a", "generation"): 4} and c.up
     assert c.deltas() == {}
 
 
@@ -236,3 +236,22 @@ def test_four_concurrent_streams_get_their_share_of_a_flat_gpu():
         assert r.tokens["generation"] == 20 * i
         assert r.energy_j == pytest.approx(expected_j, rel=0.05), f"c{i}"
         assert r.energy_per_token_j == pytest.approx(expected_j / (20 * i), rel=0.05)
+
+
+def test_a_proxied_model_without_requests_for_its_forget_time_is_dropped():
+    from wattmeter.clock import VirtualClock
+    from wattmeter.tokens import TokenJoiner
+
+    clock = VirtualClock(start=0.0)
+    meter = Meter([FlatGPU({"gpu0": lambda t: 300.0 * t})], clock=clock)
+    counter = UsageCounter()
+    joiner = TokenJoiner(meter, counter, window_s=30.0, forget_after_s=60.0)
+    meter.sampler.add_task("tokens", 5.0, joiner.tick)
+    counter.observe("old", 5, 10)
+    meter.poll()
+    for _ in range(14):                                  # 70 s: only "new" gets requests
+        clock.advance(5.0)
+        counter.observe("new", 5, 10)
+        meter.poll()
+    assert [s.model for s in joiner.snapshot()] == ["new"]
+    assert counter.totals[("old", "generation")] == 10   # its count is kept, only its series goes

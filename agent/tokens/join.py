@@ -97,7 +97,7 @@ class TokenJoiner:
         with self._lock:
             for key, n in deltas.items():
                 self._counted[key] = self._counted.get(key, 0) + n
-            for model in self.source.models:
+            for model in self.source.models | {m for (m, _), n in deltas.items() if n > 0}:
                 self._seen[model] = t
             self._last_ok = t
             if not ready:

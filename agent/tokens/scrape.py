@@ -30,7 +30,8 @@ MAX_BODY_BYTES = 32 << 20                      # a /metrics page is KBs to a few
 class TokenSource(Protocol):
     """What TokenJoiner reads: monotonic totals, the increase since the last ``deltas()``
     (never the server's history from before we first reached it), whether the last read
-    worked, and the models the source serves now."""
+    worked, and the models the source knows are served now (a source that only sees responses
+    knows none: new tokens are the joiner's other sign of a model's life)."""
 
     @property
     def totals(self) -> dict[TokenKey, int]: ...
@@ -325,7 +326,6 @@ class OllamaResponseCounter:
         self.meter = meter
         self.model = model
         self._state = TokenTotals(skip_history=False)   # every observed response is ours
-        self._models: set[str] = set()
 
     @property
     def totals(self) -> dict[TokenKey, int]:
@@ -339,7 +339,6 @@ class OllamaResponseCounter:
             prompt, gen = response.get("prompt_eval_count"), response.get("eval_count")
         prompt, gen = max(0, int(prompt or 0)), max(0, int(gen or 0))
         model = self.model or str(response.get("model") or "default")
-        self._models.add(model)
         for kind, n in ((PROMPT, prompt), (GENERATION, gen)):
             if n:
                 self._state.add((model, kind), n)
@@ -356,7 +355,7 @@ class OllamaResponseCounter:
 
     @property
     def models(self) -> frozenset[str]:
-        return frozenset(self._models)
+        return frozenset()               # only responses say a model is there (see TokenSource)
 
     def deltas(self) -> dict[TokenKey, int]:
         return self._state.deltas(True)
