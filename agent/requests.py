@@ -160,12 +160,13 @@ class Request:
 class RequestAccountant:
     """Splits GPU energy among concurrent requests (see the module doc). Thread-safe.
 
-    ``gpus`` maps a model to the device keys serving it (default: every GPU); ``on_result`` is
+    ``intensity_g_per_kwh`` (a number, or a function giving the grid's current one) adds g CO2e
+    to each result. ``gpus`` maps a model to the device keys serving it (default: every GPU); ``on_result`` is
     called (outside the lock) with each request's final result. ``settle_on_end=False`` leaves
     settling to ``settle()`` calls (a server's periodic task), keeping it off the request path.
     """
 
-    def __init__(self, meter: "Meter", *, intensity_g_per_kwh: float | None = None,
+    def __init__(self, meter: "Meter", *, intensity_g_per_kwh: float | Callable[[], float | None] | None = None,
                  gpus: Mapping[str, Sequence[str]] | None = None, summary_size: int = 1000,
                  on_result: Callable[[RequestResult], None] | None = None, settle_on_end: bool = True) -> None:
         self.meter = meter
@@ -443,7 +444,9 @@ class RequestAccountant:
 
     def _make_result(self, st: _Req, energy_j: float, device_j: Mapping[str, float], final: bool) -> RequestResult:
         assert st.end is not None
-        co2 = None if self.intensity_g_per_kwh is None else energy_j / J_PER_KWH * self.intensity_g_per_kwh
+        src = self.intensity_g_per_kwh
+        intensity = src() if callable(src) else src
+        co2 = None if intensity is None else energy_j / J_PER_KWH * intensity
         return RequestResult(st.request_id, st.model, st.start, st.end, energy_j, dict(st.tokens),
                              dict(device_j), final, co2)
 

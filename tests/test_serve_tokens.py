@@ -32,6 +32,8 @@ def _cli(argv: list[str], capsys) -> tuple[int, str]:
     (["--proxy-to", "http://127.0.0.1:99999"], "--proxy-to 'http://127.0.0.1:99999'"),
     (["--server-url", "http://127.0.0.1:8000/metrics"], "--server-url needs --server KIND"),
     (["--server", "auto"], "--server auto needs --server-url"),
+    (["--server", "vllm", "--requests-log", "r.jsonl"], "--requests-log needs --proxy-to"),
+    (["--proxy-to", "http://127.0.0.1:8000", "--requests-log", "/nonexistent/dir/r.jsonl"], "cannot write there"),
     (["--proxy-to", "http://127.0.0.1:8000", "--proxy-listen", "127.0.0.1:70000"], "--proxy-listen"),
 ])
 def test_bad_token_options_are_one_line_and_exit_2(capsys, argv, message):
@@ -78,7 +80,8 @@ def test_serve_proxy_mode_books_usage_and_exports_per_request_quantiles(tmp_path
     serve = None
     try:
         serve = WattmeterServe(["--fake-gpus", "1", "--cpu", "model", "--proxy-to", upstream.url,
-                                "--proxy-listen", f"127.0.0.1:{port}"], tmp_path)
+                                "--proxy-listen", f"127.0.0.1:{port}", "--requests-log", str(tmp_path / "req.jsonl"),
+                                "--zone", "FR"], tmp_path)
         assert f"proxying http://127.0.0.1:{port}" in serve.output
         for i in range(6):
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
@@ -103,6 +106,10 @@ def test_serve_proxy_mode_books_usage_and_exports_per_request_quantiles(tmp_path
         gpu_j = next(v for (name, _), v in samples.items() if name == "wattmeter_gpu_energy_joules")
         assert requests_j > 0 and requests_j + idle_j <= gpu_j * 1.001      # shares never exceed the GPU
         assert b"tokens: up [proxy" in http_get(f"{serve.url}/healthz")[1]
+        rows = [json.loads(line) for line in (tmp_path / "req.jsonl").read_text().splitlines()]
+        assert sorted(r["generation_tokens"] for r in rows) == [10, 20, 30, 40, 50, 60]
+        assert all(r["prompt_tokens"] == 7 and r["energy_j"] > 0 and r["co2e_g"] > 0 for r in rows)
+        assert sum(r["energy_j"] for r in rows) == pytest.approx(requests_j)
     finally:
         if serve is not None:
             serve.stop()

@@ -192,7 +192,7 @@ def _serve(meter: Meter, opts: ServeOptions) -> int:
     if opts.tokens is not None:
         # Binds the proxy (fails fast) and adds the scrape task before the sampler starts:
         # a task added to a running sampler never runs.
-        tokens = start_tokens(opts.tokens, meter)
+        tokens = start_tokens(opts.tokens, meter, opts.carbon)
         sources.tokens = tokens.joiner
         health.append(tokens.health)
         health_lines.append(tokens.health_line)

@@ -5,6 +5,8 @@ with GPU energy into live J/token. Every option is also a config key and a WATTM
 from __future__ import annotations
 
 import argparse
+import json
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -16,6 +18,7 @@ from ..model import Component
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..meter import Meter
+    from ..requests import RequestResult
     from ..tokens import TokenJoiner
 
 PROXY_DEFAULT_LISTEN = "127.0.0.1:9446"
@@ -39,6 +42,8 @@ def add_token_arguments(p: argparse.ArgumentParser) -> None:
                    help="idle power per GPU for above-idle J/token (default: measured from idle periods)")
     g.add_argument("--gpu-model-map", default=None, metavar="MAP",
                    help="which model each GPU serves, e.g. gpu0=llama,gpu1=qwen (default: every GPU, every model)")
+    g.add_argument("--requests-log", default=None, metavar="FILE",
+                   help="with --proxy-to: append one JSON line per request (J, J/token, g CO2e with a grid zone)")
     g.add_argument("--drop-model-after", default=None, metavar="S",
                    help="drop a model's series once the server has not listed it for S seconds (default 900)")
 
@@ -53,6 +58,7 @@ class TokenOptions:
     gpu_map: dict[str, str]                    # device key -> model
     forget_after_s: float
     proxy_listen: ListenAddress | None = None
+    requests_log: str | None = None
 
     @property
     def gpus(self) -> dict[str, list[str]]:
@@ -107,8 +113,18 @@ def token_options(args: argparse.Namespace, settings: Settings) -> TokenOptions 
         normalise_upstream(proxy_to)
         listen = parse_listen(settings.get("proxy_listen", args.proxy_listen, PROXY_DEFAULT_LISTEN, str),
                               flag="--proxy-listen")
-        return TokenOptions(None, proxy_to, model, window_s, idle_w, gpu_map, forget_s, proxy_listen=listen)
+        log_path = settings.get("requests_log", args.requests_log, None, str)
+        if log_path is not None:
+            try:
+                open(log_path, "a", encoding="utf-8").close()
+            except OSError as exc:
+                raise UsageError(f"--requests-log {log_path!r}: cannot write there ({exc.strerror}); "
+                                 f"give a writable file") from None
+        return TokenOptions(None, proxy_to, model, window_s, idle_w, gpu_map, forget_s, proxy_listen=listen,
+                            requests_log=log_path)
     assert kind is not None
+    if settings.get("requests_log", args.requests_log, None, str) is not None:
+        raise UsageError("--requests-log needs --proxy-to: only the proxy sees each request")
     if kind == AUTO and url is None:
         raise UsageError("--server auto needs --server-url (there is no default port to guess)")
     if kind != AUTO:
@@ -136,8 +152,34 @@ class TokenRuntime:
     warning: str = ""
 
 
-def start_tokens(opts: TokenOptions, meter: "Meter") -> TokenRuntime:
-    """Build the joiner (and bind the proxy, failing fast) for `serve`."""
+class RequestLog:
+    """One JSON line per final request, appended and flushed (a crash loses at most a line)."""
+
+    def __init__(self, path: str, meter: "Meter") -> None:
+        self._f = open(path, "a", encoding="utf-8")
+        self._wall = meter.clock.wall
+        self._lock = threading.Lock()
+
+    def write(self, r: "RequestResult") -> None:
+        row = {"request_id": r.request_id, "model": r.model, "start": round(self._wall(r.start_t), 6),
+               "duration_s": round(r.duration_s, 6), "energy_j": round(r.energy_j, 6),
+               "prompt_tokens": r.tokens.get("prompt", 0), "generation_tokens": r.tokens.get("generation", 0),
+               "energy_per_token_j": None if r.energy_per_token_j is None else round(r.energy_per_token_j, 6),
+               "co2e_g": None if r.co2e_g is None else round(r.co2e_g, 9),
+               "device_energy_j": {k: round(v, 6) for k, v in sorted(r.device_energy_j.items())}}
+        with self._lock:
+            if not self._f.closed:
+                self._f.write(json.dumps(row) + "\n")
+                self._f.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._f.close()
+
+
+def start_tokens(opts: TokenOptions, meter: "Meter", carbon: Any = None) -> TokenRuntime:
+    """Build the joiner (and bind the proxy, failing fast) for `serve`. ``carbon`` (a
+    CarbonAccountant) gives each logged request its g CO2e at the grid's current intensity."""
     from ..tokens import TokenJoiner
 
     if opts.proxy_listen is None:
@@ -155,16 +197,26 @@ def start_tokens(opts: TokenOptions, meter: "Meter") -> TokenRuntime:
     from ..requests import RequestAccountant
 
     counter = UsageCounter()
+    log_file = RequestLog(opts.requests_log, meter) if opts.requests_log else None
+    intensity = (lambda: carbon.snapshot().intensity_g_per_kwh) if carbon is not None else None
     # Settled by the token task (joiner.tick), off the request path.
-    acct = RequestAccountant(meter, gpus=opts.gpus or None, settle_on_end=False)
+    acct = RequestAccountant(meter, gpus=opts.gpus or None, settle_on_end=False, intensity_g_per_kwh=intensity,
+                             on_result=log_file.write if log_file else None)
     proxy = OpenAIProxy(opts.url, acct, counter, host=opts.proxy_listen.host, port=opts.proxy_listen.port,
                         default_model=opts.model or "default").start()
     joiner = TokenJoiner(meter, counter, opts.window_s, opts.idle_w_per_gpu, opts.gpus or None,
                          forget_after_s=opts.forget_after_s, requests=acct)
+
+    def stop() -> None:
+        proxy.stop()
+        acct.settle()                  # what the GPUs' reads already cover reaches the log
+        if log_file is not None:
+            log_file.close()
     return TokenRuntime(joiner, f"proxying {proxy.url} -> {opts.url} (tokens from each response's usage)",
                         lambda: f"tokens: up [proxy {proxy.url} -> {opts.url}]",
                         lambda: [Health("tokens", True, {"no_usage": counter.responses_without_usage}
-                                        if counter.responses_without_usage else {})], proxy.stop,
+                                        if counter.responses_without_usage else {})],
+                        stop,
                         "" if opts.proxy_listen.loopback else
                         f"the proxy listens on {opts.proxy_listen} without TLS or auth: anyone who reaches it "
                         f"can use the model server")
