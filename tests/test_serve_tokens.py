@@ -108,7 +108,10 @@ def test_serve_proxy_mode_books_usage_and_exports_per_request_quantiles(tmp_path
         assert b"tokens: up [proxy" in http_get(f"{serve.url}/healthz")[1]
         rows = [json.loads(line) for line in (tmp_path / "req.jsonl").read_text().splitlines()]
         assert sorted(r["generation_tokens"] for r in rows) == [10, 20, 30, 40, 50, 60]
-        assert all(r["prompt_tokens"] == 7 and r["energy_j"] > 0 and r["co2e_g"] > 0 for r in rows)
+        # >= 0, not > 0: in serve's first seconds the ledger dates a counter's steps coarsely, so a
+        # 20 ms request can fall between two steps (its share then lands on its neighbours).
+        assert all(r["prompt_tokens"] == 7 and r["energy_j"] >= 0 and r["co2e_g"] >= 0 for r in rows), rows
+        assert sum(r["co2e_g"] for r in rows) > 0
         assert sum(r["energy_j"] for r in rows) == pytest.approx(requests_j)
     finally:
         if serve is not None:
