@@ -190,22 +190,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self._forward()
 
     def _forward(self) -> None:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self._error(411, "send the request body with a Content-Length")
-            self.close_connection = True
-            return
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self._error(400, "bad Content-Length")
+            body = self._body()
+        except ValueError as exc:
+            self._error(400, str(exc))
             self.close_connection = True
             return
-        if length > MAX_REQUEST_BYTES:
+        if body is None:
             self._error(413, "request body too large")
+            self.close_connection = True
             return
-        body = self.rfile.read(length) if length else b""
         path = urllib.parse.urlsplit(self.path).path
         model, injected = None, False
         if self.command == "POST" and path in USAGE_PATHS and body:
@@ -216,6 +210,35 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         request_id = self.headers.get("X-Request-Id") or self.proxy.next_id()
         with self.proxy.accountant.request(request_id, model=model) as booking:
             self._exchange(body, booking, model, injected)
+
+    def _body(self) -> bytes | None:
+        """The request body, de-chunked (forwarded with a Content-Length); None when too large."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts, size = [], 0
+            while True:
+                line = self.rfile.readline(1024)
+                try:
+                    n = int(line.split(b";")[0].strip(), 16)
+                except ValueError:
+                    raise ValueError("bad chunk size in the request body") from None
+                if n == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass                    # trailers
+                    return b"".join(parts)
+                size += n
+                if size > MAX_REQUEST_BYTES:
+                    return None
+                parts.append(self.rfile.read(n))
+                self.rfile.readline(8)          # the CRLF after each chunk
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ValueError("bad Content-Length") from None
+        if length < 0:
+            raise ValueError("bad Content-Length")
+        if length > MAX_REQUEST_BYTES:
+            return None
+        return self.rfile.read(length) if length else b""
 
     def _ask_for_usage(self, body: bytes) -> tuple[bytes, str | None, bool]:
         try:

@@ -158,14 +158,16 @@ def test_usage_counter_is_a_token_source():
     assert c.deltas() == {}
 
 
-def test_a_chunked_request_body_is_refused_with_411(rig):
-    _, proxy, _, _, _ = rig
+def test_a_chunked_request_body_is_forwarded_whole(rig):
+    upstream, proxy, _, _, _ = rig
     parts = urllib.parse.urlsplit(proxy.url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=5)
-    conn.request("POST", "/v1/completions", body=iter([b'{"model": "tiny"}']), encode_chunked=True,
-                 headers={"Transfer-Encoding": "chunked"})
+    conn.request("POST", "/v1/completions", body=iter([b'{"model": "tiny", ', b'"max_tokens": 4}']),
+                 encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
     resp = conn.getresponse()
-    assert resp.status == 411 and "Content-Length" in json.loads(resp.read())["error"]["message"]
+    assert resp.status == 200 and json.loads(resp.read())["usage"]["completion_tokens"] == 4
+    assert upstream.bodies[-1] == {"model": "tiny", "max_tokens": 4}
+    assert proxy.counter.totals[("tiny", "generation")] == 4
 
 
 class RecordingAccountant:
