@@ -58,7 +58,7 @@ class ExportSources:
     hostname: str
     attribution: Any = None        # .snapshot(ledger_snapshot) -> AttributionSnapshot
     carbon: Any = None             # .snapshot() -> CarbonResult
-    tokens: Any = None             # .snapshot() -> [TokenStat]
+    tokens: Any = None             # .snapshot() -> [TokenStat], .request_view() -> RequestView | None
     jobs: Callable[[], Iterable[JobEnergy]] | None = None
     health: list[Callable[[], Iterable[Health]]] = field(default_factory=list)
     pid_labels: bool = False
@@ -189,13 +189,53 @@ class WattmeterCollector(Collector):
         total = CounterMetricFamily("wattmeter_tokens", "Tokens counted by the inference server.",
                                     labels=("model", "kind"))
         per = GaugeMetricFamily("wattmeter_energy_per_token_joules",
-                                "GPU energy per generated token over the recent window (J).", labels=("model",))
-        for st in self.sources.tokens.snapshot():
+                                "GPU energy per generated token over the recent window (J); absent while the "
+                                "token source is down past its window.", labels=("model",))
+        above = GaugeMetricFamily("wattmeter_energy_above_idle_per_token_joules",
+                                  "GPU energy above idle per generated token over the recent window (J).",
+                                  labels=("model",))
+        age = GaugeMetricFamily("wattmeter_energy_per_token_age_seconds",
+                                "How long ago the J/token window ended (its last token scrape) (s).", labels=("model",))
+        tokens = self.sources.tokens
+        for st in tokens.snapshot():
             total.add_metric([st.model, "prompt"], st.prompt_tokens_total)
             total.add_metric([st.model, "generation"], st.generation_tokens_total)
             if st.energy_per_token_j is not None:
                 per.add_metric([st.model], st.energy_per_token_j)
-        return iter((total, per))
+            if st.energy_above_idle_per_token_j is not None:
+                above.add_metric([st.model], st.energy_above_idle_per_token_j)
+            if st.age_s is not None:
+                age.add_metric([st.model], st.age_s)
+        yield from (total, per, above, age)
+        view = tokens.request_view()
+        if view is None:
+            return
+        if view.totals or view.idle_j:
+            n = CounterMetricFamily("wattmeter_requests", "Requests whose energy is final.", labels=("model",))
+            e = CounterMetricFamily("wattmeter_request_energy_joules", "GPU energy of final requests (J).",
+                                    labels=("model",))
+            gap = CounterMetricFamily("wattmeter_request_idle_energy_joules",
+                                      "GPU energy while no request was open on the GPU (J).", labels=("device",))
+            for m, (count, joules) in sorted(view.totals.items()):
+                n.add_metric([m], count)
+                e.add_metric([m], joules)
+            for gpu, joules in sorted(view.idle_j.items()):
+                gap.add_metric([gpu], joules)
+            yield from (n, e, gap)
+        if view.summary:
+            req_e = GaugeMetricFamily("wattmeter_request_energy_quantile_joules",
+                                      "GPU energy per request over recent requests, by quantile (J).",
+                                      labels=("model", "quantile"))
+            req_jpt = GaugeMetricFamily("wattmeter_request_energy_per_token_quantile_joules",
+                                        "GPU energy per generated token of a request, by quantile (J).",
+                                        labels=("model", "quantile"))
+            for m, s in view.summary.items():
+                req_e.add_metric([m, "0.5"], s.energy_j_p50)
+                req_e.add_metric([m, "0.9"], s.energy_j_p90)
+                if s.energy_per_token_j_p50 is not None and s.energy_per_token_j_p90 is not None:
+                    req_jpt.add_metric([m, "0.5"], s.energy_per_token_j_p50)
+                    req_jpt.add_metric([m, "0.9"], s.energy_per_token_j_p90)
+            yield from (req_e, req_jpt)
 
     def _carbon(self) -> Iterator[Metric]:
         res = self.sources.carbon.snapshot()

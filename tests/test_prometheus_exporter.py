@@ -96,13 +96,11 @@ class _Tokens:
     stats: list = field(default_factory=list)
 
     def snapshot(self) -> list:
-        @dataclass
-        class Stat:
-            model: str
-            prompt_tokens_total: int
-            generation_tokens_total: int
-            energy_per_token_j: float | None
-        return [Stat("llama-3.1-8b", 1000, 4000, 0.31)]
+        from wattmeter.tokens import TokenStat
+        return [TokenStat("llama-3.1-8b", 1000, 4000, 0.31, None)]
+
+    def request_view(self) -> None:
+        return None
 
 
 def test_metric_names_and_labels_follow_design_section_4() -> None:

@@ -52,10 +52,15 @@ class FakeSource:
 
     now: dict = field(default_factory=dict)
     _base: dict | None = None
+    up: bool = True
 
     @property
     def totals(self) -> dict:
         return dict(self.now)
+
+    @property
+    def models(self) -> frozenset:
+        return frozenset(m for m, _ in self.now)
 
     def deltas(self) -> dict:
         base, self._base = self._base, dict(self.now)
@@ -422,6 +427,9 @@ def test_scraper_joiner_and_window_end_to_end_over_http(server):
 def test_duplicate_tick_at_the_same_instant_is_ignored():
     meter, clock = make_meter({"gpu0": lambda t: 100 * t})
     joiner = TokenJoiner(meter, FakeSource({("m", "generation"): 1}))
+    joiner.tick(0.0)                                     # before the GPU's first reading: no edge
+    assert len(joiner._points) == 0
+    meter.poll()
     joiner.tick(0.0)
     joiner.tick(0.0)
     assert len(joiner._points) == 1
@@ -476,3 +484,206 @@ def test_a_server_that_hangs_up_mid_answer_is_a_connection_error():
         assert s.poll() == {}
         t.join(2)
     assert s.errors == {"connection": 1}
+
+
+# -- issue 13: live J/token, baseline, staleness, gone models, auto, deadline ---------------------
+class DripServer:
+    """A /metrics endpoint that sends one byte every ``pace_s``, forever (issue 8)."""
+
+    def __init__(self, pace_s: float = 0.05) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/metrics"
+        self.pace_s, self.stop = pace_s, threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 100000\r\n\r\n"
+        try:
+            for b in head + b"#" * 100000:
+                if self.stop.is_set():
+                    break
+                conn.send(bytes([b]))
+                time.sleep(self.pace_s)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+
+
+def test_a_dripping_server_is_cut_at_the_deadline_whatever_its_pace():
+    drip = DripServer(pace_s=0.05)                       # each byte well inside any socket timeout
+    try:
+        s = TokenScraper("vllm", drip.url, timeout_s=0.5)
+        t0 = time.monotonic()
+        s.poll()
+        assert time.monotonic() - t0 < 1.0
+        assert s.errors == {"timeout": 1} and "0.5 s" in s.last_error
+    finally:
+        drip.close()
+
+
+def test_501_gets_a_hint_to_start_the_server_with_metrics(server):
+    server.status, server.body = 501, "This server does not support metrics endpoint."
+    s = TokenScraper("llamacpp", server.url)
+    s.poll()
+    assert "HTTP 501" in s.last_error and "--metrics" in s.last_error
+
+
+def test_the_recovered_notice_is_logged_at_the_failure_notices_level(server, caplog):
+    s = TokenScraper("vllm", server.url)
+    server.status = 500
+    with caplog.at_level("DEBUG", logger="wattmeter.tokens"):
+        s.poll()
+        s.poll()                                         # still down: not repeated as a warning
+        server.status, server.body = 200, vllm_text({"0": (1, 2)})
+        s.poll()
+    levels = [(r.levelname, "works again" in r.getMessage()) for r in caplog.records]
+    assert levels == [("WARNING", False), ("DEBUG", False), ("WARNING", True)]
+
+
+@pytest.mark.parametrize("fixture, family", [("vllm", "vllm"), ("sglang", "sglang"), ("tgi", "tgi"),
+                                             ("llamacpp", "llamacpp"), ("lmdeploy", "lmdeploy"),
+                                             ("triton", "triton"), ("ray", "ray")])
+def test_server_auto_detects_the_family_from_the_metric_names(server, fixture, family):
+    server.body = (FIXTURES / f"{fixture}.txt").read_text()
+    s = TokenScraper("auto", server.url)
+    s.poll()
+    assert s.up and s.server is not None and s.server.name == family
+    assert s.totals == pytest.approx(EXPECTED[fixture][1])
+
+
+def test_server_auto_without_token_counters_says_what_it_looked_for(server):
+    server.body = "# TYPE up gauge\nup 1\n"
+    s = TokenScraper("auto", server.url)
+    s.poll()
+    assert s.errors == {"missing": 1} and "vllm:generation_tokens_total" in s.last_error
+
+
+@pytest.mark.parametrize("kind, hint", [("vlm", "did you mean 'vllm'"), ("llama.cpp", "did you mean 'llamacpp'"),
+                                        ("sglan", "did you mean 'sglang'")])
+def test_unknown_family_names_the_closest(kind, hint):
+    with pytest.raises(UsageError, match=hint):
+        TokenScraper(kind, "127.0.0.1:8000")
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:70000/metrics", "http://127.0.0.1:0/metrics",
+                                 "http://127.0.0.1:8000/met rics", " 127.0.0.1:8000", "http:///metrics"])
+def test_bad_server_urls_are_usage_errors(url):
+    with pytest.raises(UsageError, match="server URL"):
+        normalise_url(url)
+
+
+def test_live_jpt_is_exact_with_slow_counter_reads_and_irregular_scrapes():
+    # A flat 300 W GPU read every 2 s; 128 tokens/s scraped every 1.0-7.9 s at off-grid instants.
+    # J/token comes from the ledger's history at each scrape's instant: no lag, no steps.
+    clock = VirtualClock(start=0.0)
+    sensor = CounterSensor({"gpu0": lambda t: 300.0 * t}, period_s=2.0)
+    meter = Meter([sensor], clock=clock)
+    src = FakeSource({("m", "generation"): 0})
+    joiner = TokenJoiner(meter, src, window_s=30.0)
+    meter.sampler.read_sensor(sensor, 0.0)
+    gaps = [1.0, 7.9, 3.3, 5.1, 2.2, 6.4, 4.7, 1.9, 7.0, 3.8, 5.5, 2.6]
+    t, next_read = 0.0, 2.0
+    ratios = []
+    for gap in gaps * 2:
+        t += gap
+        while next_read <= t:
+            meter.sampler.read_sensor(sensor, next_read)
+            next_read += 2.0
+        clock.advance(t - clock.now())
+        src.now[("m", "generation")] = int(128 * t)
+        joiner.tick(t)
+        [stat] = joiner.snapshot()
+        if stat.energy_per_token_j is not None:
+            ratios.append(stat.energy_per_token_j)
+    assert len(ratios) > 15
+    assert all(r == pytest.approx(300 / 128, rel=0.01) for r in ratios)
+
+
+def test_tokens_served_before_the_first_good_scrape_never_enter_a_window(server):
+    meter, clock = make_meter({"gpu0": lambda t: 300 * t})
+    port = free_port()
+    scraper = TokenScraper("vllm", f"127.0.0.1:{port}", timeout_s=0.5)
+    joiner = TokenJoiner(meter, scraper, window_s=60.0)
+    meter.sampler.add_task("tokens", 5.0, joiner.tick)
+    meter.poll()                                        # refused: no baseline yet
+    run(meter, clock, 10.0, 5.0, lambda t: None)
+    srv = MetricsServer(port)
+    try:
+        gen = 7200                                      # served before we ever reached it
+        srv.body = vllm_text({"0": (0, gen)})
+        for _ in range(6):
+            clock.advance(5.0)
+            meter.poll()
+            gen += 640                                  # 128 tokens/s from now on
+            srv.body = vllm_text({"0": (0, gen)})
+        [stat] = joiner.snapshot()
+        assert stat.energy_per_token_j == pytest.approx(300 / 128, rel=1e-6)
+        assert meter.tokens == {"generation": 5 * 640}
+    finally:
+        srv.close()
+
+
+def test_jpt_disappears_when_the_source_is_down_past_its_window(server):
+    meter, clock = make_meter({"gpu0": lambda t: 300 * t})
+    scraper = TokenScraper("vllm", server.url)
+    joiner = TokenJoiner(meter, scraper, window_s=20.0)
+    meter.sampler.add_task("tokens", 5.0, joiner.tick)
+    gen = 0
+    server.body = vllm_text({"0": (0, gen)})
+    meter.poll()
+    for _ in range(4):
+        gen += 500
+        server.body = vllm_text({"0": (0, gen)})
+        clock.advance(5.0)
+        meter.poll()
+    assert joiner.snapshot()[0].energy_per_token_j == pytest.approx(300 * 5 / 500)
+    assert joiner.snapshot()[0].age_s == pytest.approx(0.0)
+    server.status = 503
+    run(meter, clock, 15.0, 5.0, lambda t: None)
+    [stat] = joiner.snapshot()
+    assert stat.energy_per_token_j is not None and stat.age_s == pytest.approx(15.0)   # down 15 s of 20: aged
+    run(meter, clock, 10.0, 5.0, lambda t: None)
+    [stat] = joiner.snapshot()
+    assert stat.energy_per_token_j is None and stat.energy_above_idle_per_token_j is None
+    assert stat.generation_tokens_total == 2000                          # the counter itself stays
+
+
+def test_a_model_the_server_stopped_serving_is_dropped_after_the_set_time(server):
+    meter, clock = make_meter({"gpu0": lambda t: 300 * t})
+    scraper = TokenScraper("vllm", server.url)
+    joiner = TokenJoiner(meter, scraper, window_s=20.0, forget_after_s=30.0)
+    meter.sampler.add_task("tokens", 5.0, joiner.tick)
+    server.body = vllm_text({"0": (1, 2)}, model="old") + vllm_text({"0": (1, 2)}, model="new")
+    meter.poll()
+    server.body = vllm_text({"0": (1, 2)}, model="new")                # the server was restarted with "new"
+    run(meter, clock, 25.0, 5.0, lambda t: None)
+    assert {s.model for s in joiner.snapshot()} == {"old", "new"}
+    run(meter, clock, 10.0, 5.0, lambda t: None)
+    assert {s.model for s in joiner.snapshot()} == {"new"}
+
+
+def test_above_idle_is_near_zero_on_a_flat_gpu():
+    meter, clock = make_meter({"gpu0": lambda t: 300 * t})
+    src = FakeSource({("m", "generation"): 0})
+    joiner = TokenJoiner(meter, src, window_s=30.0)
+    meter.sampler.add_task("tokens", 5.0, joiner.tick)
+    meter.poll()
+    run(meter, clock, 60.0, 5.0, lambda t: src.now.__setitem__(("m", "generation"), int(128 * t)))
+    [stat] = joiner.snapshot()
+    assert stat.energy_per_token_j == pytest.approx(300 / 128, rel=1e-3)
+    assert stat.energy_above_idle_per_token_j == pytest.approx(0.0, abs=1e-6)

@@ -20,7 +20,6 @@ from typing import Any, Callable
 from ..attribution import AttributionConfig, Attributor
 from ..cgroups import CgroupResolver, PodDirectory, parse_cgroup
 from ..config import Settings, positive_float, positive_int
-from ..errors import UsageError
 from ..exporters.http import DEFAULT_HOST, DEFAULT_PORT, ListenAddress, MetricsServer, parse_listen
 from ..exporters.prometheus import ExportSources, Health, build_registry
 from ..exporters.webconfig import WebConfig, load_web_config
@@ -30,6 +29,7 @@ from ..meter import Meter
 from ..model import Scope
 from ..sensors.base import ProcessSensor
 from .common import _bool, add_sensor_arguments, discover_or_fail, sensor_plan, settings_from_cwd
+from .serve_tokens import TokenOptions, add_token_arguments, check_gpu_map, start_tokens, token_options
 
 log = logging.getLogger("wattmeter.serve")
 CARBON_PERIOD_S = 15.0
@@ -56,10 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="sidecar of one pod that owns its GPUs: GPU processes not visible in /proc are labelled "
                         "with this pod (POD_NAME, POD_NAMESPACE, POD_UID from the downward API; env WATTMETER_SIDECAR)")
     p.add_argument("--hostname", default=None, help="hostname label (default: this host's name; env NODE_NAME)")
-    p.add_argument("--server", default=None, metavar="KIND",
-                   help="also scrape an inference server's token counters: "
-                        "vllm|sglang|tgi|llamacpp|lmdeploy|triton|ray")
-    p.add_argument("--server-url", default=None, metavar="URL", help="the server's /metrics URL (default per kind)")
+    add_token_arguments(p)
     p.add_argument("--proc-root", default=None, help=argparse.SUPPRESS)
     p.add_argument("--pods-root", default=None, help=argparse.SUPPRESS)
     add_sensor_arguments(p)
@@ -120,19 +117,14 @@ def _carbon(args: argparse.Namespace, settings: Settings) -> Any:
     return CarbonAccountant(cfg, cfg.build_source())
 
 
-def _tokens(args: argparse.Namespace, settings: Settings) -> tuple[Any, Any] | None:
-    kind = settings.get("server", args.server, None, str)
-    url = settings.get("server_url", args.server_url, None, str)
-    if kind is None:
-        if url is not None:
-            raise UsageError("--server-url needs --server KIND (vllm, sglang, tgi, llamacpp, lmdeploy, triton, ray)")
-        return None
-    try:
-        from ..tokens import TokenScraper, server_kind
-    except ImportError:
-        raise UsageError("--server: token scraping (wattmeter.tokens) is not in this build; drop --server") from None
-    url = url or server_kind(kind).default_url
-    return TokenScraper(kind, url), url
+def _healthz(fresh: Freshness, extra: list[Callable[[], str]]) -> Callable[[], tuple[bool, str]]:
+    """/healthz: the sensors' freshness verdict, plus lines that are listed but never decide it
+    (the token scraper)."""
+    def check() -> tuple[bool, str]:
+        ok, text = fresh.healthz()
+        lines = [line() for line in extra]
+        return ok, "\n".join([text, *lines]) if lines else text
+    return check
 
 
 @dataclass
@@ -147,7 +139,7 @@ class ServeOptions:
     proc_root: str = "/proc"
     pods_root: str = "/var/log/pods"
     sidecar: bool = False
-    tokens: tuple[Any, str] | None = None      # (TokenScraper, url)
+    tokens: TokenOptions | None = None
     carbon: Any = None                          # CarbonAccountant
 
 
@@ -163,7 +155,7 @@ def _options(args: argparse.Namespace, settings: Settings) -> ServeOptions:
         hostname=settings.get("hostname", args.hostname, os.environ.get("NODE_NAME") or socket.gethostname(), str),
         proc_root=args.proc_root or "/proc", pods_root=args.pods_root or "/var/log/pods",
         sidecar=settings.get("sidecar", args.sidecar, False, _bool),
-        tokens=_tokens(args, settings), carbon=_carbon(args, settings))
+        tokens=token_options(args, settings), carbon=_carbon(args, settings))
 
 
 def serve_command(args: argparse.Namespace) -> int:
@@ -172,6 +164,8 @@ def serve_command(args: argparse.Namespace) -> int:
     found = discover_or_fail(sensor_plan(args, settings, pid=None))   # host level: no process tree
     meter = Meter(found.sensors, notes=found.notes)
     try:
+        if opts.tokens is not None:
+            check_gpu_map(opts.tokens, meter)
         return _serve(meter, opts)
     finally:
         meter.close()
@@ -200,18 +194,24 @@ def _serve(meter: Meter, opts: ServeOptions) -> int:
               lambda now: attributor.tick(now, meter.snapshot()))
     if opts.carbon is not None:
         _task(meter, health, "carbon", CARBON_PERIOD_S, _CarbonFeed(meter, opts.carbon))
-    tokens = opts.tokens
-    if tokens is not None:
-        from ..tokens import TokenJoiner
-
-        scraper = tokens[0]
-        joiner = TokenJoiner(meter, scraper)
-        sources.tokens = joiner
-        health.append(lambda: [Health("tokens", scraper.up, dict(scraper.errors))])
-        _task(meter, health, "tokens", TOKENS_PERIOD_S, joiner.tick)
+    health_lines: list[Callable[[], str]] = []
+    tokens = None
+    if opts.tokens is not None:
+        # Binds the proxy (fails fast) and adds the scrape task before the sampler starts:
+        # a task added to a running sampler never runs.
+        tokens = start_tokens(opts.tokens, meter, opts.carbon)
+        sources.tokens = tokens.joiner
+        health.append(tokens.health)
+        health_lines.append(tokens.health_line)
+        _task(meter, health, "tokens", TOKENS_PERIOD_S, tokens.joiner.tick)
     registry, _ = build_registry(sources)
     address, web = opts.address, opts.web
-    server = MetricsServer(registry, address, web, health=fresh.healthz).start()   # binds: fails fast
+    try:
+        server = MetricsServer(registry, address, web, health=_healthz(fresh, health_lines)).start()   # fails fast
+    except BaseException:
+        if tokens is not None:
+            tokens.stop()
+        raise
     health.append(server.health)     # refused / cut-off connections, counted from 0
     stop = threading.Event()
     old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -223,13 +223,17 @@ def _serve(meter: Meter, opts: ServeOptions) -> int:
             sys.stderr.write(f"wattmeter: warning: serving on {address} without TLS or auth; "
                              "see --web-config (docs/security.md)\n")
         if tokens is not None:
-            sys.stderr.write(f"wattmeter: scraping {tokens[0].server.name} token counters at {tokens[1]}\n")
+            sys.stderr.write(f"wattmeter: {tokens.describe}\n")
+            if tokens.warning:
+                sys.stderr.write(f"wattmeter: warning: {tokens.warning}\n")
         sys.stderr.write(f"wattmeter: serving {server.url}/metrics\n")
         sys.stderr.flush()
         while not stop.wait(1.0):    # short waits keep the main thread responsive to signals
             pass
     finally:
         server.stop()
+        if tokens is not None:
+            tokens.stop()
         meter.stop()
         for sig, handler in old.items():   # restored last: a second SIGTERM must not cut the clean-up short
             signal.signal(sig, handler)

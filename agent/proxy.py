@@ -1,0 +1,391 @@
+"""`serve --proxy-to URL`: an OpenAI-compatible pass-through that books each request's tokens.
+
+Clients talk to the proxy as they would to the server. For POST /v1/completions and
+/v1/chat/completions the proxy reads ``usage`` from the response (for a stream: its final usage
+chunk, asked for with ``stream_options.include_usage`` when the client did not ask, and then
+kept from that client), and books the tokens into the request's own ``RequestAccountant``
+request. So per-request J/token is exact even for servers whose counters move only when a
+request ends, and a request to a second ``--served-model-name`` alias counts under the name
+the client used. Every other path is passed through untouched.
+
+Binds 127.0.0.1 by default. Hop-by-hop headers are not forwarded. The upstream connection is
+kept alive per proxy thread, so the added latency is a few hundred microseconds.
+"""
+from __future__ import annotations
+
+import http.client
+import http.server
+import itertools
+import json
+import logging
+import socket
+import threading
+import time
+import urllib.parse
+from typing import Any, Mapping
+
+from .errors import UsageError
+from .requests import GENERATION, PROMPT, RequestAccountant
+from .tokens.parse import TokenKey
+from .tokens.scrape import TokenTotals
+
+log = logging.getLogger("wattmeter.proxy")
+USAGE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+                        "transfer-encoding", "upgrade", "content-length", "host"})
+MAX_REQUEST_BYTES = 64 << 20
+PROGRESS_S = 0.2          # how often a stream's progress is booked into its request
+
+
+class UsageCounter:
+    """Tokens per (model, kind) from proxied responses: a TokenSource for the J/token joiner."""
+
+    def __init__(self) -> None:
+        self._state = TokenTotals(skip_history=False)      # every proxied response is ours
+        self._lock = threading.Lock()
+        self._without_usage = 0
+
+    @property
+    def responses_without_usage(self) -> int:
+        return self._without_usage
+
+    def no_usage(self) -> None:
+        """A completion answered without ``usage`` (counted, shown as an error kind)."""
+        with self._lock:
+            self._without_usage += 1
+
+    def observe(self, model: str, prompt: int, generation: int) -> None:
+        for kind, n in ((PROMPT, prompt), (GENERATION, generation)):
+            if n > 0:
+                self._state.add((model, kind), n)
+
+    @property
+    def totals(self) -> dict[TokenKey, int]:
+        return self._state.totals
+
+    def deltas(self) -> dict[TokenKey, int]:
+        return self._state.deltas(True)
+
+    @property
+    def up(self) -> bool:
+        return True                      # responses come to us: nothing to reach
+
+    @property
+    def models(self) -> frozenset[str]:
+        """None known: the proxy sees models only as they answer (the joiner counts a model's
+        tokens as a sign of life, so one without requests for its forget time is dropped)."""
+        return frozenset()
+
+
+def normalise_upstream(url: str) -> urllib.parse.SplitResult:
+    """``127.0.0.1:8000`` or ``http://host:8000/`` -> a split URL; a bad one is a UsageError."""
+    raw = url
+    if not url or any(c.isspace() for c in url):
+        raise UsageError(f"--proxy-to {raw!r} contains spaces or is empty; give e.g. http://127.0.0.1:8000")
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
+        raise UsageError(f"--proxy-to {raw!r}: give http(s)://HOST[:PORT] with a port in 1-65535")
+    return parts
+
+
+def _usage(obj: Any) -> tuple[int, int] | None:
+    usage = obj.get("usage") if isinstance(obj, Mapping) else None
+    if not isinstance(usage, Mapping):
+        return None
+    try:
+        return max(0, int(usage.get("prompt_tokens") or 0)), max(0, int(usage.get("completion_tokens") or 0))
+    except (TypeError, ValueError):
+        return None
+
+
+class OpenAIProxy:
+    """The pass-through server. ``start()`` binds (fails fast), ``stop()`` closes."""
+
+    def __init__(self, upstream: str, accountant: RequestAccountant | None, counter: UsageCounter | None = None,
+                 host: str = "127.0.0.1", port: int = 0, default_model: str = "default",
+                 timeout_s: float = 600.0) -> None:
+        self.upstream = normalise_upstream(upstream)
+        self.accountant = accountant
+        self.counter = counter or UsageCounter()
+        self.default_model = default_model
+        self.timeout_s = timeout_s
+        self._ids = itertools.count(1)
+        self._local = threading.local()
+        handler = type("ProxyHandler", (_Handler,), {"proxy": self})
+        try:
+            self._httpd = http.server.ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise UsageError(f"proxy cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                             f"pick another port with --proxy-listen") from None
+        self._httpd.daemon_threads = True
+        self._host = host
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self._host}:{self._httpd.server_port}"
+
+    def start(self) -> "OpenAIProxy":
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.2,), name="wattmeter-proxy",
+                                        daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def next_id(self) -> str:
+        return f"proxy-{next(self._ids)}"
+
+    def drop_upstream(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    def connection(self, fresh: bool = False) -> http.client.HTTPConnection:
+        """This thread's kept-alive connection to the upstream."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None or fresh:
+            if conn is not None:
+                conn.close()
+            cls = http.client.HTTPSConnection if self.upstream.scheme == "https" else http.client.HTTPConnection
+            conn = cls(self.upstream.hostname or "127.0.0.1", self.upstream.port, timeout=self.timeout_s)
+            self._local.conn = conn
+        return conn
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    proxy: OpenAIProxy
+    protocol_version = "HTTP/1.1"          # keep-alive with the client too
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes: without NODELAY, Nagle and delayed ACKs add ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.proxy.drop_upstream()      # one handler per client connection: its upstream goes too
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._forward()
+
+    def do_POST(self) -> None:
+        self._forward()
+
+    def do_DELETE(self) -> None:
+        self._forward()
+
+    def _forward(self) -> None:
+        try:
+            body = self._body()
+        except ValueError as exc:
+            self._error(400, str(exc))
+            self.close_connection = True
+            return
+        if body is None:
+            self._error(413, "request body too large")
+            self.close_connection = True
+            return
+        path = urllib.parse.urlsplit(self.path).path
+        model, injected = None, False
+        if self.command == "POST" and path in USAGE_PATHS and body:
+            body, model, injected = self._ask_for_usage(body)
+        if model is None or self.proxy.accountant is None:
+            self._exchange(body, None, model, injected)
+            return
+        request_id = self.headers.get("X-Request-Id") or self.proxy.next_id()
+        with self.proxy.accountant.request(request_id, model=model) as booking:
+            self._exchange(body, booking, model, injected)
+
+    def _body(self) -> bytes | None:
+        """The request body, de-chunked (forwarded with a Content-Length); None when too large."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts, size = [], 0
+            while True:
+                line = self.rfile.readline(1024)
+                try:
+                    n = int(line.split(b";")[0].strip(), 16)
+                except ValueError:
+                    raise ValueError("bad chunk size in the request body") from None
+                if n == 0:
+                    while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
+                        pass                    # trailers
+                    return b"".join(parts)
+                size += n
+                if size > MAX_REQUEST_BYTES:
+                    return None
+                parts.append(self.rfile.read(n))
+                self.rfile.readline(8)          # the CRLF after each chunk
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise ValueError("bad Content-Length") from None
+        if length < 0:
+            raise ValueError("bad Content-Length")
+        if length > MAX_REQUEST_BYTES:
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _ask_for_usage(self, body: bytes) -> tuple[bytes, str | None, bool]:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return body, None, False                    # not JSON: the upstream will say so
+        if not isinstance(doc, dict):
+            return body, None, False
+        model = str(doc.get("model") or self.proxy.default_model)
+        injected = False
+        if doc.get("stream"):
+            opts = doc.get("stream_options")
+            if not (isinstance(opts, dict) and opts.get("include_usage")):
+                doc["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
+                body, injected = json.dumps(doc).encode(), True
+        return body, model, injected
+
+    def _upstream(self, body: bytes) -> http.client.HTTPResponse:
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
+        headers["Content-Length"] = str(len(body))
+        base = self.proxy.upstream.path.rstrip("/")
+        for attempt in (0, 1):
+            conn = self.proxy.connection(fresh=attempt == 1)
+            try:
+                conn.request(self.command, base + self.path, body=body, headers=headers)
+                return conn.getresponse()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if attempt == 1:
+                    raise                       # a kept-alive socket the upstream had closed: retry once, fresh
+        raise AssertionError("unreachable")
+
+    def _exchange(self, body: bytes, booking: Any, model: str | None, injected: bool) -> None:
+        try:
+            resp = self._upstream(body)
+        except (OSError, http.client.HTTPException) as exc:
+            self.proxy.connection(fresh=True)
+            self._error(502, f"upstream {self.proxy.upstream.geturl()} unreachable: {exc}")
+            return
+        ctype = resp.getheader("Content-Type", "")
+        # Tokens are booked before the answer's last byte goes out: a client that has its answer
+        # can read the figures.
+        if "text/event-stream" in ctype:
+            usage, booked = self._stream(resp, injected, booking)
+            self._book(resp, model, booking, usage, booked)
+            self._last_chunk()
+        else:
+            data = resp.read()
+            usage = None
+            if model is not None and "json" in ctype:
+                try:
+                    usage = _usage(json.loads(data))
+                except ValueError:
+                    usage = None
+            self._book(resp, model, booking, usage)
+            self._head(resp, len(data))
+            self.wfile.write(data)
+        if resp.will_close:
+            self.proxy.connection(fresh=True)
+
+    def _book(self, resp: http.client.HTTPResponse, model: str | None, booking: Any,
+              usage: tuple[int, int] | None, booked: int = 0) -> None:
+        if model is None:
+            return
+        if usage is None:
+            if resp.status < 400:
+                self.proxy.counter.no_usage()
+            return
+        prompt, gen = usage
+        self.proxy.counter.observe(model, prompt, gen)
+        if booking is not None:
+            booking.add_tokens(prompt, PROMPT)
+            # A chunk can carry several tokens: the usage is exact, the progress counted so far
+            # was a lower bound.
+            booking.add_tokens(max(0, gen - booked), GENERATION)
+
+    def _head(self, resp: http.client.HTTPResponse, length: int | None) -> None:
+        self.send_response_only(resp.status, resp.reason)
+        for k, v in resp.getheaders():
+            if k.lower() not in HOP_BY_HOP:
+                self.send_header(k, v)
+        if length is None:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(length))
+        self.end_headers()
+
+    def _stream(self, resp: http.client.HTTPResponse, injected: bool,
+                booking: Any) -> tuple[tuple[int, int] | None, int]:
+        """Relay SSE events as they come (chunked), picking the usage out of the last one.
+
+        While it streams, each content chunk counts as a generated token for the request
+        (booked every PROGRESS_S), so its energy share follows its progress; the final usage
+        corrects the count. Returns (usage, generation tokens already booked)."""
+        self._head(resp, None)
+        usage = None
+        event: list[bytes] = []
+        booked = pending = 0
+        last = time.monotonic()
+        try:
+            while line := resp.readline():
+                event.append(line)
+                if line not in (b"\n", b"\r\n"):
+                    continue
+                keep = True
+                for part in event:
+                    if not part.startswith(b"data:") or part[5:].strip() == b"[DONE]":
+                        continue
+                    content = True
+                    if b'"usage"' in part:
+                        try:
+                            doc = json.loads(part[5:])
+                        except ValueError:
+                            continue
+                        content = bool(isinstance(doc, dict) and doc.get("choices"))
+                        found = _usage(doc)
+                        if found is not None:
+                            usage = found
+                            # The usage-only chunk we asked for: the client did not, so keep it back.
+                            keep = not (injected and not content)
+                    pending += content
+                if keep:
+                    self._chunk(b"".join(event))
+                event = []
+                if booking is not None and pending and time.monotonic() - last >= PROGRESS_S:
+                    booking.add_tokens(pending, GENERATION)
+                    booked, pending, last = booked + pending, 0, time.monotonic()
+            if event:
+                self._chunk(b"".join(event))
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True            # the client left: what usage we saw still counts
+            self.proxy.connection(fresh=True)       # the upstream answer was not read to its end
+        return usage, booked
+
+    def _last_chunk(self) -> None:
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True
+
+    def _chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _error(self, status: int, message: str) -> None:
+        data = json.dumps({"error": {"message": message, "type": "wattmeter_proxy"}}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)

@@ -1,0 +1,467 @@
+"""Per-request energy in a batched server: overlapping requests share each GPU's energy.
+
+    acct = RequestAccountant(meter, intensity_g_per_kwh=350)
+    with acct.request("req-17", model="llama") as r:        # or: async with ...
+        ...
+        r.add_tokens(812, kind="generation")                # tokens belong to this request only
+    r.result()          # -> RequestResult: J, J/token, g CO2e; final once every overlap is known
+    acct.summary()      # -> {model: ModelSummary} p50/p90 J/request and J/token over recent requests
+
+How energy is split. Every request event (begin, tokens, end) is a boundary. Between two
+boundaries, each GPU's energy E (from the ledger's history, ``meter.ledger.values_at``) goes to
+the requests open on that GPU, in proportion to the generation tokens each produced in that
+interval, else equally (by time: they were all open for the whole interval). Tokens reported
+at once are spread evenly over the time since the request's previous report, so a server that
+reports usage only when a request ends still gets a fair share for every interval. With no
+request open, E goes to the device's ``idle`` share. Each interval's E is handed out exactly
+once, so the parts never sum to more than the device energy.
+
+Intervals are settled in time order up to a frontier: the latest time the ledger has read on
+every GPU and every open request has reported up to. A request is final once the frontier
+passes its end; before that ``result()`` gives a provisional figure (equal shares where other
+requests' tokens are not known yet) with ``final=False``.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
+
+from .model import Component
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .meter import Meter
+
+GENERATION, PROMPT = "generation", "prompt"
+MAX_LAG_S = 10.0          # a GPU not read for this long no longer holds the frontier back (lost GPU)
+J_PER_KWH = 3.6e6
+
+
+@dataclass(frozen=True)
+class RequestResult:
+    request_id: str
+    model: str
+    start_t: float
+    end_t: float
+    energy_j: float
+    tokens: Mapping[str, int]
+    device_energy_j: Mapping[str, float]
+    final: bool                            # False: other overlapping requests' tokens are not known yet
+    co2e_g: float | None = None            # given a grid intensity
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_t - self.start_t
+
+    @property
+    def energy_per_token_j(self) -> float | None:
+        """J per generation token (None without generation tokens)."""
+        gen = self.tokens.get(GENERATION, 0)
+        return self.energy_j / gen if gen > 0 else None
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """Rolling figures over a model's most recent final requests."""
+
+    model: str
+    requests: int
+    energy_j_p50: float
+    energy_j_p90: float
+    energy_per_token_j_p50: float | None
+    energy_per_token_j_p90: float | None
+    generation_tokens: int
+
+
+@dataclass(frozen=True)
+class RequestView:
+    """What the exporter reads: per model (final requests, their J), per GPU the idle share,
+    and the rolling p50/p90 summary."""
+
+    totals: Mapping[str, tuple[int, float]]
+    idle_j: Mapping[str, float]
+    summary: Mapping[str, ModelSummary]
+
+
+@dataclass
+class _Req:
+    request_id: str
+    model: str
+    devices: frozenset[str] | None          # None: every GPU
+    start: float
+    end: float | None = None
+    reports: list[tuple[float, float, int]] = field(default_factory=list)   # (from, to, generation tokens)
+    tokens: dict[str, int] = field(default_factory=dict)
+    known_until: float = 0.0                # generation tokens are known up to here (end: forever)
+    energy_j: float = 0.0
+    device_j: dict[str, float] = field(default_factory=dict)
+    result: RequestResult | None = None
+
+    def weight(self, a: float, b: float) -> float:
+        """Generation tokens this request produced in [a, b], reports spread over their span."""
+        w = 0.0
+        for s0, s1, n in self.reports:
+            if s1 > s0:
+                overlap = min(b, s1) - max(a, s0)
+                if overlap > 0:
+                    w += n * overlap / (s1 - s0)
+            elif a < s1 <= b:
+                w += n
+        return w
+
+    def on(self, key: str) -> bool:
+        return self.devices is None or key in self.devices
+
+
+class Request:
+    """One request's handle: ``add_tokens`` while it runs, ``result()`` after it ends."""
+
+    def __init__(self, accountant: "RequestAccountant", state: _Req) -> None:
+        self._acct = accountant
+        self._state = state
+
+    @property
+    def request_id(self) -> str:
+        return self._state.request_id
+
+    def add_tokens(self, n: int, kind: str = GENERATION) -> None:
+        if n < 0:
+            raise ValueError(f"token count must be >= 0, got {n}")
+        self._acct._add_tokens(self._state, int(n), kind)
+
+    def end(self) -> "Request":
+        self._acct._end(self._state)
+        return self
+
+    def result(self, timeout_s: float | None = None) -> RequestResult:
+        """The request's energy. Waits briefly (bounded) for the GPUs to be read past its end."""
+        return self._acct._result(self._state, timeout_s)
+
+    async def aresult(self, timeout_s: float | None = None) -> RequestResult:
+        """``result()`` for async code: waits without blocking the event loop."""
+        return await self._acct._aresult(self._state, timeout_s)
+
+    def __enter__(self) -> "Request":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.end()
+
+    async def __aenter__(self) -> "Request":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.end()
+
+
+class RequestAccountant:
+    """Splits GPU energy among concurrent requests (see the module doc). Thread-safe.
+
+    ``intensity_g_per_kwh`` (a number, or a function giving the grid's current one) adds g CO2e
+    to each result. ``gpus`` maps a model to the device keys serving it (default: every GPU); ``on_result`` is
+    called (outside the lock) with each request's final result. ``settle_on_end=False`` leaves
+    settling to ``settle()`` calls (a server's periodic task), keeping it off the request path.
+    """
+
+    def __init__(self, meter: "Meter", *, intensity_g_per_kwh: float | Callable[[], float | None] | None = None,
+                 gpus: Mapping[str, Sequence[str]] | None = None, summary_size: int = 1000,
+                 on_result: Callable[[RequestResult], None] | None = None, settle_on_end: bool = True) -> None:
+        self.meter = meter
+        self.intensity_g_per_kwh = intensity_g_per_kwh
+        self.gpus = {m: frozenset(keys) for m, keys in (gpus or {}).items()}
+        self.on_result = on_result
+        self._lock = threading.Lock()               # request state; held briefly
+        self._settle_lock = threading.Lock()        # one settler at a time (the heavy part is outside _lock)
+        self.settle_on_end = settle_on_end
+        self._live: list[_Req] = []
+        self._times: set[float] = set()
+        self._frontier = meter.clock.now()
+        self._v_frontier: dict[str, float] | None = None       # set once every GPU has a reading
+        self._idle_j: dict[str, float] = {}
+        self._model_j: dict[str, float] = {}          # final requests' energy per model (monotonic)
+        self._model_n: dict[str, int] = {}            # final requests per model (monotonic)
+        self._ended_at_frontier = False               # a request ended exactly at the frontier (virtual clocks)
+        self._recent: dict[str, deque[RequestResult]] = {}
+        self._summary_size = summary_size
+
+    # -- requests ------------------------------------------------------------------------
+    def request(self, request_id: str, model: str = "default", devices: Sequence[str] | None = None) -> Request:
+        """Begin a request now. ``devices`` overrides the model's GPUs."""
+        devs = frozenset(devices) if devices is not None else self.gpus.get(model)
+        with self._lock:
+            t = self._now()
+            st = _Req(str(request_id), model, devs, t, known_until=t)
+            self._live.append(st)
+            self._times.add(t)
+        return Request(self, st)
+
+    def _add_tokens(self, st: _Req, n: int, kind: str) -> None:
+        with self._lock:
+            if st.end is not None:
+                raise RuntimeError(f"request {st.request_id!r} has ended; count its tokens before it ends")
+            st.tokens[kind] = st.tokens.get(kind, 0) + n
+            if kind != GENERATION:
+                return                   # shares follow generation tokens: other kinds are only counted
+            t = self._now()
+            if n:
+                st.reports.append((st.known_until, t, n))
+            # Generation up to t is now known; the next report covers the time from here. Settling
+            # waits for the next end or settle(): a stream's reports come often and cost nothing here.
+            st.known_until = t
+            self._times.add(t)
+
+    def _end(self, st: _Req) -> None:
+        with self._lock:
+            if st.end is not None:
+                return
+            t = self._now()
+            st.end = t
+            st.known_until = float("inf")
+            self._times.add(t)
+            self._ended_at_frontier |= t <= self._frontier
+        # A ledger mark at the end makes the sampler read the GPUs' counters at its next tick (as a
+        # window's edge does), so the frontier passes the end in a read or two, not at the next slow
+        # counter read. No poke: waking every reader per request would cost a busy server more than
+        # the tick it saves; ``result()`` pokes when someone waits.
+        if self.meter.running:           # a stopped sampler would leave the mark pending for good
+            self.meter.ledger.mark(t)
+        if self.settle_on_end:
+            self._emit(self._settle())
+
+    def _deadline(self, st: _Req, timeout_s: float | None) -> float:
+        if st.end is None:
+            raise RuntimeError(f"request {st.request_id!r} has not ended")
+        return time.monotonic() + (self.meter.settle_timeout_s() if timeout_s is None else timeout_s)
+
+    def _try_result(self, st: _Req, deadline: float) -> RequestResult | None:
+        """The final result, or None while waiting for a GPU read past the end is worth it."""
+        _, blocked_by_ledger = self.settle()
+        if st.result is not None:
+            return st.result
+        if blocked_by_ledger and self.meter.running and time.monotonic() < deadline:
+            self.meter.sampler.poke()       # a read past the end settles it sooner
+            return None
+        with self._lock:
+            return st.result or self._provisional(st)
+
+    def _result(self, st: _Req, timeout_s: float | None) -> RequestResult:
+        deadline = self._deadline(st, timeout_s)
+        while (res := self._try_result(st, deadline)) is None:
+            time.sleep(0.01)
+        return res
+
+    async def _aresult(self, st: _Req, timeout_s: float | None) -> RequestResult:
+        deadline = self._deadline(st, timeout_s)
+        while (res := self._try_result(st, deadline)) is None:
+            await asyncio.sleep(0.01)       # never block the event loop while the GPUs are read
+        return res
+
+    def settle(self) -> tuple[list[RequestResult], bool]:
+        """Hand out energy up to the frontier. Returns the requests that became final, and
+        whether the ledger (not an open request) is what holds the frontier back."""
+        done = self._settle()
+        with self._lock:
+            limit_ledger = self._covered(self._now())
+            blocked = any(st.end is not None and st.result is None and limit_ledger < st.end for st in self._live)
+        self._emit(done)
+        return done, blocked
+
+    # -- reading -------------------------------------------------------------------------
+    @property
+    def idle_j(self) -> dict[str, float]:
+        """Per GPU, the settled energy burned while no request was open on it."""
+        with self._lock:
+            return dict(self._idle_j)
+
+    @property
+    def settled_until(self) -> float:
+        """Energy up to this time has been handed out (to requests and idle), for good."""
+        with self._lock:
+            return self._frontier
+
+    @property
+    def totals(self) -> dict[str, tuple[int, float]]:
+        """Per model: (final requests, their energy in J), both monotonic (Prometheus counters)."""
+        with self._lock:
+            return {m: (self._model_n[m], self._model_j[m]) for m in self._model_n}
+
+    @property
+    def open_requests(self) -> int:
+        with self._lock:
+            return sum(1 for st in self._live if st.end is None)
+
+    def view(self) -> RequestView:
+        return RequestView(self.totals, self.idle_j, self.summary())
+
+    def summary(self) -> dict[str, ModelSummary]:
+        with self._lock:
+            recent = {m: list(q) for m, q in self._recent.items()}
+        out = {}
+        for model, results in sorted(recent.items()):
+            energies = sorted(r.energy_j for r in results)
+            jpt = sorted(x for r in results if (x := r.energy_per_token_j) is not None)
+            out[model] = ModelSummary(model, len(results), _quantile(energies, 0.5), _quantile(energies, 0.9),
+                                      _quantile(jpt, 0.5) if jpt else None, _quantile(jpt, 0.9) if jpt else None,
+                                      sum(r.tokens.get(GENERATION, 0) for r in results))
+        return out
+
+    # -- internals (under the lock) ------------------------------------------------------
+    def _now(self) -> float:
+        # Event times never go below the frontier, so an interval is never handed out twice.
+        return max(self.meter.clock.now(), self._frontier)
+
+    def _gpu_keys(self) -> list[str]:
+        return [d.key for d in self.meter.ledger.devices if d.component == Component.GPU]
+
+    def _covered(self, now: float) -> float:
+        """The latest time whose energy the ledger will not revise on any GPU: one refresh period
+        behind its last reading (a counter's last step is dated from the reads after it). A GPU
+        silent for MAX_LAG_S is skipped."""
+        covered = now
+        for s in self.meter.snapshot().values():
+            if s.device.component == Component.GPU and s.t is not None and now - s.t < MAX_LAG_S:
+                covered = min(covered, s.t - s.device.update_period_s)
+        return covered
+
+    def _start_frontier(self) -> bool:
+        """Pin the frontier's energy once every GPU has a reading (the ledger's history holds a
+        device's first value for any earlier time, so energy before it counts as none)."""
+        if self._v_frontier is not None:
+            return True
+        gpus = [s for s in self.meter.snapshot().values() if s.device.component == Component.GPU]
+        if any(s.t is None for s in gpus) or self._covered(self.meter.clock.now()) < self._frontier:
+            return False                 # the ledger's value at the start is not settled yet
+        self._v_frontier = dict(self.meter.ledger.values_at(self._frontier))
+        return True
+
+    def _settle(self) -> list[RequestResult]:
+        """Settle up to the frontier. The heavy part (the ledger's history at every bound) runs
+        outside the main lock, so requests begin, report and end meanwhile: every event after
+        the snapshot below is at or after ``limit``, and no new report span starts before it."""
+        with self._settle_lock:
+            with self._lock:
+                if not self._start_frontier():
+                    return []
+                now = self._now()
+                limit = min([self._covered(now)] + [st.known_until for st in self._live if st.end is None])
+                if limit <= self._frontier:
+                    return self._finish(self._frontier) if self._ended_at_frontier else []
+                bounds = sorted(t for t in self._times if self._frontier < t < limit) + [limit]
+                live = list(self._live)
+                a0, va = self._frontier, self._v_frontier
+            assert va is not None
+            keys = self._gpu_keys()
+            shares: dict[int, dict[str, float]] = {}
+            idle: dict[str, float] = {}
+            for a, b, open_now in self._sweep(a0, bounds, live):
+                vb = self.meter.ledger.values_at(b)
+                self._split(a, b, va, vb, keys, open_now, shares, idle)
+                va = vb
+            with self._lock:
+                for st in live:
+                    for k, e in shares.get(id(st), {}).items():
+                        st.energy_j += e
+                        st.device_j[k] = st.device_j.get(k, 0.0) + e
+                for k, e in idle.items():
+                    self._idle_j[k] = self._idle_j.get(k, 0.0) + e
+                self._frontier, self._v_frontier = bounds[-1], dict(va)
+                return self._finish(self._frontier)
+
+    @staticmethod
+    def _sweep(a0: float, bounds: Sequence[float], live: Sequence[_Req]) -> Iterator[tuple[float, float, list[_Req]]]:
+        """(a, b, the requests open for all of [a, b]) for consecutive bounds, in one pass (every
+        begin and end is a bound, so a request is open for all of an interval or none of it)."""
+        by_start = sorted(live, key=lambda st: st.start)
+        i, a = 0, a0
+        active: list[_Req] = []
+        for b in bounds:
+            while i < len(by_start) and by_start[i].start <= a:
+                active.append(by_start[i])
+                i += 1
+            active = [st for st in active if st.end is None or st.end >= b]
+            yield a, b, active
+            a = b
+
+    def _finish(self, a: float) -> list[RequestResult]:
+        self._ended_at_frontier = False
+        self._times = {t for t in self._times if t > a}
+        done = []
+        for st in self._live:
+            if st.end is not None and st.end <= a:
+                st.result = self._make_result(st, st.energy_j, st.device_j, final=True)
+                q = self._recent.setdefault(st.model, deque(maxlen=self._summary_size))
+                q.append(st.result)
+                self._model_n[st.model] = self._model_n.get(st.model, 0) + 1
+                self._model_j[st.model] = self._model_j.get(st.model, 0.0) + st.energy_j
+                done.append(st.result)
+            else:
+                st.reports = [r for r in st.reports if r[1] > a]      # spans before the frontier are spent
+        self._live = [st for st in self._live if st.result is None]
+        return done
+
+    @staticmethod
+    def _split(a: float, b: float, va: Mapping[str, float], vb: Mapping[str, float], keys: Iterable[str],
+               open_now: Sequence[_Req], into: dict[int, dict[str, float]], idle: dict[str, float]) -> None:
+        """Hand out each GPU's energy in [a, b] into ``into`` (id(req) -> device -> J) and ``idle``.
+        Where a request's tokens are not known yet (provisional figures only), by time."""
+        if b <= a:
+            return
+        for k in keys:
+            if k not in va or k not in vb:
+                continue                     # a GPU with no reading yet: nothing known to hand out
+            e = max(0.0, vb[k] - va[k])
+            parts = [st for st in open_now if st.on(k)]
+            if not parts:
+                idle[k] = idle.get(k, 0.0) + e
+                continue
+            weights = [st.weight(a, b) for st in parts]
+            total = sum(weights)
+            if total <= 0 or any(st.known_until < b for st in parts):
+                weights, total = [1.0] * len(parts), float(len(parts))   # by time: all open the whole interval
+            for st, w in zip(parts, weights):
+                d = into.setdefault(id(st), {})
+                d[k] = d.get(k, 0.0) + e * w / total
+
+    def _provisional(self, st: _Req) -> RequestResult:
+        assert st.end is not None
+        keys = self._gpu_keys()
+        extra: dict[int, dict[str, float]] = {}
+        bounds = sorted(t for t in self._times if self._frontier < t < st.end) + [st.end]
+        va = self._v_frontier
+        if va is None:
+            return self._make_result(st, 0.0, {}, final=False)      # no GPU reading yet
+        for a, b, open_now in self._sweep(self._frontier, bounds, self._live):
+            vb = self.meter.ledger.values_at(b)
+            self._split(a, b, va, vb, keys, open_now, extra, {})
+            va = vb
+        dev = dict(st.device_j)
+        for k, e in extra.get(id(st), {}).items():
+            dev[k] = dev.get(k, 0.0) + e
+        return self._make_result(st, sum(dev.values()), dev, final=False)
+
+    def _make_result(self, st: _Req, energy_j: float, device_j: Mapping[str, float], final: bool) -> RequestResult:
+        assert st.end is not None
+        src = self.intensity_g_per_kwh
+        intensity = src() if callable(src) else src
+        co2 = None if intensity is None else energy_j / J_PER_KWH * intensity
+        return RequestResult(st.request_id, st.model, st.start, st.end, energy_j, dict(st.tokens),
+                             dict(device_j), final, co2)
+
+    def _emit(self, done: list[RequestResult]) -> None:
+        if self.on_result is not None:
+            for r in done:
+                self.on_result(r)
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_values:
+        return 0.0
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
