@@ -138,7 +138,7 @@ class Sampler:
         for err in batch.errors:
             status.errors[err.kind] += 1
             status.last_error = err.message or err.kind
-            self.ledger.record_error(err.device_key)
+            self.ledger.record_error(err.device_key, err.kind, now)
         status.reads += 1
         status.up = not batch.errors
 

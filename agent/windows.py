@@ -92,7 +92,8 @@ def device_energies(meter: "Meter", start: Mark, end: Mark) -> tuple[tuple[Devic
             continue
         e = max(0.0, end.energy_j[k] - start.energy_j[k])
         approx = (duration < dev.update_period_s or k in start.extrapolated or k in end.extrapolated
-                  or end.errors.get(k, 0) != start.errors.get(k, 0))
+                  or end.errors.get(k, 0) != start.errors.get(k, 0)
+                  or meter.ledger.approximate_between(k, start.t, end.t))
         any_approx |= approx
         avg = e / duration if duration > 0 else 0.0
         peak = meter.ledger.peak_power_w(k, start.t, end.t)

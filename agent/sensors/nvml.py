@@ -42,6 +42,8 @@ PAIR_HALF_GAP_S = 0.008
 PAIR_SHIFT_S = 0.004
 PAIR_MARGIN_S = 0.003         # a pair started on a cadence read keeps the refresh this far inside
 PIGGYBACK_S = 3.0             # how long a steady pair waits for such a read before its own wake-up
+STALL_S = 1.0                 # a counter unchanged this long while the GPU draws power has stalled
+STALL_MIN_W = 1.0
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 _AVERAGING_ARCHS = ("ampere", "ada", "hopper", "blackwell")
 
@@ -121,6 +123,10 @@ class _Gpu:
     field_steps: deque = field(default_factory=lambda: deque(maxlen=32))
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
+    counter_fault: bool = False         # the counter failed since its last good read: instant
+                                        # power bridges the gap, so read every field value
+    counter_changed_t: float | None = None   # read time of the counter's last change
+    stall_reported: bool = False
 
 
 class NvmlSensor:
@@ -288,7 +294,8 @@ class NvmlSensor:
         times = [g.pair_second if g.pair_second is not None else g.next_counter_at
                  for g in self._gpus if g.has_counter and (g.instant_ok or g.shape_usage)]
         times += [g.field_next + FIELD_READ_DELAY_S for g in self._gpus
-                  if g.power_mode == "instant_field" and g.field_next is not None]
+                  if (g.power_mode == "instant_field" or (g.counter_fault and g.instant_ok))
+                  and g.field_next is not None]
         due = [t for t in times if t > now - 0.5]     # long-past wishes are not a reason to spin
         return min(due) if due else None
 
@@ -304,12 +311,17 @@ class NvmlSensor:
     def _read_shape(self, g: _Gpu, now: float, batch: Batch) -> bool:
         """Read instant power at the sensor's cadence, and at every read while an edge waits
         (the extra wake-ups for scheduled counter reads need no power sample). True: read."""
-        if not self._edges_pending and now - g.last_shape_t < 0.8 * self.period_s:
+        dense = g.counter_fault and g.instant_ok
+        if not dense and not self._edges_pending and now - g.last_shape_t < 0.8 * self.period_s:
             return False
         g.last_shape_t = now
         if g.instant_ok:
             sample = self._instant_sample(g.handle, now, strict=True)
             if sample is not None:
+                if sample[1] is not None and sample[2]:
+                    if sample[2] == g.field_last_us:
+                        return True          # the same value again
+                    self._learn_field_refresh(g, sample[1], sample[2])
                 batch.readings.append(Reading(g.device.key, sample[1] or now, power_w=sample[0]))
         elif g.shape_usage:
             batch.readings.append(Reading(g.device.key, now, power_w=self.nvml.nvmlDeviceGetPowerUsage(g.handle) / 1000.0))
@@ -359,6 +371,21 @@ class NvmlSensor:
         g.pair_second = g.next_counter_at + 2 * PAIR_HALF_GAP_S
         return True
 
+    def _stalled(self, g: _Gpu, now: float, batch: Batch) -> bool:
+        """A counter that holds one value for over STALL_S while instant power shows the GPU
+        busy has stalled (it moves by >= 1 mJ at every 100 ms refresh at any real power).
+        Reported once per stall: the ledger bridges it from instant power."""
+        if g.counter_changed_t is None:
+            g.counter_changed_t = now
+            return False
+        if g.stall_reported or now - g.counter_changed_t <= STALL_S:
+            return False
+        watts = [r.power_w for r in batch.readings if r.device_key == g.device.key and r.power_w is not None]
+        if not watts or watts[-1] < STALL_MIN_W:
+            return False
+        g.stall_reported = g.counter_fault = True
+        return True
+
     def _plan_pair(self, g: _Gpu, after: float, steady: bool = False) -> None:
         """Schedule the next pair after ``after``; a steady one may start on a cadence read
         from then on, and is scheduled on its own PIGGYBACK_S later if none came."""
@@ -381,12 +408,22 @@ class NvmlSensor:
                 if g.power_mode == "counter":
                     cadence = self._read_shape(g, now, batch)
                     if self._counter_due(g, now, cadence):
-                        mj = n.nvmlDeviceGetTotalEnergyConsumption(g.handle)
+                        try:
+                            mj = n.nvmlDeviceGetTotalEnergyConsumption(g.handle)
+                        except n.NVMLError:
+                            g.counter_fault = True
+                            raise
                         # A read is taken somewhere inside the call (3.5 ms on an H100), and
                         # ``now`` predates it: a change seen here happened before the call ended.
                         t = g.tracker.observe(now, mj / 1000.0, self._clock.now())
                         if t is not None:
+                            g.counter_fault = g.stall_reported = False
+                            g.counter_changed_t = now
                             batch.readings.append(Reading(key, t, energy_j=mj / 1000.0, read_t=now))
+                        elif self._stalled(g, now, batch):
+                            batch.errors.append(SensorError(self.name, "counter_stalled", key,
+                                                            f"energy counter unchanged for {now - g.counter_changed_t:.1f} s "  # type: ignore[operator]
+                                                            "while the GPU draws power"))
                 elif g.power_mode == "instant_field":
                     sample = self._instant_sample(g.handle, now, strict=True)
                     if sample is None:

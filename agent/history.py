@@ -1,0 +1,231 @@
+"""One device's energy history: E(t) as a monotonic piecewise-linear function of time.
+
+Points (t, cumulative energy, power) sit in a fixed ring; older peaks survive in coarse blocks.
+Counter devices also keep instant-power samples, which shape energy inside a counter span and
+bridge spans the counter cannot vouch for (a reset, a lost GPU, a stall).
+"""
+from __future__ import annotations
+
+import math
+from array import array
+from collections import deque
+
+from .model import Device, Source
+from .shaping import integrate_samples, partial_box_correction, step_interpolate
+
+RING_POINTS = 4096        # fine history per device (~7 min at 10 Hz)
+BLOCK_POINTS = 64         # fine points per coarse peak-power block
+SHAPE_SAMPLES = 512       # instant-power samples kept per counter device (~25 s at 20 Hz)
+SHAPE_GAP_S = 0.15        # shape samples this dense (20 Hz, jittered) shape a counter segment
+TAIL_MAX_S = 0.5          # an edge this close to the next counter read uses the measured tail
+TAIL_GAP_S = 0.06         # ...when instant power was read at least this often
+POWER_SPAN_S = 1.0        # counter power is the slope over at least this long (refresh-time noise)
+RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
+SAME_VALUE_S = 0.0005     # shape samples closer than this are one value read twice
+BRIDGE_REACH_S = 1.0      # a bridge needs instant power this close to both of its ends
+HOLD_MAX_S = 5.0          # E(t) past the last sample holds the last power this long at most
+SPANS_KEPT = 64           # approximate (bridged) spans remembered per device
+
+
+class DeviceHistory:
+    __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
+                 "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
+                 "cur_t0", "cur_count", "anchor_t", "anchor_e", "shape", "last_read_t", "bridges",
+                 "approx_spans", "corr_t", "corr_j", "corr_s", "floor_j", "owed_j", "owed_t")
+
+    def __init__(self, device: Device, cursor: int) -> None:
+        self.device = device
+        self.t = array("d", bytes(8 * RING_POINTS))
+        self.e = array("d", bytes(8 * RING_POINTS))
+        self.p = array("d", bytes(8 * RING_POINTS))
+        self.n = 0                      # points ever appended
+        self.total_j = 0.0
+        self.last_counter: float | None = None
+        self.last_power: float | None = None
+        self.last_t: float | None = None
+        self.resets = 0
+        self.errors = 0
+        self.cursor = cursor            # next mark seq this device has not resolved
+        self.blk_t0 = array("d", bytes(8 * RING_BLOCKS))
+        self.blk_t1 = array("d", bytes(8 * RING_BLOCKS))
+        self.blk_max = array("d", bytes(8 * RING_BLOCKS))
+        self.blk_n = 0
+        self.cur_max = -math.inf
+        self.cur_t0 = 0.0
+        self.cur_count = 0
+        self.anchor_t: float | None = None
+        self.anchor_e = 0.0
+        self.shape: deque[tuple[float, float]] = deque(maxlen=SHAPE_SAMPLES)
+        self.last_read_t: float | None = None   # when the last counter value was read
+        self.bridges = 0                # counter spans filled in from power (reset, lost, stall)
+        self.approx_spans: deque[tuple[float, float]] = deque(maxlen=SPANS_KEPT)
+        # Correction still being spread into the exported total (see Ledger.snapshot): at
+        # corr_t the live estimate was off by corr_j from the counter; it fades over corr_s.
+        self.corr_t = 0.0
+        self.corr_j = 0.0
+        self.corr_s = 1.0
+        self.owed_j = 0.0               # energy power filled in for a stall, owed back if the
+        self.owed_t = 0.0               # counter catches up (when it was filled in)
+        self.floor_j = 0.0              # the exported total never goes below this again
+
+    # -- history -------------------------------------------------------------
+    def point(self, k: int) -> tuple[float, float, float]:
+        i = k % RING_POINTS
+        return self.t[i], self.e[i], self.p[i]
+
+    def oldest(self) -> int:
+        return max(0, self.n - RING_POINTS)
+
+    def value_at(self, t: float) -> tuple[float, float, bool] | None:
+        """(energy, slope, extrapolated) at t from history; None if t is after the last point."""
+        if self.n == 0 or t > self.last_t:  # type: ignore[operator]
+            return None
+        lo, hi = self.oldest(), self.n - 1
+        t_lo = self.point(lo)[0]
+        if t <= t_lo:
+            _, e_lo, p_lo = self.point(lo)
+            return e_lo, p_lo, t < t_lo
+        while hi - lo > 1:   # binary search over the ring's logical indices
+            mid = (lo + hi) // 2
+            if self.point(mid)[0] < t:
+                lo = mid
+            else:
+                hi = mid
+        t0, e0, _ = self.point(lo)
+        t1, e1, p1 = self.point(hi)
+        if self.device.source == Source.COUNTER:
+            value = self.counter_value(lo, t, allow_step=True)
+            if value is not None:
+                return value, p1, False
+        frac = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+        return e0 + (e1 - e0) * frac, p1, False
+
+    def peak_w(self, t0: float, t1: float) -> float | None:
+        """Highest power seen between t0 and t1: fine points when still held, else coarse blocks."""
+        best = -math.inf
+        oldest = self.oldest()
+        if self.n and self.point(oldest)[0] <= t0:
+            for k in range(self.n - 1, oldest, -1):
+                tk, _, pk = self.point(k)
+                t_prev = self.point(k - 1)[0]
+                if t_prev < t1 and tk > t0:   # segment (t_prev, tk] overlaps the window
+                    best = max(best, pk)
+                if t_prev <= t0:
+                    break
+        else:
+            for b in range(max(0, self.blk_n - RING_BLOCKS), self.blk_n):
+                i = b % RING_BLOCKS
+                if self.blk_t1[i] >= t0 and self.blk_t0[i] <= t1:
+                    best = max(best, self.blk_max[i])
+            for k in range(max(oldest, self.n - self.cur_count), self.n):
+                tk, _, pk = self.point(k)
+                if t0 <= tk <= t1:
+                    best = max(best, pk)
+        return None if best == -math.inf else best
+
+    def counter_value(self, k: int, t: float, allow_step: bool) -> float | None:
+        """Energy at t inside the counter segment from point k to k+1: shaped by instant power
+        when it covers the segment, else (``allow_step``) on a step between the neighbouring
+        slopes; None when neither is possible yet."""
+        t0, e0, _ = self.point(k)
+        t1, e1, _ = self.point(k + 1)
+        if t1 <= t0:
+            return e1
+        if t1 - t <= TAIL_MAX_S:
+            # The sampler reads instant power every few ms after an edge and schedules a
+            # counter read at the next refresh: the short tail to it is measured directly.
+            tail = self.shape_energy(t, t1, TAIL_GAP_S)
+            if tail is not None:
+                return min(max(e1 - tail, e0), e1)
+        whole = self.shape_energy(t0, t1)
+        if whole is not None and whole > 0:
+            part = self.shape_energy(t0, t) or 0.0
+            return e0 + (e1 - e0) * min(1.0, max(0.0, part / whole))
+        if not allow_step:
+            return None
+        low = high = None
+        if k > self.oldest():
+            tb, eb, _ = self.point(k - 1)
+            low = (e0 - eb) / (t0 - tb) if t0 > tb else None
+        if k + 2 < self.n:
+            ta, ea, _ = self.point(k + 2)
+            high = (ea - e1) / (ta - t1) if ta > t1 else None
+        return step_interpolate(t0, e0, t1, e1, t, low, high)
+
+    def shape_energy(self, a: float, b: float, gap: float = 0.0) -> float | None:
+        """Energy from a to b from instant-power samples, or None unless the samples cover
+        [a, b] with no hole wider than ``gap``. Each value counts as the mean power since the
+        previous sample's time (NVML dates field values when they were taken): exact for a
+        short-window average read at every refresh, half a read interval off for a truly
+        instantaneous value. The last value is held forward."""
+        gap = gap or SHAPE_GAP_S
+        pts: list[tuple[float, float]] = []
+        for t, w in self.shape:
+            if a - gap <= t <= b + gap and not (pts and t - pts[-1][0] < SAME_VALUE_S):
+                pts.append((t, w))       # one value read twice is dated twice, a hair apart
+        if not pts or pts[0][0] > a + gap or pts[-1][0] < b - gap:
+            return None
+        if any(t1 - t0 > gap for (t0, _), (t1, _) in zip(pts, pts[1:])):
+            return None
+        energy, t_prev = 0.0, a
+        for t, w in pts:
+            if t > t_prev:
+                energy += w * (min(t, b) - t_prev)
+                t_prev = min(t, b)
+            if t >= b:
+                break
+        if t_prev < b:
+            energy += pts[-1][1] * (b - t_prev)
+        return energy + partial_box_correction(pts, a, b)
+
+    def bridge_energy(self, a: float, b: float) -> float | None:
+        """Energy from a to b from instant power across holes (a reset, a lost GPU, a stalled
+        counter), or None when no sample lies within BRIDGE_REACH_S of both ends."""
+        pts = [(t, w) for t, w in self.shape if a - BRIDGE_REACH_S <= t <= b + BRIDGE_REACH_S]
+        if not pts or pts[0][0] > a + BRIDGE_REACH_S or pts[-1][0] < b - BRIDGE_REACH_S:
+            return None
+        return integrate_samples(pts, a, b)
+
+    def estimate_at(self, t: float) -> tuple[float, bool]:
+        """E(t), and whether t lies past the last point (an estimate the next point may correct).
+        Past it, instant power carries the total forward (counters are read every few seconds),
+        else the last power is held, for HOLD_MAX_S at most."""
+        found = self.value_at(t)
+        if found is not None:
+            return found[0], found[2]
+        if self.last_t is None:
+            return 0.0, True
+        t_from = self.last_t
+        if self.shape and self.device.source == Source.COUNTER:
+            # From the counter's (dated) refresh: the value holds the energy up to it.
+            t_shape = min(t, self.shape[-1][0])
+            bridged = self.bridge_energy(t_from, t_shape) if t_shape > t_from else None
+            if bridged is not None:
+                w = self.shape[-1][1]
+                return self.total_j + bridged + w * min(max(0.0, t - t_shape), HOLD_MAX_S), True
+        return self.total_j + (self.last_power or 0.0) * min(max(0.0, t - t_from), HOLD_MAX_S), True
+
+    def approximate_between(self, t0: float, t1: float) -> bool:
+        """Whether any bridged span overlaps [t0, t1]."""
+        return any(a < t1 and b > t0 for a, b in self.approx_spans)
+
+    def max_sample_w(self, t0: float, t1: float) -> float | None:
+        """The largest instant-power sample dated inside [t0, t1]."""
+        vals = [w for t, w in self.shape if t0 <= t <= t1]
+        return max(vals) if vals else None
+
+    def push(self, t: float, e: float, p: float) -> None:
+        i = self.n % RING_POINTS
+        self.t[i], self.e[i], self.p[i] = t, e, p
+        self.n += 1
+        if self.cur_count == 0:
+            self.cur_t0 = t
+        self.cur_count += 1
+        if p > self.cur_max:
+            self.cur_max = p
+        if self.cur_count == BLOCK_POINTS:
+            j = self.blk_n % RING_BLOCKS
+            self.blk_t0[j], self.blk_t1[j], self.blk_max[j] = self.cur_t0, t, self.cur_max
+            self.blk_n += 1
+            self.cur_count, self.cur_max = 0, -math.inf
+
