@@ -24,6 +24,7 @@ RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
 SAME_VALUE_S = 0.0005     # shape samples closer than this are one value read twice
 BRIDGE_REACH_S = 1.0      # a bridge needs instant power this close to both of its ends
 HOLD_MAX_S = 5.0          # E(t) past the last sample holds the last power this long at most
+BACKDATE_EXACT_S = 0.5    # an edge measured back this far from a device's first point is not flagged
 SPANS_KEPT = 64           # approximate (bridged) spans remembered per device
 
 
@@ -84,6 +85,10 @@ class DeviceHistory:
         t_lo = self.point(lo)[0]
         if t <= t_lo:
             _, e_lo, p_lo = self.point(lo)
+            if t < t_lo and lo == 0:
+                back = self.back_energy(t)
+                if back is not None:
+                    return e_lo - back, p_lo, t_lo - t > BACKDATE_EXACT_S
             return e_lo, p_lo, t < t_lo
         while hi - lo > 1:   # binary search over the ring's logical indices
             mid = (lo + hi) // 2
@@ -177,6 +182,24 @@ class DeviceHistory:
         if t_prev < b:
             energy += pts[-1][1] * (b - t_prev)
         return energy + partial_box_correction(pts, a, b)
+
+    def back_energy(self, t: float) -> float | None:
+        """Energy from t to the device's first point (t before it: a window opened while the
+        meter was still starting), measured back from the first readings: instant power for a
+        counter, else the first counter span's slope, else the first power reading."""
+        t_first, e_first, p_first = self.point(0)
+        if self.device.source != Source.COUNTER:
+            return p_first * (t_first - t)
+        dense = self.shape_energy(t, t_first, TAIL_GAP_S) if t_first - t <= TAIL_MAX_S else None
+        if dense is not None:
+            return dense
+        bridged = self.bridge_energy(t, t_first)
+        if bridged is not None:
+            return bridged
+        if self.n >= 2:
+            t_next, e_next, _ = self.point(1)
+            return (e_next - e_first) / (t_next - t_first) * (t_first - t) if t_next > t_first else 0.0
+        return None
 
     def bridge_energy(self, a: float, b: float) -> float | None:
         """Energy from a to b from instant power across holes (a reset, a lost GPU, a stalled

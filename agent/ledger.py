@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from .history import POWER_SPAN_S, TAIL_GAP_S, TAIL_MAX_S, DeviceHistory
+from .history import BACKDATE_EXACT_S, POWER_SPAN_S, DeviceHistory
 from .model import Device, Reading, Source
 from .shaping import HOLE_S, step_interpolate
 
@@ -94,7 +94,7 @@ class Ledger:
                 (list(self._devs.values()) if device_key is None else [])
             for d in devs:
                 d.errors += 1
-                if kind in FAULT_KINDS and t is not None and d.device.source == Source.COUNTER:
+                if kind in FAULT_KINDS and t is not None:
                     self._fault(d, t)
             self._trim_marks()
 
@@ -241,7 +241,10 @@ class Ledger:
             if m.t >= d.last_t:  # type: ignore[operator]
                 break
             if t_prev is None:
-                value, extrapolated = d.total_j, True        # device's first point is after the mark
+                # The device's first point is after the mark (a window opened during set-up):
+                # measured back from it at its first power.
+                gap = d.last_t - m.t  # type: ignore[operator]
+                value, extrapolated = d.total_j - slope * gap, gap > BACKDATE_EXACT_S
             elif m.t >= t_prev:
                 frac = (m.t - t_prev) / (d.last_t - t_prev)  # type: ignore[operator]
                 value, extrapolated = e_prev + (d.total_j - e_prev) * frac, False
@@ -255,9 +258,9 @@ class Ledger:
         """Counters: a mark in the newest segment resolves at once when instant power shapes
         that segment; otherwise it waits one more point, so the slopes on both sides are known
         and the edge can be placed on a power step (see step_interpolate)."""
+        self._resolve_before_first(d)
         k = d.n - 1
         if k < 1:
-            self._resolve_before_first(d)
             return
         t_a = d.point(k - 1)[0]
         t_b = d.last_t
@@ -276,14 +279,17 @@ class Ledger:
             d.cursor += 1
 
     def _resolve_before_first(self, d: DeviceHistory) -> None:
-        """Marks before a counter's first point: measured back from it with instant power when
-        that was read densely, else pinned to it and flagged (the gap is lost)."""
-        t_first, e_first, _ = d.point(0)
-        while (m := self._next_mark(d)) is not None:
-            if m.t >= t_first:
-                break
-            tail = d.shape_energy(m.t, t_first, TAIL_GAP_S) if t_first - m.t <= TAIL_MAX_S else None
-            self._pin(m, d, e_first - (tail or 0.0), d.last_power or 0.0, tail is None)
+        """Marks before a counter's first point (a window opened while the meter was still
+        starting) are measured back from the first readings (``DeviceHistory.back_energy``);
+        with neither instant power nor a second counter point yet, they wait."""
+        if d.oldest() != 0:
+            return
+        t_first = d.point(0)[0]
+        while (m := self._next_mark(d)) is not None and m.t < t_first:
+            found = d.value_at(m.t)
+            if found is None or (found[2] and d.back_energy(m.t) is None):
+                return
+            self._pin(m, d, found[0], found[1], found[2])
             d.cursor += 1
 
     def _pin(self, m: Mark, d: DeviceHistory, value: float, slope: float, extrapolated: bool) -> None:
@@ -313,9 +319,11 @@ class Ledger:
             for d in self._devs.values():
                 m.errors[d.device.key] = d.errors   # errors seen up to the mark, for the approximate flag
                 if d.last_t is not None and t < d.last_t:
-                    # The device already has a point past t (estimated refresh times can run ahead).
+                    # The device already has a point past t (estimated refresh times can run
+                    # ahead, or the window opened before the meter started). Before the first
+                    # point and not yet measurable back: resolved as readings come.
                     found = d.value_at(t)
-                    if found is not None:
+                    if found is not None and not (found[2] and t < d.point(d.oldest())[0]):
                         self._pin(m, d, found[0], found[1], found[2])
             if m.pending <= 0:
                 m.done.set()
