@@ -24,6 +24,8 @@ class SensorPlan:
     powercap_root: str = "/sys/class/powercap"
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES override (None: from the environment)
     clock: Clock | None = None
+    nvml_deadline_s: float = 1.0        # every NVML call (init: 10 s); past it the GPU is stale
+    gpu_wait_s: float = 1.0             # how long discover() waits for NVML before going on without it
 
 
 @dataclass
@@ -32,6 +34,10 @@ class Discovered:
     notes: list[str] = field(default_factory=list)
     unavailable: dict[str, SensorUnavailable] = field(default_factory=dict)
     fake: Any = None                     # the FakeNVML driving simulated GPUs, if any
+    # GPUs that came late: NVML was not ready within gpu_wait_s and is retried in the background.
+    # ``gpus_appeared_at`` is the clock time they appeared (None: not yet, or not late).
+    gpus_pending: bool = False
+    gpus_appeared_at: float | None = None
 
 
 def fake_requested(plan: SensorPlan, env: dict[str, str] | None = None) -> bool:
@@ -40,27 +46,73 @@ def fake_requested(plan: SensorPlan, env: dict[str, str] | None = None) -> bool:
 
 
 def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
-    from .sensors.nvml import GpuSelection, NvmlSensor
+    from .sensors.guard import with_deadlines
+    from .sensors.late import LateNvmlSensor, unavailable_reason
+    from .sensors.nvml import GpuSelection, NvmlSensor, load_pynvml
 
-    nvml = None
     scenario_path = plan.fake_scenario or os.environ.get("WATTMETER_FAKE_NVML") or None
+    clock = plan.clock or SystemClock()
     if scenario_path or plan.fake_gpus:
         from .sim import fake_nvml
         from .sim.scenario import Scenario, load_scenario
 
         scenario = load_scenario(scenario_path) if scenario_path else Scenario.default(int(plan.fake_gpus or 1))
-        out.fake = fake_nvml.FakeNVML(scenario, plan.clock or SystemClock())
+        out.fake = fake_nvml.FakeNVML(scenario, clock)
         nvml = fake_nvml.build_module(out.fake)
         out.notes.append(f"SIMULATED GPUs: fake NVML ({scenario_path or f'{plan.fake_gpus} x default'}); "
                          "GPU figures are not real measurements")
+    else:
+        try:
+            nvml = load_pynvml()
+        except ImportError:
+            exc = SensorUnavailable("nvml", "the nvidia-ml-py package is not installed", "pip install nvidia-ml-py")
+            out.unavailable["nvml"] = exc
+            out.notes.append(f"No GPU metering: {exc.reason}. Metering CPU and RAM only ({exc.fix}).")
+            return
+    # Every NVML call gets a deadline, so a hung driver marks its GPU stale instead of
+    # blocking the sampler, window ends or scrapes.
+    guarded = with_deadlines(nvml, plan.nvml_deadline_s)
     selection = GpuSelection.from_env() if plan.visible_devices is None else \
         GpuSelection([e for e in plan.visible_devices.split(",") if e.strip()])
-    try:
-        clock = plan.clock or SystemClock()
-        out.sensors.append(NvmlSensor(nvml, selection, period_s=plan.gpu_period_s, wall=clock.wall))
-    except SensorUnavailable as exc:
+
+    def connect() -> NvmlSensor:
+        return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall)
+
+    def on_ready(sensor: NvmlSensor, t: float) -> None:
+        out.gpus_appeared_at = t
+        if out.gpus_pending:   # only a late arrival is news; on time, nothing to say
+            keys = ", ".join(f"{d.key} ({d.labels.get('model', '?')})" for d in sensor.devices())
+            out.notes.append(f"GPUs appeared at clock time {t:.3f} s, after NVML was retried in the "
+                             f"background: {keys}; metered from then on")
+
+    # NVML init and discovery run in the background and are retried with backoff: a driver that
+    # is still loading, or hung, never delays the job's start by more than gpu_wait_s.
+    late = LateNvmlSensor("nvml", connect, clock, plan.gpu_period_s, permanent=lambda exc: _nvml_gone(nvml, exc), on_ready=on_ready)
+    if late.wait(plan.gpu_wait_s):
+        out.sensors.append(late.inner)   # ready at once: the NVML sensor itself, as before
+        return
+    if late.given_up:
+        exc = late.last_error if isinstance(late.last_error, SensorUnavailable) else \
+            SensorUnavailable("nvml", unavailable_reason(late.last_error))
         out.unavailable["nvml"] = exc
         out.notes.append(f"No GPU metering: {exc.reason}. Metering CPU and RAM only ({exc.fix}).")
+        return
+    out.gpus_pending = True
+    out.sensors.append(late)
+    out.notes.append(f"GPU metering pending: NVML is not ready after {plan.gpu_wait_s:g} s "
+                     f"({unavailable_reason(late.last_error)}); retrying in the background, "
+                     "GPUs are metered from when they appear")
+
+
+def _nvml_gone(nvml: Any, exc: BaseException) -> bool:
+    """Failures that retrying cannot fix: no NVIDIA library on this machine, or a working driver
+    that shows this job no GPU. A driver that is loading, unknown errors and timeouts are retried."""
+    if not isinstance(exc, SensorUnavailable):
+        return False
+    cause = exc.__cause__
+    if cause is None:
+        return True                        # "no GPU is visible to this job"
+    return isinstance(cause, nvml.NVMLError) and cause.value == nvml.NVML_ERROR_LIBRARY_NOT_FOUND
 
 
 def _cpu_sensor(plan: SensorPlan, out: Discovered) -> Sensor | None:

@@ -64,6 +64,7 @@ class Ledger:
         self._marks: deque[Mark] = deque()
         self._next_seq = 0
         self._devs: dict[str, DeviceHistory] = {}
+        self._added_seq: dict[str, int] = {}   # first mark seq a device could be in (late GPUs)
         for d in devices:
             self.add_device(d)
 
@@ -72,6 +73,13 @@ class Ledger:
         with self._lock:
             if device.key not in self._devs:
                 self._devs[device.key] = DeviceHistory(device, self._next_seq)
+                self._added_seq[device.key] = self._next_seq
+
+    def added_after(self, key: str, mark: Mark) -> bool:
+        """Whether ``key`` joined after ``mark`` was taken (a GPU that came late): its energy
+        starts at 0 when it joins, so that is its value at the mark."""
+        with self._lock:
+            return self._added_seq.get(key, -1) > mark.seq
 
     @property
     def devices(self) -> list[Device]:

@@ -113,9 +113,11 @@ class Sampler:
         self._loops: list[_Loop] = []
         self._tasks: list[tuple[str, float, Callable[[float], None]]] = []
         self._lock = threading.Lock()
+        self._known: set[str] = set()
         for s in self.sensors:
             for dev in s.devices():
                 ledger.add_device(dev)
+                self._known.add(dev.key)
 
     def add_task(self, name: str, period_s: float, fn: Callable[[float], None]) -> None:
         """Run an extra periodic reader (e.g. per-process GPU usage) on its own thread."""
@@ -134,6 +136,10 @@ class Sampler:
             status.last_error = f"{type(exc).__name__}: {exc}"
             status.up = False
             return
+        if any(r.device_key not in self._known for r in batch.readings):
+            for dev in sensor.devices():   # devices that appeared later (GPUs that came late)
+                self.ledger.add_device(dev)
+                self._known.add(dev.key)
         self.ledger.record(batch.readings)
         for err in batch.errors:
             status.errors[err.kind] += 1

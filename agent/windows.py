@@ -99,10 +99,14 @@ def device_energies(ledger: Ledger, start: Mark, end: Mark) -> tuple[tuple[Devic
     duration = end.t - start.t
     for dev in ledger.devices:
         k = dev.key
-        if k not in start.energy_j or k not in end.energy_j:
+        if k not in end.energy_j:
             continue
-        e = max(0.0, end.energy_j[k] - start.energy_j[k])
-        approx = (duration < dev.update_period_s or k in start.extrapolated or k in end.extrapolated
+        late = k not in start.energy_j
+        if late and not ledger.added_after(k, start):
+            continue
+        # A device that joined after the start (a GPU that came late) is metered from then on.
+        e = max(0.0, end.energy_j[k] - start.energy_j.get(k, 0.0))
+        approx = (late or duration < dev.update_period_s or k in start.extrapolated or k in end.extrapolated
                   or end.errors.get(k, 0) != start.errors.get(k, 0)
                   or ledger.approximate_between(k, start.t, end.t))
         any_approx |= approx

@@ -11,7 +11,7 @@ import math
 from bisect import bisect_right
 from typing import Sequence
 
-from .scenario import FaultSpec, GpuSpec, ProcessSpec
+from .scenario import CALL_FAULT_KINDS, FaultSpec, GpuSpec, ProcessSpec
 
 _EPS = 1e-9  # an instant within 1 ns after a refresh tick counts as on it (float noise in t)
 
@@ -78,6 +78,8 @@ class SimGpu:
         self.instant_grid = Grid(s.counter_phase_s, s.instant_refresh_s)
         self.util_grid = Grid(s.counter_phase_s, s.util_refresh_s)
         self.averaged = s.power_usage == "average_1s"
+        self.average_window_s = s.average_window_s
+        self.instant_sampled = s.instant_kind == "sample"
         self.offset_mj = int(round(spec.energy_offset_j * 1000))
         mine = [f for f in faults if f.gpu is None or f.gpu == spec.index]
         self.lost_windows = [(f.at_s, f.end_s) for f in mine if f.kind == "gpu_lost"]
@@ -86,9 +88,11 @@ class SimGpu:
         resets += [end for _, end in self.lost_windows if math.isfinite(end)]
         self.resets = sorted(resets)
         self._reset_cum = [self.trace.cumulative(r) for r in self.resets]
+        # A stalled counter repeats its value from at_s until end_s, then catches up at once.
+        self.stalls = [(f.at_s, f.end_s) for f in mine if f.kind == "counter_stall"]
         self.call_faults: dict[str, list[FaultSpec]] = {}
         for f in mine:
-            if f.kind in ("not_supported", "slow_call") and f.function:
+            if f.kind in CALL_FAULT_KINDS and f.function:
                 self.call_faults.setdefault(f.function, []).append(f)
         # Caches: (key, value). A tuple is replaced whole, so a racing reader sees old or new.
         self._counter_cache: tuple[object, int] = (None, 0)
@@ -105,8 +109,17 @@ class SimGpu:
         return None
 
     # -- energy --------------------------------------------------------------------------------
+    def stalled_at(self, t: float) -> float:
+        """The instant whose counter value a read at t shows: t, or the start of a stall around t."""
+        for a, b in self.stalls:
+            if a <= t < b:
+                return a
+        return t
+
     def energy_mj(self, t: float) -> int:
         """The energy counter at t: offset + integral up to the last refresh, restarting at resets."""
+        if self.stalls:
+            t = self.stalled_at(t)
         k = self.counter_grid.tick(t)
         n = bisect_right(self.resets, t)
         key = (k, n)
@@ -134,18 +147,22 @@ class SimGpu:
         r = self.power_grid.at(k)
         if cached[0] == k:
             return cached[1], r
-        value = self._box_mean(r, 1.0) if self.averaged else self.trace.power_w(r)
+        value = self._box_mean(r, self.average_window_s) if self.averaged else self.trace.power_w(r)
         self._power_cache = (k, value)
         return value, r
 
     def power_average_1s(self, t: float) -> tuple[float, float]:
-        """Field 185: mean over the second before the last power refresh."""
+        """Field 185: the trailing mean (over average_window_s, 1 s) before the last power refresh.
+        The same value and refresh instant as GetPowerUsage in ``average_1s`` mode."""
         r = self.power_grid.at(self.power_grid.tick(t))
-        return self._box_mean(r, 1.0), r
+        return self._box_mean(r, self.average_window_s), r
 
     def power_instant(self, t: float) -> tuple[float, float]:
-        """Field 186: mean over the last instant-refresh period (a short box average)."""
+        """Field 186 at its last refresh: a box mean over the refresh period ("box"), or the
+        trace's power at the refresh instant ("sample": an instant sample that aliases)."""
         r = self.instant_grid.at(self.instant_grid.tick(t))
+        if self.instant_sampled:
+            return self.trace.power_w(r), r
         return self._box_mean(r, self.instant_grid.period), r
 
     def load_fraction(self, t: float) -> float:

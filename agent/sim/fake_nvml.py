@@ -25,7 +25,7 @@ import pynvml as _pynvml_at_import
 from ..clock import Clock, SystemClock
 from .fake_gpu import SimGpu
 from .fake_nvml_info import InfoCalls, MigHandle
-from .scenario import INIT_FAULT_KINDS, Scenario
+from .scenario import INIT_FAULT_KINDS, FaultSpec, Scenario
 
 __all__ = ["FakeNVML", "install", "uninstall", "installed", "real_pynvml", "FakeHandle", "MigHandle"]
 
@@ -80,6 +80,9 @@ class FakeNVML(InfoCalls):
         self._lib_faults = [f for f in scenario.faults if f.function and f.gpu is None]
         self._refs = 0
         self._lock = threading.Lock()
+        self._released = threading.Event()
+        self.hung_now = 0        # calls blocked in a ``hang`` fault right now
+        self.hangs_total = 0     # calls that have hung since construction
 
     # -- ground truth (not part of pynvml) -----------------------------------------------------
     def scenario_time(self, t: float | None = None) -> float:
@@ -101,26 +104,55 @@ class FakeNVML(InfoCalls):
         if self._refs <= 0:
             raise _err(nv.NVML_ERROR_UNINITIALIZED)
 
-    def _lib_call(self, function: str) -> float:
+    def _lib_call(self, function: str, require_init: bool = True) -> float:
         """Checks for calls without a handle: init state and library-wide call faults."""
-        self._require_init()
+        if require_init:
+            self._require_init()
         t = self._now()
         for f in self._lib_faults:
             if f.function == function and f.active(t):
                 if f.kind == "slow_call":
                     self.clock.sleep(f.delay_s)
                     t = self._now()
+                elif f.kind == "hang":
+                    self._hang(f)
+                    t = self._now()
                 elif f.kind == "not_supported":
                     raise _err(nv.NVML_ERROR_NOT_SUPPORTED)
         return t
 
+    def _hang(self, fault: FaultSpec) -> None:
+        """Block the calling thread until scenario time reaches ``fault.release_s`` (never, when it
+        is infinite) or ``release_hangs()``. Polls the injected clock in short real-time waits,
+        so a VirtualClock advanced by another thread releases it too."""
+        with self._lock:
+            self.hung_now += 1
+            self.hangs_total += 1
+        try:
+            while not self._released.is_set():
+                left = self.t0 + fault.release_s - self.clock.now()
+                if left <= 0:
+                    return
+                self._released.wait(min(left, 0.005))
+        finally:
+            with self._lock:
+                self.hung_now -= 1
+
+    def release_hangs(self) -> None:
+        """Let every hung call return now, and stop later calls from hanging (test teardown)."""
+        self._released.set()
+
     def _gpu_call(self, function: str, gpu: SimGpu, check_supported: bool = True) -> float:
         """Delays, then lost / not-supported checks for one device call. Returns scenario t."""
-        latency = gpu.spec.sensor.call_latency_s
+        latency = gpu.spec.sensor.latency_s(function)
         if gpu.call_faults:
-            slow = gpu.call_fault(function, self._now(), "slow_call")
+            now = self._now()
+            slow = gpu.call_fault(function, now, "slow_call")
             if slow is not None:
                 latency += slow.delay_s
+            hang = gpu.call_fault(function, now, "hang")
+            if hang is not None:
+                self._hang(hang)
         if latency > 0:
             self.clock.sleep(latency)   # outside any lock: other threads keep reading
         t = self._now()
@@ -171,7 +203,8 @@ class FakeNVML(InfoCalls):
 
     # -- lifecycle -----------------------------------------------------------------------------
     def nvmlInitWithFlags(self, flags: int) -> None:
-        t = self._now()
+        # slow_call / hang faults on nvmlInit model a driver that is still loading or stuck.
+        t = self._lib_call("nvmlInit", require_init=False)
         for f in self._init_faults:
             if f.active(t):
                 raise _err(_INIT_ERRORS[f.kind])
@@ -271,8 +304,9 @@ class FakeNVML(InfoCalls):
             w, r = gpu.power_instant(t) if fid == nv.NVML_FI_DEV_POWER_INSTANT else gpu.power_average_1s(t)
             v.value.uiVal = int(round(w * 1000))
             put(v, "valueType", nv.NVML_VALUE_TYPE_UNSIGNED_INT)
-        elif fid == nv.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION and s.energy_counter:
-            r = gpu.counter_grid.at(gpu.counter_grid.tick(t))
+        elif fid == nv.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION and s.energy_counter and \
+                gpu.call_fault("nvmlDeviceGetTotalEnergyConsumption", t, "not_supported") is None:
+            r = gpu.counter_grid.at(gpu.counter_grid.tick(gpu.stalled_at(t)))
             v.value.ullVal = gpu.energy_mj(t)
             put(v, "valueType", nv.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG)
         elif fid in _FIELD_LIMITS:
@@ -282,8 +316,9 @@ class FakeNVML(InfoCalls):
             put(v, "valueType", nv.NVML_VALUE_TYPE_UNSIGNED_INT)
         else:
             return
-        put(v, "timestamp", self._wall_us(r))
-        put(v, "latencyUsec", int(s.call_latency_s * 1e6))
+        # Some drivers stamp a field with the time of the read, not of the value's refresh.
+        put(v, "timestamp", self._wall_us(t if s.field_timestamp == "read" else r))
+        put(v, "latencyUsec", int(s.latency_s("nvmlDeviceGetFieldValues") * 1e6))
         put(v, "nvmlReturn", nv.NVML_SUCCESS)
 
     @staticmethod

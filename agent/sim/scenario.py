@@ -28,7 +28,10 @@ BUNDLED_DIR = Path(__file__).resolve().parent / "scenarios"
 ARCHITECTURES = ("pascal", "volta", "turing", "ampere", "ga100", "ada", "hopper", "blackwell")
 MIG_ARCHITECTURES = ("ga100", "hopper", "blackwell")
 FAULT_KINDS = ("init_failure", "driver_not_loaded", "library_not_found", "gpu_lost", "counter_reset",
-               "not_supported", "slow_call")
+               "counter_stall", "not_supported", "slow_call", "hang")
+CALL_FAULT_KINDS = ("not_supported", "slow_call", "hang")   # faults that name a pynvml function
+INSTANT_KINDS = ("box", "sample")
+FIELD_TIMESTAMPS = ("refresh", "read")
 INIT_FAULT_KINDS = ("init_failure", "driver_not_loaded", "library_not_found")
 
 
@@ -92,6 +95,21 @@ class SensorSpec:
     instant_field: bool = True            # fields 185/186 answer
     util_refresh_s: float = 1 / 6         # utilisation sample period
     call_latency_s: float = 0.0           # clock.sleep before every device call
+    # Field 186: "box" = mean over the last instant_refresh_s (20 ms boxes, seen on H100s);
+    # "sample" = the power at the refresh instant (100 ms instant samples elsewhere).
+    instant_kind: str = "box"
+    # Field timestamps: "refresh" = when the value was taken; "read" = when it was read (some
+    # drivers stamp the read, so a timestamp says nothing about the value's age).
+    field_timestamp: str = "refresh"
+    average_window_s: float = 1.0         # GetPowerUsage (average_1s mode) and field 185: trailing mean
+    # Extra clock.sleep per pynvml function, on top of call_latency_s: ((name, seconds), ...),
+    # e.g. a 50 ms nvmlDeviceGetTotalEnergyConsumption. A tuple keeps the spec frozen and hashable.
+    function_latency_s: tuple[tuple[str, float], ...] = ()
+
+    def latency_s(self, function: str) -> float:
+        """Delay of one call to ``function``: the global latency plus its own."""
+        extra = sum(d for name, d in self.function_latency_s if name == function)
+        return self.call_latency_s + extra
 
     @staticmethod
     def defaults_for(arch: str, rng: random.Random) -> dict[str, Any]:
@@ -148,8 +166,9 @@ class FaultSpec:
     at_s: float = 0.0
     for_s: float = math.inf
     gpu: int | None = None                # None: every GPU (or the library, for init kinds)
-    function: str | None = None           # pynvml function name for not_supported / slow_call
+    function: str | None = None           # pynvml function name for not_supported / slow_call / hang
     delay_s: float = 0.0
+    release_s: float = math.inf           # hang: scenario time when hung calls return (inf: never)
 
     @property
     def end_s(self) -> float:

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Mapping, NoReturn
 
 from ..errors import ScenarioError
-from .scenario import (ARCHITECTURES, BUNDLED_DIR, FAULT_KINDS, INIT_FAULT_KINDS, MIG_ARCHITECTURES,
+from .scenario import (ARCHITECTURES, BUNDLED_DIR, CALL_FAULT_KINDS, FAULT_KINDS, FIELD_TIMESTAMPS,
+                       INIT_FAULT_KINDS, INSTANT_KINDS, MIG_ARCHITECTURES,
                        FaultSpec, GpuSpec, MigSpec, ProcessSpec, Scenario, SensorSpec, bundled_scenarios,
                        default_identity, model_defaults)
 from .traces import (ConstantTrace, PiecewiseLinearTrace, RampTrace, SquareTrace, StepsTrace, Trace,
@@ -35,8 +36,10 @@ _FAULT_KEYS = {
     "library_not_found": {"at_s", "for_s"},
     "gpu_lost": {"at_s", "gpu", "for_s"},
     "counter_reset": {"at_s", "gpu"},
+    "counter_stall": {"at_s", "gpu", "for_s"},
     "not_supported": {"at_s", "gpu", "function", "for_s"},
     "slow_call": {"at_s", "gpu", "function", "delay_s", "for_s"},
+    "hang": {"at_s", "gpu", "function", "for_s", "release_s"},
 }
 
 
@@ -202,9 +205,35 @@ def _sensor(ctx: _Ctx, tbl: _Table | None, defaults: dict[str, Any]) -> SensorSp
         instant_field=tbl.flag("instant_field", base.instant_field),
         util_refresh_s=tbl.num("util_refresh_s", base.util_refresh_s, lo=0, lo_open=True),
         call_latency_s=tbl.num("call_latency_s", base.call_latency_s, lo=0),
+        instant_kind=tbl.text("instant_kind", base.instant_kind, choices=INSTANT_KINDS),
+        field_timestamp=tbl.text("field_timestamp", base.field_timestamp, choices=FIELD_TIMESTAMPS),
+        average_window_s=tbl.num("average_window_s", base.average_window_s, lo=0, lo_open=True),
+        function_latency_s=_function_latencies(ctx, tbl),
     )
     tbl.finish()
     return spec
+
+
+def _function_latencies(ctx: _Ctx, tbl: _Table) -> tuple[tuple[str, float], ...]:
+    """``function_latency_s = { nvmlDeviceGetTotalEnergyConsumption = 0.05 }``"""
+    if not tbl.has("function_latency_s"):
+        return ()
+    raw = _Table(ctx, tbl.raw("function_latency_s"), tbl.at("function_latency_s"))
+    out = []
+    for name, value in raw.data.items():
+        _check_function(ctx, raw.at(str(name)), str(name))
+        out.append((str(name), _check_num(ctx, raw.at(str(name)), value, lo=0)))
+    return tuple(out)
+
+
+def _check_function(ctx: _Ctx, path: str, function: str) -> None:
+    import pynvml
+
+    if not (function.startswith("nvml") and callable(getattr(pynvml, function, None))):
+        import difflib  # lazy: error path only
+
+        close = difflib.get_close_matches(function, [n for n in dir(pynvml) if n.startswith("nvml")], n=1)
+        ctx.fail(path, f"{function!r} is not a pynvml function" + (f"; did you mean {close[0]!r}?" if close else ""))
 
 
 def _process(ctx: _Ctx, tbl: _Table, gi_ids: set[int]) -> ProcessSpec:
@@ -277,7 +306,7 @@ def _gpu(ctx: _Ctx, tbl: _Table, index: int, seed: int) -> GpuSpec:
 
 def _fault(ctx: _Ctx, tbl: _Table, n_gpus: int) -> FaultSpec:
     kind = tbl.text("kind", choices=FAULT_KINDS)
-    needs_time = kind in ("gpu_lost", "counter_reset")
+    needs_time = kind in ("gpu_lost", "counter_reset", "counter_stall")
     at = tbl.num("at_s", _REQUIRED if needs_time else 0.0, lo=0)
     gpu = None
     if kind not in INIT_FAULT_KINDS:
@@ -286,23 +315,21 @@ def _fault(ctx: _Ctx, tbl: _Table, n_gpus: int) -> FaultSpec:
         if gpu is not None and gpu >= n_gpus:
             ctx.fail(tbl.at("gpu"), f"no GPU {gpu}; the scenario has {n_gpus} (indices from 0)")
     function = None
-    if kind in ("not_supported", "slow_call"):
-        import pynvml
+    if kind in CALL_FAULT_KINDS:
         function = tbl.text("function")
-        if not (function.startswith("nvml") and callable(getattr(pynvml, function, None))):
-            import difflib  # lazy: error path only
-
-            close = difflib.get_close_matches(function, [n for n in dir(pynvml) if n.startswith("nvml")], n=1)
-            ctx.fail(tbl.at("function"), f"{function!r} is not a pynvml function"
-                                         + (f"; did you mean {close[0]!r}?" if close else ""))
+        _check_function(ctx, tbl.at("function"), function)
     delay = tbl.num("delay_s", lo=0, lo_open=True) if kind == "slow_call" else 0.0
     for_s = tbl.num("for_s", math.inf, lo=0, lo_open=True) if "for_s" in _FAULT_KEYS[kind] else math.inf
+    release = math.inf
+    if kind == "hang":
+        release = tbl.num("release_s", math.inf, lo=at)   # absent: hung calls never return
     other_kinds = set().union(*_FAULT_KEYS.values()) - _FAULT_KEYS[kind]
     for key in tbl.data:
         if key in other_kinds:
             ctx.fail(tbl.at(key), f"not used by kind {kind!r}; remove it")
     tbl.finish(_FAULT_KEYS[kind] | {"kind"})
-    return FaultSpec(kind=kind, at_s=at, for_s=for_s, gpu=gpu, function=function, delay_s=delay)
+    return FaultSpec(kind=kind, at_s=at, for_s=for_s, gpu=gpu, function=function, delay_s=delay,
+                     release_s=release)
 
 
 def build_scenario(data: Mapping[str, Any], source: str, base_dir: Path) -> Scenario:

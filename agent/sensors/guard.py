@@ -1,0 +1,197 @@
+"""Deadlines for every NVML call, at the ``pynvml`` module boundary.
+
+``with_deadlines(pynvml)`` returns a module with the same names whose ``nvml*`` functions run on
+worker threads: one lane per GPU handle, one for library calls (init, count, driver version).
+A caller waits at most its deadline; past it, the call raises the vendor's own timeout error
+(``NVMLError`` with ``NVML_ERROR_TIMEOUT``), which the NVML sensor already reports as kind
+``timeout``. While a lane's call is still hung, that lane is *stale*: later calls on the same
+handle fail at once with the same error instead of queueing behind it, and it recovers by itself
+when the hung call returns. Other GPUs, other sensors, window ends and scrapes never wait on it.
+
+Threads are bounded: a lane is one daemon thread, lanes are capped (``max_lanes``; extra
+handles share one overflow lane), and a hung lane never spawns another thread.
+
+Deadlines are real-time waits (``threading`` lock timeouts): they bound how long a thread is
+really blocked, which no virtual clock can shorten. A fake's ``clock.sleep`` on a VirtualClock
+returns at once, so simulated slow calls finish within any deadline; fake ``hang`` faults block
+in real time and are what the deadline cuts short.
+"""
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+import types
+from dataclasses import dataclass
+from queue import SimpleQueue
+from typing import Any, Callable, Hashable, Mapping
+
+DEFAULT_DEADLINE_S = 1.0
+# nvmlInit can take seconds on a board without persistence mode (the driver loads on demand).
+SLOW_CALL_DEADLINES_S: Mapping[str, float] = {"nvmlInit": 10.0, "nvmlInitWithFlags": 10.0, "nvmlInit_v2": 10.0,
+                                               "nvmlShutdown": 10.0}
+MAX_LANES = 65                 # 64 GPUs (or MIG handles) plus the library lane
+_PURE = frozenset({"nvmlExceptionClass", "nvmlStructToFriendlyObject", "nvmlFriendlyObjectToStruct",
+                   "nvmlErrorString"})   # pure Python helpers: no driver, nothing to hang
+_LIB: Hashable = "lib"
+_OVERFLOW: Hashable = "overflow"
+_SCALARS = (int, float, str, bytes, list, tuple, type(None))
+
+
+@dataclass
+class GuardStats:
+    """Counts since the wrapper was built (a snapshot: ``NvmlDeadlines.stats()``)."""
+
+    calls: int = 0
+    timeouts: int = 0        # callers that waited their whole deadline
+    fast_fails: int = 0      # calls refused at once because their lane was stale
+    hung_now: int = 0        # lanes whose call has run past its deadline and not returned yet
+    lanes: int = 0
+
+
+class _Job:
+    __slots__ = ("fn", "args", "kwargs", "done", "value", "error", "abandoned", "deadline_s")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, deadline_s: float) -> None:
+        self.fn, self.args, self.kwargs, self.deadline_s = fn, args, kwargs, deadline_s
+        self.done = threading.Lock()
+        self.done.acquire()          # released by the lane when the call returns
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.abandoned = False       # its caller gave up while it waited in the queue
+
+
+class _Lane:
+    """One daemon thread that runs the calls of one handle, in order."""
+
+    def __init__(self, name: str) -> None:
+        self.queue: SimpleQueue[_Job] = SimpleQueue()
+        self.running: _Job | None = None
+        self.started_at = 0.0        # time.monotonic() when ``running`` began
+        self.thread = threading.Thread(target=self._run, name=f"wattmeter-nvml-{name}", daemon=True)
+        self.thread.start()
+
+    def stale(self, now: float) -> bool:
+        job = self.running
+        return job is not None and now - self.started_at > job.deadline_s
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job.abandoned:
+                continue
+            self.started_at = time.monotonic()
+            self.running = job
+            try:
+                job.value = job.fn(*job.args, **job.kwargs)
+            except BaseException as exc:   # handed to the caller, who re-raises it
+                job.error = exc
+            finally:
+                self.running = None
+                job.done.release()
+
+
+class NvmlDeadlines:
+    """The lanes, deadlines and counts behind one wrapped module."""
+
+    def __init__(self, nvml: Any, deadline_s: float = DEFAULT_DEADLINE_S,
+                 deadlines: Mapping[str, float] | None = None, max_lanes: int = MAX_LANES) -> None:
+        if not deadline_s > 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s!r}")
+        self.nvml = nvml
+        self.deadline_s = deadline_s
+        self.deadlines = dict(SLOW_CALL_DEADLINES_S if deadlines is None else deadlines)
+        self.max_lanes = max_lanes
+        self._lanes: dict[Hashable, _Lane] = {}
+        self._lock = threading.Lock()
+        self._stats = GuardStats()
+
+    def stats(self) -> GuardStats:
+        now = time.monotonic()
+        with self._lock:
+            hung = sum(1 for lane in self._lanes.values() if lane.stale(now))
+            s = self._stats
+            return GuardStats(s.calls, s.timeouts, s.fast_fails, hung, len(self._lanes))
+
+    def stale(self, handle: Any) -> bool:
+        """Whether calls on ``handle`` fail fast right now (a call on it is hung)."""
+        lane = self._lanes.get(_lane_key(handle))
+        return lane is not None and lane.stale(time.monotonic())
+
+    def _timeout(self) -> BaseException:
+        return self.nvml.NVMLError(self.nvml.NVML_ERROR_TIMEOUT)
+
+    def _lane(self, key: Hashable) -> _Lane:
+        lane = self._lanes.get(key)
+        if lane is not None:
+            return lane
+        with self._lock:
+            lane = self._lanes.get(key)
+            if lane is None:
+                if len(self._lanes) >= self.max_lanes:
+                    key = _OVERFLOW
+                    lane = self._lanes.get(key)
+                if lane is None:
+                    lane = self._lanes[key] = _Lane(str(len(self._lanes)) if key not in (_LIB, _OVERFLOW) else str(key))
+            return lane
+
+    def call(self, name: str, fn: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        key = _lane_key(args[0]) if args else _LIB
+        lane = self._lane(key)
+        deadline = self.deadlines.get(name, self.deadline_s)
+        with self._lock:
+            self._stats.calls += 1
+        if lane.stale(time.monotonic()):
+            with self._lock:
+                self._stats.fast_fails += 1
+            raise self._timeout()
+        job = _Job(fn, args, kwargs, deadline)
+        lane.queue.put(job)
+        if not job.done.acquire(timeout=deadline):
+            job.abandoned = True     # if still queued, the lane skips it
+            with self._lock:
+                self._stats.timeouts += 1
+            raise self._timeout()
+        if job.error is not None:
+            raise job.error
+        return job.value
+
+
+def _lane_key(arg: Any) -> Hashable:
+    """A device call's lane: its handle. Real handles are ctypes pointers (a new object per
+    lookup, so key by address); the fake's are plain objects, one per GPU."""
+    if isinstance(arg, _SCALARS):
+        return _LIB
+    if isinstance(arg, ctypes._Pointer):
+        return ("ptr", ctypes.cast(arg, ctypes.c_void_p).value)
+    return ("obj", id(arg))
+
+
+def with_deadlines(nvml: Any, deadline_s: float = DEFAULT_DEADLINE_S,
+                   deadlines: Mapping[str, float] | None = None, max_lanes: int = MAX_LANES) -> types.ModuleType:
+    """A ``pynvml`` module (or the fake's) whose driver calls have deadlines. Every other name
+    (constants, error classes, structs, ``WATTMETER_FAKE``) is the wrapped module's own.
+    ``module.WATTMETER_DEADLINES`` is the ``NvmlDeadlines`` (stats, stale handles)."""
+    guard = NvmlDeadlines(nvml, deadline_s, deadlines, max_lanes)
+    mod = types.ModuleType(getattr(nvml, "__name__", "pynvml"), getattr(nvml, "__doc__", None))
+    source = vars(nvml) if isinstance(nvml, types.ModuleType) else {n: getattr(nvml, n) for n in dir(nvml)}
+    skip = {"__name__", "__spec__", "__loader__", "__package__", "__builtins__", "__cached__", "__doc__"}
+    ns = mod.__dict__
+    for name, value in source.items():
+        if name in skip:
+            continue
+        if name.startswith("nvml") and callable(value) and name not in _PURE and not isinstance(value, type):
+            value = _wrap(guard, name, value)
+        ns[name] = value
+    mod.WATTMETER_DEADLINES = guard
+    return mod
+
+
+def _wrap(guard: NvmlDeadlines, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def with_deadline(*args: Any, **kwargs: Any) -> Any:
+        return guard.call(name, fn, args, kwargs)
+
+    with_deadline.__name__ = with_deadline.__qualname__ = name
+    with_deadline.__doc__ = getattr(fn, "__doc__", None)
+    with_deadline.__wrapped__ = fn   # inspect.signature sees pynvml's own signature
+    return with_deadline

@@ -1,0 +1,203 @@
+"""NVML calls with deadlines (sensors/guard.py) and GPUs that come late (sensors/late.py, discovery)."""
+from __future__ import annotations
+
+import inspect
+import threading
+import time
+
+import pytest
+
+from wattmeter.clock import SystemClock, VirtualClock
+from wattmeter.discovery import SensorPlan, discover
+from wattmeter.meter import Meter
+from wattmeter.sensors.guard import with_deadlines
+from wattmeter.sensors.late import LateNvmlSensor
+from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
+from wattmeter.sim.fake_nvml import FakeNVML, build_module, real_pynvml
+from wattmeter.sim.scenario import Scenario
+
+nv = real_pynvml()
+H100 = "NVIDIA H100 80GB HBM3"
+CONST_300 = {"kind": "constant", "power_w": 300.0}
+
+
+def fake_of(n_gpus=1, faults=(), clock=None):
+    gpus = [{"model": H100, "trace": CONST_300, "energy_offset_j": 0.0} for _ in range(n_gpus)]
+    scenario = Scenario.from_dict({"gpu": gpus, "fault": list(faults)})
+    return FakeNVML(scenario, clock or SystemClock())
+
+
+@pytest.fixture
+def fakes():
+    made = []
+    yield made
+    for f in made:
+        f.release_hangs()    # no test leaves a thread blocked
+
+
+# -- the deadline wrapper ------------------------------------------------------------------------
+
+def test_a_hung_call_raises_the_vendor_timeout_at_its_deadline_then_fails_fast_until_it_returns(fakes):
+    fake = fake_of(2, [{"kind": "hang", "function": "nvmlDeviceGetPowerUsage", "gpu": 0}])
+    fakes.append(fake)
+    n = with_deadlines(build_module(fake), deadline_s=0.2)
+    guard = n.WATTMETER_DEADLINES
+    n.nvmlInit()
+    h0, h1 = n.nvmlDeviceGetHandleByIndex(0), n.nvmlDeviceGetHandleByIndex(1)
+    t = time.monotonic()
+    with pytest.raises(nv.NVMLError_Timeout):
+        n.nvmlDeviceGetPowerUsage(h0)
+    waited = time.monotonic() - t
+    assert 0.2 <= waited < 0.6                      # the deadline, not the hang
+    assert guard.stale(h0) and not guard.stale(h1)
+    t = time.monotonic()
+    for _ in range(20):                              # later calls on that GPU do not queue behind it
+        with pytest.raises(nv.NVMLError_Timeout):
+            n.nvmlDeviceGetTotalEnergyConsumption(h0)
+    assert time.monotonic() - t < 0.2
+    assert n.nvmlDeviceGetPowerUsage(h1) == 300_000  # the other GPU answers at once
+    assert n.nvmlDeviceGetCount() == 2               # and so do library calls
+    stats = guard.stats()
+    assert (stats.timeouts, stats.fast_fails, stats.hung_now) == (1, 20, 1)
+    threads = threading.active_count()
+    fake.release_hangs()                             # the hung call returns: the GPU recovers
+    deadline = time.monotonic() + 5
+    while guard.stale(h0) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert n.nvmlDeviceGetPowerUsage(h0) == 300_000
+    assert guard.stats().hung_now == 0
+    assert threading.active_count() <= threads        # no thread was added for the retries
+
+
+def test_the_wrapped_module_keeps_pynvml_names_errors_constants_and_signatures():
+    fake = fake_of(1)
+    n = with_deadlines(build_module(fake))
+    assert n.NVML_FI_DEV_POWER_INSTANT == nv.NVML_FI_DEV_POWER_INSTANT
+    assert n.NVMLError is nv.NVMLError and n.WATTMETER_FAKE_NVML is fake
+    assert list(inspect.signature(n.nvmlDeviceGetFieldValues).parameters) == ["handle", "fieldIds"]
+    with pytest.raises(nv.NVMLError_Uninitialized):   # errors of the call itself pass through
+        n.nvmlDeviceGetCount()
+    n.nvmlInit()
+    with pytest.raises(nv.NVMLError_InvalidArgument):
+        n.nvmlDeviceGetHandleByIndex(7)
+
+
+def test_a_hung_counter_read_costs_the_sensor_at_most_one_deadline_and_is_counted(fakes):
+    # The hang starts after discovery (which probes the counter), while reads go on.
+    fake = fake_of(2, [{"kind": "hang", "function": "nvmlDeviceGetTotalEnergyConsumption", "gpu": 0, "at_s": 0.3}])
+    fakes.append(fake)
+    deadline_s = 0.25
+    sensor = NvmlSensor(with_deadlines(build_module(fake), deadline_s=deadline_s), GpuSelection(None),
+                        wall=fake.clock.wall)
+    meter = Meter([sensor], clock=fake.clock)
+    time.sleep(max(0.0, 0.3 - fake.scenario_time()))   # the first reads (dense, until a change) hang
+    slowest = 0.0
+    end = time.monotonic() + 1.5
+    while time.monotonic() < end:
+        t = time.monotonic()
+        meter.poll()
+        slowest = max(slowest, time.monotonic() - t)
+        time.sleep(0.01)
+    status = meter.status["nvml"]
+    assert status.errors["timeout"] >= 2             # the hung read, then fast failures, each counted
+    assert slowest < deadline_s + 0.2                # no read waited past one deadline
+    snap = meter.snapshot()
+    assert snap["gpu1"].errors == 0 and snap["gpu0"].errors >= 2
+    assert snap["gpu1"].energy_j >= 300.0 * 1.0      # the other GPU kept metering (1.5 s at 300 W)
+
+
+# -- GPUs that come late ---------------------------------------------------------------------------
+
+def _scenario_file(tmp_path, faults):
+    import json
+    path = tmp_path / "late.json"
+    path.write_text(json.dumps({"gpu": [{"model": H100, "trace": CONST_300, "energy_offset_j": 0.0,
+                                         "sensor": {"counter_phase_s": 0.0}}], "fault": faults}))
+    return str(path)
+
+
+def test_init_failing_for_5s_then_succeeding_meters_the_gpu_from_then_on(tmp_path):
+    clock = VirtualClock(start=100.0)
+    plan = SensorPlan(fake_scenario=_scenario_file(tmp_path, [{"kind": "driver_not_loaded", "for_s": 5.0}]),
+                      cpu="none", ram="none", clock=clock, gpu_wait_s=2.0)
+    found = discover(plan)
+    [late] = found.sensors
+    assert isinstance(late, LateNvmlSensor) and found.gpus_pending and late.devices() == []
+    assert any("GPU metering pending" in n and "Driver Not Loaded" in n for n in found.notes)
+    meter = Meter(found.sensors, clock=clock)
+    meter.poll()
+    w_all = meter.window("from-start")
+    while not late.connected and clock.now() < 110.0:
+        clock.advance(0.1)
+        meter.poll()
+        late.wait(2.0)                               # a retry started by this read, if any
+    assert late.connected and 105.0 <= late.appeared_at <= 105.0 + 4.2   # within one backoff step
+    assert found.gpus_appeared_at == late.appeared_at
+    assert any("GPUs appeared at clock time" in n and "gpu0" in n for n in found.notes)
+    for _ in range(10):
+        clock.advance(0.1)
+        meter.poll()
+    w = meter.window("after")
+    for _ in range(40):
+        clock.advance(0.1)
+        meter.poll()
+    w.end()
+    w_all.end()
+    for _ in range(10):
+        clock.advance(0.1)
+        meter.poll()
+    assert w.result().component_energy_j("gpu") == pytest.approx(300.0 * 4.0, rel=0.01)
+    from_start = w_all.result().component_energy_j("gpu")
+    metered_s = w_all.result().end_t - late.appeared_at
+    # A window open across the arrival counts the GPU from its first dated point (within ~0.5 s
+    # of the arrival here: the counter's first refresh change), flagged approximate.
+    assert 300.0 * (metered_s - 1.0) <= from_start <= 300.0 * (metered_s + 0.1)
+    assert w_all.result().approximate
+
+
+def test_a_hung_discovery_does_not_delay_meter_start(tmp_path, fakes):
+    plan = SensorPlan(fake_scenario=_scenario_file(tmp_path, [{"kind": "hang", "function": "nvmlDeviceGetCount"}]),
+                      cpu="none", ram="none", gpu_wait_s=0.3, nvml_deadline_s=5.0)
+    t = time.monotonic()
+    found = discover(plan)
+    fakes.append(found.fake)
+    assert time.monotonic() - t < 1.5                # gpu_wait_s, not the hang
+    [late] = found.sensors
+    assert not late.connected and found.gpus_pending
+    meter = Meter(found.sensors)
+    t = time.monotonic()
+    meter.start()
+    started_s = time.monotonic() - t
+    meter.close()
+    assert started_s < 0.5
+
+
+def test_no_nvidia_library_is_final_and_said_once(tmp_path):
+    plan = SensorPlan(fake_scenario=_scenario_file(tmp_path, [{"kind": "library_not_found"}]),
+                      cpu="none", ram="none", clock=VirtualClock())
+    found = discover(plan)
+    assert found.sensors == [] and not found.gpus_pending
+    assert "nvml" in found.unavailable
+    assert [n for n in found.notes if n.startswith("No GPU metering")] == [
+        "No GPU metering: NVML could not start (NVML Shared Library Not Found). Metering CPU and RAM only "
+        "(install the NVIDIA driver, or use --fake-gpus N to try the GPU path)."]
+
+
+def test_retries_back_off_on_the_injected_clock():
+    clock = VirtualClock(start=0.0)
+    calls = []
+
+    def connect():
+        calls.append(clock.now())
+        raise nv.NVMLError(nv.NVML_ERROR_DRIVER_NOT_LOADED)
+
+    late = LateNvmlSensor("nvml", connect, clock, 0.1, first_retry_s=0.25, max_retry_s=1.0)
+    late.wait(2.0)
+    for _ in range(60):                              # 6 s of reads at 10 Hz
+        clock.advance(0.1)
+        late.read(clock.now())
+        late.wait(2.0)
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    expected = [0.25, 0.5, 1.0] + [1.0] * (len(gaps) - 3)     # doubling, capped; on a 0.1 s read grid
+    assert len(gaps) >= 6 and all(e - 1e-6 <= g <= e + 0.1 + 1e-6 for g, e in zip(gaps, expected))
+    assert late.devices() == [] and late.read(clock.now()).readings == []
