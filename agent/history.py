@@ -32,7 +32,7 @@ class DeviceHistory:
     __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
                  "cur_t0", "cur_count", "anchor_t", "anchor_e", "shape", "last_read_t", "bridges",
-                 "approx_spans", "corr_t", "corr_j", "corr_s", "floor_j", "owed_j", "owed_t")
+                 "approx_spans", "floor_j", "owed_j", "owed_t")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -60,11 +60,6 @@ class DeviceHistory:
         self.last_read_t: float | None = None   # when the last counter value was read
         self.bridges = 0                # counter spans filled in from power (reset, lost, stall)
         self.approx_spans: deque[tuple[float, float]] = deque(maxlen=SPANS_KEPT)
-        # Correction still being spread into the exported total (see Ledger.snapshot): at
-        # corr_t the live estimate was off by corr_j from the counter; it fades over corr_s.
-        self.corr_t = 0.0
-        self.corr_j = 0.0
-        self.corr_s = 1.0
         self.owed_j = 0.0               # energy power filled in for a stall, owed back if the
         self.owed_t = 0.0               # counter catches up (when it was filled in)
         self.floor_j = 0.0              # the exported total never goes below this again
@@ -139,7 +134,9 @@ class DeviceHistory:
         if t1 - t <= TAIL_MAX_S:
             # The sampler reads instant power every few ms after an edge and schedules a
             # counter read at the next refresh: the short tail to it is measured directly.
-            tail = self.shape_energy(t, t1, TAIL_GAP_S)
+            # (Only from a sample at or before t: a value held back over a gap would disagree
+            # with the rest of the segment, and E(t) must stay monotonic.)
+            tail = self.shape_energy(t, t1, TAIL_GAP_S) if self._sampled_by(t, TAIL_GAP_S) else None
             if tail is not None:
                 return min(max(e1 - tail, e0), e1)
         whole = self.shape_energy(t0, t1)
@@ -156,6 +153,10 @@ class DeviceHistory:
             ta, ea, _ = self.point(k + 2)
             high = (ea - e1) / (ta - t1) if ta > t1 else None
         return step_interpolate(t0, e0, t1, e1, t, low, high)
+
+    def _sampled_by(self, t: float, gap: float) -> bool:
+        """Whether an instant sample lies in [t - gap, t]."""
+        return any(t - gap <= ts <= t for ts, _ in reversed(self.shape))
 
     def shape_energy(self, a: float, b: float, gap: float = 0.0) -> float | None:
         """Energy from a to b from instant-power samples, or None unless the samples cover

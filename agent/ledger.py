@@ -28,7 +28,6 @@ SUSPECT_SHORTFALL = 0.95  # (the share right after a bridged span)
 STALL_MIN_J = 5.0         # (and short by at least this much: idle noise is not a stall)
 CATCH_UP_SHARE = 0.2      # a span holding this much more than power shows repays a stall...
 OWED_TTL_S = 60.0         # ...within this long of it
-SPREAD_S = 3.0            # an exported total's correction is spread over at least this long
 
 
 @dataclass
@@ -111,8 +110,7 @@ class Ledger:
             return
         self._bridged(d, d.last_t, t)
         while (m := self._next_mark(d)) is not None and m.t <= t:
-            value, _ = d.estimate_at(m.t)
-            self._pin(m, d, value, d.last_power or 0.0, True)
+            self._pin(m, d, self._exported(d, m.t), d.last_power or 0.0, True)
             d.cursor += 1
 
     @staticmethod
@@ -197,13 +195,10 @@ class Ledger:
                 slope = d.last_power if d.last_power is not None else 0.0
             power = r.power_w if r.power_w is not None else slope
             if exported is not None and d.shape:
-                # (Only where instant power carries the total between counter reads a few
-                # seconds apart; a counter read every 100 ms has nothing worth spreading.)
-                # What a scrape showed just before this point stays the floor; the difference
-                # to the counter fades over the next seconds (never a step, never backwards).
-                d.corr_j = exported - (d.total_j + delta)
-                d.corr_t = r.t
-                d.corr_s = max(SPREAD_S, d.corr_j / max(0.5 * max(slope, 0.0), 1.0))
+                # What the live tail showed just before this point stays the floor: an
+                # over-estimate is held, not taken back. (Only where instant power carries the
+                # tail: a bare counter's tail is a guess that no scrape is shown.)
+                d.floor_j = max(d.floor_j, exported)
         elif r.power_w is not None:
             power = max(0.0, r.power_w)
             if d.last_t is None or d.last_power is None:
@@ -229,13 +224,14 @@ class Ledger:
 
     @staticmethod
     def _exported(d: DeviceHistory, t: float) -> float:
-        """The exported total at t: the best estimate of E(t), plus what is left of the last
-        correction (spread so the total neither steps nor goes backwards)."""
+        """E(t), the one value every figure reads. Inside the history it is settled. Past the
+        last point (the live tail a scrape sees) it is the best estimate, carried forward by
+        instant power, and never below what was shown before a counter read or a filled hole
+        corrected the estimate downwards: the total holds until the estimate catches up, so it
+        neither steps back nor goes backwards."""
         value, _ = d.estimate_at(t)
-        if d.corr_j and t > d.corr_t:
-            value += d.corr_j * max(0.0, 1.0 - (t - d.corr_t) / d.corr_s)
-        elif d.corr_j:
-            value += d.corr_j
+        if d.last_t is None or t < d.last_t:
+            return max(0.0, value)
         return max(0.0, d.floor_j, value)
 
     def _next_mark(self, d: DeviceHistory) -> Mark | None:
@@ -349,8 +345,8 @@ class Ledger:
                 if d.last_t is None:
                     self._pin(m, d, 0.0, 0.0, True)
                     continue
-                value, extrapolated = d.estimate_at(m.t)
-                self._pin(m, d, value, d.last_power or 0.0, extrapolated)
+                _, extrapolated = d.estimate_at(m.t)
+                self._pin(m, d, self._exported(d, m.t), d.last_power or 0.0, extrapolated)
             self._trim_marks()
 
     def force_resolve_all(self) -> None:
@@ -379,7 +375,7 @@ class Ledger:
             if sample is not None:
                 best = sample if best is None else max(best, sample)
             if t1 > t0 and d.last_t is not None:
-                avg = (d.estimate_at(t1)[0] - d.estimate_at(t0)[0]) / (t1 - t0)
+                avg = (self._exported(d, t1) - self._exported(d, t0)) / (t1 - t0)
                 best = avg if best is None else max(best, avg)
             return best
 
@@ -412,12 +408,12 @@ class Ledger:
             d = self._devs.get(key)
             if d is None or d.last_t is None:
                 return None
-            return d.estimate_at(t)[0]
+            return self._exported(d, t)
 
     def values_at(self, t: float) -> dict[str, float]:
         """Each device's E(t) (see ``energy_at``); devices with no point yet are left out."""
         with self._lock:
-            return {k: d.estimate_at(t)[0] for k, d in self._devs.items() if d.last_t is not None}
+            return {k: self._exported(d, t) for k, d in self._devs.items() if d.last_t is not None}
 
     def power_timeline(self, key: str, t0: float, t1: float, step_s: float = 1.0) -> list[tuple[float, float, float]]:
         """[(start, end, mean power_w)] tiling [t0, t1] in steps of ``step_s``: each step's power
@@ -429,10 +425,10 @@ class Ledger:
             if d is None or d.last_t is None or t1 <= t0:
                 return []
             out = []
-            a, e_a = t0, d.estimate_at(t0)[0]
+            a, e_a = t0, self._exported(d, t0)
             while a < t1 - 1e-9:
                 b = min(t1, a + step_s)
-                e_b = d.estimate_at(b)[0]
+                e_b = self._exported(d, b)
                 out.append((a, b, max(0.0, e_b - e_a) / (b - a)))
                 a, e_a = b, e_b
             return out

@@ -91,6 +91,7 @@ def test_stalled_counter_that_drops_the_stalled_energy_is_bridged(seed):
 
 @pytest.mark.parametrize("seed", [0, 9, 10])
 def test_stalled_counter_that_catches_up_is_not_counted_twice(seed):
-    err, r, snap, monotonic = run_job(None, seed, stall=(4.0, 7.0, True))
+    # The fake's own stall: the counter holds its value for 3 s, then catches up at once.
+    err, r, snap, monotonic = run_job({"kind": "counter_stall", "gpu": 0, "at_s": 4.0, "for_s": 3.0}, seed)
     assert abs(err) <= 0.01
     assert monotonic
