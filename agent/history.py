@@ -25,6 +25,7 @@ SAME_VALUE_S = 0.0005     # shape samples closer than this are one value read tw
 BRIDGE_REACH_S = 1.0      # a bridge needs instant power this close to both of its ends
 HOLD_MAX_S = 5.0          # E(t) past the last sample holds the last power this long at most
 BACKDATE_EXACT_S = 0.5    # an edge measured back this far from a device's first point is not flagged
+MEANS_KEPT = 1200          # trailing-mean samples kept (~2 min at 10 Hz)
 SPANS_KEPT = 64           # approximate (bridged) spans remembered per device
 
 
@@ -32,7 +33,7 @@ class DeviceHistory:
     __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
                  "cur_t0", "cur_count", "anchor_t", "anchor_e", "shape", "last_read_t", "bridges",
-                 "approx_spans", "floor_j", "owed_j", "owed_t")
+                 "approx_spans", "floor_j", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "owed_j", "owed_t")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -62,6 +63,13 @@ class DeviceHistory:
         self.approx_spans: deque[tuple[float, float]] = deque(maxlen=SPANS_KEPT)
         self.owed_j = 0.0               # energy power filled in for a stall, owed back if the
         self.owed_t = 0.0               # counter catches up (when it was filled in)
+        # Trailing-mean reference (no counter): (t, mean power over (t - window, t], cumulative
+        # integral of that mean since the first one). Energy is base + I(t + w/2) - kernel(t).
+        self.means: deque[tuple[float, float, float]] = deque(maxlen=MEANS_KEPT)
+        self.mean_window_s = 1.0
+        self.mean_base = 0.0
+        self.mean_active = False
+        self.mean_from_t = math.inf      # the anchor: E is on the mean reference from here on
         self.floor_j = 0.0              # the exported total never goes below this again
 
     # -- history -------------------------------------------------------------
@@ -97,6 +105,10 @@ class DeviceHistory:
             value = self.counter_value(lo, t, allow_step=True)
             if value is not None:
                 return value, p1, False
+        elif self.mean_active and t0 >= self.mean_from_t:
+            exact = self.mean_energy(t)     # the reference's own value, shaped inside the segment
+            if exact is not None:
+                return min(max(self.mean_base + exact, e0), e1), p1, False
         frac = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
         return e0 + (e1 - e0) * frac, p1, False
 
@@ -220,7 +232,7 @@ class DeviceHistory:
         if self.last_t is None:
             return 0.0, True
         t_from = self.last_t
-        if self.shape and self.device.source == Source.COUNTER:
+        if self.shape and (self.device.source == Source.COUNTER or self.mean_active):
             # From the counter's (dated) refresh: the value holds the energy up to it.
             t_shape = min(t, self.shape[-1][0])
             bridged = self.bridge_energy(t_from, t_shape) if t_shape > t_from else None
@@ -228,6 +240,75 @@ class DeviceHistory:
                 w = self.shape[-1][1]
                 return self.total_j + bridged + w * min(max(0.0, t - t_shape), HOLD_MAX_S), True
         return self.total_j + (self.last_power or 0.0) * min(max(0.0, t - t_from), HOLD_MAX_S), True
+
+    # -- trailing-mean reference ---------------------------------------------------------
+    def add_mean(self, t: float, mean_w: float, window_s: float) -> None:
+        if self.means and t <= self.means[-1][0]:
+            return
+        self.mean_window_s = window_s
+        if self.means:
+            t0, m0, i0 = self.means[-1]
+            self.means.append((t, mean_w, i0 + 0.5 * (m0 + mean_w) * (t - t0)))
+        else:
+            self.means.append((t, mean_w, 0.0))
+
+    def mean_integral(self, x: float) -> float | None:
+        """The integral of the trailing mean from its first sample to x (None: not covered)."""
+        m = self.means
+        if not m or x < m[0][0] or x > m[-1][0]:
+            return None
+        lo, hi = 0, len(m) - 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if m[mid][0] <= x:
+                lo = mid
+            else:
+                hi = mid
+        t0, w0, i0 = m[lo]
+        if x <= t0 or hi == lo:
+            return i0
+        t1, w1, _ = m[hi]
+        wx = w0 + (w1 - w0) * (x - t0) / (t1 - t0)
+        return i0 + 0.5 * (w0 + wx) * (x - t0)
+
+    def mean_energy(self, t: float) -> float | None:
+        """E(t) on the trailing-mean reference, less its base: the integral of the mean up to
+        t + w/2, less the edge kernel that turns a w-wide ramp into a step at t (zero for
+        constant power), shaped by the instant samples within w/2 of t."""
+        half = 0.5 * self.mean_window_s
+        ref = self.mean_integral(t + half)
+        if ref is None:
+            return None
+        return ref - self._edge_kernel(t, half)
+
+    def _edge_kernel(self, t: float, half: float) -> float:
+        """The integral of P(s) k(s - t), k = -(h + x)/w on (-h, 0] and (h - x)/w on (0, h],
+        with P piecewise constant from the instant samples (each the mean since the one
+        before; the ends held)."""
+        w = 2.0 * half
+        pts = [(ts, v) for ts, v in self.shape if t - half - 1.0 <= ts <= t + half + 1.0]
+        if not pts:
+            return 0.0
+
+        def prim(x: float) -> float:          # the kernel's antiderivative, from x = -h
+            if x <= 0.0:
+                return -(half * (x + half) + 0.5 * (x * x - half * half)) / w
+            return -(half * half * 0.5) / w + (half * x - 0.5 * x * x) / w
+
+        total, lo = 0.0, -half
+        prev_t = None
+        for ts, v in pts:
+            hi = min(ts - t, half)
+            start = lo if prev_t is None else max(lo, prev_t - t)
+            if hi > start:
+                total += v * (prim(hi) - prim(start))
+                lo = hi
+            prev_t = ts
+            if ts - t >= half:
+                break
+        if lo < half:
+            total += pts[-1][1] * (prim(half) - prim(lo))
+        return total
 
     def approximate_between(self, t0: float, t1: float) -> bool:
         """Whether any bridged span overlaps [t0, t1]."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from .history import BACKDATE_EXACT_S, POWER_SPAN_S, DeviceHistory
-from .model import Device, Reading, Source
+from .model import Component, Device, Reading, Source
 from .shaping import HOLE_S, step_interpolate
 
 __all__ = ["Ledger", "Mark", "DeviceSnapshot", "DeviceHistory", "step_interpolate", "FAULT_KINDS"]
@@ -22,6 +22,7 @@ __all__ = ["Ledger", "Mark", "DeviceSnapshot", "DeviceHistory", "step_interpolat
 # Errors after which a counter cannot vouch for the time since its last point: edges waiting
 # on it are estimated from instant power at once (never stall a result) and flagged.
 FAULT_KINDS = frozenset({"gpu_lost", "not_supported", "counter_stalled"})
+MEAN_STALE_S = 2.5        # a trailing mean this old no longer carries a power-only GPU
 STALL_SPAN_S = 1.0        # a counter span this long...
 STALL_SHORTFALL = 0.8     # ...holding less than this share of what power says, is a stall
 SUSPECT_SHORTFALL = 0.95  # (the share right after a bridged span)
@@ -170,6 +171,16 @@ class Ledger:
         d = self._devs.get(r.device_key)
         if d is None:
             return
+        if r.mean_w is not None:
+            self._record_mean(d, r)
+            return
+        if d.device.source == Source.SAMPLED and r.power_w is not None:
+            if not d.shape or r.t > d.shape[-1][0]:
+                d.shape.append((r.t, r.power_w))   # kept to shape edges, should a mean arrive
+            if d.mean_active:
+                if d.means and r.t - d.means[-1][0] <= MEAN_STALE_S:
+                    return                         # the mean has the energy
+                d.mean_active = False   # the trailing mean stopped coming: integrate instant power
         if r.energy_j is None and d.device.source == Source.COUNTER:
             if r.power_w is not None and (not d.shape or r.t > d.shape[-1][0]):
                 if d.shape and d.last_t is not None and r.t - d.shape[-1][0] > HOLE_S:
@@ -221,6 +232,83 @@ class Ledger:
             # Sampled and modelled streams (even cumulative ones, like a process-tree share)
             # are smooth at the sampling scale: interpolate between the two points at once.
             self._resolve(d, t_prev, e_prev, power)
+
+    def _record_mean(self, d: DeviceHistory, r: Reading) -> None:
+        """A trailing mean: the energy reference of a GPU with no counter. Points of E sit half
+        a window back (the newest instant whose whole kernel the means cover)."""
+        assert r.mean_w is not None
+        window = r.mean_window_s or 1.0
+        d.add_mean(r.t, max(0.0, r.mean_w), window)
+        t_k = r.t - 0.5 * window
+        if not d.mean_active:
+            if d.means[0][0] > r.t - window:
+                return        # one window of means first: the reference starts half a window back
+            self._activate_mean(d)
+            return
+        raw = d.mean_energy(t_k)
+        if raw is None or (d.last_t is not None and t_k <= d.last_t):
+            return
+        self._push_mean_point(d, t_k, d.mean_base + raw)
+
+    def _activate_mean(self, d: DeviceHistory) -> None:
+        """Switch a device to its trailing-mean reference at an anchor instant the means cover:
+        E up to the anchor stays as integrated from instant power, newer points are dropped and
+        re-derived from the means (E stays continuous)."""
+        half = 0.5 * d.mean_window_s
+        first, newest = d.means[0][0] + half, d.means[-1][0] - half
+        if newest < first:
+            return
+        keep = d.n
+        while keep > d.oldest() and d.point(keep - 1)[0] > newest:
+            keep -= 1
+        anchor = max(first, d.point(keep - 1)[0]) if keep > d.oldest() else first
+        if d.last_t is None:
+            e_anchor = 0.0
+        elif anchor <= d.last_t:
+            found = d.value_at(anchor)
+            e_anchor = found[0] if found is not None else d.total_j
+        else:
+            e_anchor = d.total_j + (d.last_power or 0.0) * (anchor - d.last_t)
+        raw = d.mean_energy(anchor)
+        if raw is None:
+            return
+        while keep > d.oldest() and d.point(keep - 1)[0] > anchor:
+            keep -= 1
+        d.cur_count = max(0, d.cur_count - (d.n - keep))
+        d.n = keep
+        if keep > d.oldest() and d.point(keep - 1)[0] == anchor:
+            d.total_j, d.last_t, d.last_power = e_anchor, anchor, d.point(keep - 1)[2]
+        else:
+            power = d.point(keep - 1)[2] if keep > d.oldest() else 0.0
+            d.total_j, d.last_t, d.last_power = e_anchor, anchor, power
+            d.push(anchor, e_anchor, power)
+        d.mean_base = e_anchor - raw
+        d.mean_active = True
+        d.mean_from_t = anchor
+        for t_m, _, _ in list(d.means):
+            t_k = t_m - half
+            if t_k > d.last_t:
+                raw_k = d.mean_energy(t_k)
+                if raw_k is not None:
+                    self._push_mean_point(d, t_k, d.mean_base + raw_k)
+
+    def _push_mean_point(self, d: DeviceHistory, t: float, e: float) -> None:
+        assert d.last_t is not None
+        e = max(e, d.total_j)             # E never goes backwards (an aliased kernel)
+        t_prev, e_prev = d.last_t, d.total_j
+        power = (e - e_prev) / (t - t_prev)
+        d.total_j, d.last_t, d.last_power = e, t, power
+        d.push(t, e, power)
+        # Edges inside the new segment get the exact kernel value, not a straight line.
+        while (m := self._next_mark(d)) is not None and m.t < t:
+            exact = d.mean_energy(m.t)
+            if m.t >= t_prev and exact is not None:
+                value = min(max(d.mean_base + exact, e_prev), e)
+                self._pin(m, d, value, power, False)
+            else:
+                found = d.value_at(m.t)
+                self._pin(m, d, found[0] if found else e_prev, power, found[2] if found else True)
+            d.cursor += 1
 
     @staticmethod
     def _exported(d: DeviceHistory, t: float) -> float:
@@ -380,10 +468,16 @@ class Ledger:
             return best
 
     def approximate_between(self, key: str, t0: float, t1: float) -> bool:
-        """Whether a bridged span (reset, lost GPU, stall, NotSupported) overlaps [t0, t1]."""
+        """Whether [t0, t1] of this device is an estimate: a bridged span (reset, lost GPU,
+        stall, NotSupported) overlaps it, or a GPU is measured from instant samples alone
+        (no counter, no trailing mean: a sampled power aliases with periodic loads)."""
         with self._lock:
             d = self._devs.get(key)
-            return d is not None and d.approximate_between(t0, t1)
+            if d is None:
+                return False
+            instant_only = (d.device.component == Component.GPU and d.device.source == Source.SAMPLED
+                            and not (d.mean_active and d.mean_from_t <= t0))
+            return instant_only or d.approximate_between(t0, t1)
 
     # -- output ----------------------------------------------------------------
     def snapshot(self, t: float | None = None) -> dict[str, DeviceSnapshot]:

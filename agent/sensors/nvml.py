@@ -19,10 +19,10 @@ from typing import Any, Callable, Sequence
 from ..clock import Clock, SystemClock
 from ..model import Batch, Component, Device, ProcessUsage, Reading, SensorError, Source
 from .base import SensorUnavailable
+from .nvml_power import FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, PowerOnlyReader
+from .power_evidence import PowerReference
 from .refresh import RefreshTracker
 
-FIELD_POWER_INSTANT = 186
-AVERAGED_POWER_LAG_S = 0.5    # a 1 s trailing average describes the instant 0.5 s ago
 CALIBRATE_S = 0.5             # a burst of fast reads that dates counter refreshes to a few ms...
 RECALIBRATE_S = 10.0          # ...repeated while the phase of some counter is still uncertain
 MAX_RECALIBRATE_S = 300.0
@@ -123,6 +123,7 @@ class _Gpu:
     field_steps: deque = field(default_factory=lambda: deque(maxlen=32))
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
+    power: PowerOnlyReader | None = None   # GPUs with no counter
     counter_fault: bool = False         # the counter failed since its last good read: instant
                                         # power bridges the gap, so read every field value
     counter_changed_t: float | None = None   # read time of the counter's last change
@@ -159,7 +160,7 @@ class NvmlSensor:
                                     "check CUDA_VISIBLE_DEVICES, or use --fake-gpus N")
         # Power-only GPUs need a faster cadence than counters (DESIGN: 10-20 Hz instant power).
         self.period_s = period_s if all(g.has_counter for g in self._gpus) else min(period_s, power_period_s)
-        if any(g.power_mode == "instant_field" for g in self._gpus):
+        if any(g.power is not None and g.instant_ok for g in self._gpus):
             # Power-only GPUs integrate field 186, a short mean that costs ~10 us to read:
             # read it often enough to see (nearly) every value, rather than 2 in 5.
             self.period_s = min(self.period_s, FIELD_PERIOD_S)
@@ -190,22 +191,23 @@ class NvmlSensor:
             h = handles[idx]
             model = _decode(n.nvmlDeviceGetName(h))
             has_counter = self._probe(lambda: n.nvmlDeviceGetTotalEnergyConsumption(h))
-            instant_ok = self._instant_field(h) is not None
-            if has_counter:
-                mode, source = "counter", Source.COUNTER
-            elif instant_ok:
-                mode, source = "instant_field", Source.SAMPLED
-            else:
-                mode, source = ("average" if self._averages(h, model) else "instant"), Source.SAMPLED
+            instant_ok = self._field_ok(h, FIELD_POWER_INSTANT)
+            average_ok = self._field_ok(h, FIELD_POWER_AVERAGE)
+            mode, source = ("counter", Source.COUNTER) if has_counter else ("power_only", Source.SAMPLED)
             labels = {"gpu": str(idx), "uuid": uuids[idx], "model": model, "hostname": os.uname().nodename}
             if mig:
                 labels["mig"] = mig
-            dev = Device(key=f"gpu{idx}", component=Component.GPU, source=source, labels=labels,
-                         power_is_mean=mode == "instant_field",
-                         update_period_s=0.1 if has_counter else (1.0 if mode == "average" else self.power_period_s),
+            key = f"gpu{idx}"
+            dev = Device(key=key, component=Component.GPU, source=source, labels=labels,
+                         power_is_mean=not has_counter and instant_ok,
+                         update_period_s=0.1 if has_counter else self.power_period_s,
                          simulated=self.simulated)
-            shape_usage = has_counter and not instant_ok and not self._averages(h, model)
-            gpus.append(_Gpu(idx, h, dev, has_counter, mode, RefreshTracker(period_s=0.1), instant_ok, shape_usage))
+            # Without field 186, GetPowerUsage shapes the counter's spans: instantaneous or a
+            # 1 s mean, the counter keeps the energy exact; only the spread inside differs.
+            shape_usage = has_counter and not instant_ok
+            power = None if has_counter else PowerOnlyReader(n, h, key, self.wall, instant_ok, average_ok)
+            gpus.append(_Gpu(idx, h, dev, has_counter, mode, RefreshTracker(period_s=0.1), instant_ok,
+                             shape_usage, power=power))
         return gpus
 
     def _probe(self, call: Any) -> bool:
@@ -215,10 +217,12 @@ class NvmlSensor:
         except self.nvml.NVMLError:
             return False
 
-    def _instant_field(self, handle: Any) -> float | None:
-        """Whether field 186 answers, and its watts (a probe at discovery)."""
-        sample = self._instant_sample(handle, None)
-        return None if sample is None else sample[0]
+    def _field_ok(self, handle: Any, field_id: int) -> bool:
+        """Whether a field answers (a probe at discovery)."""
+        try:
+            return self.nvml.nvmlDeviceGetFieldValues(handle, [field_id])[0].nvmlReturn == 0
+        except self.nvml.NVMLError:
+            return False
 
     def _instant_sample(self, handle: Any, now: float | None,
                         strict: bool = False) -> tuple[float, float | None, int] | None:
@@ -241,17 +245,6 @@ class NvmlSensor:
             t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
         return entry.value.uiVal / 1000.0, t, int(entry.timestamp or 0)
 
-    def _averages(self, handle: Any, model: str) -> bool:
-        """True where nvmlDeviceGetPowerUsage is a 1 s trailing average (Ampere+, except GA100)."""
-        if "A100" in model or "A30" in model:
-            return False
-        try:
-            arch = int(self.nvml.nvmlDeviceGetArchitecture(handle))
-        except (self.nvml.NVMLError, AttributeError, TypeError, ValueError):
-            return False
-        ampere = getattr(self.nvml, "NVML_DEVICE_ARCH_AMPERE", 7)
-        return arch >= ampere
-
     def wants_fast(self, now: float) -> bool:
         """Fast reads for CALIBRATE_S at start, then every RECALIBRATE_S while a counter's
         refresh phase is unknown to within PHASE_LOCKED_S (see sensors/refresh.py)."""
@@ -271,6 +264,18 @@ class NvmlSensor:
             self._burst_start = now
             return True
         return False
+
+    def references(self) -> dict[str, PowerReference]:
+        """Per GPU, what its energy is measured from and why (``doctor`` prints these)."""
+        out = {}
+        for g in self._gpus:
+            if g.power is not None:
+                out[g.device.key] = g.power.reference
+            else:
+                shape = "field 186" if g.instant_ok else ("nvmlDeviceGetPowerUsage" if g.shape_usage else "")
+                out[g.device.key] = PowerReference("counter", "energy counter",
+                                                   "the GPU has a total-energy counter (exact over any span)", shape)
+        return out
 
     # -- Sensor protocol -------------------------------------------------------
     def devices(self) -> list[Device]:
@@ -294,8 +299,8 @@ class NvmlSensor:
         times = [g.pair_second if g.pair_second is not None else g.next_counter_at
                  for g in self._gpus if g.has_counter and (g.instant_ok or g.shape_usage)]
         times += [g.field_next + FIELD_READ_DELAY_S for g in self._gpus
-                  if (g.power_mode == "instant_field" or (g.counter_fault and g.instant_ok))
-                  and g.field_next is not None]
+                  if g.counter_fault and g.instant_ok and g.field_next is not None]
+        times += [t for g in self._gpus if g.power is not None and (t := g.power.next_read_at()) is not None]
         due = [t for t in times if t > now - 0.5]     # long-past wishes are not a reason to spin
         return min(due) if due else None
 
@@ -424,21 +429,8 @@ class NvmlSensor:
                             batch.errors.append(SensorError(self.name, "counter_stalled", key,
                                                             f"energy counter unchanged for {now - g.counter_changed_t:.1f} s "  # type: ignore[operator]
                                                             "while the GPU draws power"))
-                elif g.power_mode == "instant_field":
-                    sample = self._instant_sample(g.handle, now, strict=True)
-                    if sample is None:
-                        batch.errors.append(SensorError(self.name, "not_supported", key, "instant power field failed"))
-                        continue
-                    # Dated by NVML's own timestamp; a repeated timestamp is the same value again.
-                    if sample[1] is not None:
-                        if sample[2] == g.field_last_us:
-                            continue          # the same value again: nothing new to integrate
-                        self._learn_field_refresh(g, sample[1], sample[2])
-                    batch.readings.append(Reading(key, sample[1] or now, power_w=sample[0]))
-                else:
-                    w = n.nvmlDeviceGetPowerUsage(g.handle) / 1000.0
-                    lag = AVERAGED_POWER_LAG_S if g.power_mode == "average" else 0.0
-                    batch.readings.append(Reading(key, now - lag, power_w=w))
+                elif g.power is not None and not g.power.read(now, batch.readings):
+                    batch.errors.append(SensorError(self.name, "not_supported", key, "instant power field failed"))
             except n.NVMLError as exc:
                 batch.errors.append(SensorError(self.name, _error_kind(n, exc), key, _decode(str(exc))))
         self._edges_pending = False
