@@ -76,7 +76,7 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
         GpuSelection([e for e in plan.visible_devices.split(",") if e.strip()])
 
     def connect() -> NvmlSensor:
-        return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall)
+        return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall, clock=clock)
 
     def on_ready(sensor: NvmlSensor, t: float) -> None:
         out.gpus_appeared_at = t

@@ -32,7 +32,8 @@ class Meter:
 
     def __init__(self, sensors: Sequence[Sensor] | None = None, *, clock: Clock | None = None,
                  seed: int | None = None, notes: Sequence[str] = (), pid: int | None = None,
-                 fake_gpus: int | None = None, scenario: str | os.PathLike[str] | None = None) -> None:
+                 fake_gpus: int | None = None, scenario: str | os.PathLike[str] | None = None,
+                 interval_s: float | None = None) -> None:
         self.clock: Clock = clock or SystemClock()
         # Set-up (sensor discovery) counts: a window opened at construction starts here.
         self.created_t = self.clock.now()
@@ -49,7 +50,8 @@ class Meter:
         self.sensors = list(sensors)
         self.notes = list(notes)
         self.ledger = Ledger()
-        self.sampler = Sampler(self.sensors, self.ledger, self.clock, seed=seed)
+        # interval_s (--interval) sets every sensor's cadence (see sensors/base.py).
+        self.sampler = Sampler(self.sensors, self.ledger, self.clock, seed=seed, interval_s=interval_s)
         self._tokens: Counter[str] = Counter()
         self._tokens_lock = threading.Lock()
         self._closed = False

@@ -10,7 +10,7 @@ import random
 
 from wattmeter.clock import VirtualClock
 from wattmeter.meter import Meter
-from wattmeter.sampler import FAST_PERIOD_S, _fast_policy
+from wattmeter.sampler import FAST_PERIOD_S
 
 
 class VirtualDriver:
@@ -20,14 +20,13 @@ class VirtualDriver:
         now = clock.now()
         self.state = {}
         for s in meter.sensors:
-            self.state[s.name] = {"slot": now, "due": now + self.rng.random() * s.period_s, "last": -1e18,
-                                  "fast": _fast_policy(s, meter.ledger)}
+            self.state[s.name] = {"slot": now, "due": now + self.rng.random() * s.period_s, "last": -1e18}
 
     def _next(self, s, now: float) -> tuple[float, bool]:
         st = self.state[s.name]
-        fast = st["fast"](now)
+        fast = self.meter.sampler.wants_fast(s, now)
         target = min(st["due"], st["last"] + FAST_PERIOD_S * (0.5 + self.rng.random())) if fast else st["due"]
-        wish = s.next_read_at(now) if hasattr(s, "next_read_at") else None
+        wish = self.meter.sampler.cadence(s).next_read_at(now)
         if wish is not None and wish < target:
             target = max(wish, st["last"] + 0.001)
         return max(target, now), fast

@@ -11,7 +11,6 @@ import os
 import random
 import re
 from collections import deque
-import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Sequence
@@ -131,7 +130,10 @@ class _Gpu:
 
 
 class NvmlSensor:
+    """The NVML sensor; implements the ``ScheduledSensor`` cadence contract (sensors/base.py)."""
+
     name = "nvml"
+    min_period_s = MIN_FIELD_PERIOD_S
 
     def __init__(self, nvml: ModuleType | None = None, selection: GpuSelection | None = None,
                  period_s: float = 0.1, power_period_s: float = 0.05,
@@ -158,12 +160,8 @@ class NvmlSensor:
         if not self._gpus:
             raise SensorUnavailable("nvml", "no GPU is visible to this job",
                                     "check CUDA_VISIBLE_DEVICES, or use --fake-gpus N")
-        # Power-only GPUs need a faster cadence than counters (DESIGN: 10-20 Hz instant power).
-        self.period_s = period_s if all(g.has_counter for g in self._gpus) else min(period_s, power_period_s)
-        if any(g.power is not None and g.instant_ok for g in self._gpus):
-            # Power-only GPUs integrate field 186, a short mean that costs ~10 us to read:
-            # read it often enough to see (nearly) every value, rather than 2 in 5.
-            self.period_s = min(self.period_s, FIELD_PERIOD_S)
+        self.period_s = period_s
+        self.set_period(period_s)
         self.fast_edges = any(g.has_counter for g in self._gpus)
         self._burst_start: float | None = None
         self._first_read: float | None = None
@@ -281,11 +279,19 @@ class NvmlSensor:
     def devices(self) -> list[Device]:
         return [g.device for g in self._gpus]
 
+    def set_period(self, period_s: float) -> None:
+        """The steady cadence (``--interval``). Power-only GPUs are read faster than counters
+        (DESIGN: 10-20 Hz instant power), and where they integrate field 186, a short mean that
+        costs ~10 us to read, often enough to see (nearly) every value."""
+        period = max(period_s, self.min_period_s)
+        if not all(g.has_counter for g in self._gpus):
+            period = min(period, self.power_period_s)
+        if any(g.power is not None and g.instant_ok for g in self._gpus):
+            period = min(period, FIELD_PERIOD_S)
+        self.period_s = period
+
     def read_fast(self, now: float) -> Batch:
-        """A read while a window edge waits: also schedules a counter pair at the next refresh,
-        so the edge resolves within ~0.1 s instead of at the next scheduled pair."""
-        self._edges_pending = True
-        return self.read(now)
+        return self.read(now, fast=True)
 
     def next_read_at(self, now: float) -> float | None:
         """When the sampler should read next: a scheduled counter read, or just after the next
@@ -404,7 +410,11 @@ class NvmlSensor:
         # allowed phases from either side, so the estimate keeps up with a wandering clock.
         g.next_counter_at = refresh - PAIR_HALF_GAP_S + self._rng.uniform(-PAIR_SHIFT_S, PAIR_SHIFT_S)
 
-    def read(self, now: float) -> Batch:
+    def read(self, now: float, fast: bool = False) -> Batch:
+        """Read every GPU once. ``fast`` (a window edge waits): also schedule a counter pair at
+        the next refresh, so the edge resolves within ~0.1 s instead of at the next steady pair."""
+        if fast:
+            self._edges_pending = True
         batch = Batch()
         n = self.nvml
         for g in self._gpus:
@@ -468,7 +478,7 @@ class NvmlSensor:
     def mig_layout(self) -> dict[str, dict[str, float]]:
         """Per GPU in MIG mode, each GPU instance's fraction of the GPU's SMs. NVML has no
         per-instance power, so attribution apportions the parent's energy by these (estimated)."""
-        now = time.monotonic()
+        now = self._clock.now()
         if self._mig_cache is not None and now - self._mig_cache[0] < MIG_LAYOUT_TTL_S:
             return self._mig_cache[1]
         n, out = self.nvml, {}
