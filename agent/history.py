@@ -310,6 +310,41 @@ class DeviceHistory:
             total += pts[-1][1] * (prim(half) - prim(lo))
         return total
 
+    def energy(self, t: float) -> float:
+        """E(t), the one value every figure reads. Inside the history it is settled. Past the
+        last point (the live tail a scrape sees) it is the best estimate, carried forward by
+        instant power, and never below what was shown before a counter read or a filled hole
+        corrected the estimate downwards: the total holds until the estimate catches up, so it
+        neither steps back nor goes backwards."""
+        value, _ = self.estimate_at(t)
+        if self.last_t is None or t < self.last_t:
+            return max(0.0, value)
+        return max(0.0, self.floor_j, value)
+
+    def peak_power(self, t0: float, t1: float) -> float | None:
+        """The largest power over [t0, t1]: history points and instant samples, never below the
+        span's average (a counter's mean is a power the device reached)."""
+        best = self.peak_w(t0, t1)
+        sample = self.max_sample_w(t0, t1)
+        if sample is not None:
+            best = sample if best is None else max(best, sample)
+        if t1 > t0 and self.last_t is not None:
+            avg = (self.energy(t1) - self.energy(t0)) / (t1 - t0)
+            best = avg if best is None else max(best, avg)
+        return best
+
+    def timeline(self, t0: float, t1: float, step_s: float) -> list[tuple[float, float, float]]:
+        """[(start, end, mean power_w)] tiling [t0, t1]: each step's power is its energy from
+        E(t), so the timeline integrates to E(t1) - E(t0) exactly."""
+        out = []
+        a, e_a = t0, self.energy(t0)
+        while a < t1 - 1e-9:
+            b = min(t1, a + step_s)
+            e_b = self.energy(b)
+            out.append((a, b, max(0.0, e_b - e_a) / (b - a)))
+            a, e_a = b, e_b
+        return out
+
     def approximate_between(self, t0: float, t1: float) -> bool:
         """Whether any bridged span overlaps [t0, t1]."""
         return any(a < t1 and b > t0 for a, b in self.approx_spans)

@@ -13,7 +13,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from .counter_faults import counter_delta, flag_bridged
 from .history import BACKDATE_EXACT_S, POWER_SPAN_S, DeviceHistory
+from .mean_reference import MEAN_STALE_S, anchor_on_means
 from .model import Component, Device, Reading, Source
 from .shaping import HOLE_S, step_interpolate
 
@@ -22,13 +24,6 @@ __all__ = ["Ledger", "Mark", "DeviceSnapshot", "DeviceHistory", "step_interpolat
 # Errors after which a counter cannot vouch for the time since its last point: edges waiting
 # on it are estimated from instant power at once (never stall a result) and flagged.
 FAULT_KINDS = frozenset({"gpu_lost", "not_supported", "counter_stalled"})
-MEAN_STALE_S = 2.5        # a trailing mean this old no longer carries a power-only GPU
-STALL_SPAN_S = 1.0        # a counter span this long...
-STALL_SHORTFALL = 0.8     # ...holding less than this share of what power says, is a stall
-SUSPECT_SHORTFALL = 0.95  # (the share right after a bridged span)
-STALL_MIN_J = 5.0         # (and short by at least this much: idle noise is not a stall)
-CATCH_UP_SHARE = 0.2      # a span holding this much more than power shows repays a stall...
-OWED_TTL_S = 60.0         # ...within this long of it
 
 
 @dataclass
@@ -109,63 +104,10 @@ class Ledger:
     def _fault(self, d: DeviceHistory, t: float) -> None:
         if d.last_t is None:
             return
-        self._bridged(d, d.last_t, t)
+        flag_bridged(d, d.last_t, t)
         while (m := self._next_mark(d)) is not None and m.t <= t:
-            self._pin(m, d, self._exported(d, m.t), d.last_power or 0.0, True)
+            self._pin(m, d, d.energy(m.t), d.last_power or 0.0, True)
             d.cursor += 1
-
-    @staticmethod
-    def _bridged(d: DeviceHistory, t0: float, t1: float) -> None:
-        """Flag [t0, t1] approximate; a span not touching the last flagged one is a new event."""
-        if not (d.approx_spans and d.approx_spans[-1][1] >= t0):
-            d.bridges += 1
-        d.approx_spans.append((t0, t1))
-
-    def _counter_delta(self, d: DeviceHistory, r: Reading) -> float:
-        """Energy since the previous counter point. Where the counter cannot vouch for the span
-        (it restarted, or holds far less than instant power shows: a stall, a lost GPU), the
-        span is bridged from instant power, flagged approximate and counted."""
-        value = r.energy_j
-        assert value is not None
-        if d.last_counter is None or d.last_t is None:
-            return 0.0
-        if value >= d.last_counter:
-            delta = value - d.last_counter
-            reset = False
-        elif d.device.wrap_j:
-            return value + d.device.wrap_j - d.last_counter   # wrapped past its range
-        else:
-            # A counter that went down was reset (driver reload, GPU back from the bus): what it
-            # holds now was burned since the reset, the rest of the span is unknown to it.
-            d.resets += 1
-            delta, reset = value, True
-        span = r.t - d.last_t
-        bridged = d.bridge_energy(d.last_t, r.t)
-        if bridged is None and reset:
-            bridged = (d.last_power or 0.0) * span     # no instant power: the last counter slope
-        if bridged is None:
-            return delta
-        # Right after a bridged span the counter is still suspect (the stall may have ended
-        # inside this span), however short the span, and held to a closer match.
-        after_bridge = bool(d.approx_spans and d.approx_spans[-1][1] >= d.last_t)
-        share = SUSPECT_SHORTFALL if after_bridge else STALL_SHORTFALL
-        stalled = not reset and (span >= STALL_SPAN_S or after_bridge) and delta < share * bridged \
-            and bridged - delta > STALL_MIN_J
-        if reset or stalled:
-            self._bridged(d, d.last_t, r.t)
-            if stalled:
-                # A stalled counter may later catch up with one jump: what power filled in now
-                # is owed back from such a jump, so the energy is never counted twice.
-                d.owed_j, d.owed_t = d.owed_j + bridged - delta, r.t
-            return max(delta, bridged)
-        excess = delta - bridged
-        if d.owed_j > 0 and r.t - d.owed_t <= OWED_TTL_S and excess > STALL_MIN_J \
-                and excess > CATCH_UP_SHARE * bridged:
-            take = min(excess, d.owed_j)        # the stalled counter caught up
-            d.owed_j -= take
-            d.approx_spans.append((d.last_t, r.t))
-            return delta - take
-        return delta
 
     def _record_one(self, r: Reading) -> None:
         d = self._devs.get(r.device_key)
@@ -186,14 +128,14 @@ class Ledger:
                 if d.shape and d.last_t is not None and r.t - d.shape[-1][0] > HOLE_S:
                     # This sample closes a hole and changes how the hole is filled: what a
                     # scrape showed up to now stays the floor of the exported total.
-                    d.floor_j = max(d.floor_j, self._exported(d, r.t))
+                    d.floor_j = max(d.floor_j, d.energy(r.t))
                 d.shape.append((r.t, r.power_w))   # shapes edges; the counter has the energy
             return
         if d.last_t is not None and r.t <= d.last_t:
             return   # stale or duplicate timestamp: the value has not refreshed
         if r.energy_j is not None:
-            exported = self._exported(d, r.t) if d.last_t is not None else None
-            delta = self._counter_delta(d, r)
+            exported = d.energy(r.t) if d.last_t is not None else None
+            delta = counter_delta(d, r)
             d.last_counter = r.energy_j
             d.last_read_t = r.read_t
             if d.anchor_t is None:
@@ -251,42 +193,13 @@ class Ledger:
         self._push_mean_point(d, t_k, d.mean_base + raw)
 
     def _activate_mean(self, d: DeviceHistory) -> None:
-        """Switch a device to its trailing-mean reference at an anchor instant the means cover:
-        E up to the anchor stays as integrated from instant power, newer points are dropped and
-        re-derived from the means (E stays continuous)."""
-        half = 0.5 * d.mean_window_s
-        first, newest = d.means[0][0] + half, d.means[-1][0] - half
-        if newest < first:
+        """Switch a device to its trailing-mean reference (mean_reference.py), then re-derive
+        the points after the anchor from the means."""
+        if not anchor_on_means(d):
             return
-        keep = d.n
-        while keep > d.oldest() and d.point(keep - 1)[0] > newest:
-            keep -= 1
-        anchor = max(first, d.point(keep - 1)[0]) if keep > d.oldest() else first
-        if d.last_t is None:
-            e_anchor = 0.0
-        elif anchor <= d.last_t:
-            found = d.value_at(anchor)
-            e_anchor = found[0] if found is not None else d.total_j
-        else:
-            e_anchor = d.total_j + (d.last_power or 0.0) * (anchor - d.last_t)
-        raw = d.mean_energy(anchor)
-        if raw is None:
-            return
-        while keep > d.oldest() and d.point(keep - 1)[0] > anchor:
-            keep -= 1
-        d.cur_count = max(0, d.cur_count - (d.n - keep))
-        d.n = keep
-        if keep > d.oldest() and d.point(keep - 1)[0] == anchor:
-            d.total_j, d.last_t, d.last_power = e_anchor, anchor, d.point(keep - 1)[2]
-        else:
-            power = d.point(keep - 1)[2] if keep > d.oldest() else 0.0
-            d.total_j, d.last_t, d.last_power = e_anchor, anchor, power
-            d.push(anchor, e_anchor, power)
-        d.mean_base = e_anchor - raw
-        d.mean_active = True
-        d.mean_from_t = anchor
+        assert d.last_t is not None
         for t_m, _, _ in list(d.means):
-            t_k = t_m - half
+            t_k = t_m - 0.5 * d.mean_window_s
             if t_k > d.last_t:
                 raw_k = d.mean_energy(t_k)
                 if raw_k is not None:
@@ -309,18 +222,6 @@ class Ledger:
                 found = d.value_at(m.t)
                 self._pin(m, d, found[0] if found else e_prev, power, found[2] if found else True)
             d.cursor += 1
-
-    @staticmethod
-    def _exported(d: DeviceHistory, t: float) -> float:
-        """E(t), the one value every figure reads. Inside the history it is settled. Past the
-        last point (the live tail a scrape sees) it is the best estimate, carried forward by
-        instant power, and never below what was shown before a counter read or a filled hole
-        corrected the estimate downwards: the total holds until the estimate catches up, so it
-        neither steps back nor goes backwards."""
-        value, _ = d.estimate_at(t)
-        if d.last_t is None or t < d.last_t:
-            return max(0.0, value)
-        return max(0.0, d.floor_j, value)
 
     def _next_mark(self, d: DeviceHistory) -> Mark | None:
         """The oldest mark this device has not resolved yet (marks are in time order)."""
@@ -434,7 +335,7 @@ class Ledger:
                     self._pin(m, d, 0.0, 0.0, True)
                     continue
                 _, extrapolated = d.estimate_at(m.t)
-                self._pin(m, d, self._exported(d, m.t), d.last_power or 0.0, extrapolated)
+                self._pin(m, d, d.energy(m.t), d.last_power or 0.0, extrapolated)
             self._trim_marks()
 
     def force_resolve_all(self) -> None:
@@ -458,14 +359,7 @@ class Ledger:
             d = self._devs.get(key)
             if d is None:
                 return None
-            best = d.peak_w(t0, t1)
-            sample = d.max_sample_w(t0, t1)
-            if sample is not None:
-                best = sample if best is None else max(best, sample)
-            if t1 > t0 and d.last_t is not None:
-                avg = (self._exported(d, t1) - self._exported(d, t0)) / (t1 - t0)
-                best = avg if best is None else max(best, avg)
-            return best
+            return d.peak_power(t0, t1)
 
     def approximate_between(self, key: str, t0: float, t1: float) -> bool:
         """Whether [t0, t1] of this device is an estimate: a bridged span (reset, lost GPU,
@@ -491,7 +385,7 @@ class Ledger:
                 if at is None:
                     at = max(d.last_t or 0.0, d.shape[-1][0] if d.shape else 0.0)
                 power = d.shape[-1][1] if d.shape else d.last_power
-                e = self._exported(d, at) if d.last_t is not None else 0.0
+                e = d.energy(at) if d.last_t is not None else 0.0
                 out[k] = DeviceSnapshot(d.device, e, power, d.last_t, d.resets, d.errors, d.bridges)
             return out
 
@@ -502,12 +396,12 @@ class Ledger:
             d = self._devs.get(key)
             if d is None or d.last_t is None:
                 return None
-            return self._exported(d, t)
+            return d.energy(t)
 
     def values_at(self, t: float) -> dict[str, float]:
         """Each device's E(t) (see ``energy_at``); devices with no point yet are left out."""
         with self._lock:
-            return {k: self._exported(d, t) for k, d in self._devs.items() if d.last_t is not None}
+            return {k: d.energy(t) for k, d in self._devs.items() if d.last_t is not None}
 
     def power_timeline(self, key: str, t0: float, t1: float, step_s: float = 1.0) -> list[tuple[float, float, float]]:
         """[(start, end, mean power_w)] tiling [t0, t1] in steps of ``step_s``: each step's power
@@ -518,14 +412,7 @@ class Ledger:
             d = self._devs.get(key)
             if d is None or d.last_t is None or t1 <= t0:
                 return []
-            out = []
-            a, e_a = t0, self._exported(d, t0)
-            while a < t1 - 1e-9:
-                b = min(t1, a + step_s)
-                e_b = self._exported(d, b)
-                out.append((a, b, max(0.0, e_b - e_a) / (b - a)))
-                a, e_a = b, e_b
-            return out
+            return d.timeline(t0, t1, step_s)
 
     def energy_between(self, key: str, t0: float, t1: float) -> float | None:
         """Energy of one device between two times still inside its history."""

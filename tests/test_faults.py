@@ -2,8 +2,6 @@
 approximate and counted, and the exported total stays monotonic (issue 11, the -44 % bug)."""
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from wattmeter.clock import VirtualClock
@@ -33,8 +31,7 @@ def run_job(fault: dict | None, seed: int, stall: tuple[float, float, bool] | No
         frozen = gpu.energy_mj
         gpu.energy_mj = lambda t: frozen(a) if a <= t < b else \
             frozen(t) - (0 if catch_up or t < b else frozen(b) - frozen(a))
-    sensor = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall)
-    sensor._rng = random.Random(seed)
+    sensor = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)
     meter = Meter([sensor], clock=clock)
     meter.poll()
     drive = VirtualDriver(meter, clock, seed)

@@ -97,7 +97,7 @@ def test_mig_energy_is_apportioned_by_instance_and_labelled_estimated():
 
 def test_calibration_bursts_back_off_while_a_counter_will_not_lock():
     clock, _, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 100.0}}]})
-    tracker = s._gpus[0].tracker
+    tracker = s._gpus[0].counter.tracker
     starts, t = [], 0.0
     while t < 200.0:
         tracker._uncertainty = 0.1              # never locks (an irregular refresh)
@@ -178,7 +178,7 @@ def test_power_only_energy_tiles_field_values_exactly():
 def test_reads_back_to_back_until_a_counter_change_dates_the_first_point():
     clock, _, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0},
                                        "sensor": {"counter_phase_s": 0.05}}]})
-    tracker = s._gpus[0].tracker
+    tracker = s._gpus[0].counter.tracker
     start = clock.now()
     while not tracker.dated:
         assert s.next_read_at(clock.now()) == clock.now()    # a new meter's first edge waits on this
@@ -203,12 +203,12 @@ def test_pairs_straddle_the_predicted_refresh_at_shifted_offsets():
     while clock.now() - fake.t0 < 1.0:                     # calibrate: fast reads at jittered gaps
         s.read(clock.now())
         clock.advance(0.0025 + 0.005 * ((clock.now() * 7919) % 1.0))
-    assert g.tracker.uncertainty_s < 0.025                 # locked: pairs are planned
+    assert g.counter.tracker.uncertainty_s < 0.025                 # locked: pairs are planned
     offsets = []
     for _ in range(20):
-        s._plan_pair(g, clock.now())
-        refresh = g.tracker.next_refresh_after(clock.now() + 0.008)
-        offsets.append(g.next_counter_at + 0.008 - refresh)
+        g.counter.plan_pair(clock.now())
+        refresh = g.counter.tracker.next_refresh_after(clock.now() + 0.008)
+        offsets.append(g.counter.next_counter_at + 0.008 - refresh)
     assert all(abs(o) <= 0.004 + 1e-9 for o in offsets)
     assert max(offsets) - min(offsets) > 0.002             # not always centred on the prediction
 
@@ -221,12 +221,12 @@ def test_steady_pairs_start_on_a_cadence_read_just_before_a_refresh():
     mod = s.nvml
     real = mod.nvmlDeviceGetTotalEnergyConsumption
     mod.nvmlDeviceGetTotalEnergyConsumption = lambda h: (reads.append(clock.now()), real(h))[1]
-    while not g.tracker.dated or clock.now() - fake.t0 < 1.0:     # lock the phase
+    while not g.counter.tracker.dated or clock.now() - fake.t0 < 1.0:     # lock the phase
         s.read(clock.now())
         clock.advance(0.003)
     planned = clock.now()
-    s._plan_pair(g, planned + 4.0, steady=True)
-    assert g.next_counter_at >= planned + 4.0 + 3.0 - 0.02         # its own wake-up only as a fallback
+    g.counter.plan_pair(planned + 4.0, steady=True)
+    assert g.counter.next_counter_at >= planned + 4.0 + 3.0 - 0.02         # its own wake-up only as a fallback
     reads.clear()
     t_end = clock.now() + 8.0
     while clock.now() < t_end:                                     # cadence reads every 37 ms
