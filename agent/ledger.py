@@ -125,9 +125,11 @@ class Ledger:
                 d.mean_active = False   # the trailing mean stopped coming: integrate instant power
         if r.energy_j is None and d.device.source == Source.COUNTER:
             if r.power_w is not None and (not d.shape or r.t > d.shape[-1][0]):
-                if d.shape and d.last_t is not None and r.t - d.shape[-1][0] > HOLE_S:
-                    # This sample closes a hole and changes how the hole is filled: what a
-                    # scrape showed up to now stays the floor of the exported total.
+                if d.shape and d.last_t is not None and (
+                        r.t - d.shape[-1][0] > HOLE_S or (d.approx_spans and d.approx_spans[-1][1] >= d.last_t)):
+                    # This sample closes a hole, or comes while a fault keeps the counter away:
+                    # it changes how a hole is filled, so what a scrape showed up to now stays
+                    # the floor of the exported total.
                     d.floor_j = max(d.floor_j, d.energy(r.t))
                 d.shape.append((r.t, r.power_w))   # shapes edges; the counter has the energy
             return
