@@ -143,18 +143,22 @@ class DeviceHistory:
         t1, e1, _ = self.point(k + 1)
         if t1 <= t0:
             return e1
+        # Shaped by instant power: the counter's energy spread in proportion to what instant
+        # power shows (monotonic in t by construction). Dense samples (every value read) cover
+        # the segment strictly; jittered 10 Hz reads, with gaps up to ~0.2 s, leniently.
+        whole = self.shape_energy(t0, t1)
+        strict = whole is not None
+        if whole is None:
+            whole = self.bridge_energy(t0, t1)
+        if whole is not None and whole > 0:
+            part = (self.shape_energy(t0, t) if strict else self.bridge_energy(t0, t)) or 0.0
+            return e0 + (e1 - e0) * min(1.0, max(0.0, part / whole))
         if t1 - t <= TAIL_MAX_S:
             # The sampler reads instant power every few ms after an edge and schedules a
             # counter read at the next refresh: the short tail to it is measured directly.
-            # (Only from a sample at or before t: a value held back over a gap would disagree
-            # with the rest of the segment, and E(t) must stay monotonic.)
             tail = self.shape_energy(t, t1, TAIL_GAP_S) if self._sampled_by(t, TAIL_GAP_S) else None
             if tail is not None:
                 return min(max(e1 - tail, e0), e1)
-        whole = self.shape_energy(t0, t1)
-        if whole is not None and whole > 0:
-            part = self.shape_energy(t0, t) or 0.0
-            return e0 + (e1 - e0) * min(1.0, max(0.0, part / whole))
         if not allow_step:
             return None
         low = high = None
@@ -166,9 +170,21 @@ class DeviceHistory:
             high = (ea - e1) / (ta - t1) if ta > t1 else None
         return step_interpolate(t0, e0, t1, e1, t, low, high)
 
+    def samples_between(self, a: float, b: float) -> list[tuple[float, float]]:
+        """Instant samples dated in [a, b], oldest first. Scans back from the newest (queries
+        are near the present), so a read costs the samples in the span, not the whole ring."""
+        out = []
+        for t, w in reversed(self.shape):
+            if t < a:
+                break
+            if t <= b:
+                out.append((t, w))
+        out.reverse()
+        return out
+
     def _sampled_by(self, t: float, gap: float) -> bool:
         """Whether an instant sample lies in [t - gap, t]."""
-        return any(t - gap <= ts <= t for ts, _ in reversed(self.shape))
+        return bool(self.samples_between(t - gap, t))
 
     def shape_energy(self, a: float, b: float, gap: float = 0.0) -> float | None:
         """Energy from a to b from instant-power samples, or None unless the samples cover
@@ -178,7 +194,7 @@ class DeviceHistory:
         instantaneous value. The last value is held forward."""
         gap = gap or SHAPE_GAP_S
         pts: list[tuple[float, float]] = []
-        for t, w in self.shape:
+        for t, w in self.samples_between(a - gap, b + gap):
             if a - gap <= t <= b + gap and not (pts and t - pts[-1][0] < SAME_VALUE_S):
                 pts.append((t, w))       # one value read twice is dated twice, a hair apart
         if not pts or pts[0][0] > a + gap or pts[-1][0] < b - gap:
@@ -217,7 +233,7 @@ class DeviceHistory:
     def bridge_energy(self, a: float, b: float) -> float | None:
         """Energy from a to b from instant power across holes (a reset, a lost GPU, a stalled
         counter), or None when no sample lies within BRIDGE_REACH_S of both ends."""
-        pts = [(t, w) for t, w in self.shape if a - BRIDGE_REACH_S <= t <= b + BRIDGE_REACH_S]
+        pts = self.samples_between(a - BRIDGE_REACH_S, b + BRIDGE_REACH_S)
         if not pts or pts[0][0] > a + BRIDGE_REACH_S or pts[-1][0] < b - BRIDGE_REACH_S:
             return None
         return integrate_samples(pts, a, b)
@@ -286,7 +302,7 @@ class DeviceHistory:
         with P piecewise constant from the instant samples (each the mean since the one
         before; the ends held)."""
         w = 2.0 * half
-        pts = [(ts, v) for ts, v in self.shape if t - half - 1.0 <= ts <= t + half + 1.0]
+        pts = self.samples_between(t - half - 1.0, t + half + 1.0)
         if not pts:
             return 0.0
 
@@ -351,7 +367,7 @@ class DeviceHistory:
 
     def max_sample_w(self, t0: float, t1: float) -> float | None:
         """The largest instant-power sample dated inside [t0, t1]."""
-        vals = [w for t, w in self.shape if t0 <= t <= t1]
+        vals = [w for _, w in self.samples_between(t0, t1)]
         return max(vals) if vals else None
 
     def push(self, t: float, e: float, p: float) -> None:

@@ -24,6 +24,7 @@ READ_STAMP_MAX_AGE_S = 0.0015   # a read-stamped value is never older than one c
 STAMP_SAMPLES = 20           # reads before the timestamps are judged
 MEAN_SAMPLES = 12            # varying candidate samples before a verdict
 VARYING_SHARE = 0.03         # instant power varies by this share of its mean: a usable sample
+RECHECK_EVERY = 10           # once decided, candidates checked
 VERDICT_RATIO = 0.5          # the better model must fit with half the other's error
 
 
@@ -84,14 +85,25 @@ class MeanEvidence:
         self.err_inst = 0.0
         self.n = 0
         self.verdict: bool | None = None     # True: trailing mean; False: instant; None: unknown
+        self._seen = 0
 
     def add_instant(self, t: float, w: float) -> None:
         if not self.instant or t > self.instant[-1][0]:
             self.instant.append((t, w))
 
     def add_candidate(self, t: float, w: float) -> bool | None:
-        """Feed one candidate value dated t; returns the verdict so far."""
-        pts = [(ts, v) for ts, v in self.instant if t - self.window_s - 0.1 <= ts <= t]
+        """Feed one candidate value dated t; returns the verdict so far. Once decided, only
+        every RECHECK_EVERY-th value is checked (the verdict can still flip, at a tenth the cost)."""
+        self._seen += 1
+        if self.verdict is not None and self._seen % RECHECK_EVERY:
+            return self.verdict
+        pts = []
+        for ts, v in reversed(self.instant):     # newest first: stop once past the window
+            if ts < t - self.window_s - 0.1:
+                break
+            if ts <= t:
+                pts.append((ts, v))
+        pts.reverse()
         if len(pts) < 5 or pts[0][0] > t - self.window_s + 0.15:
             return self.verdict          # the last second is not covered yet
         vals = [v for ts, v in pts if ts > t - self.window_s]
