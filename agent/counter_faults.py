@@ -45,7 +45,9 @@ def counter_delta(d: DeviceHistory, r: Reading) -> float:
         d.resets += 1
         delta, reset = value, True
     span = r.t - d.last_t
-    bridged = d.bridge_energy(d.last_t, r.t)
+    bridged = d.reference_energy(d.last_t, r.t)      # on the trailing mean, where there is one
+    if bridged is None:
+        bridged = d.bridge_energy(d.last_t, r.t)
     if bridged is None and reset:
         bridged = (d.last_power or 0.0) * span     # no instant power: the last counter slope
     if bridged is None:

@@ -248,6 +248,10 @@ class DeviceHistory:
         if self.last_t is None:
             return 0.0, True
         t_from = self.last_t
+        if self.device.source == Source.COUNTER and self.means:
+            ref = self.reference_energy(t_from, t)
+            if ref is not None:
+                return self.total_j + ref, True
         if self.shape and (self.device.source == Source.COUNTER or self.mean_active):
             # From the counter's (dated) refresh: the value holds the energy up to it.
             t_shape = min(t, self.shape[-1][0])
@@ -360,6 +364,33 @@ class DeviceHistory:
             out.append((a, b, max(0.0, e_b - e_a) / (b - a)))
             a, e_a = b, e_b
         return out
+
+    def reference_energy(self, a: float, b: float) -> float | None:
+        """Energy from a to b on the 1 s trailing mean where one was read with instant power
+        (a counter GPU's field 185): over seconds it beats sparse instant samples of a bursty
+        load by several %; instant power covers the last half second the mean cannot vouch
+        for yet. None where the means do not cover a."""
+        if not self.means or b <= a:
+            return None
+        t_ref = min(b, self.means[-1][0] - 0.5 * self.mean_window_s)
+        if t_ref <= a:
+            return None
+        e_a, e_ref = self.mean_energy(a), self.mean_energy(t_ref)
+        if e_a is None or e_ref is None:
+            return None
+        return max(0.0, e_ref - e_a) + self._recent_energy(t_ref, b)
+
+    def _recent_energy(self, a: float, b: float) -> float:
+        """Energy of the last moments [a, b] (half a second), which no trailing mean covers
+        yet: from instant power, else the newest power held. (The newest 1 s mean instead was
+        worse on bursty loads: it describes a second that ended half a second ago.)"""
+        if b <= a:
+            return 0.0
+        bridged = self.bridge_energy(a, b)
+        if bridged is not None:
+            return bridged
+        w = self.shape[-1][1] if self.shape else (self.last_power or 0.0)
+        return w * min(b - a, HOLD_MAX_S)
 
     def approximate_between(self, t0: float, t1: float) -> bool:
         """Whether any bridged span overlaps [t0, t1]."""

@@ -125,11 +125,10 @@ class Ledger:
                 d.mean_active = False   # the trailing mean stopped coming: integrate instant power
         if r.energy_j is None and d.device.source == Source.COUNTER:
             if r.power_w is not None and (not d.shape or r.t > d.shape[-1][0]):
-                if d.shape and d.last_t is not None and (
-                        r.t - d.shape[-1][0] > HOLE_S or (d.approx_spans and d.approx_spans[-1][1] >= d.last_t)):
-                    # This sample closes a hole, or comes while a fault keeps the counter away:
-                    # it changes how a hole is filled, so what a scrape showed up to now stays
-                    # the floor of the exported total.
+                if d.last_t is not None:
+                    # A new sample changes how the live tail is estimated (a held value gives
+                    # way to a measured one, a hole is filled): what a scrape showed up to now
+                    # stays the floor of the exported total (~5 us).
                     d.floor_j = max(d.floor_j, d.energy(r.t))
                 d.shape.append((r.t, r.power_w))   # shapes edges; the counter has the energy
             return
@@ -182,7 +181,13 @@ class Ledger:
         a window back (the newest instant whose whole kernel the means cover)."""
         assert r.mean_w is not None
         window = r.mean_window_s or 1.0
+        if d.device.source == Source.COUNTER and d.last_t is not None:
+            d.floor_j = max(d.floor_j, d.energy(r.t))
         d.add_mean(r.t, max(0.0, r.mean_w), window)
+        if d.device.source == Source.COUNTER:
+            # The counter has the energy; the mean carries E between its reads (a new mean
+            # moves the tail from instant power onto it: the floor above keeps what was shown).
+            return
         t_k = r.t - 0.5 * window
         if not d.mean_active:
             if d.means[0][0] > r.t - window:

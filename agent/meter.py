@@ -120,7 +120,9 @@ class Meter:
 
     # -- reading -----------------------------------------------------------------
     def snapshot(self) -> dict[str, DeviceSnapshot]:
-        return self.ledger.snapshot()
+        """Each device's E at this instant (a pure read). While sampling, the newest readings
+        are carried to now (a scrape's time); a stopped meter reports its last reading."""
+        return self.ledger.snapshot(self.clock.now() if self.sampler.running else None)
 
     @property
     def status(self) -> dict[str, SensorStatus]:

@@ -17,7 +17,8 @@ from typing import Any, Callable, Sequence
 from ..clock import Clock, SystemClock
 from ..model import Batch, Component, Device, ProcessUsage, Reading, SensorError, Source
 from .base import SensorUnavailable
-from .nvml_power import FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, PowerOnlyReader
+from .nvml_power import FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, PowerOnlyReader, Stream as _Stream
+from .power_evidence import MEAN_WINDOW_S
 from .power_evidence import PowerReference
 from .gpu_selection import GpuSelection
 from .counter_timing import DENSE_START_S, Calibration, CounterTiming
@@ -59,6 +60,8 @@ class _Gpu:
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
     power: PowerOnlyReader | None = None   # GPUs with no counter
+    average_ok: bool = False     # field 185 (1 s trailing mean) answers
+    mean_stream: _Stream = field(default_factory=_Stream)
 
 
 class NvmlSensor:
@@ -100,6 +103,7 @@ class NvmlSensor:
         self._calibration = Calibration()
         self._first_read: float | None = None
         self._edges_pending = False
+        self._last_average: tuple[float, int] | None = None
         self._mig_cache: tuple[float, dict[str, dict[str, float]]] | None = None
 
     @staticmethod
@@ -137,7 +141,8 @@ class NvmlSensor:
             shape_usage = has_counter and not instant_ok
             power = None if has_counter else PowerOnlyReader(n, h, key, self.wall, instant_ok, average_ok)
             counter = CounterTiming(shaped=instant_ok or shape_usage, rng=self._rng) if has_counter else None
-            gpus.append(_Gpu(idx, h, dev, has_counter, mode, counter, instant_ok, shape_usage, power=power))
+            gpus.append(_Gpu(idx, h, dev, has_counter, mode, counter, instant_ok, shape_usage, power=power,
+                             average_ok=average_ok))
         return gpus
 
     def _probe(self, call: Any) -> bool:
@@ -154,18 +159,23 @@ class NvmlSensor:
         except self.nvml.NVMLError:
             return False
 
-    def _instant_sample(self, handle: Any, now: float | None,
-                        strict: bool = False) -> tuple[float, float | None, int] | None:
+    def _instant_sample(self, handle: Any, now: float | None, strict: bool = False,
+                        average: bool = False) -> tuple[float, float | None, int] | None:
         """(watts, clock time the value was sampled) from field 186. NVML stamps each field value
         with the wall time it was taken; a value that is 20 ms old belongs 20 ms back.
         ``strict`` lets NVML errors through (a lost GPU must show as an error, not silence).
-        The third item is NVML's raw timestamp (µs), which identifies the value."""
+        The third item is NVML's raw timestamp (µs), which identifies the value. With
+        ``average``, field 185 comes in the same call: ``self._last_average`` holds it."""
+        self._last_average = None
+        fields = [FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE] if average else [FIELD_POWER_INSTANT]
         try:
-            values = self.nvml.nvmlDeviceGetFieldValues(handle, [FIELD_POWER_INSTANT])
+            values = self.nvml.nvmlDeviceGetFieldValues(handle, fields)
         except self.nvml.NVMLError:
             if strict:
                 raise
             return None
+        if average and len(values) > 1 and values[1].nvmlReturn == 0:
+            self._last_average = (values[1].value.uiVal / 1000.0, int(values[1].timestamp or 0))
         entry = values[0]
         if entry.nvmlReturn != 0:   # the call succeeds while a field fails: check each entry
             return None
@@ -246,7 +256,14 @@ class NvmlSensor:
             return False
         g.last_shape_t = now
         if g.instant_ok:
-            sample = self._instant_sample(g.handle, now, strict=True)
+            sample = self._instant_sample(g.handle, now, strict=True, average=g.average_ok)
+            if self._last_average is not None:
+                # Field 185, the 1 s trailing mean, read in the same call: between counter
+                # reads it carries E(t) over seconds better than sparse instant samples.
+                w, ts = self._last_average
+                t_mean = g.mean_stream.date(w, ts, now, self.wall)
+                if t_mean is not None:
+                    batch.readings.append(Reading(g.device.key, t_mean, mean_w=w, mean_window_s=MEAN_WINDOW_S))
             if sample is not None:
                 if sample[1] is not None and sample[2]:
                     if sample[2] == g.field_last_us:

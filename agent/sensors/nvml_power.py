@@ -29,7 +29,7 @@ FIELD_READ_DELAY_S = 0.002    # read a new field value this long after it is exp
 
 
 @dataclass
-class _Stream:
+class Stream:
     """One power value read repeatedly: which of its reads are new, and when each was taken."""
 
     stamps: StampEvidence = field(default_factory=StampEvidence)
@@ -81,8 +81,8 @@ class PowerOnlyReader:
                  instant_ok: bool, average_ok: bool) -> None:
         self.nvml, self.handle, self.key, self.wall = nvml, handle, key, wall
         self.instant_ok, self.average_ok = instant_ok, average_ok
-        self.instant = _Stream()
-        self.mean = _Stream()
+        self.instant = Stream()
+        self.mean = Stream()
         self.mean_evidence = MeanEvidence()
         self.self_evidence = SelfEvidence()
         self._undecided: deque[tuple[float, float]] = deque(maxlen=int(4 * MEAN_WINDOW_S / 0.05))
