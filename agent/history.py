@@ -143,9 +143,24 @@ class DeviceHistory:
         t1, e1, _ = self.point(k + 1)
         if t1 <= t0:
             return e1
+        # The sampler reads instant power every few ms after an edge and schedules a counter
+        # read at the next refresh: the dense tail [d0, t1] before it is measured directly, and
+        # the counter's remaining energy is spread over [t0, d0] in proportion to the instant
+        # power there. Continuous at d0 and monotonic on both sides.
+        d0 = self._dense_from(t0, t1)
+        tail_d0 = self.shape_energy(d0, t1, TAIL_GAP_S) if d0 is not None else None
+        if tail_d0 is not None and d0 is not None:
+            tail_d0 = min(tail_d0, e1 - e0)
+            if t >= d0:
+                tail = self.shape_energy(t, t1, TAIL_GAP_S)
+                if tail is not None:
+                    return min(max(e1 - min(tail, tail_d0), e0), e1)
+            t1, e1 = d0, e1 - tail_d0          # shape the rest of the segment below
+            if t >= t1:
+                return e1
         # Shaped by instant power: the counter's energy spread in proportion to what instant
-        # power shows (monotonic in t by construction). Dense samples (every value read) cover
-        # the segment strictly; jittered 10 Hz reads, with gaps up to ~0.2 s, leniently.
+        # power shows. Dense samples (every value read) cover the segment strictly; jittered
+        # 10 Hz reads, with gaps up to ~0.2 s, leniently.
         whole = self.shape_energy(t0, t1)
         strict = whole is not None
         if whole is None:
@@ -153,12 +168,6 @@ class DeviceHistory:
         if whole is not None and whole > 0:
             part = (self.shape_energy(t0, t) if strict else self.bridge_energy(t0, t)) or 0.0
             return e0 + (e1 - e0) * min(1.0, max(0.0, part / whole))
-        if t1 - t <= TAIL_MAX_S:
-            # The sampler reads instant power every few ms after an edge and schedules a
-            # counter read at the next refresh: the short tail to it is measured directly.
-            tail = self.shape_energy(t, t1, TAIL_GAP_S) if self._sampled_by(t, TAIL_GAP_S) else None
-            if tail is not None:
-                return min(max(e1 - tail, e0), e1)
         if not allow_step:
             return None
         low = high = None
@@ -182,9 +191,18 @@ class DeviceHistory:
         out.reverse()
         return out
 
-    def _sampled_by(self, t: float, gap: float) -> bool:
-        """Whether an instant sample lies in [t - gap, t]."""
-        return bool(self.samples_between(t - gap, t))
+    def _dense_from(self, t0: float, t1: float) -> float | None:
+        """Where the run of instant samples read at most TAIL_GAP_S apart that reaches t1
+        begins, within the last TAIL_MAX_S of the segment (None: no such run)."""
+        pts = self.samples_between(max(t0, t1 - TAIL_MAX_S), t1 + TAIL_GAP_S)
+        if not pts or pts[-1][0] < t1 - TAIL_GAP_S:
+            return None
+        start = pts[-1][0]
+        for (ta, _), (tb, _) in zip(reversed(pts[:-1]), reversed(pts)):
+            if tb - ta > TAIL_GAP_S:
+                break
+            start = ta
+        return start if start < t1 else None
 
     def shape_energy(self, a: float, b: float, gap: float = 0.0) -> float | None:
         """Energy from a to b from instant-power samples, or None unless the samples cover

@@ -23,7 +23,7 @@ def trace(segs):
         for (d, p), a in zip(segs, edges):
             if t < a + d:
                 return p
-        return segs[-1][1]
+        return 0.0          # after the trace, as its energy (instant power agrees with the counter)
 
     def energy(t):
         e = 0.0

@@ -69,6 +69,7 @@ class CounterTiming:
     fault: bool = False               # failed or stalled since its last good change
     changed_t: float | None = None    # read time of its last change
     stall_reported: bool = False
+    last_value: float | None = None   # the raw value last read
 
     @property
     def unlocked(self) -> bool:
@@ -81,9 +82,12 @@ class CounterTiming:
         return self.pair_second if self.pair_second is not None else self.next_counter_at
 
     def observe(self, now: float, value_j: float, end_t: float) -> float | None:
-        """A value read between ``now`` and ``end_t``: its refresh time if it is new, else None."""
+        """A value read between ``now`` and ``end_t``: its refresh time if it is new and dated,
+        else None (the tracker leaves a first value, or one seen through a wide bracket,
+        undated: that is not a stall)."""
         t = self.tracker.observe(now, value_j, end_t)
-        if t is not None:
+        if value_j != self.last_value:
+            self.last_value = value_j
             self.fault = self.stall_reported = False
             self.changed_t = now
         return t
