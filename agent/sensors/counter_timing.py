@@ -81,16 +81,20 @@ class CounterTiming:
             return None
         return self.pair_second if self.pair_second is not None else self.next_counter_at
 
-    def observe(self, now: float, value_j: float, end_t: float) -> float | None:
-        """A value read between ``now`` and ``end_t``: its refresh time if it is new and dated,
-        else None (the tracker leaves a first value, or one seen through a wide bracket,
-        undated: that is not a stall)."""
+    def observe(self, now: float, value_j: float, end_t: float) -> list[tuple[float, float]]:
+        """A value read between ``now`` and ``end_t``: the (refresh time, value) pairs dated by
+        this read, oldest first: a value left pending by the read before, then this one if it
+        is new and dated. (The tracker leaves a first value, or one seen through a wide
+        bracket, undated: that is a change all the same, not a stall.)"""
         t = self.tracker.observe(now, value_j, end_t)
         if value_j != self.last_value:
             self.last_value = value_j
             self.fault = self.stall_reported = False
             self.changed_t = now
-        return t
+        out = self.tracker.take_resolved()
+        if t is not None:
+            out.append((t, value_j))
+        return out
 
     def failed(self) -> None:
         self.fault = True

@@ -307,9 +307,9 @@ class NvmlSensor:
         key = g.device.key
         # A read is taken somewhere inside the call (3.5 ms on an H100), and ``now`` predates
         # it: a change seen here happened before the call ended.
-        t = timing.observe(now, mj / 1000.0, self._clock.now())
-        if t is not None:
-            batch.readings.append(Reading(key, t, energy_j=mj / 1000.0, read_t=now))
+        dated = timing.observe(now, mj / 1000.0, self._clock.now())
+        batch.readings.extend(Reading(key, t, energy_j=v, read_t=now) for t, v in dated)
+        if dated:
             return
         watts = [r.power_w for r in batch.readings if r.device_key == key and r.power_w is not None]
         if timing.stalled(now, watts[-1] if watts else None):

@@ -74,6 +74,10 @@ class RefreshTracker:
     dated: bool = False                # some value has been dated (the first change was seen)
     _uncertainty: float = 0.1          # cached: read on every sampler wake-up
     _wide_skips: int = 0               # first changes left undated for a wide bracket
+    # A change seen where the next refresh may have just landed: (value, date if it is the
+    # refresh before, date if it is that one, the read, end of the window), settled next read.
+    _pending: tuple[float, float, float, float, float] | None = None
+    resolved: list[tuple[float, float]] = field(default_factory=list)
     _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
     _drift: float = field(init=False)   # drift_per_period when brackets conflict)
 
@@ -86,6 +90,8 @@ class RefreshTracker:
     def observe(self, read_t: float, value: float, end_t: float | None = None) -> float | None:
         """Feed one read, taken between ``read_t`` and ``end_t`` (when the call returned).
         Returns the estimated time of ``value`` if it is new, else None."""
+        if self._pending is not None:
+            self._settle(read_t, value)
         if self._last_value is None:
             # The first value is as of an unknown refresh up to a period ago: dating it at the
             # read would charge a new meter for energy burned before it started. Wait for a change.
@@ -142,7 +148,29 @@ class RefreshTracker:
         t = hi - ((hi - phase) % p)
         if t < lo - (0.5 * length + j):
             t += p
-        return min(max(t, lo), hi)
+        t = min(max(t, lo), hi)
+        into = (hi - start) % p
+        if hi - lo >= 0.9 * p and into < length and t < hi - into:
+            # The read falls inside the window where the next refresh may land: the value is
+            # that refresh (it came early) or the one before. A pair's first read is in this
+            # spot by design; the next read tells which (see _settle).
+            self._pending = (value, t, hi - 0.5 * into, hi, hi - into + length)
+            return None
+        return t
+
+    def _settle(self, read_t: float, value: float) -> None:
+        """Date a value left pending (see observe) by the read after it. An unchanged value
+        means the refresh had come before that first read: it is dated inside the part of the
+        allowed window before it. A change means the first read saw the refresh before; this
+        read's change is then dated as usual by observe."""
+        pending_value, early, late, _, _ = self._pending  # type: ignore[misc]
+        self._pending = None
+        self.resolved.append((late if value == pending_value else early, pending_value))
+
+    def take_resolved(self) -> list[tuple[float, float]]:
+        """(time, value) of values left pending and dated since the last call, oldest first."""
+        out, self.resolved = self.resolved, []
+        return out
 
     def next_refresh_after(self, t: float) -> float | None:
         """The first refresh expected after t, from the best-supported phase (None: unknown)."""
