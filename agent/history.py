@@ -33,7 +33,7 @@ class DeviceHistory:
     __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
                  "cur_t0", "cur_count", "anchor_t", "anchor_e", "shape", "last_read_t", "bridges",
-                 "approx_spans", "floor_j", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "owed_j", "owed_t")
+                 "approx_spans", "floor_j", "floor_t", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "mean_cache", "owed_j", "owed_t")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -69,7 +69,9 @@ class DeviceHistory:
         self.mean_window_s = 1.0
         self.mean_base = 0.0
         self.mean_active = False
+        self.mean_cache: tuple[float, float] | None = None   # (t, mean_energy(t)) once settled
         self.mean_from_t = math.inf      # the anchor: E is on the mean reference from here on
+        self.floor_t = -math.inf        # ...from this instant on (when it was shown)
         self.floor_j = 0.0              # the exported total never goes below this again
 
     # -- history -------------------------------------------------------------
@@ -357,7 +359,14 @@ class DeviceHistory:
         value, _ = self.estimate_at(t)
         if self.last_t is None or t < self.last_t:
             return max(0.0, value)
-        return max(0.0, self.floor_j, value)
+        return max(0.0, self.floor_j if t >= self.floor_t else 0.0, value)
+
+    def hold(self, t: float) -> None:
+        """What E(t) shows now stays the floor of the exported total from t on: a later reading
+        that corrects the estimate downwards holds it instead of taking it back."""
+        shown = self.energy(t)
+        if shown > self.floor_j:
+            self.floor_j, self.floor_t = shown, t
 
     def peak_power(self, t0: float, t1: float) -> float | None:
         """The largest power over [t0, t1]: history points and instant samples, never below the
@@ -393,10 +402,25 @@ class DeviceHistory:
         t_ref = min(b, self.means[-1][0] - 0.5 * self.mean_window_s)
         if t_ref <= a:
             return None
-        e_a, e_ref = self.mean_energy(a), self.mean_energy(t_ref)
+        e_a, e_ref = self._settled_mean_energy(a), self.mean_energy(t_ref)
         if e_a is None or e_ref is None:
             return None
         return max(0.0, e_ref - e_a) + self._recent_energy(t_ref, b)
+
+    def _settled_mean_energy(self, t: float) -> float | None:
+        """``mean_energy(t)``, cached once its inputs can no longer change (the means and the
+        instant samples reach well past t): the live tail asks for the same t (the last counter
+        point) on every sample."""
+        cached = self.mean_cache
+        if cached is not None and cached[0] == t:
+            return cached[1]
+        value = self.mean_energy(t)
+        half = 0.5 * self.mean_window_s
+        settled = (self.means and self.means[-1][0] > t + half + 0.2 and self.shape
+                   and self.shape[-1][0] > t + half + 1.0)
+        if value is not None and settled:
+            self.mean_cache = (t, value)
+        return value
 
     def _recent_energy(self, a: float, b: float) -> float:
         """Energy of the last moments [a, b] (half a second), which no trailing mean covers

@@ -129,13 +129,17 @@ class Ledger:
                     # A new sample changes how the live tail is estimated (a held value gives
                     # way to a measured one, a hole is filled): what a scrape showed up to now
                     # stays the floor of the exported total (~5 us).
-                    d.floor_j = max(d.floor_j, d.energy(r.t))
+                    d.hold(r.t)
                 d.shape.append((r.t, r.power_w))   # shapes edges; the counter has the energy
             return
         if d.last_t is not None and r.t <= d.last_t:
             return   # stale or duplicate timestamp: the value has not refreshed
         if r.energy_j is not None:
-            exported = d.energy(r.t) if d.last_t is not None else None
+            if d.last_t is not None and d.shape:
+                # What the live tail showed just before this point stays the floor: an
+                # over-estimate is held, not taken back. (Only where instant power carries the
+                # tail: a bare counter's tail is a guess that no scrape is shown.)
+                d.hold(r.t)
             delta = counter_delta(d, r)
             d.last_counter = r.energy_j
             d.last_read_t = r.read_t
@@ -148,11 +152,6 @@ class Ledger:
             else:
                 slope = d.last_power if d.last_power is not None else 0.0
             power = r.power_w if r.power_w is not None else slope
-            if exported is not None and d.shape:
-                # What the live tail showed just before this point stays the floor: an
-                # over-estimate is held, not taken back. (Only where instant power carries the
-                # tail: a bare counter's tail is a guess that no scrape is shown.)
-                d.floor_j = max(d.floor_j, exported)
         elif r.power_w is not None:
             power = max(0.0, r.power_w)
             if d.last_t is None or d.last_power is None:
@@ -182,7 +181,7 @@ class Ledger:
         assert r.mean_w is not None
         window = r.mean_window_s or 1.0
         if d.device.source == Source.COUNTER and d.last_t is not None:
-            d.floor_j = max(d.floor_j, d.energy(r.t))
+            d.hold(r.t)
         d.add_mean(r.t, max(0.0, r.mean_w), window)
         if d.device.source == Source.COUNTER:
             # The counter has the energy; the mean carries E between its reads (a new mean
