@@ -181,7 +181,7 @@ def test_a_change_seen_where_the_next_refresh_may_land_is_dated_by_the_read_afte
     assert tracker.observe(15.7175, 1000.0) is None            # pending: which refresh?
     assert tracker.observe(15.7335, 1000.0) is None            # unchanged: the one at ~15.717
     ((t, v),) = tracker.take_resolved()
-    assert v == 1000.0 and 15.715 <= t <= 15.7175
+    assert v == 1000.0 and 15.710 <= t <= 15.7175
 
     tracker = locked()
     assert tracker.observe(15.7175, 1000.0) is None

@@ -127,7 +127,10 @@ class CounterTiming:
         if self.unlocked:
             self.pair_second = None
             if edges_pending:
-                return True     # an edge waits: every fast read, which also re-locks
+                # An edge waits: every fast read, which also re-locks. (And no wish left in the
+                # past: the sampler would read again at once, 1 ms apart, for half a second.)
+                self.next_counter_at = max(self.next_counter_at, now + COUNTER_PERIOD_S)
+                return True
             if now >= self.next_counter_at:      # unlocked between bursts: a plain read
                 self.next_counter_at = now + COUNTER_PERIOD_S
                 return True

@@ -16,6 +16,7 @@ Arc = tuple[float, float]   # (start phase in [0, period), length in [0, period]
 RESYNC_SLACK_S = 0.008      # after a conflict, phases this far beyond the allowances stay possible
 FIRST_BRACKET_S = 0.02      # the first dated change needs a bracket this narrow...
 MAX_WIDE_SKIPS = 3          # ...unless this many changes have come in wider ones
+AMBIGUOUS_MARGIN_S = 0.003  # a refresh may come this much earlier than its allowed phases say
 
 
 def _pieces(arcs: list[Arc], period: float) -> list[tuple[float, float]]:
@@ -149,12 +150,15 @@ class RefreshTracker:
         if t < lo - (0.5 * length + j):
             t += p
         t = min(max(t, lo), hi)
-        into = (hi - start) % p
-        if hi - lo >= 0.9 * p and into < length and t < hi - into:
-            # The read falls inside the window where the next refresh may land: the value is
-            # that refresh (it came early) or the one before. A pair's first read is in this
-            # spot by design; the next read tells which (see _settle).
-            self._pending = (value, t, hi - 0.5 * into, hi, hi - into + length)
+        # The next predicted refresh after t, and how early it may land: the allowed phases
+        # plus a full jitter allowance (a narrow lock can still be a few ms off).
+        nxt = t + p
+        early = nxt - (0.5 * length + self.jitter_s + AMBIGUOUS_MARGIN_S)
+        if hi - lo >= 0.9 * p and hi >= early:
+            # The read falls where the next refresh may already have landed: the value is that
+            # refresh (it came early) or the one before. A pair's first read is in this spot
+            # by design; the next read tells which (see _settle).
+            self._pending = (value, t, 0.5 * (max(early, lo) + hi), hi, nxt)
             return None
         return t
 
