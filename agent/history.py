@@ -33,7 +33,7 @@ class DeviceHistory:
     __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
                  "cur_t0", "cur_count", "anchor_t", "anchor_e", "shape", "last_read_t", "bridges",
-                 "approx_spans", "floor_j", "floor_t", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "mean_cache", "owed_j", "owed_t")
+                 "approx_spans", "floor_j", "floor_t", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "mean_cache", "mean_memo", "owed_j", "owed_t")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -70,6 +70,7 @@ class DeviceHistory:
         self.mean_base = 0.0
         self.mean_active = False
         self.mean_cache: tuple[float, float] | None = None   # (t, mean_energy(t)) once settled
+        self.mean_memo: dict[tuple, float | None] = {}
         self.mean_from_t = math.inf      # the anchor: E is on the mean reference from here on
         self.floor_t = -math.inf        # ...from this instant on (when it was shown)
         self.floor_j = 0.0              # the exported total never goes below this again
@@ -312,6 +313,24 @@ class DeviceHistory:
         return i0 + 0.5 * (w0 + wx) * (x - t0)
 
     def mean_energy(self, t: float) -> float | None:
+        """``_mean_energy(t)``, memoised on what it depends on: the first instant sample and
+        the first mean past t + w/2 (the live tail asks for the same t on every sample)."""
+        half = 0.5 * self.mean_window_s
+        x = t + half
+        nxt_sample = next((ts for ts, _ in self.samples_between(x, x + 0.5)), None)
+        nxt_mean = self.means[-1][0] if self.means else None
+        key = (t, nxt_sample, nxt_mean if nxt_mean is None or nxt_mean <= x else -1.0,
+               len(self.shape) if nxt_sample is None else 0)
+        memo = self.mean_memo
+        if key in memo:
+            return memo[key]
+        value = self._mean_energy(t)
+        if len(memo) >= 16:
+            memo.clear()
+        memo[key] = value
+        return value
+
+    def _mean_energy(self, t: float) -> float | None:
         """E(t) on the trailing-mean reference, less its base: the integral of the mean up to
         t + w/2, less the edge kernel that turns a w-wide ramp into a step at t (zero for
         constant power), shaped by the instant samples within w/2 of t."""
