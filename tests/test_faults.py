@@ -92,3 +92,28 @@ def test_stalled_counter_that_catches_up_is_not_counted_twice(seed):
     err, r, snap, monotonic = run_job({"kind": "counter_stall", "gpu": 0, "at_s": 4.0, "for_s": 3.0}, seed)
     assert abs(err) <= 0.01
     assert monotonic
+
+
+def test_a_gpu_lost_for_good_resolves_its_edges_at_the_next_read():
+    # Issue 8: every result() blocked while a lost GPU never answered. The first read that
+    # reports the loss now estimates the waiting edge and flags it, so result() never waits.
+    clock = VirtualClock(start=100.0)
+    data = {"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0}}],
+            "fault": [{"kind": "gpu_lost", "gpu": 0, "at_s": 3.0}]}
+    fake = FakeNVML(Scenario.from_dict(data), clock)
+    sensor = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=1)
+    meter = Meter([sensor], clock=clock)
+    meter.poll()
+    drive = VirtualDriver(meter, clock, 1)
+    drive.run_until(clock.now() + 2.0)
+    w = meter.window("job")
+    drive.run_until(clock.now() + 2.0)          # lost at scenario t=3, for good
+    w.end()
+    assert meter.ledger.pending_marks() == 1
+    clock.advance(0.01)
+    meter.sampler.read_sensor(sensor, clock.now(), fast=True)   # the read after the end
+    assert meter.ledger.pending_marks() == 0
+    r = w.result()
+    assert r.approximate
+    # 2 s at 300 W: 1 s measured, the second after the loss estimated at the last power.
+    assert r.component_energy_j("gpu") == pytest.approx(600.0, rel=0.02)
