@@ -24,7 +24,7 @@ class SensorPlan:
     powercap_root: str = "/sys/class/powercap"
     visible_devices: str | None = None  # CUDA_VISIBLE_DEVICES override (None: from the environment)
     clock: Clock | None = None
-    nvml_deadline_s: float = 1.0        # every NVML call (init: 10 s); past it the GPU is stale
+    nvml_deadline_s: float | None = 1.0  # every NVML call (init: 10 s); past it the GPU is stale. None: off
     gpu_wait_s: float = 1.0             # how long discover() waits for NVML before going on without it
 
 
@@ -71,12 +71,17 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
             return
     # Every NVML call gets a deadline, so a hung driver marks its GPU stale instead of
     # blocking the sampler, window ends or scrapes.
-    guarded = with_deadlines(nvml, plan.nvml_deadline_s)
+    guarded = nvml if plan.nvml_deadline_s is None else with_deadlines(nvml, plan.nvml_deadline_s)
     selection = GpuSelection.from_env() if plan.visible_devices is None else \
         GpuSelection([e for e in plan.visible_devices.split(",") if e.strip()])
 
     def connect() -> NvmlSensor:
-        return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall, clock=clock)
+        if plan.nvml_deadline_s is None:
+            return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall, clock=clock)
+        # This attempt runs on its own thread, which discover() waits on with a timeout: a hung
+        # init or discovery holds only it, so its calls need no lanes; later reads get deadlines.
+        with guarded.WATTMETER_DEADLINES.inline():
+            return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall, clock=clock)
 
     def on_ready(sensor: NvmlSensor, t: float) -> None:
         out.gpus_appeared_at = t
@@ -89,7 +94,7 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
     # is still loading, or hung, never delays the job's start by more than gpu_wait_s.
     late = LateNvmlSensor("nvml", connect, clock, plan.gpu_period_s, permanent=lambda exc: _nvml_gone(nvml, exc), on_ready=on_ready)
     if late.wait(plan.gpu_wait_s):
-        out.sensors.append(late.inner)   # ready at once: the NVML sensor itself, as before
+        out.sensors.append(late.connected_sensor)   # ready at once: the NVML sensor itself, as before
         return
     if late.given_up:
         exc = late.last_error if isinstance(late.last_error, SensorUnavailable) else \

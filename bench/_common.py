@@ -152,10 +152,12 @@ def run_child(argv: Sequence[str], *, env: dict[str, str] | None = None, timeout
 
 def run_children_in_step(argvs: dict[str, Sequence[str]], *, env: dict[str, str] | None = None,
                          envs: dict[str, dict[str, str]] | None = None, timeout: float = 300,
-                         log_dir: str | None = None) -> dict[str, Any]:
+                         log_dir: str | None = None, go: Any = None) -> dict[str, Any]:
     """Start several children; once every one has printed READY (imports done, set-up done),
     tell them all to go at the same moment, then collect each one's result. A child that fails
-    gives ``{"error": ...}`` instead of a result, so one broken meter cannot sink the run."""
+    gives ``{"error": ...}`` instead of a result, so one broken meter cannot sink the run.
+    ``go()``, if given, is called at that moment and its text follows ``GO`` on the line (e.g. a
+    shared start time that only makes sense once every child is ready)."""
     procs: dict[str, subprocess.Popen] = {}
     logs: dict[str, Any] = {}
     for name, argv in argvs.items():
@@ -177,11 +179,12 @@ def run_children_in_step(argvs: dict[str, Sequence[str]], *, env: dict[str, str]
                 break
         if not seen or not seen[-1].startswith(READY_TAG):
             early[name] = "".join(seen)
+    line = f"GO {go()}\n" if go is not None else "GO\n"
     for name, p in procs.items():
         if name in early:
             continue
         try:
-            p.stdin.write("GO\n")  # type: ignore[union-attr]
+            p.stdin.write(line)  # type: ignore[union-attr]
             p.stdin.flush()  # type: ignore[union-attr]
         except BrokenPipeError:
             pass
@@ -212,10 +215,11 @@ def run_children_in_step(argvs: dict[str, Sequence[str]], *, env: dict[str, str]
     return results
 
 
-def wait_for_go() -> None:
+def wait_for_go() -> str:
+    """Say READY, wait for GO; returns what the parent sent after ``GO`` (often nothing)."""
     sys.stdout.write(READY_TAG + "\n")
     sys.stdout.flush()
-    sys.stdin.readline()
+    return sys.stdin.readline()[2:].strip()
 
 
 def fmt(x: Any, unit: str = "", digits: int = 2) -> str:

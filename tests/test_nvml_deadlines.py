@@ -123,6 +123,7 @@ def test_init_failing_for_5s_then_succeeding_meters_the_gpu_from_then_on(tmp_pat
     found = discover(plan)
     [late] = found.sensors
     assert isinstance(late, LateNvmlSensor) and found.gpus_pending and late.devices() == []
+    assert late.pending_reason == "NVML not ready (NVML could not start (Driver Not Loaded)); retried in the background"
     assert any("GPU metering pending" in n and "Driver Not Loaded" in n for n in found.notes)
     meter = Meter(found.sensors, clock=clock)
     meter.poll()
@@ -132,6 +133,7 @@ def test_init_failing_for_5s_then_succeeding_meters_the_gpu_from_then_on(tmp_pat
         meter.poll()
         late.wait(2.0)                               # a retry started by this read, if any
     assert late.connected and 105.0 <= late.appeared_at <= 105.0 + 4.2   # within one backoff step
+    assert late.pending_reason is None
     assert found.gpus_appeared_at == late.appeared_at
     assert any("GPUs appeared at clock time" in n and "gpu0" in n for n in found.notes)
     for _ in range(10):
@@ -201,3 +203,97 @@ def test_retries_back_off_on_the_injected_clock():
     expected = [0.25, 0.5, 1.0] + [1.0] * (len(gaps) - 3)     # doubling, capped; on a 0.1 s read grid
     assert len(gaps) >= 6 and all(e - 1e-6 <= g <= e + 0.1 + 1e-6 for g, e in zip(gaps, expected))
     assert late.devices() == [] and late.read(clock.now()).readings == []
+
+
+def test_idle_lanes_end_their_threads_and_come_back_on_the_next_call(monkeypatch):
+    from wattmeter.sensors import guard as guard_mod
+    monkeypatch.setattr(guard_mod, "IDLE_EXIT_S", 0.05)
+    fake = fake_of(2)
+    n = with_deadlines(build_module(fake), deadline_s=2.0)
+    guard = n.WATTMETER_DEADLINES
+    before = set(threading.enumerate())
+    n.nvmlInit()
+    handles = [n.nvmlDeviceGetHandleByIndex(i) for i in range(2)]
+    assert [n.nvmlDeviceGetPowerUsage(h) for h in handles] == [300_000, 300_000]
+    lanes = set(threading.enumerate()) - before
+    assert guard.stats().lanes == len(lanes) == 3                  # the library lane and one per GPU
+    deadline = time.monotonic() + 5
+    while guard.stats().lanes and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert guard.stats().lanes == 0
+    for t in lanes:
+        t.join(5)
+    assert not [t.name for t in lanes if t.is_alive()]   # their threads ended
+    assert n.nvmlDeviceGetPowerUsage(handles[1]) == 300_000   # a new lane serves the next call
+    assert guard.stats().lanes == 1
+
+
+def test_run_starts_the_child_before_a_late_driver_is_ready_and_meters_its_gpus_from_then_on(tmp_path):
+    """`wattmeter run` on the bundled flaky_driver scenario: nvmlInit fails for the first 3 s."""
+    import json
+    import os
+    import subprocess
+    import sys
+    rec = tmp_path / "r.jsonl"
+    started = tmp_path / "started"
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "WATTMETER_FAKE_NVML")}
+    child = f"import time, pathlib; pathlib.Path({str(started)!r}).write_text(repr(time.time())); time.sleep(5)"
+    launched = time.time()
+    p = subprocess.run([sys.executable, "-m", "wattmeter", "run", "--fake-nvml", "flaky_driver", "--records",
+                        str(rec), "--", sys.executable, "-c", child], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert float(started.read_text()) - launched < 3.0       # before NVML answers (3 s into the scenario)
+    assert "GPU metering pending: NVML is not ready after 1 s (NVML could not start (Driver Not Loaded))" in p.stderr
+    [r] = [json.loads(line) for line in rec.read_text().splitlines()]
+    assert r["gpu_count"] == 2
+    # GPU 1 draws a constant 420 W; it is metered only from when NVML answered (3-4 s in), and
+    # the job ends before its counter call hangs (6 s).
+    gpu1 = next(d for d in r["devices"] if d["key"] == "gpu1")
+    assert 0.0 < gpu1["energy_j"] <= 420.0 * (r["duration_s"] - 2.5)
+    assert gpu1["approximate"] and r["approximate"]
+
+
+def test_deadlines_can_be_turned_off_in_the_plan(tmp_path):
+    plan = SensorPlan(fake_scenario=_scenario_file(tmp_path, []), cpu="none", ram="none", clock=VirtualClock(),
+                      nvml_deadline_s=None)
+    [sensor] = discover(plan).sensors
+    assert not hasattr(sensor.nvml, "WATTMETER_DEADLINES")     # the fake's module itself
+    assert [d.key for d in sensor.devices()] == ["gpu0"]
+    [sensor] = discover(SensorPlan(fake_scenario=plan.fake_scenario, cpu="none", ram="none",
+                                   clock=VirtualClock())).sensors
+    assert sensor.nvml.WATTMETER_DEADLINES.deadline_s == 1.0
+
+
+def test_inline_calls_skip_the_lanes_only_on_their_own_thread():
+    fake = fake_of(1)
+    n = with_deadlines(build_module(fake))
+    guard = n.WATTMETER_DEADLINES
+    with guard.inline():
+        n.nvmlInit()
+        h = n.nvmlDeviceGetHandleByIndex(0)
+        assert n.nvmlDeviceGetPowerUsage(h) == 300_000
+        assert guard.stats().lanes == 0 and guard.stats().calls == 0
+        box = {}
+
+        def other():
+            box["w"] = n.nvmlDeviceGetPowerUsage(h)
+
+        th = threading.Thread(target=other)
+        th.start()
+        th.join(5)
+        assert box["w"] == 300_000 and guard.stats().lanes == 1   # another thread still gets a lane
+    n.nvmlDeviceGetCount()
+    assert guard.stats().lanes == 2                  # after the block, this thread's calls do too
+
+
+def test_doctor_says_gpu_metering_is_pending_while_the_driver_loads():
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "WATTMETER_FAKE_NVML")}
+    p = subprocess.run([sys.executable, "-m", "wattmeter", "doctor", "--fake-nvml", "flaky_driver"],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "note: GPU metering pending: NVML is not ready after 1 s (NVML could not start (Driver Not Loaded))" \
+        in p.stdout

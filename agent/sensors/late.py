@@ -33,7 +33,7 @@ class LateNvmlSensor:
                  on_ready: Callable[["NvmlSensor", float], None] | None = None,
                  first_retry_s: float = FIRST_RETRY_S, max_retry_s: float = MAX_RETRY_S) -> None:
         self.name = name
-        self.period_s = period_s
+        self._period_s = period_s
         self.clock = clock
         self._connect = connect
         self._permanent = permanent
@@ -51,13 +51,26 @@ class LateNvmlSensor:
         self.given_up = False                        # a permanent failure: no more retries
         self.try_now(self._next_try)
 
+    @property
+    def period_s(self) -> float:
+        """The connected sensor's cadence (power-only GPUs read faster), else the planned one."""
+        inner = self._inner
+        return inner.period_s if inner is not None else self._period_s
+
     # -- connecting ------------------------------------------------------------
     @property
     def connected(self) -> bool:
         return self._inner is not None
 
     @property
-    def inner(self) -> "NvmlSensor | None":
+    def pending_reason(self) -> str | None:
+        """Why there are no devices yet (for doctor and health), or None once connected or given up."""
+        if self._inner is not None or self.given_up:
+            return None
+        return f"NVML not ready ({unavailable_reason(self.last_error)}); retried in the background"
+
+    @property
+    def connected_sensor(self) -> "NvmlSensor | None":
         """The connected sensor (None until then)."""
         return self._inner
 
@@ -72,7 +85,7 @@ class LateNvmlSensor:
             self.attempts += 1
             th = threading.Thread(target=self._run, name=f"wattmeter-{self.name}-connect", daemon=True)
             self._attempt = th
-        th.start()
+            th.start()   # under the lock: ``wait`` never sees a thread that has not started
         return th
 
     def wait(self, timeout_s: float) -> bool:
@@ -120,7 +133,7 @@ class LateNvmlSensor:
     min_period_s = 0.01       # the NVML sensor's (sensors/base.py ScheduledSensor)
 
     def set_period(self, period_s: float) -> None:
-        self.period_s = max(period_s, self.min_period_s)
+        self._period_s = max(period_s, self.min_period_s)
         if self._inner is not None:
             self._inner.set_period(period_s)
 
