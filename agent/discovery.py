@@ -78,11 +78,11 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
 
     def connect() -> NvmlSensor:
         if plan.nvml_deadline_s is None:
-            return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall)
+            return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall, clock=clock)
         # This attempt runs on its own thread, which discover() waits on with a timeout: a hung
         # init or discovery holds only it, so its calls need no lanes; later reads get deadlines.
         with guarded.WATTMETER_DEADLINES.inline():
-            return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall)
+            return NvmlSensor(guarded, selection, period_s=plan.gpu_period_s, wall=clock.wall, clock=clock)
 
     def on_ready(sensor: NvmlSensor, t: float) -> None:
         out.gpus_appeared_at = t

@@ -13,15 +13,16 @@ import functools
 import inspect
 import os
 import threading
+import warnings
 from collections import Counter
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 from .clock import Clock, SystemClock
-from .ledger import DeviceSnapshot, Ledger, Mark
-from .model import WindowResult
+from .ledger import DeviceSnapshot, Ledger
+from .model import Component, WindowResult
 from .sampler import Sampler, SensorStatus
 from .sensors.base import Sensor
-from .windows import Window, device_energies
+from .windows import Edge, Window, device_energies
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -31,30 +32,42 @@ class Meter:
 
     def __init__(self, sensors: Sequence[Sensor] | None = None, *, clock: Clock | None = None,
                  seed: int | None = None, notes: Sequence[str] = (), pid: int | None = None,
-                 fake_gpus: int | None = None, scenario: str | None = None) -> None:
+                 fake_gpus: int | None = None, scenario: str | os.PathLike[str] | None = None,
+                 interval_s: float | None = None) -> None:
         """``fake_gpus=N`` (1..64) or ``scenario="h100x2"`` (a file or bundled name) meters
         simulated GPUs, as ``run --fake-gpus`` / ``--fake-nvml`` do; results say simulated."""
+        self.clock: Clock = clock or SystemClock()
+        # Set-up (sensor discovery) counts: a window opened at construction starts here.
+        self.created_t = self.clock.now()
+        self.started_t: float | None = None
+        discovered = sensors is None
         if sensors is None:
             from .config import checked_fake_request
             from .discovery import SensorPlan, discover
 
-            fake_gpus, scenario = checked_fake_request(fake_gpus, scenario)
-            found = discover(SensorPlan(pid=pid, fake_gpus=fake_gpus, fake_scenario=scenario))
+            fake_gpus, scenario = checked_fake_request(fake_gpus, None if scenario is None else os.fspath(scenario))
+            found = discover(SensorPlan(pid=pid, fake_gpus=fake_gpus, clock=clock, fake_scenario=scenario))
             sensors, notes = found.sensors, [*notes, *found.notes]
+        elif fake_gpus is not None or scenario is not None:
+            raise ValueError("pass either sensors or fake_gpus/scenario, not both")
         self.sensors = list(sensors)
         self.notes = list(notes)
-        self.clock: Clock = clock or SystemClock()
         self.ledger = Ledger()
-        self.sampler = Sampler(self.sensors, self.ledger, self.clock, seed=seed)
+        # interval_s (--interval) sets every sensor's cadence (see sensors/base.py).
+        self.sampler = Sampler(self.sensors, self.ledger, self.clock, seed=seed, interval_s=interval_s)
         self._tokens: Counter[str] = Counter()
         self._tokens_lock = threading.Lock()
         self._closed = False
+        if discovered:
+            _warn_if_no_gpu(self)
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> "Meter":
         if self._closed:
             raise RuntimeError("this meter was closed; create a new one")
         if not self.sampler.running:
+            if self.started_t is None:
+                self.started_t = self.clock.now()
             self.sampler.tick()          # a first point per device, so the first window has an edge
             self.sampler.start()
         return self
@@ -87,9 +100,11 @@ class Meter:
         self.sampler.tick(now)
 
     # -- windows and tokens ------------------------------------------------------
-    def window(self, name: str = "window", labels: Mapping[str, str] | None = None) -> Window:
-        """A begun window. End it with ``.end()`` or use it as a context manager."""
-        return Window(self, name, labels).begin()
+    def window(self, name: str = "window", labels: Mapping[str, str] | None = None,
+               at: float | None = None) -> Window:
+        """A begun window (from ``at`` on this meter's clock, default now). End it with
+        ``.end()`` or use it as a context manager."""
+        return Window(self, name, labels).begin(at)
 
     def measure(self, name: str | None = None, **kw: Any) -> "measure":
         return measure(name, meter=self, **kw)
@@ -103,11 +118,14 @@ class Meter:
 
     @property
     def tokens(self) -> dict[str, int]:
-        return self._token_counts()
+        with self._tokens_lock:
+            return dict(self._tokens)
 
     # -- reading -----------------------------------------------------------------
     def snapshot(self) -> dict[str, DeviceSnapshot]:
-        return self.ledger.snapshot()
+        """Each device's E at this instant (a pure read). While sampling, the newest readings
+        are carried to now (a scrape's time); a stopped meter reports its last reading."""
+        return self.ledger.snapshot(self.clock.now() if self.sampler.running else None)
 
     @property
     def status(self) -> dict[str, SensorStatus]:
@@ -117,36 +135,46 @@ class Meter:
     def simulated(self) -> bool:
         return any(d.simulated for d in self.ledger.devices)
 
-    # -- internals used by Window ------------------------------------------------
-    def _mark(self) -> Mark:
-        return self.ledger.mark(self.clock.now())
-
-    def _token_counts(self) -> dict[str, int]:
-        with self._tokens_lock:
-            return dict(self._tokens)
-
-    def _edge_waiting(self) -> None:
+    # -- edges and results (what windows are made of) ----------------------------
+    def edge(self, at: float | None = None) -> Edge:
+        """Pin every device's energy and the token counts at ``at`` (default now); O(1), no
+        sensor call. The sampler is asked for a prompt read so the edge resolves soon."""
+        edge = Edge(self.ledger.mark(self.clock.now() if at is None else at), self.tokens)
         self.sampler.poke()
+        return edge
 
     def settle_timeout_s(self) -> float:
         slowest = max((s.period_s for s in self.sensors), default=0.1)
         return 2.0 * slowest + 0.5
 
-    def _compute(self, name: str, start: Mark, end: Mark, tokens0: Mapping[str, int],
-                 tokens1: Mapping[str, int], timeout_s: float | None) -> WindowResult:
-        for m in (start, end):
+    def result_between(self, name: str, start: Edge, end: Edge, timeout_s: float | None = None) -> WindowResult:
+        """The figures between two edges, waiting (bounded) until the sampler covers both."""
+        for m in (start.mark, end.mark):
             if not m.done.is_set():
                 if self.sampler.running:
                     self.sampler.poke()
                     m.done.wait(self.settle_timeout_s() if timeout_s is None else timeout_s)
                 if not m.done.is_set():
                     self.ledger.force_resolve(m)
-        devices, approx = device_energies(self, start, end)
-        tokens = {k: tokens1.get(k, 0) - tokens0.get(k, 0) for k in tokens1}
-        return WindowResult(name=name, start_t=start.t, end_t=end.t, start_wall=self.clock.wall(start.t),
-                            end_wall=self.clock.wall(end.t), devices=devices,
-                            tokens={k: v for k, v in tokens.items() if v},
+        devices, approx = device_energies(self.ledger, start.mark, end.mark)
+        tokens = {k: end.tokens.get(k, 0) - start.tokens.get(k, 0) for k in end.tokens}
+        return WindowResult(name=name, start_t=start.mark.t, end_t=end.mark.t,
+                            start_wall=self.clock.wall(start.mark.t), end_wall=self.clock.wall(end.mark.t),
+                            devices=devices, tokens={k: v for k, v in tokens.items() if v},
                             approximate=approx, simulated=any(d.simulated for d in self.ledger.devices))
+
+
+_warned_no_gpu = False
+
+
+def _warn_if_no_gpu(meter: Meter) -> None:
+    """Once per process, when discovery found no GPU: say that GPU energy is not metered, and why."""
+    global _warned_no_gpu
+    if _warned_no_gpu or any(d.component == Component.GPU for d in meter.ledger.devices):
+        return
+    _warned_no_gpu = True
+    why = next((n for n in meter.notes if "GPU" in n), "no GPU sensor was found")
+    warnings.warn(f"wattmeter meters no GPU: {why}", RuntimeWarning, stacklevel=3)
 
 
 class measure:
@@ -170,9 +198,14 @@ class measure:
     def meter(self) -> Meter:
         return self._meter or get_meter()
 
+    def _call_t(self) -> float:
+        """The instant of the call, before a default meter is created (its set-up counts)."""
+        return (self._meter.clock if self._meter is not None else _SYSTEM_CLOCK).now()
+
     def __enter__(self) -> Window:
         stack = self._local.__dict__.setdefault("stack", [])
-        w = self.meter.window(self.name or "block", self.labels)
+        t = self._call_t()
+        w = self.meter.window(self.name or "block", self.labels, at=t)
         stack.append(w)
         return w
 
@@ -194,7 +227,8 @@ class measure:
         if inspect.iscoroutinefunction(fn):
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
-                w = self.meter.window(name, self.labels)
+                t = self._call_t()
+                w = self.meter.window(name, self.labels, at=t)
                 try:
                     return await fn(*args, **kwargs)
                 finally:
@@ -202,7 +236,8 @@ class measure:
         else:
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                w = self.meter.window(name, self.labels)
+                t = self._call_t()
+                w = self.meter.window(name, self.labels, at=t)
                 try:
                     return fn(*args, **kwargs)
                 finally:
@@ -212,6 +247,7 @@ class measure:
         return wrapper  # type: ignore[return-value]
 
 
+_SYSTEM_CLOCK = SystemClock()   # the default meter's clock base (time.monotonic)
 _default: Meter | None = None
 _default_lock = threading.Lock()
 

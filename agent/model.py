@@ -65,6 +65,10 @@ class Reading:
     energy_j: float | None = None
     power_w: float | None = None
     read_t: float | None = None    # when a counter was read, if ``t`` is an earlier refresh time
+    # A trailing mean: the mean power over (t - mean_window_s, t] (NVML field 185, or
+    # GetPowerUsage where the data shows it averages). The energy reference where no counter is.
+    mean_w: float | None = None
+    mean_window_s: float | None = None
 
 
 @dataclass(frozen=True)

@@ -18,11 +18,12 @@ from typing import Callable, Sequence
 from .clock import Clock
 from .ledger import Ledger
 from .model import Batch
-from .sensors.base import Sensor
+from .sensors.base import ScheduledSensor, Sensor, scheduled
 
 log = logging.getLogger("wattmeter.sampler")
 
 FAST_PERIOD_S = 0.005       # cadence near window edges, for sensors with ``fast_edges``
+MIN_INTERVAL_S = 0.01       # the fastest cadence any built-in sensor supports (``--interval`` floor)
 MIN_POKE_GAP_S = 0.005      # an edge poke reads a sensor at most this often
 
 
@@ -91,24 +92,33 @@ class _Loop:
         self.fn(clock.now(), False)   # final read, so the ledger covers the stop instant
 
 
-def _fast_policy(sensor: Sensor, ledger: Ledger) -> Callable[[float], bool]:
+def _fast_policy(cadence: ScheduledSensor, ledger: Ledger) -> Callable[[float], bool]:
     """When a reader goes fast: an edge waits for one of *its* devices (``fast_edges``), or
-    the sensor asks to calibrate its counter timing (``wants_fast(now)``)."""
-    edges = bool(getattr(sensor, "fast_edges", False))
-    wants = getattr(sensor, "wants_fast", None)
-    if not edges and wants is None:
-        return lambda now: False
-    keys = frozenset(d.key for d in sensor.devices())
-    return lambda now: (edges and ledger.unresolved(keys)) or (wants is not None and wants(now))
+    the sensor asks to (``wants_fast(now)``, e.g. calibrating its counter timing)."""
+    def fast(now: float) -> bool:
+        if cadence.wants_fast(now):
+            return True
+        if not cadence.fast_edges:
+            return False
+        # Looked up each time: a sensor's devices may grow after start.
+        return ledger.unresolved(frozenset(d.key for d in cadence.devices()))
+    return fast
 
 
 class Sampler:
+    """Reads every sensor on its own thread at its cadence (``sensors/base.py``) into the ledger.
+    ``interval_s`` (``--interval``) sets every sensor's period, never below what it supports."""
+
     def __init__(self, sensors: Sequence[Sensor], ledger: Ledger, clock: Clock, *,
-                 seed: int | None = None) -> None:
+                 seed: int | None = None, interval_s: float | None = None) -> None:
         self.sensors = list(sensors)
         self.ledger = ledger
         self.clock = clock
         self.status = {s.name: SensorStatus(s.name) for s in self.sensors}
+        self._cadence = {id(s): scheduled(s) for s in self.sensors}
+        if interval_s is not None:
+            for c in self._cadence.values():
+                c.set_period(max(interval_s, c.min_period_s))
         self._rng = random.Random(seed)
         self._loops: list[_Loop] = []
         self._tasks: list[tuple[str, float, Callable[[float], None]]] = []
@@ -119,6 +129,20 @@ class Sampler:
                 ledger.add_device(dev)
                 self._known.add(dev.key)
 
+    @property
+    def min_interval_s(self) -> float:
+        """The shortest ``interval_s`` every sensor here supports (at least MIN_INTERVAL_S)."""
+        return max([MIN_INTERVAL_S, *(c.min_period_s for c in self._cadence.values())])
+
+    def cadence(self, sensor: Sensor) -> ScheduledSensor:
+        """The cadence contract of one of this sampler's sensors."""
+        return self._cadence[id(sensor)]
+
+    def wants_fast(self, sensor: Sensor, now: float) -> bool:
+        """Whether ``sensor`` should be read at the fast cadence now (an edge waits on it, or it
+        asks to)."""
+        return _fast_policy(self._cadence[id(sensor)], self.ledger)(now)
+
     def add_task(self, name: str, period_s: float, fn: Callable[[float], None]) -> None:
         """Run an extra periodic reader (e.g. per-process GPU usage) on its own thread."""
         self._tasks.append((name, period_s, fn))
@@ -126,9 +150,8 @@ class Sampler:
     # -- reading ---------------------------------------------------------------
     def read_sensor(self, sensor: Sensor, now: float, fast: bool = False) -> None:
         status = self.status[sensor.name]
-        read_fast = getattr(sensor, "read_fast", None) if fast else None
         try:
-            batch = read_fast(now) if read_fast is not None else sensor.read(now)
+            batch = self._cadence[id(sensor)].read(now, fast)
         except Exception as exc:  # a sensor bug must not kill its reader thread; counted and logged
             log.warning("sensor %s raised %s: %s", sensor.name, type(exc).__name__, exc)
             batch = Batch()
@@ -144,7 +167,7 @@ class Sampler:
         for err in batch.errors:
             status.errors[err.kind] += 1
             status.last_error = err.message or err.kind
-            self.ledger.record_error(err.device_key)
+            self.ledger.record_error(err.device_key, err.kind, now)
         status.reads += 1
         status.up = not batch.errors
 
@@ -166,10 +189,10 @@ class Sampler:
             if self._loops:
                 return
             for s in self.sensors:
-                fast = _fast_policy(s, self.ledger)
-                self._loops.append(_Loop(s.name, s.period_s, lambda now, fast, s=s: self.read_sensor(s, now, fast),
-                                         self.clock, random.Random(self._rng.random()), fast,
-                                         getattr(s, "next_read_at", None)))
+                c = self._cadence[id(s)]
+                self._loops.append(_Loop(s.name, c.period_s, lambda now, fast, s=s: self.read_sensor(s, now, fast),
+                                         self.clock, random.Random(self._rng.random()),
+                                         _fast_policy(c, self.ledger), c.next_read_at))
             for name, period, fn in self._tasks:
                 self._loops.append(_Loop(name, period, lambda now, fast, fn=fn: fn(now), self.clock, random.Random(self._rng.random()),
                                          lambda now: False))

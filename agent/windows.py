@@ -7,13 +7,26 @@ interpolates exactly at both edges.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping
 
-from .ledger import Mark
+from .ledger import Ledger, Mark
 from .model import DeviceEnergy, WindowResult
 
 if TYPE_CHECKING:  # pragma: no cover
     from .meter import Meter
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One window edge: the ledger mark and the token counts at that instant."""
+
+    mark: Mark
+    tokens: Mapping[str, int]
+
+    @property
+    def t(self) -> float:
+        return self.mark.t
 
 
 class Window:
@@ -21,29 +34,31 @@ class Window:
         self.meter = meter
         self.name = name
         self.labels = dict(labels or {})
-        self._start: Mark | None = None
-        self._end: Mark | None = None
-        self._tokens0: dict[str, int] = {}
-        self._tokens1: dict[str, int] = {}
+        self._start: Edge | None = None
+        self._end: Edge | None = None
         self._result: WindowResult | None = None
         self._lock = threading.Lock()
 
     # -- edges -----------------------------------------------------------------
-    def begin(self) -> "Window":
+    def begin(self, at: float | None = None) -> "Window":
+        """Open the window at ``at`` (the meter's clock; default now). An earlier instant, such
+        as when ``measure()`` was called before the meter had started, is measured back from
+        the first readings."""
         if self._start is None:
-            self._start = self.meter._mark()
-            self._tokens0 = self.meter._token_counts()
-            self.meter._edge_waiting()
+            self._start = self.meter.edge(at)
         return self
 
     def end(self) -> "Window":
         if self._start is None:
             raise RuntimeError(f"window {self.name!r} ended before it began")
         if self._end is None:
-            self._end = self.meter._mark()
-            self._tokens1 = self.meter._token_counts()
-            self.meter._edge_waiting()
+            self._end = self.meter.edge()
         return self
+
+    @property
+    def start_t(self) -> float | None:
+        """When the window began, on the meter's clock (None: not begun)."""
+        return None if self._start is None else self._start.t
 
     @property
     def ended(self) -> bool:
@@ -63,47 +78,44 @@ class Window:
         with self._lock:
             if self._result is None:
                 assert self._start is not None
-                self._result = self.meter._compute(self.name, self._start, self._end,
-                                                   self._tokens0, self._tokens1, timeout_s)
+                self._result = self.meter.result_between(self.name, self._start, self._end, timeout_s)
             return self._result
 
     def partial(self) -> WindowResult:
         """Energy so far of a running window (ends a private copy now, leaves this one open)."""
         if self._start is None:
             raise RuntimeError(f"window {self.name!r} has not begun")
-        end = self.meter._mark()
-        tokens1 = self.meter._token_counts()
-        self.meter._edge_waiting()
-        return self.meter._compute(self.name, self._start, end, self._tokens0, tokens1, None)
+        return self.meter.result_between(self.name, self._start, self.meter.edge(), None)
 
     def __repr__(self) -> str:
         state = "done" if self._end else ("open" if self._start else "new")
         return f"<Window {self.name!r} {state}>"
 
 
-def device_energies(meter: "Meter", start: Mark, end: Mark) -> tuple[tuple[DeviceEnergy, ...], bool]:
+def device_energies(ledger: Ledger, start: Mark, end: Mark) -> tuple[tuple[DeviceEnergy, ...], bool]:
     """Per-device energy between two resolved marks, and whether any of it is approximate."""
     out = []
     any_approx = False
     duration = end.t - start.t
-    for dev in meter.ledger.devices:
+    for dev in ledger.devices:
         k = dev.key
         if k not in end.energy_j:
             continue
         late = k not in start.energy_j
-        if late and not meter.ledger.added_after(k, start):
+        if late and not ledger.added_after(k, start):
             continue
         # A device that joined after the start (a GPU that came late) is metered from then on.
         e = max(0.0, end.energy_j[k] - start.energy_j.get(k, 0.0))
         approx = (late or duration < dev.update_period_s or k in start.extrapolated or k in end.extrapolated
-                  or end.errors.get(k, 0) != start.errors.get(k, 0))
+                  or end.errors.get(k, 0) != start.errors.get(k, 0)
+                  or ledger.approximate_between(k, start.t, end.t))
         any_approx |= approx
         avg = e / duration if duration > 0 else 0.0
-        peak = meter.ledger.peak_power_w(k, start.t, end.t)
+        peak = ledger.peak_power_w(k, start.t, end.t)
         out.append(DeviceEnergy(key=k, component=dev.component, scope=dev.scope, source=dev.source,
                                 energy_j=e, avg_power_w=avg, peak_power_w=max(peak, avg) if peak is not None else avg,
                                 labels=dict(dev.labels), approximate=approx))
     return tuple(out), any_approx
 
 
-__all__ = ["Window", "WindowResult", "device_energies"]
+__all__ = ["Edge", "Window", "WindowResult", "device_energies"]

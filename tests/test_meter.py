@@ -263,3 +263,63 @@ def test_discovery_pauses_the_cyclic_collector_and_restores_it():
         assert not gc.isenabled()          # a caller's choice is kept
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("mode", ["counter", "power"])
+def test_a_window_opened_before_the_meter_started_counts_from_the_call(mode):
+    # measure() on a fresh process: the call comes first, discovery and the first reads take
+    # a while. The window still counts from the call, measured back from the first readings.
+    clock = VirtualClock(start=0.0)
+    energy, power = constant(250.0)
+    # (A sampled GPU with no trailing mean is flagged approximate on its own: use a host device.)
+    comp = Component.GPU if mode == "counter" else Component.CPU
+    meter = Meter([ScriptedSensor(energy, power, mode=mode, component=comp)], clock=clock)
+    t_call = clock.now()
+    clock.advance(0.06)                   # sensor set-up
+    meter.poll()                          # the first reading, 60 ms after the call
+    w = meter.window("job", at=t_call)
+    step_meter(meter, clock, 1.5)
+    w.end()
+    step_meter(meter, clock, 0.3)
+    r = w.result()
+    assert r.start_t == t_call
+    assert math.isclose(r.component_energy_j(comp), 250.0 * (r.end_t - t_call), rel_tol=1e-9)
+    assert not r.approximate
+
+
+def test_measure_counts_from_the_call_on_a_meter_given_by_the_caller():
+    clock = VirtualClock(start=0.0)
+    energy, power = constant(100.0)
+    meter = Meter([ScriptedSensor(energy, power)], clock=clock)
+    meter.poll()
+    step_meter(meter, clock, 0.5)
+    with measure("block", meter=meter) as w:
+        step_meter(meter, clock, 1.0)
+    step_meter(meter, clock, 0.3)
+    assert math.isclose(w.result().component_energy_j("gpu"), 100.0, rel_tol=1e-9)
+
+
+def test_meter_with_fake_gpus_meters_simulated_gpus_and_no_warning():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")      # a meter with GPUs never warns
+        meter = Meter(fake_gpus=2, clock=VirtualClock(start=0.0))
+    gpus = [d for d in meter.ledger.devices if d.component == Component.GPU]
+    assert len(gpus) == 2 and all(d.simulated for d in gpus)
+    meter.close()
+
+
+def test_meter_without_gpu_warns_once(monkeypatch):
+    import wattmeter.meter as meter_mod
+    from wattmeter.discovery import Discovered
+
+    monkeypatch.setattr(meter_mod, "_warned_no_gpu", False)
+    monkeypatch.setattr("wattmeter.discovery.discover",
+                        lambda plan: Discovered(sensors=[], notes=["No GPU metering: NVML could not start (x)."]))
+    with pytest.warns(RuntimeWarning, match="meters no GPU: No GPU metering: NVML could not start"):
+        Meter(clock=VirtualClock(start=0.0))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Meter(clock=VirtualClock(start=0.0))     # once per process

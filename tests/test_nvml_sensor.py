@@ -39,7 +39,12 @@ def test_picks_counter_then_instant_field_then_power_usage():
          "sensor": {"energy_counter": False, "instant_field": False}},
     ]})
     assert [d.source.value for d in s.devices()] == ["counter", "sampled", "sampled"]
-    assert [g.power_mode for g in s._gpus] == ["counter", "instant_field", "average"]
+    refs = s.references()
+    assert refs["gpu0"].reference == "counter" and refs["gpu0"].instant.startswith("field 186")
+    # Field 185 is trusted as a 1 s mean until the data contradicts it; field 186 shapes edges.
+    assert (refs["gpu1"].reference, refs["gpu1"].source) == ("trailing_mean", "field 185")
+    # GetPowerUsage must show it averages before it is used as one.
+    assert (refs["gpu2"].reference, refs["gpu2"].source) == ("instant", "nvmlDeviceGetPowerUsage")
 
 
 def test_gpu_lost_is_an_error_and_counter_resumes_after_reset():
@@ -92,7 +97,7 @@ def test_mig_energy_is_apportioned_by_instance_and_labelled_estimated():
 
 def test_calibration_bursts_back_off_while_a_counter_will_not_lock():
     clock, _, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 100.0}}]})
-    tracker = s._gpus[0].tracker
+    tracker = s._gpus[0].counter.tracker
     starts, t = [], 0.0
     while t < 200.0:
         tracker._uncertainty = 0.1              # never locks (an irregular refresh)
@@ -108,15 +113,43 @@ def test_calibration_bursts_back_off_while_a_counter_will_not_lock():
 def test_power_only_gpu_learns_the_field_refresh_and_asks_to_read_each_value_once():
     clock, fake, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0},
                                           "sensor": {"energy_counter": False, "instant_refresh_s": 0.02}}]})
-    g = s._gpus[0]
-    assert g.power_mode == "instant_field" and s.devices()[0].power_is_mean
-    for _ in range(12):                    # reads 7 ms apart: some values are seen twice, none missed
+    assert s.devices()[0].power_is_mean
+    for _ in range(30):                    # reads 7 ms apart: some values are seen twice, none missed
         clock.advance(0.007)
         s.read(clock.now())
-    assert g.field_steps and min(g.field_steps) == pytest.approx(0.02, abs=2e-6)   # whole µs
+    ref = s.references()["gpu0"]
+    assert ref.instant_refresh_s == pytest.approx(0.02, abs=2e-6)          # whole µs
+    assert "refresh-stamped" in ref.instant
     wish = s.next_read_at(clock.now())
-    assert wish == pytest.approx(g.field_next + 0.002)
-    assert 0.0 < g.field_next - g.field_last_t <= 0.02 + 1e-9
+    assert clock.now() < wish <= clock.now() + 0.02 + 0.002 + 1e-9
+
+
+@pytest.mark.parametrize("stamps", ["refresh", "read"])
+def test_aliasing_instant_samples_are_shaped_inside_the_trailing_mean(stamps):
+    # No counter; field 186 is a 10 Hz point sample (read-stamped or not), phase-locked to a
+    # 400 ms load whose 60 ms bursts it never sees; field 185 is the 1 s trailing mean.
+    # Integrating field 186 reads -47 %; on the trailing-mean reference the job is within 2 %.
+    from vdrive import VirtualDriver
+
+    clock, fake, s = sensor_for({"gpu": [{"model": H100,
+                                          "trace": {"kind": "square", "high_w": 700.0, "low_w": 100.0,
+                                                    "high_s": 0.06, "low_s": 0.34},
+                                          "sensor": {"energy_counter": False, "instant_kind": "sample",
+                                                     "instant_refresh_s": 0.1, "field_timestamp": stamps}}]})
+    meter = Meter([s], clock=clock)
+    meter.poll()
+    drive = VirtualDriver(meter, clock, seed=3)
+    drive.run_until(clock.now() + 2.3)
+    w = meter.window("job")
+    t0 = clock.now()
+    drive.run_until(t0 + 8.0)
+    w.end()
+    t1 = clock.now()
+    drive.run_until(t1 + 1.5)
+    assert w.result().total_energy_j == pytest.approx(fake.true_energy_j(0, t0, t1), rel=0.02)
+    ref = s.references()["gpu0"]
+    assert ref.reference == "trailing_mean" and ref.source == "field 185"
+    assert ("read-stamped" if stamps == "read" else "refresh-stamped") in ref.instant
 
 
 def test_power_only_energy_tiles_field_values_exactly():
@@ -145,7 +178,7 @@ def test_power_only_energy_tiles_field_values_exactly():
 def test_reads_back_to_back_until_a_counter_change_dates_the_first_point():
     clock, _, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0},
                                        "sensor": {"counter_phase_s": 0.05}}]})
-    tracker = s._gpus[0].tracker
+    tracker = s._gpus[0].counter.tracker
     start = clock.now()
     while not tracker.dated:
         assert s.next_read_at(clock.now()) == clock.now()    # a new meter's first edge waits on this
@@ -170,12 +203,12 @@ def test_pairs_straddle_the_predicted_refresh_at_shifted_offsets():
     while clock.now() - fake.t0 < 1.0:                     # calibrate: fast reads at jittered gaps
         s.read(clock.now())
         clock.advance(0.0025 + 0.005 * ((clock.now() * 7919) % 1.0))
-    assert g.tracker.uncertainty_s < 0.025                 # locked: pairs are planned
+    assert g.counter.tracker.uncertainty_s < 0.025                 # locked: pairs are planned
     offsets = []
     for _ in range(20):
-        s._plan_pair(g, clock.now())
-        refresh = g.tracker.next_refresh_after(clock.now() + 0.008)
-        offsets.append(g.next_counter_at + 0.008 - refresh)
+        g.counter.plan_pair(clock.now())
+        refresh = g.counter.tracker.next_refresh_after(clock.now() + 0.008)
+        offsets.append(g.counter.next_counter_at + 0.008 - refresh)
     assert all(abs(o) <= 0.004 + 1e-9 for o in offsets)
     assert max(offsets) - min(offsets) > 0.002             # not always centred on the prediction
 
@@ -188,12 +221,12 @@ def test_steady_pairs_start_on_a_cadence_read_just_before_a_refresh():
     mod = s.nvml
     real = mod.nvmlDeviceGetTotalEnergyConsumption
     mod.nvmlDeviceGetTotalEnergyConsumption = lambda h: (reads.append(clock.now()), real(h))[1]
-    while not g.tracker.dated or clock.now() - fake.t0 < 1.0:     # lock the phase
+    while not g.counter.tracker.dated or clock.now() - fake.t0 < 1.0:     # lock the phase
         s.read(clock.now())
         clock.advance(0.003)
     planned = clock.now()
-    s._plan_pair(g, planned + 4.0, steady=True)
-    assert g.next_counter_at >= planned + 4.0 + 3.0 - 0.02         # its own wake-up only as a fallback
+    g.counter.plan_pair(planned + 4.0, steady=True)
+    assert g.counter.next_counter_at >= planned + 4.0 + 3.0 - 0.02         # its own wake-up only as a fallback
     reads.clear()
     t_end = clock.now() + 8.0
     while clock.now() < t_end:                                     # cadence reads every 37 ms

@@ -193,9 +193,8 @@ def test_counters_stay_monotonic_across_counter_reset_and_gpu_loss() -> None:
     lost = _one(s, "wattmeter_sensor_errors_total", sensor="nvml", error="gpu_lost")
     assert lost.value > 0
     device = _one(s, "wattmeter_gpu_energy_joules_total").value
-    # 12 s at 250 W minus the 2 s off the bus; the energy between the last read and a reset or
-    # a loss is unknowable (the counter restarts), so the total is below that but never above.
-    assert 0.5 * 2500.0 <= device <= 1.02 * 2500.0
+    # 12 s at 250 W: the spans a reset and the loss hide from the counter are bridged from power.
+    assert 0.97 * 3000.0 <= device <= 1.02 * 3000.0
 
 
 def test_pid_labels_only_when_asked() -> None:

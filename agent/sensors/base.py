@@ -1,4 +1,20 @@
-"""The narrow sensor interface. A sensor knows nothing about who reads it."""
+"""The narrow sensor interface and the cadence contract. A sensor knows nothing about who reads it.
+
+Every sensor is read by the sampler on its own thread at ``period_s`` (jittered, so a fixed
+cadence cannot alias with a periodic load). A sensor that needs more than a steady period
+declares it by implementing ``ScheduledSensor``:
+
+- ``min_period_s``: the fastest cadence it supports; ``set_period`` takes ``--interval``;
+- ``next_read_at(now)``: when it next wants a read (a counter pair around a predicted refresh,
+  the next field value), or None;
+- ``wants_fast(now)``: read it at the sampler's fast cadence now (calibrating counter timing);
+- ``fast_edges``: read it fast while a window edge waits on one of its devices, through
+  ``read(now, fast=True)``.
+
+``devices()`` may grow after the sampler started (a GPU that appears late): the sampler adds
+new devices to the ledger as their readings arrive. Sensors never read a clock of their own:
+the time of each read is passed in, and a sensor that must time a call takes the meter's clock.
+"""
 from __future__ import annotations
 
 from typing import Protocol, Sequence, runtime_checkable
@@ -21,12 +37,69 @@ class Sensor(Protocol):
     name: str          # "nvml", "rapl", "cpu_model", "ram_model"
     period_s: float    # the cadence the sampler should read it at
 
-    def devices(self) -> Sequence[Device]: ...
+    def devices(self) -> Sequence[Device]:
+        """The devices it meters. May grow after start (never shrinks)."""
 
     def read(self, now: float) -> Batch:
         """Read every device once. Never raises for one failing device: report it in ``Batch.errors``."""
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class ScheduledSensor(Sensor, Protocol):
+    """A sensor with a cadence of its own beyond a steady period (see the module docstring)."""
+
+    min_period_s: float    # the fastest cadence it supports
+    fast_edges: bool       # read fast while a window edge waits on one of its devices
+
+    def set_period(self, period_s: float) -> None:
+        """Read at this cadence from now on (``--interval``; never below ``min_period_s``)."""
+
+    def next_read_at(self, now: float) -> float | None:
+        """When the next read is due beyond the steady cadence, or None."""
+
+    def wants_fast(self, now: float) -> bool:
+        """Whether to read at the sampler's fast cadence now (e.g. to time a counter's refreshes)."""
+
+    def read(self, now: float, fast: bool = False) -> Batch:
+        """As ``Sensor.read``; ``fast``: an edge waits, so schedule what resolves it soonest."""
+
+
+class SteadyCadence:
+    """The cadence of a sensor that declares none: read every ``period_s``, nothing more. The
+    sampler wraps plain sensors in it, so it only ever deals with ``ScheduledSensor``."""
+
+    fast_edges = False
+
+    def __init__(self, sensor: Sensor, min_period_s: float = 0.01) -> None:
+        self.sensor = sensor
+        self.name = sensor.name
+        self.period_s = sensor.period_s
+        self.min_period_s = min_period_s
+
+    def devices(self) -> Sequence[Device]:
+        return self.sensor.devices()
+
+    def set_period(self, period_s: float) -> None:
+        self.period_s = max(period_s, self.min_period_s)
+
+    def next_read_at(self, now: float) -> float | None:
+        return None
+
+    def wants_fast(self, now: float) -> bool:
+        return False
+
+    def read(self, now: float, fast: bool = False) -> Batch:
+        return self.sensor.read(now)
+
+    def close(self) -> None:
+        self.sensor.close()
+
+
+def scheduled(sensor: Sensor) -> ScheduledSensor:
+    """The sensor itself where it declares a cadence, else a steady one around it."""
+    return sensor if isinstance(sensor, ScheduledSensor) else SteadyCadence(sensor)
 
 
 @runtime_checkable

@@ -123,12 +123,19 @@ class LateNvmlSensor:
         inner = self._inner
         return inner.devices() if inner is not None else []
 
-    def read(self, now: float) -> Batch:
+    def read(self, now: float, fast: bool = False) -> Batch:
         inner = self._inner
         if inner is None:
             self.try_now(now)
             return Batch()
-        return inner.read(now)
+        return inner.read(now, fast)
+
+    min_period_s = 0.01       # the NVML sensor's (sensors/base.py ScheduledSensor)
+
+    def set_period(self, period_s: float) -> None:
+        self._period_s = max(period_s, self.min_period_s)
+        if self._inner is not None:
+            self._inner.set_period(period_s)
 
     def close(self) -> None:
         with self._lock:

@@ -6,12 +6,10 @@ integrated by the ledger. NVML errors are translated to SensorError here and now
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import re
 from collections import deque
-import time
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Sequence
@@ -19,31 +17,19 @@ from typing import Any, Callable, Sequence
 from ..clock import Clock, SystemClock
 from ..model import Batch, Component, Device, ProcessUsage, Reading, SensorError, Source
 from .base import SensorUnavailable
-from .refresh import RefreshTracker
+from .nvml_power import FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, PowerOnlyReader, Stream as _Stream
+from .power_evidence import MEAN_WINDOW_S
+from .power_evidence import PowerReference
+from .gpu_selection import GpuSelection
+from .counter_timing import DENSE_START_S, Calibration, CounterTiming
 
-FIELD_POWER_INSTANT = 186
-AVERAGED_POWER_LAG_S = 0.5    # a 1 s trailing average describes the instant 0.5 s ago
-CALIBRATE_S = 0.5             # a burst of fast reads that dates counter refreshes to a few ms...
-RECALIBRATE_S = 10.0          # ...repeated while the phase of some counter is still uncertain
-MAX_RECALIBRATE_S = 300.0
-PHASE_LOCKED_S = 0.025        # phases known to this: pairs 16 ms apart straddle the refresh
-# Reading the energy counter cost 3.5 ms of CPU per call on an H100 (field 186: 10 us), so the
-# counter is read about once a second, as a pair of reads straddling a predicted refresh, and
-# instant power (cheap) is read at the sensor's cadence to shape energy between counter reads.
-COUNTER_PERIOD_S = 4.0
-DENSE_START_S = 0.3           # back-to-back reads at start, at most this long (a stuck counter)
 FIELD_PERIOD_S = 0.02
 FIELD_READ_DELAY_S = 0.002    # read a new field value this long after it is expected
 MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
 NO_INSTANCE = 0xFFFFFFFF      # gpuInstanceId of a process on a GPU not in MIG mode
 MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
 MIG_LAYOUT_TTL_S = 60.0
-PAIR_HALF_GAP_S = 0.008
-PAIR_SHIFT_S = 0.004
-PAIR_MARGIN_S = 0.003         # a pair started on a cadence read keeps the refresh this far inside
-PIGGYBACK_S = 3.0             # how long a steady pair waits for such a read before its own wake-up
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
-_AVERAGING_ARCHS = ("ampere", "ada", "hopper", "blackwell")
 
 
 def load_pynvml() -> ModuleType:
@@ -57,63 +43,15 @@ def _decode(value: Any) -> str:
 
 
 @dataclass
-class GpuSelection:
-    """Which GPUs to meter: CUDA_VISIBLE_DEVICES entries (indices, UUIDs, MIG ids) or all."""
-
-    entries: list[str] | None = None   # None = every GPU
-
-    @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> "GpuSelection":
-        raw = (env if env is not None else os.environ).get("CUDA_VISIBLE_DEVICES")
-        if raw is None:
-            return cls(None)
-        return cls([e.strip() for e in raw.split(",") if e.strip()])
-
-    def match(self, gpus: Sequence[tuple[int, str]]) -> list[tuple[int, str | None]]:
-        """Map entries to (nvml index, MIG id or None). ``gpus`` is [(index, uuid)]."""
-        if self.entries is None:
-            return [(i, None) for i, _ in gpus]
-        chosen: list[tuple[int, str | None]] = []
-        for entry in self.entries:
-            hit = self._match_one(entry, gpus)
-            if hit is None:
-                break   # CUDA stops at the first invalid entry, and so do we
-            if hit not in chosen:
-                chosen.append(hit)
-        return chosen
-
-    @staticmethod
-    def _match_one(entry: str, gpus: Sequence[tuple[int, str]]) -> tuple[int, str | None] | None:
-        if entry.lstrip("-").isdigit():
-            idx = int(entry)
-            return (idx, None) if any(i == idx for i, _ in gpus) and idx >= 0 else None
-        mig = None
-        if entry.startswith("MIG-"):
-            mig = entry
-            rest = entry[4:]
-            # MIG-GPU-<uuid>/<gi>/<ci> (older drivers) names the parent; MIG-<uuid> does not.
-            parent = rest.split("/")[0]
-            if not parent.startswith("GPU-"):
-                return None if len(gpus) != 1 else (gpus[0][0], mig)
-            entry = parent
-        prefix = entry if entry.startswith("GPU-") else f"GPU-{entry}"
-        hits = [i for i, uuid in gpus if uuid.startswith(prefix)]
-        return (hits[0], mig) if len(hits) == 1 else None
-
-
-@dataclass
 class _Gpu:
     index: int
     handle: Any
     device: Device
     has_counter: bool
-    power_mode: str          # "counter", "instant_field", "average", "instant"
-    tracker: RefreshTracker = field(default_factory=RefreshTracker)
+    power_mode: str          # "counter" | "power_only"
+    counter: CounterTiming | None = None   # GPUs with a counter: when to read it, and its dating
     instant_ok: bool = False     # field 186 works (shapes energy between counter reads)
-    shape_usage: bool = False    # else nvmlDeviceGetPowerUsage is instantaneous and shapes it
-    next_counter_at: float = 0.0  # when the counter is next read (locked phase)
-    pair_second: float | None = None  # the second read of a pending pair
-    pair_due: float = math.inf        # from when a steady pair may start on a cadence read
+    shape_usage: bool = False    # else nvmlDeviceGetPowerUsage shapes it
     last_shape_t: float = -1e18
     field_last_us: int = 0              # power-only GPUs: NVML timestamp of the newest field value,
     field_last_t: float | None = None   # its time on our clock...
@@ -121,14 +59,21 @@ class _Gpu:
     field_steps: deque = field(default_factory=lambda: deque(maxlen=32))
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
+    power: PowerOnlyReader | None = None   # GPUs with no counter
+    average_ok: bool = False     # field 185 (1 s trailing mean) answers
+    mean_stream: _Stream = field(default_factory=_Stream)
 
 
 class NvmlSensor:
+    """The NVML sensor; implements the ``ScheduledSensor`` cadence contract (sensors/base.py)."""
+
     name = "nvml"
+    min_period_s = MIN_FIELD_PERIOD_S
 
     def __init__(self, nvml: ModuleType | None = None, selection: GpuSelection | None = None,
                  period_s: float = 0.1, power_period_s: float = 0.05,
-                 wall: Callable[[float], float] | None = None, clock: Clock | None = None) -> None:
+                 wall: Callable[[float], float] | None = None, clock: Clock | None = None,
+                 seed: int | None = None) -> None:
         self.nvml = nvml or self._import()
         # Maps the meter's clock to wall time, to date NVML's field timestamps.
         self.wall = wall or SystemClock().wall
@@ -137,6 +82,7 @@ class NvmlSensor:
         # Times the end of each counter call; the fake's own clock keeps virtual-time tests exact.
         self._clock: Clock = clock or (fake.clock if fake is not None else SystemClock())
         self.power_period_s = power_period_s
+        self._rng = random.Random(seed)     # shifts counter pairs (sensors/counter_timing.py)
         err = self.nvml.NVMLError
         try:
             self.nvml.nvmlInit()
@@ -151,18 +97,13 @@ class NvmlSensor:
         if not self._gpus:
             raise SensorUnavailable("nvml", "no GPU is visible to this job",
                                     "check CUDA_VISIBLE_DEVICES, or use --fake-gpus N")
-        # Power-only GPUs need a faster cadence than counters (DESIGN: 10-20 Hz instant power).
-        self.period_s = period_s if all(g.has_counter for g in self._gpus) else min(period_s, power_period_s)
-        if any(g.power_mode == "instant_field" for g in self._gpus):
-            # Power-only GPUs integrate field 186, a short mean that costs ~10 us to read:
-            # read it often enough to see (nearly) every value, rather than 2 in 5.
-            self.period_s = min(self.period_s, FIELD_PERIOD_S)
+        self.period_s = period_s
+        self.set_period(period_s)
         self.fast_edges = any(g.has_counter for g in self._gpus)
-        self._burst_start: float | None = None
+        self._calibration = Calibration()
         self._first_read: float | None = None
-        self._rng = random.Random()
-        self._recalibrate_s = RECALIBRATE_S
         self._edges_pending = False
+        self._last_average: tuple[float, int] | None = None
         self._mig_cache: tuple[float, dict[str, dict[str, float]]] | None = None
 
     @staticmethod
@@ -184,22 +125,24 @@ class NvmlSensor:
             h = handles[idx]
             model = _decode(n.nvmlDeviceGetName(h))
             has_counter = self._probe(lambda: n.nvmlDeviceGetTotalEnergyConsumption(h))
-            instant_ok = self._instant_field(h) is not None
-            if has_counter:
-                mode, source = "counter", Source.COUNTER
-            elif instant_ok:
-                mode, source = "instant_field", Source.SAMPLED
-            else:
-                mode, source = ("average" if self._averages(h, model) else "instant"), Source.SAMPLED
+            instant_ok = self._field_ok(h, FIELD_POWER_INSTANT)
+            average_ok = self._field_ok(h, FIELD_POWER_AVERAGE)
+            mode, source = ("counter", Source.COUNTER) if has_counter else ("power_only", Source.SAMPLED)
             labels = {"gpu": str(idx), "uuid": uuids[idx], "model": model, "hostname": os.uname().nodename}
             if mig:
                 labels["mig"] = mig
-            dev = Device(key=f"gpu{idx}", component=Component.GPU, source=source, labels=labels,
-                         power_is_mean=mode == "instant_field",
-                         update_period_s=0.1 if has_counter else (1.0 if mode == "average" else self.power_period_s),
+            key = f"gpu{idx}"
+            dev = Device(key=key, component=Component.GPU, source=source, labels=labels,
+                         power_is_mean=not has_counter and instant_ok,
+                         update_period_s=0.1 if has_counter else self.power_period_s,
                          simulated=self.simulated)
-            shape_usage = has_counter and not instant_ok and not self._averages(h, model)
-            gpus.append(_Gpu(idx, h, dev, has_counter, mode, RefreshTracker(period_s=0.1), instant_ok, shape_usage))
+            # Without field 186, GetPowerUsage shapes the counter's spans: instantaneous or a
+            # 1 s mean, the counter keeps the energy exact; only the spread inside differs.
+            shape_usage = has_counter and not instant_ok
+            power = None if has_counter else PowerOnlyReader(n, h, key, self.wall, instant_ok, average_ok)
+            counter = CounterTiming(shaped=instant_ok or shape_usage, rng=self._rng) if has_counter else None
+            gpus.append(_Gpu(idx, h, dev, has_counter, mode, counter, instant_ok, shape_usage, power=power,
+                             average_ok=average_ok))
         return gpus
 
     def _probe(self, call: Any) -> bool:
@@ -209,23 +152,30 @@ class NvmlSensor:
         except self.nvml.NVMLError:
             return False
 
-    def _instant_field(self, handle: Any) -> float | None:
-        """Whether field 186 answers, and its watts (a probe at discovery)."""
-        sample = self._instant_sample(handle, None)
-        return None if sample is None else sample[0]
+    def _field_ok(self, handle: Any, field_id: int) -> bool:
+        """Whether a field answers (a probe at discovery)."""
+        try:
+            return self.nvml.nvmlDeviceGetFieldValues(handle, [field_id])[0].nvmlReturn == 0
+        except self.nvml.NVMLError:
+            return False
 
-    def _instant_sample(self, handle: Any, now: float | None,
-                        strict: bool = False) -> tuple[float, float | None, int] | None:
+    def _instant_sample(self, handle: Any, now: float | None, strict: bool = False,
+                        average: bool = False) -> tuple[float, float | None, int] | None:
         """(watts, clock time the value was sampled) from field 186. NVML stamps each field value
         with the wall time it was taken; a value that is 20 ms old belongs 20 ms back.
         ``strict`` lets NVML errors through (a lost GPU must show as an error, not silence).
-        The third item is NVML's raw timestamp (µs), which identifies the value."""
+        The third item is NVML's raw timestamp (µs), which identifies the value. With
+        ``average``, field 185 comes in the same call: ``self._last_average`` holds it."""
+        self._last_average = None
+        fields = [FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE] if average else [FIELD_POWER_INSTANT]
         try:
-            values = self.nvml.nvmlDeviceGetFieldValues(handle, [FIELD_POWER_INSTANT])
+            values = self.nvml.nvmlDeviceGetFieldValues(handle, fields)
         except self.nvml.NVMLError:
             if strict:
                 raise
             return None
+        if average and len(values) > 1 and values[1].nvmlReturn == 0:
+            self._last_average = (values[1].value.uiVal / 1000.0, int(values[1].timestamp or 0))
         entry = values[0]
         if entry.nvmlReturn != 0:   # the call succeeds while a field fails: check each entry
             return None
@@ -235,60 +185,57 @@ class NvmlSensor:
             t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
         return entry.value.uiVal / 1000.0, t, int(entry.timestamp or 0)
 
-    def _averages(self, handle: Any, model: str) -> bool:
-        """True where nvmlDeviceGetPowerUsage is a 1 s trailing average (Ampere+, except GA100)."""
-        if "A100" in model or "A30" in model:
-            return False
-        try:
-            arch = int(self.nvml.nvmlDeviceGetArchitecture(handle))
-        except (self.nvml.NVMLError, AttributeError, TypeError, ValueError):
-            return False
-        ampere = getattr(self.nvml, "NVML_DEVICE_ARCH_AMPERE", 7)
-        return arch >= ampere
-
     def wants_fast(self, now: float) -> bool:
-        """Fast reads for CALIBRATE_S at start, then every RECALIBRATE_S while a counter's
-        refresh phase is unknown to within PHASE_LOCKED_S (see sensors/refresh.py)."""
+        """Calibration bursts while some counter's refresh phase is not locked
+        (sensors/counter_timing.py)."""
         if not self.fast_edges:
             return False
-        start = self._burst_start
-        if start is not None and now - start < CALIBRATE_S:
-            return True
-        unlocked = any(g.has_counter and g.tracker.uncertainty_s > PHASE_LOCKED_S for g in self._gpus)
-        if not unlocked:
-            self._recalibrate_s = RECALIBRATE_S
-        elif start is None or now - start >= self._recalibrate_s:
-            # Each burst costs ~100 counter reads (~0.35 s of CPU on an H100): back off while
-            # a counter will not lock (an irregular refresh), up to once every 5 minutes.
-            if start is not None:
-                self._recalibrate_s = min(MAX_RECALIBRATE_S, 2 * self._recalibrate_s)
-            self._burst_start = now
-            return True
-        return False
+        return self._calibration.wants_fast(now, any(g.counter is not None and g.counter.unlocked for g in self._gpus))
+
+    def references(self) -> dict[str, PowerReference]:
+        """Per GPU, what its energy is measured from and why (``doctor`` prints these)."""
+        out = {}
+        for g in self._gpus:
+            if g.power is not None:
+                out[g.device.key] = g.power.reference
+            else:
+                shape = "field 186" if g.instant_ok else ("nvmlDeviceGetPowerUsage" if g.shape_usage else "")
+                out[g.device.key] = PowerReference("counter", "energy counter",
+                                                   "the GPU has a total-energy counter (exact over any span)", shape)
+        return out
 
     # -- Sensor protocol -------------------------------------------------------
     def devices(self) -> list[Device]:
         return [g.device for g in self._gpus]
 
+    def set_period(self, period_s: float) -> None:
+        """The steady cadence (``--interval``). Power-only GPUs are read faster than counters
+        (DESIGN: 10-20 Hz instant power), and where they integrate field 186, a short mean that
+        costs ~10 us to read, often enough to see (nearly) every value."""
+        period = max(period_s, self.min_period_s)
+        if not all(g.has_counter for g in self._gpus):
+            period = min(period, self.power_period_s)
+        if any(g.power is not None and g.instant_ok for g in self._gpus):
+            period = min(period, FIELD_PERIOD_S)
+        self.period_s = period
+
     def read_fast(self, now: float) -> Batch:
-        """A read while a window edge waits: also schedules a counter pair at the next refresh,
-        so the edge resolves within ~0.1 s instead of at the next scheduled pair."""
-        self._edges_pending = True
-        return self.read(now)
+        return self.read(now, fast=True)
 
     def next_read_at(self, now: float) -> float | None:
         """When the sampler should read next: a scheduled counter read, or just after the next
         field-186 refresh of a power-only GPU (so every value is read once). None: no wish."""
         if self._first_read is None:
             self._first_read = now
-        if now - self._first_read < DENSE_START_S and any(g.has_counter and not g.tracker.dated for g in self._gpus):
+        if now - self._first_read < DENSE_START_S and \
+                any(g.counter is not None and not g.counter.tracker.dated for g in self._gpus):
             # Until a counter's first change is seen, read back to back: that change dates the
             # first point, which a new meter's first window edge is measured back from.
             return now
-        times = [g.pair_second if g.pair_second is not None else g.next_counter_at
-                 for g in self._gpus if g.has_counter and (g.instant_ok or g.shape_usage)]
+        times = [t for g in self._gpus if g.counter is not None and (t := g.counter.wish()) is not None]
         times += [g.field_next + FIELD_READ_DELAY_S for g in self._gpus
-                  if g.power_mode == "instant_field" and g.field_next is not None]
+                  if g.counter is not None and g.counter.fault and g.instant_ok and g.field_next is not None]
+        times += [t for g in self._gpus if g.power is not None and (t := g.power.next_read_at()) is not None]
         due = [t for t in times if t > now - 0.5]     # long-past wishes are not a reason to spin
         return min(due) if due else None
 
@@ -304,108 +251,71 @@ class NvmlSensor:
     def _read_shape(self, g: _Gpu, now: float, batch: Batch) -> bool:
         """Read instant power at the sensor's cadence, and at every read while an edge waits
         (the extra wake-ups for scheduled counter reads need no power sample). True: read."""
-        if not self._edges_pending and now - g.last_shape_t < 0.8 * self.period_s:
+        dense = g.counter is not None and g.counter.fault and g.instant_ok
+        if not dense and not self._edges_pending and now - g.last_shape_t < 0.8 * self.period_s:
             return False
         g.last_shape_t = now
         if g.instant_ok:
-            sample = self._instant_sample(g.handle, now, strict=True)
+            sample = self._instant_sample(g.handle, now, strict=True, average=g.average_ok)
+            if self._last_average is not None:
+                # Field 185, the 1 s trailing mean, read in the same call: between counter
+                # reads it carries E(t) over seconds better than sparse instant samples.
+                w, ts = self._last_average
+                t_mean = g.mean_stream.date(w, ts, now, self.wall)
+                if t_mean is not None:
+                    batch.readings.append(Reading(g.device.key, t_mean, mean_w=w, mean_window_s=MEAN_WINDOW_S))
             if sample is not None:
+                if sample[1] is not None and sample[2]:
+                    if sample[2] == g.field_last_us:
+                        return True          # the same value again
+                    self._learn_field_refresh(g, sample[1], sample[2])
                 batch.readings.append(Reading(g.device.key, sample[1] or now, power_w=sample[0]))
         elif g.shape_usage:
             batch.readings.append(Reading(g.device.key, now, power_w=self.nvml.nvmlDeviceGetPowerUsage(g.handle) / 1000.0))
         return True
 
-    def _counter_due(self, g: _Gpu, now: float, cadence: bool = False) -> bool:
-        """Whether to pay for a counter read now. Unshaped GPUs read it every time; shaped ones
-        read it while calibrating, else as a pair around a predicted refresh."""
-        if not (g.instant_ok or g.shape_usage):
-            return True
-        tracker = g.tracker
-        if not tracker.dated:
-            return True         # until the first change is seen, the ledger has no counter point
-        if self._burst_start is not None and now - self._burst_start < CALIBRATE_S:
-            # The whole burst, not just up to the first dated change: one 5 ms bracket leaves
-            # the phase off by up to 2.5 ms; several at random offsets pin it to a fraction.
-            g.pair_second = None
-            return True
-        if tracker.uncertainty_s > PHASE_LOCKED_S:
-            g.pair_second = None
-            if self._edges_pending:
-                return True     # an edge waits: every fast read, which also re-locks
-            if now >= g.next_counter_at:      # unlocked between bursts: a plain 1 Hz read
-                g.next_counter_at = now + COUNTER_PERIOD_S
-                return True
-            return False
-        if g.pair_second is not None:
-            if now + 0.001 < g.pair_second:
-                return False
-            g.pair_second = None
-            if self._edges_pending:
-                self._plan_pair(g, now)
-            else:
-                self._plan_pair(g, now + COUNTER_PERIOD_S, steady=True)
-            return True
-        if self._edges_pending and g.next_counter_at - now > 0.15:
-            self._plan_pair(g, now)
-        elif cadence and now >= g.pair_due:
-            # Between edges a pair may start on a cadence read that falls just before a
-            # predicted refresh: then only its second read needs a wake-up of its own.
-            refresh = tracker.next_refresh_after(now)
-            if refresh is not None and PAIR_MARGIN_S <= refresh - now <= 2 * PAIR_HALF_GAP_S - PAIR_MARGIN_S:
-                g.pair_second = now + 2 * PAIR_HALF_GAP_S
-                return True
-        if now + 0.001 < g.next_counter_at:
-            return False
-        g.pair_second = g.next_counter_at + 2 * PAIR_HALF_GAP_S
-        return True
-
-    def _plan_pair(self, g: _Gpu, after: float, steady: bool = False) -> None:
-        """Schedule the next pair after ``after``; a steady one may start on a cadence read
-        from then on, and is scheduled on its own PIGGYBACK_S later if none came."""
-        g.pair_due = after if steady else math.inf
-        after += PIGGYBACK_S if steady else 0.0
-        refresh = g.tracker.next_refresh_after(after + PAIR_HALF_GAP_S)
-        if refresh is None:
-            g.next_counter_at = after + COUNTER_PERIOD_S - PAIR_HALF_GAP_S
-            return
-        # Centred on the prediction, pairs only confirm it; shifted at random, their ends cut the
-        # allowed phases from either side, so the estimate keeps up with a wandering clock.
-        g.next_counter_at = refresh - PAIR_HALF_GAP_S + self._rng.uniform(-PAIR_SHIFT_S, PAIR_SHIFT_S)
-
-    def read(self, now: float) -> Batch:
+    def read(self, now: float, fast: bool = False) -> Batch:
+        """Read every GPU once. ``fast`` (a window edge waits): also schedule a counter pair at
+        the next refresh, so the edge resolves within ~0.1 s instead of at the next steady pair."""
+        if fast:
+            self._edges_pending = True
         batch = Batch()
         n = self.nvml
         for g in self._gpus:
             key = g.device.key
             try:
-                if g.power_mode == "counter":
-                    cadence = self._read_shape(g, now, batch)
-                    if self._counter_due(g, now, cadence):
-                        mj = n.nvmlDeviceGetTotalEnergyConsumption(g.handle)
-                        # A read is taken somewhere inside the call (3.5 ms on an H100), and
-                        # ``now`` predates it: a change seen here happened before the call ended.
-                        t = g.tracker.observe(now, mj / 1000.0, self._clock.now())
-                        if t is not None:
-                            batch.readings.append(Reading(key, t, energy_j=mj / 1000.0, read_t=now))
-                elif g.power_mode == "instant_field":
-                    sample = self._instant_sample(g.handle, now, strict=True)
-                    if sample is None:
-                        batch.errors.append(SensorError(self.name, "not_supported", key, "instant power field failed"))
-                        continue
-                    # Dated by NVML's own timestamp; a repeated timestamp is the same value again.
-                    if sample[1] is not None:
-                        if sample[2] == g.field_last_us:
-                            continue          # the same value again: nothing new to integrate
-                        self._learn_field_refresh(g, sample[1], sample[2])
-                    batch.readings.append(Reading(key, sample[1] or now, power_w=sample[0]))
-                else:
-                    w = n.nvmlDeviceGetPowerUsage(g.handle) / 1000.0
-                    lag = AVERAGED_POWER_LAG_S if g.power_mode == "average" else 0.0
-                    batch.readings.append(Reading(key, now - lag, power_w=w))
+                if g.counter is not None:
+                    self._read_counter(g, now, batch)
+                elif g.power is not None and not g.power.read(now, batch.readings):
+                    batch.errors.append(SensorError(self.name, "not_supported", key, "instant power field failed"))
             except n.NVMLError as exc:
                 batch.errors.append(SensorError(self.name, _error_kind(n, exc), key, _decode(str(exc))))
         self._edges_pending = False
         return batch
+
+    def _read_counter(self, g: _Gpu, now: float, batch: Batch) -> None:
+        timing = g.counter
+        assert timing is not None
+        cadence = self._read_shape(g, now, batch)
+        if not timing.due(now, cadence, self._calibration.calibrating(now), self._edges_pending):
+            return
+        try:
+            mj = self.nvml.nvmlDeviceGetTotalEnergyConsumption(g.handle)
+        except self.nvml.NVMLError:
+            timing.failed()
+            raise
+        key = g.device.key
+        # A read is taken somewhere inside the call (3.5 ms on an H100), and ``now`` predates
+        # it: a change seen here happened before the call ended.
+        dated = timing.observe(now, mj / 1000.0, self._clock.now())
+        batch.readings.extend(Reading(key, t, energy_j=v, read_t=now) for t, v in dated)
+        if dated:
+            return
+        watts = [r.power_w for r in batch.readings if r.device_key == key and r.power_w is not None]
+        if timing.stalled(now, watts[-1] if watts else None):
+            batch.errors.append(SensorError(self.name, "counter_stalled", key,
+                                            f"energy counter unchanged for {now - (timing.changed_t or now):.1f} s "
+                                            "while the GPU draws power"))
 
     def read_processes(self, now: float) -> list[ProcessUsage]:
         """SM share per process since the last call (for attribution). Host PIDs."""
@@ -439,7 +349,7 @@ class NvmlSensor:
     def mig_layout(self) -> dict[str, dict[str, float]]:
         """Per GPU in MIG mode, each GPU instance's fraction of the GPU's SMs. NVML has no
         per-instance power, so attribution apportions the parent's energy by these (estimated)."""
-        now = time.monotonic()
+        now = self._clock.now()
         if self._mig_cache is not None and now - self._mig_cache[0] < MIG_LAYOUT_TTL_S:
             return self._mig_cache[1]
         n, out = self.nvml, {}

@@ -16,6 +16,7 @@ Arc = tuple[float, float]   # (start phase in [0, period), length in [0, period]
 RESYNC_SLACK_S = 0.008      # after a conflict, phases this far beyond the allowances stay possible
 FIRST_BRACKET_S = 0.02      # the first dated change needs a bracket this narrow...
 MAX_WIDE_SKIPS = 3          # ...unless this many changes have come in wider ones
+AMBIGUOUS_MARGIN_S = 0.003  # a refresh may come this much earlier than its allowed phases say
 
 
 def _pieces(arcs: list[Arc], period: float) -> list[tuple[float, float]]:
@@ -74,6 +75,10 @@ class RefreshTracker:
     dated: bool = False                # some value has been dated (the first change was seen)
     _uncertainty: float = 0.1          # cached: read on every sampler wake-up
     _wide_skips: int = 0               # first changes left undated for a wide bracket
+    # A change seen where the next refresh may have just landed: (value, date if it is the
+    # refresh before, date if it is that one, the read, end of the window), settled next read.
+    _pending: tuple[float, float, float, float, float] | None = None
+    resolved: list[tuple[float, float]] = field(default_factory=list)
     _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
     _drift: float = field(init=False)   # drift_per_period when brackets conflict)
 
@@ -86,6 +91,8 @@ class RefreshTracker:
     def observe(self, read_t: float, value: float, end_t: float | None = None) -> float | None:
         """Feed one read, taken between ``read_t`` and ``end_t`` (when the call returned).
         Returns the estimated time of ``value`` if it is new, else None."""
+        if self._pending is not None:
+            self._settle(read_t, value)
         if self._last_value is None:
             # The first value is as of an unknown refresh up to a period ago: dating it at the
             # read would charge a new meter for energy burned before it started. Wait for a change.
@@ -142,7 +149,32 @@ class RefreshTracker:
         t = hi - ((hi - phase) % p)
         if t < lo - (0.5 * length + j):
             t += p
-        return min(max(t, lo), hi)
+        t = min(max(t, lo), hi)
+        # The next predicted refresh after t, and how early it may land: the allowed phases
+        # plus a full jitter allowance (a narrow lock can still be a few ms off).
+        nxt = t + p
+        early = nxt - (0.5 * length + self.jitter_s + AMBIGUOUS_MARGIN_S)
+        if hi - lo >= 0.9 * p and hi >= early:
+            # The read falls where the next refresh may already have landed: the value is that
+            # refresh (it came early) or the one before. A pair's first read is in this spot
+            # by design; the next read tells which (see _settle).
+            self._pending = (value, t, 0.5 * (max(early, lo) + hi), hi, nxt)
+            return None
+        return t
+
+    def _settle(self, read_t: float, value: float) -> None:
+        """Date a value left pending (see observe) by the read after it. An unchanged value
+        means the refresh had come before that first read: it is dated inside the part of the
+        allowed window before it. A change means the first read saw the refresh before; this
+        read's change is then dated as usual by observe."""
+        pending_value, early, late, _, _ = self._pending  # type: ignore[misc]
+        self._pending = None
+        self.resolved.append((late if value == pending_value else early, pending_value))
+
+    def take_resolved(self) -> list[tuple[float, float]]:
+        """(time, value) of values left pending and dated since the last call, oldest first."""
+        out, self.resolved = self.resolved, []
+        return out
 
     def next_refresh_after(self, t: float) -> float | None:
         """The first refresh expected after t, from the best-supported phase (None: unknown)."""

@@ -1,0 +1,172 @@
+"""When to read a GPU's energy counter, and when its values were taken.
+
+Reading the energy counter cost 3.5 ms of CPU per call on an H100 (field 186: 10 us), so where
+instant power shapes the spans between counter reads, the counter is read every few seconds as
+a *pair* of reads straddling a predicted refresh (sensors/refresh.py dates each change to a
+few ms). Calibration bursts of fast reads lock the refresh phase; pairs keep it locked. A
+counter that holds one value while the GPU draws power has stalled, and one that fails is
+faulted: instant power then bridges its gaps (the ledger does the bridging).
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+from .refresh import RefreshTracker
+
+CALIBRATE_S = 0.5             # a burst of fast reads that dates counter refreshes to a few ms...
+RECALIBRATE_S = 10.0          # ...repeated while the phase of some counter is still uncertain
+MAX_RECALIBRATE_S = 300.0
+PHASE_LOCKED_S = 0.025        # phases known to this: pairs 16 ms apart straddle the refresh
+COUNTER_PERIOD_S = 4.0
+DENSE_START_S = 0.3           # back-to-back reads at start, at most this long (a stuck counter)
+PAIR_HALF_GAP_S = 0.008
+PAIR_SHIFT_S = 0.004
+PAIR_MARGIN_S = 0.003         # a pair started on a cadence read keeps the refresh this far inside
+PIGGYBACK_S = 3.0             # how long a steady pair waits for such a read before its own wake-up
+STALL_S = 1.0                 # a counter unchanged this long while the GPU draws power has stalled
+STALL_MIN_W = 1.0
+
+
+class Calibration:
+    """Sensor-wide bursts of fast reads: CALIBRATE_S at start, then every RECALIBRATE_S while
+    some counter's refresh phase is unknown to within PHASE_LOCKED_S, backing off."""
+
+    def __init__(self) -> None:
+        self.burst_start: float | None = None
+        self.recalibrate_s = RECALIBRATE_S
+
+    def calibrating(self, now: float) -> bool:
+        return self.burst_start is not None and now - self.burst_start < CALIBRATE_S
+
+    def wants_fast(self, now: float, unlocked: bool) -> bool:
+        if self.calibrating(now):
+            return True
+        start = self.burst_start
+        if not unlocked:
+            self.recalibrate_s = RECALIBRATE_S
+        elif start is None or now - start >= self.recalibrate_s:
+            # Each burst costs ~100 counter reads (~0.35 s of CPU on an H100): back off while
+            # a counter will not lock (an irregular refresh), up to once every 5 minutes.
+            if start is not None:
+                self.recalibrate_s = min(MAX_RECALIBRATE_S, 2 * self.recalibrate_s)
+            self.burst_start = now
+            return True
+        return False
+
+
+@dataclass
+class CounterTiming:
+    """One GPU's counter: when to read it next, and the dating of what it returns."""
+
+    shaped: bool                      # instant power shapes its spans (else read every time)
+    rng: random.Random = field(default_factory=random.Random)
+    tracker: RefreshTracker = field(default_factory=lambda: RefreshTracker(period_s=0.1))
+    next_counter_at: float = 0.0      # when the counter is next read (locked phase)
+    pair_second: float | None = None  # the second read of a pending pair
+    pair_due: float = math.inf        # from when a steady pair may start on a cadence read
+    fault: bool = False               # failed or stalled since its last good change
+    changed_t: float | None = None    # read time of its last change
+    stall_reported: bool = False
+    last_value: float | None = None   # the raw value last read
+
+    @property
+    def unlocked(self) -> bool:
+        return self.tracker.uncertainty_s > PHASE_LOCKED_S
+
+    def wish(self) -> float | None:
+        """When the next counter read is due (shaped counters only)."""
+        if not self.shaped:
+            return None
+        return self.pair_second if self.pair_second is not None else self.next_counter_at
+
+    def observe(self, now: float, value_j: float, end_t: float) -> list[tuple[float, float]]:
+        """A value read between ``now`` and ``end_t``: the (refresh time, value) pairs dated by
+        this read, oldest first: a value left pending by the read before, then this one if it
+        is new and dated. (The tracker leaves a first value, or one seen through a wide
+        bracket, undated: that is a change all the same, not a stall.)"""
+        t = self.tracker.observe(now, value_j, end_t)
+        if value_j != self.last_value:
+            self.last_value = value_j
+            self.fault = self.stall_reported = False
+            self.changed_t = now
+        out = self.tracker.take_resolved()
+        if t is not None:
+            out.append((t, value_j))
+        return out
+
+    def failed(self) -> None:
+        self.fault = True
+
+    def stalled(self, now: float, power_w: float | None) -> bool:
+        """A counter that holds one value for over STALL_S while instant power shows the GPU
+        busy has stalled (it moves by >= 1 mJ at every 100 ms refresh at any real power).
+        True once per stall."""
+        if self.changed_t is None:
+            self.changed_t = now
+            return False
+        if self.stall_reported or now - self.changed_t <= STALL_S or power_w is None or power_w < STALL_MIN_W:
+            return False
+        self.stall_reported = self.fault = True
+        return True
+
+    def due(self, now: float, cadence: bool, calibrating: bool, edges_pending: bool) -> bool:
+        """Whether to pay for a counter read now. Unshaped counters are read every time; shaped
+        ones while calibrating, else as a pair around a predicted refresh."""
+        if not self.shaped:
+            return True
+        tracker = self.tracker
+        if not tracker.dated:
+            return True         # until the first change is seen, the ledger has no counter point
+        if calibrating:
+            # The whole burst, not just up to the first dated change: one 5 ms bracket leaves
+            # the phase off by up to 2.5 ms; several at random offsets pin it to a fraction.
+            self.pair_second = None
+            return True
+        if self.unlocked:
+            self.pair_second = None
+            if edges_pending:
+                # An edge waits: every fast read, which also re-locks. (And no wish left in the
+                # past: the sampler would read again at once, 1 ms apart, for half a second.)
+                self.next_counter_at = max(self.next_counter_at, now + COUNTER_PERIOD_S)
+                return True
+            if now >= self.next_counter_at:      # unlocked between bursts: a plain read
+                self.next_counter_at = now + COUNTER_PERIOD_S
+                return True
+            return False
+        if self.pair_second is not None:
+            if now + 0.001 < self.pair_second:
+                return False
+            self.pair_second = None
+            if edges_pending:
+                self.plan_pair(now)
+            else:
+                self.plan_pair(now + COUNTER_PERIOD_S, steady=True)
+            return True
+        if edges_pending and self.next_counter_at - now > 0.15:
+            self.plan_pair(now)
+        elif cadence and now >= self.pair_due:
+            # Between edges a pair may start on a cadence read that falls just before a
+            # predicted refresh: then only its second read needs a wake-up of its own.
+            refresh = tracker.next_refresh_after(now)
+            if refresh is not None and PAIR_MARGIN_S <= refresh - now <= 2 * PAIR_HALF_GAP_S - PAIR_MARGIN_S:
+                self.pair_second = now + 2 * PAIR_HALF_GAP_S
+                return True
+        if now + 0.001 < self.next_counter_at:
+            return False
+        self.pair_second = self.next_counter_at + 2 * PAIR_HALF_GAP_S
+        return True
+
+    def plan_pair(self, after: float, steady: bool = False) -> None:
+        """Schedule the next pair after ``after``; a steady one may start on a cadence read
+        from then on, and is scheduled on its own PIGGYBACK_S later if none came."""
+        self.pair_due = after if steady else math.inf
+        after += PIGGYBACK_S if steady else 0.0
+        refresh = self.tracker.next_refresh_after(after + PAIR_HALF_GAP_S)
+        if refresh is None:
+            self.next_counter_at = after + COUNTER_PERIOD_S - PAIR_HALF_GAP_S
+            return
+        # Centred on the prediction, pairs only confirm it; shifted at random, their ends cut the
+        # allowed phases from either side, so the estimate keeps up with a wandering clock.
+        self.next_counter_at = refresh - PAIR_HALF_GAP_S + self.rng.uniform(-PAIR_SHIFT_S, PAIR_SHIFT_S)

@@ -1,0 +1,169 @@
+"""Reading a GPU that has no energy counter: instant power and a trailing mean, dated by evidence.
+
+Per read, one ``nvmlDeviceGetFieldValues`` call returns field 186 (instant power) and field 185
+(averaged power) where they answer; else ``nvmlDeviceGetPowerUsage`` is read. What each value
+is, and how to date it, is learnt from the data (``power_evidence``):
+
+- a field value is new when its timestamp moves (refresh-stamped) or, where timestamps are read
+  times, when its value changes; a read-stamped value is dated in the middle of the interval
+  since the previous read (it refreshed somewhere inside it);
+- a candidate that tracks the mean of the instant samples over the last second is emitted as
+  ``Reading.mean_w`` (the ledger's energy reference, instant power only shapes edges inside
+  it); one that tracks the latest instant value is just another instant reading.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Callable
+
+from ..model import Reading
+from .power_evidence import MEAN_WINDOW_S, MeanEvidence, PowerReference, SelfEvidence, StampEvidence
+
+FIELD_POWER_AVERAGE = 185
+FIELD_POWER_INSTANT = 186
+MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
+MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
+FIELD_READ_DELAY_S = 0.002    # read a new field value this long after it is expected
+
+
+@dataclass
+class Stream:
+    """One power value read repeatedly: which of its reads are new, and when each was taken."""
+
+    stamps: StampEvidence = field(default_factory=StampEvidence)
+    last_ts_us: int = 0
+    last_read_t: float | None = None
+    last_t: float | None = None          # clock time of the newest value
+    steps: list[float] = field(default_factory=list)   # recent timestamp steps (refresh period)
+
+    def date(self, value: float, ts_us: int, now: float, wall: Callable[[float], float]) -> float | None:
+        """Clock time of ``value`` if it is new, else None."""
+        age = None
+        if ts_us:
+            age = wall(now) - ts_us / 1e6
+            if not 0.0 <= age < MAX_FIELD_AGE_S:
+                age = 0.0             # clocks disagree: the stamp says nothing
+        changed = self.stamps.observe(age, value, now)
+        prev_read, self.last_read_t = self.last_read_t, now
+        if ts_us and self.stamps.read_stamped is not True:
+            if ts_us == self.last_ts_us:
+                return None           # the same refresh again
+            if self.last_ts_us:
+                self.steps = (self.steps + [(ts_us - self.last_ts_us) / 1e6])[-32:]
+            self.last_ts_us = ts_us
+            t = now - (age or 0.0)
+        else:
+            # Read-stamped (or unstamped): the stamp says nothing about the value's age, so the
+            # value is a sample of the power held since it last refreshed, taken now.
+            t = now
+        if self.last_t is not None and t <= self.last_t:
+            return None
+        self.last_t = t
+        return t
+
+    @property
+    def refresh_s(self) -> float | None:
+        if self.stamps.read_stamped is True:
+            return self.stamps.refresh_s
+        return min(self.steps) if len(self.steps) >= 2 else None
+
+    @property
+    def stamp_kind(self) -> str:
+        return {True: "read-stamped", False: "refresh-stamped"}.get(self.stamps.read_stamped, "stamps not judged yet")
+
+
+class PowerOnlyReader:
+    """Reads one counter-less GPU; ``read`` appends its new readings to ``out``."""
+
+    def __init__(self, nvml: ModuleType, handle: Any, key: str, wall: Callable[[float], float],
+                 instant_ok: bool, average_ok: bool) -> None:
+        self.nvml, self.handle, self.key, self.wall = nvml, handle, key, wall
+        self.instant_ok, self.average_ok = instant_ok, average_ok
+        self.instant = Stream()
+        self.mean = Stream()
+        self.mean_evidence = MeanEvidence()
+        self.self_evidence = SelfEvidence()
+        self._undecided: deque[tuple[float, float]] = deque(maxlen=int(4 * MEAN_WINDOW_S / 0.05))
+        self._fields = ([FIELD_POWER_INSTANT] if instant_ok else []) + ([FIELD_POWER_AVERAGE] if average_ok else [])
+
+    def read(self, now: float, out: list[Reading]) -> bool:
+        """One read. False when the instant field failed (the caller reports it)."""
+        n = self.nvml
+        inst: tuple[float, int] | None = None
+        cand: tuple[float, int] | None = None
+        if self._fields:
+            values = n.nvmlDeviceGetFieldValues(self.handle, self._fields)
+            for fid, entry in zip(self._fields, values):
+                if entry.nvmlReturn != 0:     # the call succeeds while a field fails: check each
+                    continue
+                got = (entry.value.uiVal / 1000.0, int(entry.timestamp or 0))
+                if fid == FIELD_POWER_INSTANT:
+                    inst = got
+                else:
+                    cand = got
+            if self.instant_ok and inst is None:
+                return False
+        if cand is None and (not self.average_ok or not self._fields):
+            cand = (n.nvmlDeviceGetPowerUsage(self.handle) / 1000.0, 0)
+        if inst is not None:
+            t = self.instant.date(inst[0], inst[1], now, self.wall)
+            if t is not None:
+                out.append(Reading(self.key, t, power_w=inst[0]))
+                self.mean_evidence.add_instant(t, inst[0])
+        if cand is not None:
+            t = self.mean.date(cand[0], cand[1], now, self.wall)
+            if t is not None:
+                if inst is not None:
+                    verdict = self.mean_evidence.add_candidate(t, cand[0])
+                else:
+                    verdict = self.self_evidence.add(cand[0])
+                # Field 185 is documented as averaged power: trusted as a 1 s mean unless the
+                # data says otherwise. GetPowerUsage must show it first.
+                is_mean = verdict if verdict is not None else self.average_ok
+                if is_mean:
+                    # Values seen while undecided are a reference too: the ledger gets them.
+                    out.extend(Reading(self.key, tp, mean_w=wp, mean_window_s=MEAN_WINDOW_S)
+                               for tp, wp in self._undecided)
+                    self._undecided.clear()
+                    out.append(Reading(self.key, t, mean_w=cand[0], mean_window_s=MEAN_WINDOW_S))
+                else:
+                    self._undecided.append((t, cand[0]))
+                    if inst is None:
+                        out.append(Reading(self.key, t, power_w=cand[0]))
+        return True
+
+    def next_read_at(self) -> float | None:
+        """Just after the next instant value is expected, so every value is read once."""
+        period = self.instant.refresh_s
+        if period is None or self.instant.last_t is None:
+            return None
+        if self.instant.stamps.read_stamped:
+            # Read-stamped values are dated by the read interval: read a few times per refresh.
+            return (self.instant.last_read_t or 0.0) + max(MIN_FIELD_PERIOD_S, 0.25 * period)
+        return self.instant.last_t + max(MIN_FIELD_PERIOD_S, period) + FIELD_READ_DELAY_S
+
+    @property
+    def reference(self) -> PowerReference:
+        instant = ""
+        if self.instant_ok:
+            refresh = self.instant.refresh_s
+            instant = f"field 186 ({self.instant.stamp_kind}" + \
+                (f", refreshing every {refresh * 1000:.0f} ms)" if refresh else ")")
+        src = "field 185" if self.average_ok else "nvmlDeviceGetPowerUsage"
+        verdict = self.mean_evidence.verdict if self.instant_ok else self.self_evidence.verdict
+        if verdict is None and self.average_ok:
+            return PowerReference("trailing_mean", src, "field 185 is NVML's averaged power, and no load "
+                                  "change has contradicted a 1 s mean yet", instant, self.instant.refresh_s)
+        if verdict:
+            how = "tracks the mean of field 186 over the last second" if self.instant_ok else \
+                "moves like a 1 s mean (never jumps across its range)"
+            return PowerReference("trailing_mean", src, f"{src} {how}", instant, self.instant.refresh_s)
+        if self.instant_ok:
+            why = ("no averaged reading tracks the last second's mean" if verdict is False else
+                   "no load change has yet shown whether the averaged reading is a 1 s mean")
+            return PowerReference("instant", "field 186", why, "", self.instant.refresh_s)
+        why = ("it jumps with the load: an instantaneous value" if verdict is False else
+               "no load change has yet shown whether it is a 1 s mean")
+        return PowerReference("instant", src, why)

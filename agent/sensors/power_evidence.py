@@ -1,0 +1,150 @@
+"""Which power reading a GPU without an energy counter should trust, decided from its data.
+
+NVML exposes up to three power readings, and what each one *is* varies by GPU and driver:
+field 186 may be a 20 ms box mean or a 100 ms point sample, its timestamp may be the refresh
+time or merely the read time, and ``nvmlDeviceGetPowerUsage`` / field 185 may be a 1 s trailing
+mean or an instantaneous value. Model names and architectures do not settle it (GA100 differs
+from other Ampere parts; drivers change). So the sensor keeps a small evidence record per GPU:
+
+- ``StampEvidence``: are field timestamps refresh times (their age spreads over a refresh
+  period) or read times (always ~0 old)? And how often does the value really change?
+- ``MeanEvidence``: does a candidate track the mean of the instant samples over the last
+  second (a trailing mean) or the latest instant sample?
+
+``PowerReference`` is the verdict, printable by ``doctor``: the reference used and why.
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+MEAN_WINDOW_S = 1.0          # the trailing window NVML documents for averaged power
+READ_STAMP_MAX_AGE_S = 0.0015   # a read-stamped value is never older than one call
+STAMP_SAMPLES = 20           # reads before the timestamps are judged
+MEAN_SAMPLES = 12            # varying candidate samples before a verdict
+VARYING_SHARE = 0.03         # instant power varies by this share of its mean: a usable sample
+RECHECK_EVERY = 10           # once decided, candidates checked
+VERDICT_RATIO = 0.5          # the better model must fit with half the other's error
+
+
+@dataclass(frozen=True)
+class PowerReference:
+    """What a GPU's energy is measured from, and why (``doctor`` prints it)."""
+
+    reference: str           # "counter" | "trailing_mean" | "instant"
+    source: str              # "energy counter", "field 185", "nvmlDeviceGetPowerUsage", "field 186"
+    reason: str
+    instant: str = ""        # what shapes edges: "field 186 (refresh-stamped)", ... or ""
+    instant_refresh_s: float | None = None
+
+    def describe(self) -> str:
+        shape = f"; edges shaped by {self.instant}" if self.instant else ""
+        return f"{self.reference} from {self.source}: {self.reason}{shape}"
+
+
+class StampEvidence:
+    """Judges field-186 timestamps and the value's real refresh period from the reads."""
+
+    def __init__(self) -> None:
+        self.ages: list[float] = []
+        self.read_stamped: bool | None = None      # None: not judged yet
+        self.changes: deque[float] = deque(maxlen=32)   # intervals between value changes
+        self._last_value: float | None = None
+        self._last_change_t: float | None = None
+
+    def observe(self, age_s: float | None, value: float, read_t: float) -> bool:
+        """Feed one read (``age_s``: how old its timestamp says it is, None: no stamp).
+        Returns whether the value changed since the previous read."""
+        if age_s is not None and self.read_stamped is None:
+            self.ages.append(age_s)
+            if len(self.ages) >= STAMP_SAMPLES:
+                # Refresh-stamped values read at random phases are up to a refresh period old;
+                # read-stamped ones are never older than the call itself.
+                self.read_stamped = max(self.ages) <= READ_STAMP_MAX_AGE_S
+        changed = value != self._last_value
+        if changed:
+            if self._last_change_t is not None:
+                self.changes.append(read_t - self._last_change_t)
+            self._last_value, self._last_change_t = value, read_t
+        return changed
+
+    @property
+    def refresh_s(self) -> float | None:
+        """The value's refresh period, from the shortest recent interval between changes."""
+        return min(self.changes) if len(self.changes) >= 4 else None
+
+
+class MeanEvidence:
+    """Does a candidate power reading behave like a trailing mean of the instant samples?"""
+
+    def __init__(self, window_s: float = MEAN_WINDOW_S) -> None:
+        self.window_s = window_s
+        self.instant: deque[tuple[float, float]] = deque(maxlen=400)
+        self.err_mean = 0.0
+        self.err_inst = 0.0
+        self.n = 0
+        self.verdict: bool | None = None     # True: trailing mean; False: instant; None: unknown
+        self._seen = 0
+
+    def add_instant(self, t: float, w: float) -> None:
+        if not self.instant or t > self.instant[-1][0]:
+            self.instant.append((t, w))
+
+    def add_candidate(self, t: float, w: float) -> bool | None:
+        """Feed one candidate value dated t; returns the verdict so far. Once decided, only
+        every RECHECK_EVERY-th value is checked (the verdict can still flip, at a tenth the cost)."""
+        self._seen += 1
+        if self.verdict is not None and self._seen % RECHECK_EVERY:
+            return self.verdict
+        pts = []
+        for ts, v in reversed(self.instant):     # newest first: stop once past the window
+            if ts < t - self.window_s - 0.1:
+                break
+            if ts <= t:
+                pts.append((ts, v))
+        pts.reverse()
+        if len(pts) < 5 or pts[0][0] > t - self.window_s + 0.15:
+            return self.verdict          # the last second is not covered yet
+        vals = [v for ts, v in pts if ts > t - self.window_s]
+        mean = sum(vals) / len(vals)
+        spread = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
+        if mean <= 0 or spread < VARYING_SHARE * mean:
+            return self.verdict          # steady: both models fit, nothing learnt
+        self.err_mean += (w - mean) ** 2
+        self.err_inst += (w - pts[-1][1]) ** 2
+        self.n += 1
+        if self.n >= MEAN_SAMPLES:
+            if self.err_mean < VERDICT_RATIO * self.err_inst:
+                self.verdict = True
+            elif self.err_inst < VERDICT_RATIO * self.err_mean:
+                self.verdict = False
+            self.n, self.err_mean, self.err_inst = 0, 0.0, 0.0   # keep checking, in fresh rounds
+        return self.verdict
+
+
+class SelfEvidence:
+    """With no instant reading to compare against, judge a power stream by its own motion. A
+    1 s trailing mean read every 100 ms never moves by more than a tenth of its range per
+    refresh at a step, and a bursty load barely moves it at all; a point sample of the same
+    load jumps across its whole range."""
+
+    def __init__(self) -> None:
+        self.values: deque[float] = deque(maxlen=30)
+        self.verdict: bool | None = None
+
+    def add(self, w: float) -> bool | None:
+        self.values.append(w)
+        if len(self.values) < self.values.maxlen:  # type: ignore[operator]
+            return self.verdict
+        vals = list(self.values)
+        lo, hi = min(vals), max(vals)
+        mean = sum(vals) / len(vals)
+        if mean <= 0 or hi - lo < 0.05 * mean:
+            return self.verdict                     # steady: nothing learnt
+        jump = max(abs(b - a) for a, b in zip(vals, vals[1:])) / (hi - lo)
+        if (hi - lo) > 0.3 * mean and jump > 0.5:
+            self.verdict = False
+        elif jump < 0.25:
+            self.verdict = True
+        return self.verdict

@@ -1,0 +1,44 @@
+"""The exported total (what /metrics shows) tracks the truth between counter reads: it advances
+with instant power instead of holding for seconds and jumping, and never goes backwards."""
+from __future__ import annotations
+
+import pytest
+
+from wattmeter.clock import VirtualClock
+from wattmeter.meter import Meter
+from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
+from wattmeter.sim.fake_nvml import FakeNVML, build_module
+from wattmeter.sim.scenario import Scenario
+
+from vdrive import VirtualDriver
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+@pytest.mark.parametrize("trace, tolerance", [
+    ({"kind": "constant", "power_w": 300.0}, 0.03),
+    # Bursty: between counter reads the 1 s trailing mean (field 185) carries E; the newest
+    # half second rests on sparse instant samples and the total holds over an over-estimate,
+    # so 5 s differences hold to ~7 % here, not issue 11's 3 % (was: 0 for 4-7 s, then a jump).
+    ({"kind": "square", "high_w": 500.0, "low_w": 100.0, "high_s": 0.3, "low_s": 0.5}, 0.08),
+])
+def test_scrapes_one_second_apart_follow_the_energy_between_counter_reads(trace, tolerance):
+    clock = VirtualClock(start=100.0)
+    fake = FakeNVML(Scenario.from_dict({"gpu": [{"model": H100, "trace": trace}]}), clock)
+    sensor = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=4)
+    meter = Meter([sensor], clock=clock)
+    meter.poll()
+    drive = VirtualDriver(meter, clock, seed=4)
+    drive.run_until(clock.now() + 3.0)
+    scrapes = []
+    for _ in range(16):                      # counter pairs come every 4-7 s
+        drive.run_until(clock.now() + 1.0)
+        scrapes.append((clock.now(), meter.ledger.snapshot(clock.now())["gpu0"].energy_j))   # as a running meter
+    steps = [b - a for (_, a), (_, b) in zip(scrapes, scrapes[1:])]
+    assert all(s >= 0 for s in steps)
+    # Never flat for a second while the GPU draws 100-500 W.
+    assert min(steps) > 50.0
+    # Energy between two scrapes 5 s apart (before: held 4-7 s, then a jump of a whole span).
+    for (t0, e0), (t1, e1) in zip(scrapes, scrapes[5:]):
+        truth = fake.true_energy_j(0, t0, t1)
+        assert e1 - e0 == pytest.approx(truth, rel=tolerance)

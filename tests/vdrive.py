@@ -1,0 +1,53 @@
+"""Drive a Meter's sensors in virtual time the way the sampler's reader threads would.
+
+Each sensor is read on its jittered cadence, at the times it asks for (``next_read_at``) and
+fast while an edge waits or it calibrates; the clock jumps straight to the next read. Tests
+of the NVML path then see the same read pattern as a live meter, deterministically.
+"""
+from __future__ import annotations
+
+import random
+
+from wattmeter.clock import VirtualClock
+from wattmeter.meter import Meter
+from wattmeter.sampler import FAST_PERIOD_S
+
+
+class VirtualDriver:
+    def __init__(self, meter: Meter, clock: VirtualClock, seed: int = 1) -> None:
+        self.meter, self.clock = meter, clock
+        self.rng = random.Random(seed)
+        now = clock.now()
+        self.state = {}
+        for s in meter.sensors:
+            self.state[s.name] = {"slot": now, "due": now + self.rng.random() * s.period_s, "last": -1e18}
+
+    def _next(self, s, now: float) -> tuple[float, bool]:
+        st = self.state[s.name]
+        fast = self.meter.sampler.wants_fast(s, now)
+        target = min(st["due"], st["last"] + FAST_PERIOD_S * (0.5 + self.rng.random())) if fast else st["due"]
+        wish = self.meter.sampler.cadence(s).next_read_at(now)
+        if wish is not None and wish < target:
+            target = max(wish, st["last"] + 0.001)
+        return max(target, now), fast
+
+    def run_until(self, t_end: float) -> None:
+        sampler = self.meter.sampler
+        while True:
+            now = self.clock.now()
+            plans = [(self._next(s, now), s) for s in self.meter.sensors]
+            (target, fast), s = min(plans, key=lambda p: p[0][0])
+            if target > t_end:
+                self.clock.advance(max(0.0, t_end - now))
+                return
+            self.clock.advance(target - now)
+            now = self.clock.now()
+            st = self.state[s.name]
+            st["last"] = now
+            sampler.read_sensor(s, now, fast)
+            if now >= st["due"]:
+                st["slot"] += s.period_s
+                st["due"] = st["slot"] + self.rng.random() * s.period_s
+                if st["due"] < now:
+                    st["slot"] = now
+                    st["due"] = now + self.rng.random() * s.period_s
