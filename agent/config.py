@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 # The fastest cadence a sensor honours: NVML's fastest power field refreshes every ~10-20 ms and
 # a read costs ~0.1-3.5 ms of CPU, so below 5 ms the sampler only burns a core (issue 8).
-MIN_INTERVAL_S = 0.005
+from .sampler import MIN_INTERVAL_S  # noqa: E402 - the one floor, owned by the sampler
 MAX_FAKE_GPUS = 64          # the fake NVML's documented maximum (docs/fake-nvml.md)
 
 # Where a value came from, strongest first.

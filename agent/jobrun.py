@@ -149,6 +149,7 @@ class JobRunner:
     on_result: list[Callable[[WindowResult], None]] = field(default_factory=list)  # before the last tick
     env: dict[str, str] | None = None
     child_stdout: int | None = None                 # fd for the child's stdout; None: the agent's
+    start_t: float | None = None                    # when `run` was called (meter clock); None: now
     die_with_agent: bool = True
 
     def __post_init__(self) -> None:
@@ -262,7 +263,7 @@ class JobRunner:
         meter = self.meter
         old, mask = self._install_signals()      # before the sampler starts: its thread inherits the mask
         meter.start()
-        window = meter.window(self.ident.job)
+        window = meter.window(self.ident.job, at=self.start_t)
         t0 = meter.clock.now()
         timeline = Timeline(t0=t0)
         status, code, message = "completed", 0, ""

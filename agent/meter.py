@@ -15,7 +15,7 @@ import os
 import threading
 import warnings
 from collections import Counter
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 
 from .clock import Clock, SystemClock
 from .ledger import DeviceSnapshot, Ledger
@@ -23,6 +23,9 @@ from .model import Component, WindowResult
 from .sampler import Sampler, SensorStatus
 from .sensors.base import Sensor
 from .windows import Edge, Window, device_energies
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .requests import Request, RequestAccountant
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,6 +60,7 @@ class Meter:
         self.sampler = Sampler(self.sensors, self.ledger, self.clock, seed=seed, interval_s=interval_s)
         self._tokens: Counter[str] = Counter()
         self._tokens_lock = threading.Lock()
+        self._requests: "RequestAccountant | None" = None
         self._closed = False
         if discovered:
             _warn_if_no_gpu(self)
@@ -108,6 +112,16 @@ class Meter:
 
     def measure(self, name: str | None = None, **kw: Any) -> "measure":
         return measure(name, meter=self, **kw)
+
+    def request(self, request_id: str, model: str = "default") -> "Request":
+        """Per-request energy in a batched server: ``with meter.request(id) as r: r.add_tokens(n)``.
+        Overlapping requests share each GPU's energy (see wattmeter.requests)."""
+        from .requests import RequestAccountant
+
+        with self._tokens_lock:
+            if self._requests is None:
+                self._requests = RequestAccountant(self)
+        return self._requests.request(request_id, model)
 
     def add_tokens(self, n: int, kind: str = "generation") -> None:
         """Count tokens; every window open now gets them. ``kind`` is "generation" or "prompt"."""

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import FLAG, KEYS, boolean, MAX_FAKE_GPUS, MIN_INTERVAL_S, Settings, load_file_config, source_rank
+from ..config import DEFAULT, FLAG, KEYS, boolean, MAX_FAKE_GPUS, MIN_INTERVAL_S, Settings, load_file_config, source_rank
 from ..discovery import Discovered, SensorPlan, discover
 from ..errors import UsageError
 
@@ -14,7 +14,8 @@ from ..errors import UsageError
 def add_sensor_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sensors")
     g.add_argument("--interval", type=str, default=None, metavar="S",
-                   help=f"GPU sampling period in seconds, at least {MIN_INTERVAL_S:g} (default 0.1; env WATTMETER_INTERVAL)")
+                   help=f"sampling period in seconds of every sensor, at least {MIN_INTERVAL_S:g} (default: 0.1 for GPUs, "
+                        "1 for the CPU/RAM models; env WATTMETER_INTERVAL)")
     g.add_argument("--fake-nvml", default=None, metavar="SCENARIO",
                    help="simulate GPUs from a scenario file (env WATTMETER_FAKE_NVML); output is labelled simulated")
     g.add_argument("--fake-gpus", default=None, metavar="N", help=f"simulate N H100 GPUs, 1..{MAX_FAKE_GPUS} (shortcut for --fake-nvml)")
@@ -79,6 +80,7 @@ class SensorSettings:
 @dataclass
 class CliSensorPlan(SensorPlan):
     explicit_gpus: str | None = None     # --gpus / WATTMETER_GPUS as given, checked after discovery
+    interval_s: float | None = None      # --interval as given (flag, env or file): every sensor's cadence
 
 
 def sensor_plan(args: argparse.Namespace, settings: Settings, *, pid: int | None,
@@ -88,7 +90,8 @@ def sensor_plan(args: argparse.Namespace, settings: Settings, *, pid: int | None
     if gpus is None and local_rank_gpu:
         gpus = _local_rank_gpu(os.environ)
     return CliSensorPlan(
-        explicit_gpus=s.gpus, gpu="none" if s.no_gpu else "auto",
+        explicit_gpus=s.gpus, interval_s=s.interval_s if settings.source("interval", args.interval) != DEFAULT else None,
+        gpu="none" if s.no_gpu else "auto",
         fake_scenario=s.fake_nvml, fake_gpus=s.fake_gpus, gpu_period_s=s.interval_s,
         cpu=s.cpu, pid=pid, cpu_tdp_w=s.cpu_tdp_w, powercap_root=s.powercap_root,
         visible_devices=gpus,

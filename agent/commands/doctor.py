@@ -7,6 +7,8 @@ import sys
 import time
 
 from ..discovery import SensorPlan, discover
+from ..sensors.late import LateNvmlSensor
+from ..sensors.nvml import NvmlSensor
 from .common import add_sensor_arguments, sensor_plan, settings_from_cwd
 
 _ALL = ("nvml", "rapl", "cpu_model", "ram_model")
@@ -28,11 +30,17 @@ def doctor(args: argparse.Namespace) -> int:
     found = discover(plan)
     report: list[dict] = []
     for s in found.sensors:
-        inner = getattr(s, "inner", s)
         devs = [f"{d.key} ({d.source.value}{', simulated' if d.simulated else ''})" for d in s.devices()]
         batch = s.read(time.monotonic())
         errors = [f"{e.device_key}: {e.kind} {e.message}".strip() for e in (batch.errors if batch else [])]
-        report.append({"sensor": inner.name, "ok": not errors, "devices": devs, "errors": errors})
+        entry: dict = {"sensor": s.name, "ok": not errors, "devices": devs, "errors": errors}
+        nvml = s.connected_sensor if isinstance(s, LateNvmlSensor) else s
+        if isinstance(s, LateNvmlSensor) and nvml is None:
+            entry.update(ok=False, reason=f"pending: {s.pending_reason or 'NVML not ready yet'}")
+        if isinstance(nvml, NvmlSensor):
+            # which reading each GPU's energy comes from, and why (decided from the data)
+            entry["references"] = {k: r.describe() for k, r in nvml.references().items()}
+        report.append(entry)
     seen = {r["sensor"] for r in report}
     for name, exc in found.unavailable.items():
         if name not in seen:
@@ -50,6 +58,8 @@ def doctor(args: argparse.Namespace) -> int:
             if r.get("reason"):
                 line += f" {r['reason']}"
             sys.stdout.write(line + "\n")
+            for key, ref in r.get("references", {}).items():
+                sys.stdout.write(f"       {key}: {ref}\n")
             if r.get("fix"):
                 sys.stdout.write(f"       fix: {r['fix']}\n")
             for e in r.get("errors", []):

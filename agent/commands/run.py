@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import time
 import uuid
 
 from ..config import Settings, labels as parse_labels, positive_float
@@ -85,6 +86,7 @@ def _say(fd: int, text: str) -> bool:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    called_t = time.monotonic()     # the job's energy counts from here, sensor discovery included
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -116,7 +118,7 @@ def run_command(args: argparse.Namespace) -> int:
     carbon = _carbon(args, settings)
     plan = sensor_plan(args, settings, pid=os.getpid(), local_rank_gpu=True)
     found = discover_or_fail(plan)
-    meter = Meter(found.sensors, notes=found.notes)
+    meter = Meter(found.sensors, notes=found.notes, interval_s=plan.interval_s)
     ident = RunIdentity(run_id=uuid.uuid4().hex[:12], job=job, hostname=socket.gethostname(),
                         command=os.path.basename(cmd[0]), labels=labels,
                         context={k.lower(): os.environ[k] for k in CONTEXT_VARS if k in os.environ})
@@ -125,7 +127,7 @@ def run_command(args: argparse.Namespace) -> int:
             _say(2, f"wattmeter: {note}\n")
     # With --json -, stdout carries only the record: the child's stdout goes to stderr.
     runner = JobRunner(meter, ident, sink, checkpoint_s=checkpoint_s, kill_grace_s=grace_s, carbon=carbon,
-                       child_stdout=2 if json_to == "-" else None)
+                       child_stdout=2 if json_to == "-" else None, start_t=called_t)
     exporter = _job_exporter(args, settings, meter, ident, carbon)
     if exporter is not None:
         runner.on_result.append(exporter.finish)   # the last push equals the record

@@ -161,8 +161,9 @@ def _options(args: argparse.Namespace, settings: Settings) -> ServeOptions:
 def serve_command(args: argparse.Namespace) -> int:
     settings = settings_from_cwd()
     opts = _options(args, settings)
-    found = discover_or_fail(sensor_plan(args, settings, pid=None))   # host level: no process tree
-    meter = Meter(found.sensors, notes=found.notes)
+    plan = sensor_plan(args, settings, pid=None)   # host level: no process tree
+    found = discover_or_fail(plan)
+    meter = Meter(found.sensors, notes=found.notes, interval_s=plan.interval_s)
     try:
         if opts.tokens is not None:
             check_gpu_map(opts.tokens, meter)
