@@ -8,6 +8,7 @@ import socket
 import sys
 import uuid
 
+from ..decisions import DecisionWriter, add_run_arguments, before_run, run_summary, run_values
 from ..config import Settings, labels as parse_labels, positive_float
 from ..errors import UsageError
 from ..exporters.records import RecordWriter, RunIdentity
@@ -38,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_export_arguments(p)
     add_sensor_arguments(p)
     _add_carbon_arguments(p)
+    add_run_arguments(p)          # decisions: --value, --value-file, --progress-file, --wait-for-clean
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command to run")
     p.set_defaults(handler=run_command)
 
@@ -92,6 +94,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise UsageError(f"records path {records if not csv_path else records + ' / ' + csv_path}: cannot write "
                          f"({exc}); pass --records with a writable file") from None
     carbon = _carbon(args, settings)
+    writer = DecisionWriter(writer, run_values(args), args.value_file, args.progress_file)   # decisions
+    before_run(args, settings.file)      # decisions: --wait-for-clean holds the job here
     plan = sensor_plan(args, settings, pid=os.getpid(), local_rank_gpu=True)
     found = discover_or_fail(plan)
     meter = Meter(found.sensors, notes=found.notes)
@@ -117,7 +121,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.write(json.dumps(outcome.record) + "\n")
     if not args.quiet:
-        sys.stderr.write(render(outcome.record) + "\n")
+        sys.stderr.write(render(outcome.record) + "\n" + run_summary(outcome.record))
         sys.stderr.write(f"wattmeter: record appended to {records}\n")
     return outcome.exit_code
 

@@ -1,0 +1,188 @@
+"""CLI glue for the decision features, so the commands that own the flags need one-line hooks.
+
+- ``estimate``: ``--start-window`` (best start from a forecast) and ``--price-per-kwh`` (cost);
+- ``run``: ``--value``, ``--value-file``, ``--progress-file``, ``--wait-for-clean``;
+- records written by ``run`` pass through :class:`DecisionWriter`, which adds ``value`` and
+  ``projection`` fields to each checkpoint and the final record.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, TextIO
+
+from .clock import Clock, SystemClock
+from .errors import UsageError
+from .projection import ProgressError, ProgressTracker, parse_progress_text, render_projection
+from .value import parse_value_flag, parse_value_text, value_fields
+
+
+# -- estimate --------------------------------------------------------------------------------
+def add_estimate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--start-window", metavar="DURATION", default=None,
+                   help="name the start within this window (e.g. 24h) that minimises CO2e, from the "
+                        "--carbon-provider's forecast (ukgrid or electricitymaps)")
+    p.add_argument("--price-per-kwh", metavar="PRICE", default=None,
+                   help="energy price, e.g. 0.12 or 0.25EUR (default: the zone's row in carbon/data/prices.json)")
+
+
+def estimate_extras(args: argparse.Namespace, config: Any, est: Any, err: TextIO | None = None,
+                    now_unix: float | None = None) -> tuple[dict[str, Any], str]:
+    """(fields for --json, lines for the text output) of cost and start window."""
+    import time
+
+    from .carbon.forecast import forecast_source_for, parse_duration, plan_or_now, render_plan
+    from .carbon.prices import render_cost, resolve_price
+
+    err = err or sys.stderr
+    fields: dict[str, Any] = {}
+    text = ""
+    window_s = parse_duration(args.start_window, "--start-window") if args.start_window else None
+    price = resolve_price(args.price_per_kwh, est.zone.key)
+    r = est.result
+    if price is not None:
+        facility_kwh = r.energy_kwh * r.pue
+        fields["cost"] = {**price.as_dict(), "energy_kwh": facility_kwh, "cost": price.cost(facility_kwh)}
+        text += f"cost:     {render_cost(price, facility_kwh)}\n"
+    if window_s is not None:
+        source = forecast_source_for(config)
+        plan = plan_or_now(source, time.time() if now_unix is None else now_unix, window_s, est.hours * 3600.0,
+                           r.energy_kwh, r.pue, err)
+        if plan is None:
+            fields["start_plan"] = None
+            text += "start:    now (no forecast reachable)\n"
+        else:
+            fields["start_plan"] = plan.as_dict()
+            text += render_plan(plan)
+    return fields, text
+
+
+# -- run -------------------------------------------------------------------------------------
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decisions", "value, progress and when to start (see docs/decisions.md)")
+    g.add_argument("--value", action="append", default=None, metavar="UNIT=N",
+                   help="value this run delivers, e.g. samples=50000 (repeatable); tokens count automatically")
+    g.add_argument("--value-file", default=None, metavar="PATH",
+                   help="a file the job writes with its value: JSON {\"samples\": 1000} or lines UNIT=N")
+    g.add_argument("--progress-file", default=None, metavar="PATH",
+                   help="a file the job writes with its progress (0.42 or 420/1000); records then carry a "
+                        "projection to completion (sampled at each checkpoint)")
+    g.add_argument("--wait-for-clean", default=None, metavar="MAX_DELAY",
+                   help="hold the job until the cleanest start within MAX_DELAY (e.g. 6h) by the "
+                        "--carbon-provider's forecast; never later")
+    g.add_argument("--expected-duration", default="1h", metavar="DURATION",
+                   help="how long the job runs, for --wait-for-clean (default 1h)")
+
+
+def run_values(args: argparse.Namespace) -> dict[str, float]:
+    """``--value`` flags, checked before the job starts (a bad one is exit 2)."""
+    out: dict[str, float] = {}
+    for spec in args.value or ():
+        unit, n = parse_value_flag(spec)
+        out[unit] = out.get(unit, 0.0) + n
+    return out
+
+
+def before_run(args: argparse.Namespace, file_config: Mapping[str, Any], err: TextIO | None = None,
+               clock: Clock | None = None) -> None:
+    """Hold the job for ``--wait-for-clean``. No provider reachable: one line, start now."""
+    if not args.wait_for_clean:
+        return
+    from .carbon.config import CarbonConfig
+    from .carbon.forecast import forecast_source_for, parse_duration, wait_for_clean
+
+    max_delay_s = parse_duration(args.wait_for_clean, "--wait-for-clean")
+    duration_s = parse_duration(args.expected_duration, "--expected-duration")
+    config = CarbonConfig.from_args(args, env=os.environ, file_config=file_config)
+    clock = clock or SystemClock()
+    err = err or sys.stderr
+    source = forecast_source_for(config, clock.now)
+    wait_for_clean(source, clock, max_delay_s, duration_s, config.effective_pue(), err=err, tty=err.isatty())
+
+
+class DecisionWriter:
+    """A RecordWriter wrapper: adds ``value`` and ``projection`` to each record it writes.
+
+    The job's files are read at each write; a bad value or progress in them is a warning, never a
+    failed run (the child's exit code wins and the record is still written)."""
+
+    def __init__(self, inner: Any, values: Mapping[str, float] | None = None, value_file: str | None = None,
+                 progress_file: str | None = None, err: TextIO | None = None) -> None:
+        self.inner = inner
+        self.values = dict(values or {})
+        self.value_file = value_file
+        self.progress_file = progress_file
+        self.err = err or sys.stderr
+        self.tracker = ProgressTracker()
+        self._warned: set[str] = set()
+
+    def _warn(self, text: str) -> None:
+        if text not in self._warned:
+            self._warned.add(text)
+            self.err.write(f"wattmeter: warning: {text}\n")
+
+    def _read(self, path: str) -> str | None:
+        try:
+            return Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            self._warn(f"cannot read {path}: {exc}")
+            return None
+
+    def extra_fields(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        values = dict(self.values)
+        if self.value_file:
+            text = self._read(self.value_file)
+            if text is not None:
+                try:
+                    for unit, n in parse_value_text(text, f"value file {self.value_file}").items():
+                        values[unit] = values.get(unit, 0.0) + n
+                except UsageError as exc:
+                    self._warn(str(exc))
+        out = value_fields(record, values)
+        if self.progress_file:
+            text = self._read(self.progress_file)
+            energy = (record.get("energy_j") or {}).get("total")
+            if text is not None and text.strip() and isinstance(energy, (int, float)):
+                try:
+                    warning = self.tracker.add(float(record.get("end_unix") or 0.0),
+                                               parse_progress_text(text, f"progress file {self.progress_file}"),
+                                               float(energy))
+                    if warning:
+                        self._warn(warning)
+                except ProgressError as exc:
+                    self._warn(str(exc))
+            projection = self.tracker.projection()
+            if projection is not None:
+                carbon = record.get("carbon") or {}
+                g = carbon.get("intensity_avg_g_per_kwh", carbon.get("intensity_g_per_kwh"))
+                out["projection"] = projection.as_record(g, float(carbon.get("pue", 1.0)) if carbon else 1.0)
+        return out
+
+    def write(self, record: dict, *, final: bool = True) -> None:
+        record.update(self.extra_fields(record))
+        self.inner.write(record, final=final)
+
+
+def run_summary(record: Mapping[str, Any]) -> str:
+    """Extra summary lines for ``run``: value per kWh and the last projection."""
+    from .value import record_value
+
+    lines = []
+    amounts = record_value(record)
+    for unit, per in (record.get("value_per_kwh") or {}).items():
+        per_kg = (record.get("value_per_kg_co2e") or {}).get(unit)
+        tail = f", {per_kg:,.1f} per kg CO2e" if per_kg else ""
+        lines.append(f"value:    {amounts.get(unit, 0.0):,.6g} {unit}: {per:,.1f} per kWh{tail}")
+    p = record.get("projection")
+    if p:
+        lines.append(f"progress: {p['fraction']:.1%}; projected {p['projected_kwh']:,.4f} kWh "
+                     f"({p['projected_energy_j_low'] / 3.6e6:,.4f}-{p['projected_energy_j_high'] / 3.6e6:,.4f})")
+    return "".join(line + "\n" for line in lines)
+
+
+__all__ = ["add_estimate_arguments", "estimate_extras", "add_run_arguments", "run_values", "before_run",
+           "DecisionWriter", "run_summary", "render_projection"]
