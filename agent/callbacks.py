@@ -22,6 +22,7 @@ import sys
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .model import Component, Scope
+from .projection import StepProgress
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import DeviceSnapshot
@@ -55,6 +56,7 @@ class _Tracker:
         self.tokens = 0
         self._t0 = 0.0
         self._e0 = 0.0
+        self.progress = StepProgress()     # decisions: projection to completion from max_steps
 
     @property
     def meter(self) -> "Meter":
@@ -89,7 +91,13 @@ class _Tracker:
                "avg_power_w": energy / elapsed if elapsed > 0 else 0.0}
         if self.tokens:
             out["joules_per_token"] = energy / self.tokens
+        out.update(self.progress.figures())
         return out
+
+    def step(self, step: Any, total: Any) -> None:
+        """Progress ``step`` of ``total`` (ignored when the total is unknown)."""
+        m = self.meter
+        self.progress.step(m.clock.now(), step, total, max(0.0, _energy_j(m.snapshot()) - self._e0))
 
     def end(self) -> "WindowResult | None":
         if self.open:
@@ -164,6 +172,7 @@ class _HFHooks:
         if seen > self._seen:
             self.tracker.count(seen - self._seen)
             self._seen = seen
+        self.tracker.step(getattr(state, "global_step", 0), getattr(state, "max_steps", 0))   # decisions
         if self.log_every and getattr(state, "global_step", 0) % self.log_every == 0:
             control.should_log = True
 
@@ -229,6 +238,7 @@ class _LightningHooks:
         if self.tokens_per_batch is not None:
             self.tracker.count(int(self.tokens_per_batch(batch)))
         step = int(getattr(trainer, "global_step", 0) or 0)
+        self.tracker.step(step, getattr(trainer, "max_steps", -1))   # decisions: -1 (no limit) is ignored
         if self.log_every is not None and (step == 0 or step % self.log_every or step == self._logged_step):
             return   # global_step repeats across gradient-accumulation batches: log a step once
         log = getattr(pl_module, "log", None)

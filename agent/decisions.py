@@ -147,10 +147,10 @@ class DecisionWriter:
             text = self._read(self.progress_file)
             energy = (record.get("energy_j") or {}).get("total")
             if text is not None and text.strip() and isinstance(energy, (int, float)):
+                origin = f"progress file {self.progress_file}"
                 try:
                     warning = self.tracker.add(float(record.get("end_unix") or 0.0),
-                                               parse_progress_text(text, f"progress file {self.progress_file}"),
-                                               float(energy))
+                                               parse_progress_text(text, origin), float(energy), origin)
                     if warning:
                         self._warn(warning)
                 except ProgressError as exc:

@@ -147,6 +147,10 @@ class ProgressTracker:
     def fraction(self) -> float | None:
         return self._samples[-1].fraction if self._samples else None
 
+    @property
+    def last_t_s(self) -> float | None:
+        return self._samples[-1].t_s if self._samples else None
+
     def add(self, t_s: float, fraction: Any, energy_j: float, origin: str = "progress") -> str | None:
         """Add a sample. Raises :class:`ProgressError` outside [0, 1]; returns a warning or None."""
         value = check_fraction(fraction, origin)
@@ -196,3 +200,60 @@ def render_projection(p: Projection, g_per_kwh: float | None = None, pue: float 
         c, lo, hi = p.emissions_g(g_per_kwh, pue)
         text += f", {c:,.1f} g CO2e ({lo:,.1f}-{hi:,.1f})"
     return text
+
+
+def energy_so_far_j(snapshot: Any) -> float:
+    """Energy in a ledger snapshot, per component the process-tree share where one exists, else
+    the host figure (as WindowResult totals do, so CPU is not counted twice)."""
+    from .model import Component, Scope
+
+    total = 0.0
+    for comp in Component:
+        parts = [s for s in snapshot.values() if s.device.component == comp]
+        scoped = [s for s in parts if s.device.scope == Scope.PROCESS]
+        total += sum(s.energy_j for s in scoped or parts)
+    return total
+
+
+class StepProgress:
+    """Progress from a step count (``max_steps`` in HF and Lightning, or ``meter.progress``), with
+    the projection as flat numbers for trainer logs. Thread-safe; a bad value raises ProgressError."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self.tracker = ProgressTracker()
+        self._warned = False
+
+    def fraction(self, t_s: float, fraction: Any, energy_j: float) -> Projection | None:
+        import logging
+
+        with self._lock:
+            warning = self.tracker.add(t_s, fraction, energy_j)
+            projection = self.tracker.projection()
+        if warning:
+            logging.getLogger("wattmeter").warning("%s", warning)
+        return projection
+
+    def step(self, t_s: float, step: Any, total: Any, energy_j: float) -> Projection | None:
+        """``step`` of ``total``; ignored (None) when the total is unknown (<= 0, e.g. max_steps -1)."""
+        try:
+            n, of = float(step), float(total)
+        except (TypeError, ValueError):
+            return None
+        if not of > 0:
+            return None
+        return self.fraction(t_s, min(1.0, max(0.0, n / of)), energy_j)
+
+    def figures(self) -> dict[str, float]:
+        """``projected_energy_kwh`` (and low/high) and ``projected_remaining_s`` once there is a projection."""
+        with self._lock:
+            p = self.tracker.projection()
+            last_t = self.tracker.last_t_s or 0.0
+        if p is None:
+            return {}
+        return {"progress": p.fraction, "projected_energy_kwh": p.total_kwh,
+                "projected_energy_kwh_low": p.total_low_j / J_PER_KWH,
+                "projected_energy_kwh_high": p.total_high_j / J_PER_KWH,
+                "projected_remaining_s": max(0.0, p.end_t_s - last_t)}

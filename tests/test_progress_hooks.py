@@ -1,0 +1,94 @@
+"""meter.progress / meter.add_value and the HF / Lightning callbacks' projection from max_steps."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from wattmeter.errors import UsageError
+from wattmeter.projection import ProgressError
+
+from test_callbacks import hf_objects, make_meter, tick
+
+
+def test_meter_progress_projects_to_completion() -> None:
+    meter, clock = make_meter(gpu_w=200.0)
+    assert meter.progress(0.0) is None
+    p = None
+    for i in range(1, 11):                   # 1 % per second at 200 W
+        tick(meter, clock)
+        p = meter.progress(i / 100.0)
+    # 10 % after 10 s and 2,000 J: 100 s and 20,000 J at completion.
+    assert p.total_j == pytest.approx(20_000.0) and p.end_t_s == pytest.approx(100.0)
+    with pytest.raises(ProgressError, match=r"progress 1.2 is outside \[0, 1\]"):
+        meter.progress(1.2)
+
+
+def test_meter_progress_backwards_warns_not_crashes(caplog) -> None:
+    meter, clock = make_meter()
+    for i in range(1, 4):
+        tick(meter, clock)
+        meter.progress(i / 10.0)
+    tick(meter, clock)
+    assert meter.progress(0.1) is None
+    assert "progress went backwards from 0.3 to 0.1" in caplog.text
+
+
+def test_meter_add_value() -> None:
+    meter, _clock = make_meter()
+    meter.add_value(64, unit="images")
+    meter.add_value(64, unit="images")
+    assert meter.values.totals() == {"images": 128.0}
+    with pytest.raises(UsageError):
+        meter.add_value(float("nan"), unit="images")
+
+
+def test_hf_callback_logs_projection_from_max_steps() -> None:
+    from wattmeter.callbacks import hf_callback
+
+    meter, clock = make_meter(gpu_w=200.0)
+    cb = hf_callback(meter=meter)
+    args, state, control = hf_objects()
+    state.max_steps = 100
+    cb.on_train_begin(args, state, control)
+    for step in range(1, 11):                # one step a second at 200 W
+        tick(meter, clock)
+        state.global_step = step
+        cb.on_step_end(args, state, control)
+    logs: dict = {}
+    cb.on_log(args, state, control, logs=logs)
+    # 10 of 100 steps after 2,000 J: 20,000 J = 0.005556 kWh, 90 s to go.
+    assert logs["progress"] == pytest.approx(0.1)
+    assert logs["projected_energy_kwh"] == pytest.approx(20_000.0 / 3.6e6)
+    assert logs["projected_energy_kwh_low"] < logs["projected_energy_kwh"] < logs["projected_energy_kwh_high"]
+    assert logs["projected_remaining_s"] == pytest.approx(90.0)
+
+
+def test_lightning_callback_projection_and_unknown_max_steps() -> None:
+    from wattmeter.callbacks import lightning_callback
+
+    class Module:
+        def __init__(self) -> None:
+            self.logged: dict = {}
+
+        def log(self, name, value, **kw) -> None:
+            self.logged[name] = value
+
+    meter, clock = make_meter(gpu_w=100.0)
+    cb = lightning_callback(meter=meter)
+    trainer, module = SimpleNamespace(global_step=0, local_rank=0, max_steps=50), Module()
+    cb.on_train_start(trainer, module)
+    for step in range(1, 6):
+        tick(meter, clock)
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, module, None, None, step - 1)
+    assert module.logged["projected_energy_kwh"] == pytest.approx(5_000.0 / 3.6e6)   # 100 W x 50 s
+    meter2, clock2 = make_meter()
+    cb2 = lightning_callback(meter=meter2)
+    t2, m2 = SimpleNamespace(global_step=0, local_rank=0, max_steps=-1), Module()   # no limit: no projection
+    cb2.on_train_start(t2, m2)
+    for step in range(1, 4):
+        tick(meter2, clock2)
+        t2.global_step = step
+        cb2.on_train_batch_end(t2, m2, None, None, step - 1)
+    assert "projected_energy_kwh" not in m2.logged and "energy_j" in m2.logged
