@@ -186,3 +186,112 @@ def run_summary(record: Mapping[str, Any]) -> str:
 
 __all__ = ["add_estimate_arguments", "estimate_extras", "add_run_arguments", "run_values", "before_run",
            "DecisionWriter", "run_summary", "render_projection"]
+
+
+# -- report ----------------------------------------------------------------------------------
+def add_report_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decisions", "value, cost and fleet reports from Prometheus (see docs/decisions.md)")
+    g.add_argument("--price-per-kwh", metavar="PRICE", default=None,
+                   help="energy price for cost columns, e.g. 0.12 or 0.25EUR (default: the zone's row in "
+                        "carbon/data/prices.json, where it has one)")
+    g.add_argument("--prometheus", metavar="URL", default=None,
+                   help="report the fleet from this Prometheus server instead of RECORDS")
+    g.add_argument("--since", metavar="DURATION", default="7d", help="with --prometheus: the period (default 7d)")
+    g.add_argument("--at", metavar="UNIX", type=float, default=None,
+                   help="with --prometheus: end of the period as Unix time (default now)")
+    g.add_argument("--step", metavar="DURATION", default="60s",
+                   help="with --prometheus: resolution of idle time (default 60s; at least the scrape interval)")
+    g.add_argument("--idle-threshold", metavar="FRACTION", type=float, default=0.25,
+                   help="with --prometheus: list GPUs idle at least this share of the period as waste (default 0.25)")
+    g.add_argument("--cap-watts", metavar="W", type=float, default=None,
+                   help="with --prometheus: also show what capping idle GPUs to W watts would have saved")
+
+
+def fleet_report_text(args: argparse.Namespace, group_by: str, zones: list) -> str:
+    """``report --prometheus``: the fleet report in ``args.format``."""
+    from .carbon.fleet import PrometheusClient, build_fleet_report, render_fleet
+    from .carbon.forecast import parse_duration
+    from .carbon.prices import parse_price
+
+    if not args.prometheus:
+        raise UsageError("no RECORDS given; pass JSONL files written by 'wattmeter run', or --prometheus URL")
+    if args.records:
+        raise UsageError("give RECORDS or --prometheus URL, not both")
+    if args.plot:
+        raise UsageError("--plot is not available with --prometheus yet; drop --plot")
+    since_s = parse_duration(args.since, "--since")
+    step_s = parse_duration(args.step, "--step")
+    if not 0.0 <= args.idle_threshold <= 1.0:
+        raise UsageError(f"--idle-threshold {args.idle_threshold:g} is outside [0, 1]; give a share such as 0.25")
+    if args.cap_watts is not None and not args.cap_watts > 0:
+        raise UsageError(f"--cap-watts {args.cap_watts:g} must be above 0, e.g. 100")
+    price = parse_price(args.price_per_kwh) if args.price_per_kwh else None
+    client = PrometheusClient(args.prometheus)
+    report = build_fleet_report(client, since_s, "host" if group_by == "job" else group_by, args.at, step_s,
+                                args.idle_threshold, price, args.cap_watts, zones)
+    return render_fleet(report, args.format)
+
+
+def records_decisions(records: list[Mapping[str, Any]], price_flag: str | None) -> dict[str, Any]:
+    """Per job: value per kWh and per kg CO2e, the comparison with the previous run, and cost."""
+    from .carbon.prices import parse_price, table_price
+    from .value import compare_runs, record_kg_co2e, record_kwh, record_value
+
+    flag_price = parse_price(price_flag) if price_flag else None
+    jobs: dict[str, dict[str, Any]] = {}
+    by_job: dict[str, list[Mapping[str, Any]]] = {}
+    for r in sorted(records, key=lambda r: r.get("end_unix") or 0.0):
+        job = str(r.get("job", "?"))
+        by_job.setdefault(job, []).append(r)
+        j = jobs.setdefault(job, {"job": job, "energy_kwh": 0.0, "kg_co2e": 0.0, "value": {}, "cost": None,
+                                  "currency": None})
+        kwh = record_kwh(r)
+        j["energy_kwh"] += kwh
+        j["kg_co2e"] += record_kg_co2e(r) or 0.0
+        for unit, n in record_value(r).items():
+            j["value"][unit] = j["value"].get(unit, 0.0) + n
+        carbon = r.get("carbon") or {}
+        price = flag_price or table_price(str(carbon.get("zone", "")))
+        if price is not None and (j["currency"] in (None, price.currency)):
+            j["cost"] = (j["cost"] or 0.0) + price.cost(kwh * float(carbon.get("pue", 1.0) or 1.0))
+            j["currency"] = price.currency
+    for job, j in jobs.items():
+        j["value_per_kwh"] = {u: n / j["energy_kwh"] for u, n in j["value"].items()} if j["energy_kwh"] else {}
+        j["value_per_kg_co2e"] = {u: n / j["kg_co2e"] for u, n in j["value"].items()} if j["kg_co2e"] else {}
+        j["comparison"] = compare_runs(by_job[job])
+    return {"jobs": list(jobs.values())}
+
+
+def records_decisions_text(text: str, fmt: str, records: list[Mapping[str, Any]], price_flag: str | None) -> str:
+    """The records report with the decision figures added (table, markdown and json; csv is unchanged)."""
+    import json
+
+    if fmt in ("csv", "codecarbon"):
+        if price_flag:
+            parse_price_checked(price_flag)
+        return text
+    d = records_decisions(records, price_flag)
+    if fmt == "json":
+        data = json.loads(text)
+        data["decisions"] = d
+        return json.dumps(data, indent=2) + "\n"
+    rows = [j for j in d["jobs"] if j["value"] or j["cost"] is not None]
+    if not rows:
+        return text
+    lines = ["", "## value and cost" if fmt == "markdown" else "value and cost:"]
+    for j in rows:
+        parts = [f"{u}: {n:,.6g} ({j['value_per_kwh'].get(u, 0):,.1f}/kWh"
+                 + (f", {j['value_per_kg_co2e'][u]:,.1f}/kg CO2e" if u in j["value_per_kg_co2e"] else "") + ")"
+                 for u, n in j["value"].items()]
+        if j["cost"] is not None:
+            parts.append(f"cost {j['cost']:,.4f} {j['currency']}")
+        lines.append(("- " if fmt == "markdown" else "  ") + f"{j['job']}: " + "; ".join(parts))
+        if j["comparison"]:
+            lines.append(("- " if fmt == "markdown" else "  ") + j["comparison"])
+    return text + "\n".join(lines) + "\n"
+
+
+def parse_price_checked(price_flag: str) -> None:
+    from .carbon.prices import parse_price
+
+    parse_price(price_flag)
