@@ -186,12 +186,16 @@ class WattmeterCollector(Collector):
                                     labels=("model", "kind"))
         per = GaugeMetricFamily("wattmeter_energy_per_token_joules",
                                 "GPU energy per generated token over the recent window (J).", labels=("model",))
+        per_kwh = GaugeMetricFamily("wattmeter_tokens_per_kwh",   # decisions: value per kWh
+                                    "Generated tokens per kWh of GPU energy over the recent window.", labels=("model",))
         for st in self.sources.tokens.snapshot():
             total.add_metric([st.model, "prompt"], st.prompt_tokens_total)
             total.add_metric([st.model, "generation"], st.generation_tokens_total)
             if st.energy_per_token_j is not None:
                 per.add_metric([st.model], st.energy_per_token_j)
-        return iter((total, per))
+                if st.energy_per_token_j > 0:
+                    per_kwh.add_metric([st.model], 3.6e6 / st.energy_per_token_j)
+        return iter((total, per, per_kwh))
 
     def _carbon(self) -> Iterator[Metric]:
         res = self.sources.carbon.snapshot()

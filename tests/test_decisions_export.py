@@ -1,0 +1,35 @@
+"""`serve` exports value per kWh for token series (wattmeter_tokens_per_kwh)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from wattmeter.clock import VirtualClock
+from wattmeter.exporters.prometheus import ExportSources, build_registry
+from wattmeter.meter import Meter
+
+
+@dataclass
+class Stat:
+    model: str
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    energy_per_token_j: float | None
+
+
+class Tokens:
+    def snapshot(self) -> list[Stat]:
+        return [Stat("llama", 1000, 4000, 0.36), Stat("cold", 0, 0, None)]
+
+
+def test_tokens_per_kwh_is_exported_beside_joules_per_token() -> None:
+    meter = Meter([], clock=VirtualClock())
+    registry, _ = build_registry(ExportSources(meter, "node-a", tokens=Tokens()))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    # 0.36 J per token -> 3.6e6 J / 0.36 J = 10,000,000 tokens per kWh; no J/token, no series.
+    assert samples[("wattmeter_tokens_per_kwh", (("model", "llama"),))] == pytest.approx(1e7)
+    assert ("wattmeter_tokens_per_kwh", (("model", "cold"),)) not in samples
