@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
@@ -116,7 +117,13 @@ class DecisionWriter:
         self.progress_file = progress_file
         self.err = err or sys.stderr
         self.tracker = ProgressTracker()
+        self._lock = threading.Lock()        # the tracker is read by /metrics scrapes on other threads
         self._warned: set[str] = set()
+
+    def projection(self) -> Any:
+        """The latest projection to completion, or None (safe from any thread)."""
+        with self._lock:
+            return self.tracker.projection()
 
     def _warn(self, text: str) -> None:
         if text not in self._warned:
@@ -149,13 +156,15 @@ class DecisionWriter:
             if text is not None and text.strip() and isinstance(energy, (int, float)):
                 origin = f"progress file {self.progress_file}"
                 try:
-                    warning = self.tracker.add(float(record.get("end_unix") or 0.0),
-                                               parse_progress_text(text, origin), float(energy), origin)
+                    fraction = parse_progress_text(text, origin)
+                    with self._lock:
+                        warning = self.tracker.add(float(record.get("end_unix") or 0.0), fraction, float(energy),
+                                                   origin)
                     if warning:
                         self._warn(warning)
                 except ProgressError as exc:
                     self._warn(str(exc))
-            projection = self.tracker.projection()
+            projection = self.projection()
             if projection is not None:
                 carbon = record.get("carbon") or {}
                 g = carbon.get("intensity_avg_g_per_kwh", carbon.get("intensity_g_per_kwh"))

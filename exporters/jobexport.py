@@ -67,7 +67,7 @@ class JobExporter:
 
 
 def start_job_exporter(args: argparse.Namespace, settings: Settings, meter: Any, ident: Any,
-                       carbon: Any) -> JobExporter | None:
+                       carbon: Any, projection: Any = None) -> JobExporter | None:
     """None when neither a port nor a gateway is asked for. Bad values are UsageErrors (exit 2)
     raised before the job starts; a gateway that is down later is only counted."""
     port = settings.get("metrics_port", getattr(args, "metrics_port", None), None, _port)
@@ -89,7 +89,8 @@ def start_job_exporter(args: argparse.Namespace, settings: Settings, meter: Any,
     def jobs() -> list[JobEnergy]:
         return out.final if out.final is not None else job_energy(ident.job, meter.snapshot())
 
-    sources = ExportSources(meter, ident.hostname, carbon=carbon, health=health, jobs=jobs)
+    sources = ExportSources(meter, ident.hostname, carbon=carbon, health=health, jobs=jobs,
+                            projection=projection, job_name=ident.job)      # decisions: projected energy
     registry, _ = build_registry(sources)
     if address is not None:
         out.server = MetricsServer(registry, address, web, flag="--metrics-port").start()

@@ -62,6 +62,8 @@ class ExportSources:
     health: list[Callable[[], Iterable[Health]]] = field(default_factory=list)
     pid_labels: bool = False
     max_jobs: int = 1000           # live job label values; more are dropped and counted
+    projection: Callable[[], Any] | None = None   # decisions: -> Projection | None for the job
+    job_name: str = ""                             # the job label of the projection
 
 
 def job_energy(job: str, snapshot: Mapping[str, DeviceSnapshot]) -> list[JobEnergy]:
@@ -95,6 +97,8 @@ class WattmeterCollector(Collector):
             yield from self._attribution(snap, attribution)
         if src.jobs is not None:
             yield self._jobs()
+        if src.projection is not None:            # decisions: projection to completion
+            yield self._projection()
         if src.tokens is not None:
             yield from self._tokens()
         if src.carbon is not None:
@@ -171,6 +175,17 @@ class WattmeterCollector(Collector):
                 continue
             names.add(j.job)
             fam.add_metric([j.job, j.component, src.hostname], j.energy_j)
+        return fam
+
+    def _projection(self) -> Metric:
+        fam = GaugeMetricFamily("wattmeter_job_projected_energy_joules",
+                                "Projected energy of the job at completion, with its band (J).",
+                                labels=("job", "hostname", "bound"))
+        p = self.sources.projection()   # type: ignore[misc]
+        if p is not None:
+            job = self.sources.job_name
+            for bound, value in (("central", p.total_j), ("low", p.total_low_j), ("high", p.total_high_j)):
+                fam.add_metric([job, self.sources.hostname, bound], value)
         return fam
 
     def _drop_job(self, job: str) -> None:

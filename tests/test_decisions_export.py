@@ -33,3 +33,19 @@ def test_tokens_per_kwh_is_exported_beside_joules_per_token() -> None:
     # 0.36 J per token -> 3.6e6 J / 0.36 J = 10,000,000 tokens per kWh; no J/token, no series.
     assert samples[("wattmeter_tokens_per_kwh", (("model", "llama"),))] == pytest.approx(1e7)
     assert ("wattmeter_tokens_per_kwh", (("model", "cold"),)) not in samples
+
+
+def test_job_projected_energy_gauge() -> None:
+    from wattmeter.projection import ProgressTracker
+
+    tracker = ProgressTracker()
+    for i in range(11):                          # 1 % per 10 s at 200 W
+        tracker.add(10.0 * i, i / 100.0, 2000.0 * i)
+    meter = Meter([], clock=VirtualClock())
+    registry, _ = build_registry(ExportSources(meter, "node-a", projection=tracker.projection, job_name="train"))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode()) for s in f.samples}
+    key = lambda bound: ("wattmeter_job_projected_energy_joules",   # noqa: E731
+                         (("bound", bound), ("hostname", "node-a"), ("job", "train")))
+    assert samples[key("central")] == pytest.approx(200_000.0)    # 20,000 J at 10 % -> 200,000 J
+    assert samples[key("low")] < samples[key("central")] < samples[key("high")]

@@ -106,7 +106,7 @@ def run_command(args: argparse.Namespace) -> int:
         for note in found.notes:
             sys.stderr.write(f"wattmeter: {note}\n")
     runner = JobRunner(meter, ident, writer, checkpoint_s=checkpoint_s, kill_grace_s=grace_s, carbon=carbon)
-    exporter = _job_exporter(args, settings, meter, ident, carbon)
+    exporter = _job_exporter(args, settings, meter, ident, carbon, writer.projection)
     if exporter is not None:
         runner.on_result.append(exporter.finish)   # the last push equals the record
         runner.on_tick.append(exporter.tick)
@@ -126,9 +126,9 @@ def run_command(args: argparse.Namespace) -> int:
     return outcome.exit_code
 
 
-def _job_exporter(args, settings, meter, ident, carbon):
+def _job_exporter(args, settings, meter, ident, carbon, projection=None):
     try:
         from ..exporters.jobexport import start_job_exporter
     except ImportError:
         return None
-    return start_job_exporter(args, settings, meter, ident, carbon)
+    return start_job_exporter(args, settings, meter, ident, carbon, projection)
