@@ -156,3 +156,33 @@ def test_run_value_without_number_exits_2_before_running(tmp_path, capsys) -> No
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--value 'samples=' has no number" in err
     assert not records.exists()
+
+
+def _fixture_record(run_id: str, end_unix: float, energy_j: float, samples: float) -> dict:
+    from pathlib import Path
+
+    base = json.loads((Path(__file__).resolve().parent / "fixtures" / "records" / "realistic.jsonl")
+                      .read_bytes().splitlines()[0].decode())
+    base.update(run_id=run_id, job="train", end_unix=end_unix, checkpoint=False, status="completed",
+                value={"samples": samples}, tokens={"prompt": 0, "generation": 0})
+    base["energy_j"] = {**base["energy_j"], "total": energy_j}
+    base["carbon"] = {**(base.get("carbon") or {}), "zone": "US-CA", "pue": 1.0,
+                      "emissions_g": {"location": energy_j / 3.6e6 * 200.0}}
+    return base
+
+
+def test_report_shows_value_comparison_and_cost(tmp_path, capsys) -> None:
+    path = tmp_path / "r.jsonl"
+    # Run 1: 1.0 MJ for 10k samples; run 2: 2.36 MJ for 20k samples -> 18 % more per 1k samples.
+    path.write_text("\n".join(json.dumps(r) for r in (_fixture_record("r1", 100.0, 1.0e6, 10_000),
+                                                       _fixture_record("r2", 200.0, 2.36e6, 20_000))) + "\n")
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "train: this run used 18.0 % more energy per 1k samples than the last one" in out
+    # 30,000 samples over 3.36 MJ = 0.9333 kWh -> 32,142.9 per kWh; cost at the US-CA table price
+    # 0.2391 USD/kWh x 0.93333 kWh = 0.2232 USD.
+    assert "samples: 30,000 (32,142.9/kWh" in out and "cost 0.2232 USD" in out
+    assert main(["report", str(path), "--format", "json", "--price-per-kwh", "0.1EUR"]) == 0
+    job = json.loads(capsys.readouterr().out)["decisions"]["jobs"][0]
+    assert job["cost"] == pytest.approx(3.36e6 / 3.6e6 * 0.1) and job["currency"] == "EUR"
+    assert job["value_per_kg_co2e"]["samples"] == pytest.approx(30_000 / (3.36e6 / 3.6e6 * 0.2))
