@@ -140,7 +140,8 @@ class ProgressTracker:
 
     def __init__(self, min_fraction: float = MIN_FRACTION) -> None:
         self.min_fraction = min_fraction
-        self._samples: list[ProgressSample] = []
+        self._samples: list[ProgressSample] = []     # first sample at each new fraction: the fit
+        self._latest: ProgressSample | None = None   # the latest sample: the base energy and time
         self.warnings: list[str] = []
 
     @property
@@ -149,7 +150,7 @@ class ProgressTracker:
 
     @property
     def last_t_s(self) -> float | None:
-        return self._samples[-1].t_s if self._samples else None
+        return self._latest.t_s if self._latest else None
 
     def add(self, t_s: float, fraction: Any, energy_j: float, origin: str = "progress") -> str | None:
         """Add a sample. Raises :class:`ProgressError` outside [0, 1]; returns a warning or None."""
@@ -162,9 +163,13 @@ class ProgressTracker:
                            "projection restarts from here")
                 self.warnings.append(warning)
                 self._samples = []
+                self._latest = None
             elif value == last.fraction:
-                return None        # no new progress: nothing to fit (energy still counts at the next step)
+                # No new progress: nothing to fit, but the energy and time spent stalled still count.
+                self._latest = ProgressSample(t_s, value, energy_j)
+                return None
         self._samples.append(ProgressSample(t_s, value, energy_j))
+        self._latest = self._samples[-1]
         return warning
 
     def projection(self) -> Projection | None:
@@ -182,6 +187,7 @@ class ProgressTracker:
         remaining = 1.0 - last.fraction
         e_rate, e_half = _rate(window, "energy_j")
         t_rate, t_half = _rate(window, "t_s")
+        last = self._latest or last
         total = last.energy_j + remaining * e_rate
         low = max(last.energy_j, last.energy_j + remaining * (e_rate - e_half))
         high = last.energy_j + remaining * (e_rate + e_half)

@@ -127,3 +127,15 @@ def test_progress_file_text() -> None:
         parse_progress_text("1200/1000", "progress file p.txt")
     with pytest.raises(ProgressError, match="not STEP/TOTAL"):
         parse_progress_text("a/b", "p")
+
+
+def test_energy_spent_while_progress_stalls_still_counts() -> None:
+    tracker = ProgressTracker()
+    for i in range(6):
+        tracker.add(10.0 * i, 0.1 * i, 1000.0 * i)            # 1,000 J per 10 %: 10,000 J projected
+    tracker.add(60.0, 0.5, 8000.0)                            # stalled at 50 % while 3,000 J more went in
+    p = tracker.projection()
+    assert p.energy_j == 8000.0 and p.total_j == pytest.approx(8000.0 + 0.5 * 10_000.0)
+    assert p.end_t_s == pytest.approx(60.0 + 0.5 * 100.0)
+    tracker.add(70.0, 1.0, 9000.0)
+    assert tracker.projection().total_j == pytest.approx(9000.0)   # done: the projection is the energy metered

@@ -347,8 +347,8 @@ def render_fleet(r: FleetReport, fmt: str) -> str:
             lines += ["| " + " | ".join(row) + " |" for row in rows]
         else:
             widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(headers)]
-            lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-            lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+            lines.append("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+            lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
             if not rows:
                 lines.append("(none)")
         lines.append("")
