@@ -146,3 +146,35 @@ def compare_runs(records: Sequence[Mapping[str, Any]], unit: str | None = None, 
     word = "more" if change >= 0 else "less"
     return (f"{last.get('job', 'job')}: this run used {abs(change):.1f} % {word} energy per {scale} {u} than the "
             f"last one ({now_j:,.1f} J vs {prev_j:,.1f} J)")
+
+
+class WindowValue:
+    """A window's value: what ``meter.add_value`` added while it was open, plus its own
+    ``window.add_value`` calls. Like tokens, every window open at the time gets meter-wide value."""
+
+    def __init__(self, meter_values: ValueCounter) -> None:
+        self._meter_values = meter_values
+        self._own = ValueCounter()
+        self._v0: dict[str, float] = {}
+        self._v1: dict[str, float] | None = None
+
+    def begin(self) -> None:
+        self._v0 = self._meter_values.totals()
+
+    def end(self) -> None:
+        if self._v1 is None:
+            self._v1 = self._meter_values.totals()
+
+    def add(self, n: float, unit: str = "samples") -> None:
+        self._own.add(n, unit)
+
+    def totals(self) -> dict[str, float]:
+        """Value by unit so far (up to the end once the window ended)."""
+        v1 = self._v1 if self._v1 is not None else self._meter_values.totals()
+        out = {u: n - self._v0.get(u, 0.0) for u, n in v1.items() if n - self._v0.get(u, 0.0)}
+        for u, n in self._own.totals().items():
+            out[u] = out.get(u, 0.0) + n
+        return out
+
+    def per_kwh(self, energy_j: float) -> dict[str, float]:
+        return {u: n / (energy_j / J_PER_KWH) for u, n in self.totals().items()} if energy_j > 0 else {}

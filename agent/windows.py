@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from .ledger import Mark
 from .model import DeviceEnergy, WindowResult
+from .value import WindowValue
 
 if TYPE_CHECKING:  # pragma: no cover
     from .meter import Meter
@@ -27,12 +28,14 @@ class Window:
         self._tokens1: dict[str, int] = {}
         self._result: WindowResult | None = None
         self._lock = threading.Lock()
+        self.values = WindowValue(meter.values)     # decisions: value delivered in this window
 
     # -- edges -----------------------------------------------------------------
     def begin(self) -> "Window":
         if self._start is None:
             self._start = self.meter._mark()
             self._tokens0 = self.meter._token_counts()
+            self.values.begin()
             self.meter._edge_waiting()
         return self
 
@@ -42,8 +45,13 @@ class Window:
         if self._end is None:
             self._end = self.meter._mark()
             self._tokens1 = self.meter._token_counts()
+            self.values.end()
             self.meter._edge_waiting()
         return self
+
+    def add_value(self, n: float, unit: str = "samples") -> None:
+        """Value this window delivered (samples, images...); see wattmeter.value."""
+        self.values.add(n, unit)
 
     @property
     def ended(self) -> bool:

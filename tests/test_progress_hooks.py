@@ -92,3 +92,19 @@ def test_lightning_callback_projection_and_unknown_max_steps() -> None:
         t2.global_step = step
         cb2.on_train_batch_end(t2, m2, None, None, step - 1)
     assert "projected_energy_kwh" not in m2.logged and "energy_j" in m2.logged
+
+
+def test_window_value_per_kwh() -> None:
+    meter, clock = make_meter(gpu_w=200.0)
+    outer = meter.window("epoch")
+    meter.add_value(100, unit="samples")             # before the inner window: only the outer gets it
+    with meter.measure("batch") as inner:
+        tick(meter, clock, 9.0)
+        meter.add_value(500, unit="samples")
+        inner.add_value(3, unit="checkpoints")       # the window's own value
+    tick(meter, clock, 9.0)
+    outer.end()
+    assert inner.values.totals() == {"samples": 500.0, "checkpoints": 3.0}
+    assert outer.values.totals() == {"samples": 600.0}
+    # 200 W x 18 s = 3,600 J = 0.001 kWh -> 600,000 samples per kWh.
+    assert outer.values.per_kwh(outer.result().total_energy_j) == {"samples": pytest.approx(600_000.0)}
