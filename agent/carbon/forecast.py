@@ -18,17 +18,23 @@ slot start inside the window whose job span the forecast fully covers.
 from __future__ import annotations
 
 import datetime as _dt
+import http.client
+import json
+import math
 import re
+import socket
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, TextIO
 
 from ..clock import Clock
 from ..errors import UsageError
-from .intensity import ProviderError, _get_json, _number
+from .intensity import ProviderError
 
 UNREACHABLE = ("timeout", "network")      # plus any http_5xx
 RECHECK_S = 900.0                         # re-read the forecast every 15 min while waiting
@@ -64,6 +70,40 @@ def parse_duration(text: str, flag: str) -> float:
     if not total > 0:
         raise UsageError(f"{flag} {text!r} must be above 0; use e.g. 90m, 24h or 7d")
     return total
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+_MAX_BODY_BYTES = 4 << 20     # a 48 h forecast is ~20 KiB; refuse to buffer junk
+
+
+def _get_json(url: str, headers: dict[str, str], timeout_s: float) -> Any:
+    """GET a JSON body; every failure becomes a ProviderError with a short kind."""
+    from .. import __version__
+
+    request = urllib.request.Request(
+        url, headers={"Accept": "application/json", "User-Agent": f"wattmeter/{__version__}", **headers})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310 (http(s) URLs)
+            body = response.read(_MAX_BODY_BYTES)
+    except urllib.error.HTTPError as exc:
+        raise ProviderError(f"http_{exc.code}") from None
+    except urllib.error.URLError as exc:
+        raise ProviderError("timeout" if isinstance(exc.reason, (TimeoutError, socket.timeout)) else "network") \
+            from None
+    except (TimeoutError, socket.timeout):
+        raise ProviderError("timeout") from None
+    except (OSError, http.client.HTTPException):
+        raise ProviderError("network") from None
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ProviderError("bad_json") from None
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ProviderError("bad_shape")
+    return float(value)
 
 
 # -- forecasts --------------------------------------------------------------------------------
