@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from wattmeter.carbon.fleet import PrometheusClient, build_fleet_report, render_fleet
+from wattmeter.carbon.fleet import build_fleet_report, render_fleet
 from wattmeter.carbon.prices import parse_price
 from wattmeter.carbon.zones import resolve_zone
 from wattmeter.cli import main
