@@ -186,3 +186,9 @@ def test_report_shows_value_comparison_and_cost(tmp_path, capsys) -> None:
     job = json.loads(capsys.readouterr().out)["decisions"]["jobs"][0]
     assert job["cost"] == pytest.approx(3.36e6 / 3.6e6 * 0.1) and job["currency"] == "EUR"
     assert job["value_per_kg_co2e"]["samples"] == pytest.approx(30_000 / (3.36e6 / 3.6e6 * 0.2))
+
+
+def test_bad_price_flag_exits_2(capsys) -> None:
+    code = main(["estimate", "--gpu", "H100", "--hours", "1", "--zone", "FR", "--price-per-kwh", "cheap"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--price-per-kwh 'cheap' is not a price" in err
