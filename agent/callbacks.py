@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .model import Component, Scope
 from .projection import StepProgress
+from .value import LoggedValue
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import DeviceSnapshot
@@ -57,6 +58,7 @@ class _Tracker:
         self._t0 = 0.0
         self._e0 = 0.0
         self.progress = StepProgress()     # decisions: projection to completion from max_steps
+        self.logged = LoggedValue()        # decisions: value from logged metrics
 
     @property
     def meter(self) -> "Meter":
@@ -92,6 +94,7 @@ class _Tracker:
         if self.tokens:
             out["joules_per_token"] = energy / self.tokens
         out.update(self.progress.figures())
+        out.update(self.logged.figures(energy))
         return out
 
     def step(self, step: Any, total: Any) -> None:
@@ -145,6 +148,12 @@ class _HFHooks:
         self._active = False
         self._seen = 0
 
+    def value_from_logs(self, **keys: str) -> Any:
+        """Count logged metrics as value, e.g. ``value_from_logs(eval_accuracy="accuracy")``: the
+        logs then carry ``accuracy_per_kwh`` (decisions; see docs/decisions.md)."""
+        self.tracker.logged.keys.update(keys)
+        return self
+
     @property
     def result(self) -> "WindowResult | None":
         return self.tracker.result
@@ -179,6 +188,7 @@ class _HFHooks:
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not (self._active and self.tracker.open) or logs is None:
             return
+        self.tracker.logged.note(logs)          # decisions: value from logged metrics
         figures = self.tracker.figures()
         logs.update(figures)
         history = getattr(state, "log_history", None)
@@ -219,6 +229,12 @@ class _LightningHooks:
         self._active = False
         self._logged_step: int | None = None
 
+    def value_from_logs(self, **keys: str) -> Any:
+        """Count logged metrics as value, e.g. ``value_from_logs(eval_accuracy="accuracy")``: the
+        logs then carry ``accuracy_per_kwh`` (decisions; see docs/decisions.md)."""
+        self.tracker.logged.keys.update(keys)
+        return self
+
     @property
     def result(self) -> "WindowResult | None":
         return self.tracker.result
@@ -241,6 +257,7 @@ class _LightningHooks:
         self.tracker.step(step, getattr(trainer, "max_steps", -1))   # decisions: -1 (no limit) is ignored
         if self.log_every is not None and (step == 0 or step % self.log_every or step == self._logged_step):
             return   # global_step repeats across gradient-accumulation batches: log a step once
+        self.tracker.logged.note(getattr(trainer, "callback_metrics", None) or {})   # decisions
         log = getattr(pl_module, "log", None)
         if callable(log):
             for key, value in self.tracker.figures().items():

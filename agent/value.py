@@ -178,3 +178,31 @@ class WindowValue:
 
     def per_kwh(self, energy_j: float) -> dict[str, float]:
         return {u: n / (energy_j / J_PER_KWH) for u, n in self.totals().items()} if energy_j > 0 else {}
+
+
+class LoggedValue:
+    """Value read from a trainer's logged metrics (``eval_accuracy``, ``train_samples``...).
+
+    ``keys`` maps a log key to a value unit. The latest logged number of each key is the value,
+    so it suits levels (an accuracy) and running totals (samples seen) alike; tensors and other
+    number-likes are read through ``float()``, anything else is ignored."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, str] = {}
+        self.latest: dict[str, float] = {}
+
+    def note(self, logs: Mapping[str, Any]) -> None:
+        for key, unit in self.keys.items():
+            if key in logs and not isinstance(logs[key], bool):
+                try:
+                    value = float(logs[key])
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(value):
+                    self.latest[unit] = value
+
+    def figures(self, energy_j: float) -> dict[str, float]:
+        """``<unit>_per_kwh`` for each unit logged so far (nothing before energy is metered)."""
+        if energy_j <= 0:
+            return {}
+        return {f"{unit}_per_kwh": n / (energy_j / J_PER_KWH) for unit, n in self.latest.items()}

@@ -108,3 +108,52 @@ def test_window_value_per_kwh() -> None:
     assert outer.values.totals() == {"samples": 600.0}
     # 200 W x 18 s = 3,600 J = 0.001 kWh -> 600,000 samples per kWh.
     assert outer.values.per_kwh(outer.result().total_energy_j) == {"samples": pytest.approx(600_000.0)}
+
+
+def test_hf_value_from_logged_metrics() -> None:
+    from wattmeter.callbacks import hf_callback
+
+    meter, clock = make_meter(gpu_w=200.0)
+    cb = hf_callback(meter=meter).value_from_logs(eval_accuracy="accuracy", train_samples="samples")
+    args, state, control = hf_objects()
+    cb.on_train_begin(args, state, control)
+    for step in range(1, 19):
+        tick(meter, clock)
+        state.global_step = step
+        cb.on_step_end(args, state, control)
+    logs = {"eval_accuracy": 0.9, "train_samples": 7200, "loss": 0.1}
+    cb.on_log(args, state, control, logs=logs)
+    # 200 W x 18 s = 3,600 J = 0.001 kWh: 900 accuracy-points and 7.2M samples per kWh.
+    assert logs["accuracy_per_kwh"] == pytest.approx(900.0)
+    assert logs["samples_per_kwh"] == pytest.approx(7_200_000.0)
+    assert "loss_per_kwh" not in logs
+
+
+def test_lightning_value_from_callback_metrics() -> None:
+    from wattmeter.callbacks import lightning_callback
+
+    class Module:
+        def __init__(self) -> None:
+            self.logged: dict = {}
+
+        def log(self, name, value, **kw) -> None:
+            self.logged[name] = value
+
+    class Tensor:                                   # torch tensors convert through float()
+        def __init__(self, v: float) -> None:
+            self.v = v
+
+        def __float__(self) -> float:
+            return self.v
+
+    meter, clock = make_meter(gpu_w=100.0)
+    cb = lightning_callback(meter=meter).value_from_logs(val_acc="accuracy")
+    trainer = SimpleNamespace(global_step=0, local_rank=0, max_steps=-1, callback_metrics={"val_acc": Tensor(0.5)})
+    module = Module()
+    cb.on_train_start(trainer, module)
+    for step in range(1, 37):
+        tick(meter, clock)
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, module, None, None, step - 1)
+    # 100 W x 36 s = 3,600 J = 0.001 kWh -> 0.5 / 0.001 = 500 per kWh.
+    assert module.logged["accuracy_per_kwh"] == pytest.approx(500.0)
