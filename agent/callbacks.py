@@ -1,24 +1,35 @@
 """Training integrations: a Hugging Face ``Trainer`` callback and a Lightning callback.
 
     from wattmeter.callbacks import hf_callback
-    trainer = Trainer(..., args=TrainingArguments(..., include_num_input_tokens_seen=True))
-    hf_callback().install(trainer)          # first in line, so wandb/tensorboard see our fields
-    trainer.train()
+    args = TrainingArguments(..., include_num_input_tokens_seen=True)   # needed for J/token
+    Trainer(..., args=args, callbacks=[hf_callback()]).train()
 
     from wattmeter.callbacks import lightning_callback
     pl.Trainer(callbacks=[lightning_callback(tokens_per_batch=lambda b: b["input_ids"].numel())])
+
+Each training log gets three sets of figures (see docs/callbacks.md):
+cumulative since training began (``energy_j``, ``energy_kwh``, ``avg_power_w``,
+``joules_per_token``), the logging interval since the previous log (``interval_energy_j``,
+``interval_avg_power_w``, ``interval_tokens``, ``interval_joules_per_token``) and the last
+optimizer step (``step_energy_j``, ``step_tokens``, ``step_joules_per_token``). Running figures
+are read from the ledger without blocking; the final log carries the exact window result.
+Where the trainer knows ``max_steps``, logs also carry the projection to completion
+(``progress``, ``projected_energy_kwh`` and its ``_low``/``_high`` band, ``projected_remaining_s``);
+``value_from_logs(metric="unit")`` adds ``<unit>_per_kwh`` (see docs/decisions.md).
 
 Importing this module imports neither framework. ``WattmeterHFCallback`` and
 ``WattmeterLightningCallback`` are built on first access and subclass the framework's
 callback class when it is importable; without it they are plain classes with the same hooks.
 The hooks rely only on the documented hook signatures and a few documented attributes
-(``state.num_input_tokens_seen``, ``state.global_step``, ``trainer.global_step``), so they can be
-driven by stand-in objects.
+(``state.num_input_tokens_seen``, ``state.global_step``, ``trainer.global_step``,
+``trainer.log_every_n_steps``, ``trainer.loggers``), so they can be driven by stand-in objects.
 """
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .model import Component, Scope
@@ -32,6 +43,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .windows import Window
 
 TRAINING = "training"     # the token kind training callbacks count under
+log = logging.getLogger("wattmeter.callbacks")
 
 
 def _energy_j(snapshot: Mapping[str, "DeviceSnapshot"]) -> float:
@@ -45,6 +57,42 @@ def _energy_j(snapshot: Mapping[str, "DeviceSnapshot"]) -> float:
     return total
 
 
+def _data_t(snapshot: Mapping[str, "DeviceSnapshot"]) -> float | None:
+    """Time of the newest reading in the ledger: the figures are only as fresh as this."""
+    times = [s.t for s in snapshot.values() if s.t is not None]
+    return max(times) if times else None
+
+
+@dataclass(frozen=True)
+class _Mark:
+    """Where an interval starts: energy, time and tokens counted so far."""
+
+    energy_j: float
+    t: float
+    tokens: int
+
+
+def _span(prefix: str, start: _Mark, end: _Mark) -> dict[str, float]:
+    energy = max(0.0, end.energy_j - start.energy_j)
+    elapsed = end.t - start.t
+    tokens = end.tokens - start.tokens
+    out = {f"{prefix}energy_j": energy, f"{prefix}avg_power_w": energy / elapsed if elapsed > 0 else 0.0,
+           f"{prefix}tokens": float(tokens)}
+    if tokens > 0:
+        out[f"{prefix}joules_per_token"] = energy / tokens
+    return out
+
+
+def gpu_notice(meter: "Meter") -> str | None:
+    """One line saying when the GPU figures are not measured ones, else None."""
+    gpus = [d for d in meter.ledger.devices if d.component == Component.GPU]
+    if not gpus:
+        return "wattmeter: no GPU is metered (none found or --no-gpu); energy covers CPU and RAM only"
+    if meter.simulated:
+        return f"wattmeter: the {len(gpus)} GPU(s) are SIMULATED (fake NVML); energy figures are not measurements"
+    return None
+
+
 class _Tracker:
     """One window over training, plus running figures read from the ledger without blocking
     (a window's exact result waits for the sampler; a log call every step must not)."""
@@ -55,8 +103,12 @@ class _Tracker:
         self.window: Window | None = None
         self.result: WindowResult | None = None
         self.tokens = 0
-        self._t0 = 0.0
-        self._e0 = 0.0
+        self.notice: str | None = None
+        self._start = _Mark(0.0, 0.0, 0)
+        self._interval = self._start
+        self._step = self._start
+        self._last_step: dict[str, float] = {}
+        self._logged_t: float | None = None
         self.progress = StepProgress()     # decisions: projection to completion from max_steps
         self.logged = LoggedValue()        # decisions: value from logged metrics
 
@@ -72,35 +124,77 @@ class _Tracker:
     def open(self) -> bool:
         return self.window is not None and not self.window.ended
 
+    def _now(self) -> _Mark:
+        snap = self.meter.snapshot()
+        t = _data_t(snap)
+        return _Mark(_energy_j(snap), self.meter.clock.now() if t is None else t, self.tokens)
+
     def begin(self) -> None:
         m = self.meter
         self.window = m.window(self.name)
         self.result = None
         self.tokens = 0
-        self._t0 = m.clock.now()
-        self._e0 = _energy_j(m.snapshot())
+        self._start = self._interval = self._step = self._now()
+        self._last_step = {}
+        self._logged_t = None
+        self.progress = StepProgress()     # a new window: the fit starts over from its energy
+        self.notice = gpu_notice(m)
+        if self.notice:
+            log.warning(self.notice)
 
     def count(self, n: int) -> None:
         if n > 0:
             self.meter.add_tokens(n, TRAINING)
             self.tokens += n
 
+    def step_done(self) -> None:
+        """An optimizer step ended: its figures are the ledger's movement since the last one."""
+        now = self._now()
+        self._last_step = _span("step_", self._step, now)
+        self._step = now
+
+    @property
+    def fresh(self) -> bool:
+        """Has the ledger a reading newer than the last log? (else a log would repeat old figures)"""
+        return self._logged_t is None or _data_t(self.meter.snapshot()) != self._logged_t
+
     def figures(self) -> dict[str, float]:
-        m = self.meter
-        energy = max(0.0, _energy_j(m.snapshot()) - self._e0)
-        elapsed = m.clock.now() - self._t0
-        out = {"energy_j": energy, "energy_kwh": energy / 3.6e6,
-               "avg_power_w": energy / elapsed if elapsed > 0 else 0.0}
-        if self.tokens:
-            out["joules_per_token"] = energy / self.tokens
-        out.update(self.progress.figures())
-        out.update(self.logged.figures(energy))
-        return out
+        """Cumulative figures since begin() (no interval bookkeeping)."""
+        now = self._now()
+        cum = _span("", self._start, now)
+        cum.pop("tokens")
+        cum["energy_kwh"] = cum["energy_j"] / 3.6e6
+        cum.update(self.progress.figures())
+        cum.update(self.logged.figures(cum["energy_j"]))
+        return cum
 
     def step(self, step: Any, total: Any) -> None:
-        """Progress ``step`` of ``total`` (ignored when the total is unknown)."""
-        m = self.meter
-        self.progress.step(m.clock.now(), step, total, max(0.0, _energy_j(m.snapshot()) - self._e0))
+        """Progress ``step`` of ``total`` (ignored when the total is unknown), for the projection."""
+        now = self._now()
+        self.progress.step(now.t, step, total, max(0.0, now.energy_j - self._start.energy_j))
+
+    def log_figures(self) -> dict[str, float]:
+        """Cumulative, interval-since-last-log and last-step figures; starts a new interval."""
+        now = self._now()
+        out = self.figures()
+        out.update(_span("interval_", self._interval, now))
+        out.update(self._last_step)
+        self._interval = now
+        self._logged_t = _data_t(self.meter.snapshot())
+        return out
+
+    def final_figures(self) -> dict[str, float]:
+        """Ends the window and returns its exact result (cumulative names), waiting for the sampler."""
+        result = self.end()
+        if result is None:
+            return {}
+        out = {"energy_j": result.total_energy_j, "energy_kwh": result.energy_kwh, "avg_power_w": result.avg_power_w}
+        jpt = result.joules_per_token(TRAINING)
+        if jpt is not None:
+            out["joules_per_token"] = jpt
+        out.update(self.progress.figures())
+        out.update(self.logged.figures(result.total_energy_j))
+        return out
 
     def end(self) -> "WindowResult | None":
         if self.open:
@@ -125,19 +219,31 @@ for _event in _HF_EVENTS:
 del _event
 
 
+def _hf_handler_class() -> type | None:
+    try:
+        from transformers.trainer_callback import CallbackHandler
+    except ImportError:
+        return None
+    return CallbackHandler
+
+
 class _HFHooks:
     """Meters a ``transformers.Trainer`` run.
 
     on_train_begin opens a window; on_step_end counts ``state.num_input_tokens_seen`` growth
     (set ``include_num_input_tokens_seen`` in TrainingArguments) as "training" tokens; on_log
-    adds energy_j, energy_kwh, avg_power_w and joules_per_token to the logs dict (and to the
-    matching ``state.log_history`` entry); on_train_end ends the window into ``.result``.
-    ``log_every=N`` asks the Trainer to log every N optimizer steps. Only the local main
-    process meters: every rank on a node sees the same GPUs, and counting them per rank would
-    multiply the energy.
+    adds the cumulative, interval and step figures to training logs (and to the matching
+    ``state.log_history`` entry, so ``trainer_state.json`` has them) but never to evaluation
+    logs; the summary log ``train()`` writes after its last epoch (no step ``loss``) ends the
+    window and carries its exact result, also kept in ``.result``. ``log_every=N`` asks the Trainer to log
+    every N optimizer steps. Only the local main process meters: every rank on a node sees the
+    same GPUs, and counting them per rank would multiply the energy.
 
-    Trainer calls its reporting callbacks (wandb, tensorboard) before user callbacks; use
-    ``.install(trainer)`` to put this one first so they see the fields in the same log call.
+    Trainer calls its reporting callbacks (TensorBoard, W&B, CSV-like loggers) before user
+    callbacks and hands callbacks no reference to itself, so at its first event this callback
+    moves itself to the front of the CallbackHandler that called it: plain
+    ``callbacks=[hf_callback()]`` reaches every logger. ``install(trainer)`` does the same
+    explicitly.
     """
 
     def __init__(self, meter: "Meter | None" = None, name: str = "train", log_every: int | None = None) -> None:
@@ -147,6 +253,8 @@ class _HFHooks:
         self.log_every = log_every
         self._active = False
         self._seen = 0
+        self._in_eval = False
+        self._done = False
 
     def value_from_logs(self, **keys: str) -> Any:
         """Count logged metrics as value, e.g. ``value_from_logs(eval_accuracy="accuracy")``: the
@@ -162,14 +270,40 @@ class _HFHooks:
         return self.tracker.figures() if self.tracker.window is not None else {}
 
     def install(self, trainer: Any) -> "_HFHooks":
-        callbacks = trainer.callback_handler.callbacks
+        self._first_in(trainer.callback_handler.callbacks)
+        return self
+
+    def _first_in(self, callbacks: list) -> None:
+        if callbacks and callbacks[0] is self:
+            return
         if self in callbacks:
             callbacks.remove(self)
         callbacks.insert(0, self)
-        return self
+
+    def _move_first(self) -> None:
+        """Find the CallbackHandler calling this event (two frames up: its on_<event>, then
+        call_event) and put this callback first, so reporting callbacks see our fields."""
+        handler_cls = _hf_handler_class()
+        if handler_cls is None:
+            return
+        frame = sys._getframe(1)
+        for _ in range(4):                     # on_<event> <- call_event <- handler.on_<event>
+            if frame is None:
+                return
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, handler_cls):
+                if self in owner.callbacks:
+                    self._first_in(owner.callbacks)
+                return
+            frame = frame.f_back
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._move_first()
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._move_first()                     # also covers trainer.add_callback() after __init__
         self._active = bool(getattr(state, "is_local_process_zero", True))
+        self._in_eval = self._done = False
         if self._active:
             self._seen = int(getattr(state, "num_input_tokens_seen", 0) or 0)   # resumed runs start > 0
             self.tracker.begin()
@@ -181,15 +315,41 @@ class _HFHooks:
         if seen > self._seen:
             self.tracker.count(seen - self._seen)
             self._seen = seen
+        self.tracker.step_done()
         self.tracker.step(getattr(state, "global_step", 0), getattr(state, "max_steps", 0))   # decisions
         if self.log_every and getattr(state, "global_step", 0) % self.log_every == 0:
             control.should_log = True
 
+    # Evaluation runs prediction steps, then logs its metrics, then calls on_evaluate: the log
+    # between them is an eval log whatever its metric prefix.
+    def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._in_eval = True
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # The loop is over when max_steps is reached or a callback stopped it (early stopping);
+        # then the next log without a step "loss" is train()'s summary (train_runtime, train_loss).
+        max_steps = int(getattr(state, "max_steps", 0) or 0)
+        if getattr(control, "should_training_stop", False) or (max_steps and state.global_step >= max_steps):
+            self._done = True
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._in_eval = False
+
+    def on_predict(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._in_eval = False
+
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not (self._active and self.tracker.open) or logs is None:
             return
-        self.tracker.logged.note(logs)          # decisions: value from logged metrics
-        figures = self.tracker.figures()
+        # Value metrics (an eval accuracy) are read from every log, eval logs included; the
+        # figures, value per kWh among them, go only into training logs.
+        self.tracker.logged.note(logs)
+        if self._in_eval or any(str(k).startswith("eval_") for k in logs):
+            return
+        if self._done and "loss" not in logs:  # Trainer.train()'s summary log: the exact result
+            figures = self.tracker.final_figures()
+        else:
+            figures = self.tracker.log_figures()
         logs.update(figures)
         history = getattr(state, "log_history", None)
         # Trainer appended a copy of logs before calling us: keep trainer_state.json in step.
@@ -214,9 +374,12 @@ class _LightningHooks:
     """Meters a Lightning ``Trainer.fit``.
 
     on_train_start opens a window; on_train_batch_end counts ``tokens_per_batch(batch)``
-    tokens (if given) and logs the figures through ``pl_module.log`` every ``log_every``
-    global steps (default: every batch; Lightning thins logger writes itself); on_train_end
-    (or on_exception) ends the window into ``.result``. Only local rank 0 meters.
+    tokens (if given) and, once per optimizer step on the steps Lightning writes to its loggers
+    (every ``trainer.log_every_n_steps``, or every ``log_every`` steps if given), logs the
+    figures through ``pl_module.log`` so every logger gets them; a step whose ledger has no new
+    reading since the last log is skipped rather than written again with stale values.
+    on_train_end (or on_exception) ends the window into ``.result`` and writes its exact
+    figures to every logger and to ``trainer.logged_metrics``. Only local rank 0 meters.
     """
 
     def __init__(self, meter: "Meter | None" = None, name: str = "train", log_every: int | None = None,
@@ -227,6 +390,7 @@ class _LightningHooks:
         self.log_every = log_every
         self.tokens_per_batch = tokens_per_batch
         self._active = False
+        self._step: int = 0
         self._logged_step: int | None = None
 
     def value_from_logs(self, **keys: str) -> Any:
@@ -246,7 +410,13 @@ class _LightningHooks:
         self._active = int(getattr(trainer, "local_rank", 0) or 0) == 0
         if self._active:
             self._logged_step = None
+            self._step = int(getattr(trainer, "global_step", 0) or 0)
             self.tracker.begin()
+
+    def _every(self, trainer: Any) -> int:
+        if self.log_every is not None:
+            return self.log_every
+        return int(getattr(trainer, "log_every_n_steps", 1) or 1)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not (self._active and self.tracker.open):
@@ -254,19 +424,39 @@ class _LightningHooks:
         if self.tokens_per_batch is not None:
             self.tracker.count(int(self.tokens_per_batch(batch)))
         step = int(getattr(trainer, "global_step", 0) or 0)
+        if step == self._step:
+            return            # gradient accumulation: no optimizer step in this batch yet
+        self._step = step
+        self.tracker.step_done()
         self.tracker.step(step, getattr(trainer, "max_steps", -1))   # decisions: -1 (no limit) is ignored
-        if self.log_every is not None and (step == 0 or step % self.log_every or step == self._logged_step):
-            return   # global_step repeats across gradient-accumulation batches: log a step once
         self.tracker.logged.note(getattr(trainer, "callback_metrics", None) or {})   # decisions
+        if step % self._every(trainer) or step == self._logged_step or not self.tracker.fresh:
+            return
         log = getattr(pl_module, "log", None)
         if callable(log):
-            for key, value in self.tracker.figures().items():
+            for key, value in self.tracker.log_figures().items():
                 log(key, value, on_step=True, on_epoch=False, rank_zero_only=True)
         self._logged_step = step
 
+    def _finish(self, trainer: Any) -> None:
+        self.tracker.logged.note(getattr(trainer, "callback_metrics", None) or {})   # decisions: latest value
+        final = self.tracker.final_figures()
+        if not final:
+            return
+        # pl_module.log() is refused in on_train_end: write to the loggers directly, and into
+        # the dict Trainer.logged_metrics returns (the same dict each call), so both hold the
+        # exact figures rather than the last running ones.
+        step = int(getattr(trainer, "global_step", 0) or 0)
+        for logger in getattr(trainer, "loggers", None) or []:
+            logger.log_metrics(final, step=step)
+            logger.save()
+        logged = getattr(trainer, "logged_metrics", None)
+        if isinstance(logged, dict):
+            logged.update(final)
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._active:
-            self.tracker.end()
+        if self._active and self.tracker.open:
+            self._finish(trainer)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._active:
@@ -317,4 +507,5 @@ def lightning_callback(meter: "Meter | None" = None, name: str = "train", log_ev
     return _cls("WattmeterLightningCallback")(meter, name, log_every, tokens_per_batch)
 
 
-__all__ = ["WattmeterHFCallback", "WattmeterLightningCallback", "hf_callback", "lightning_callback", "TRAINING"]
+__all__ = ["WattmeterHFCallback", "WattmeterLightningCallback", "hf_callback", "lightning_callback", "gpu_notice",
+           "TRAINING"]

@@ -2,17 +2,19 @@
 
 - ``estimate``: ``--start-window`` (best start from a forecast) and ``--price-per-kwh`` (cost);
 - ``run``: ``--value``, ``--value-file``, ``--progress-file``, ``--wait-for-clean``;
-- records written by ``run`` pass through :class:`DecisionWriter`, which adds ``value`` and
-  ``projection`` fields to each checkpoint and the final record.
+- records written by ``run`` get ``value`` and ``projection`` fields from
+  :meth:`DecisionWriter.extra_fields`, the ``enrich`` hook of ``RecordSink`` (each checkpoint and
+  the final record; a failure there never costs the record).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Mapping, TextIO
+from typing import Any, Iterable, Iterator, Mapping, TextIO
 
 from .clock import Clock, SystemClock
 from .errors import UsageError
@@ -97,6 +99,7 @@ def before_run(args: argparse.Namespace, file_config: Mapping[str, Any], err: Te
     max_delay_s = parse_duration(args.wait_for_clean, "--wait-for-clean")
     duration_s = parse_duration(args.expected_duration, "--expected-duration")
     config = CarbonConfig.from_args(args, env=os.environ, file_config=file_config)
+    config.validate()                    # a bad carbon flag fails now, not after hours of waiting
     clock = clock or SystemClock()
     err = err or sys.stderr
     source = forecast_source_for(config, clock.now)
@@ -104,14 +107,14 @@ def before_run(args: argparse.Namespace, file_config: Mapping[str, Any], err: Te
 
 
 class DecisionWriter:
-    """A RecordWriter wrapper: adds ``value`` and ``projection`` to each record it writes.
+    """Adds ``value`` and ``projection`` to each record ``run`` writes: pass ``extra_fields`` as
+    ``RecordSink(..., enrich=...)``.
 
-    The job's files are read at each write; a bad value or progress in them is a warning, never a
+    The job's files are read at each record; a bad value or progress in them is a warning, never a
     failed run (the child's exit code wins and the record is still written)."""
 
-    def __init__(self, inner: Any, values: Mapping[str, float] | None = None, value_file: str | None = None,
+    def __init__(self, values: Mapping[str, float] | None = None, value_file: str | None = None,
                  progress_file: str | None = None, err: TextIO | None = None) -> None:
-        self.inner = inner
         self.values = dict(values or {})
         self.value_file = value_file
         self.progress_file = progress_file
@@ -171,10 +174,6 @@ class DecisionWriter:
                 out["projection"] = projection.as_record(g, float(carbon.get("pue", 1.0)) if carbon else 1.0)
         return out
 
-    def write(self, record: dict, *, final: bool = True) -> None:
-        record.update(self.extra_fields(record))
-        self.inner.write(record, final=final)
-
 
 def run_summary(record: Mapping[str, Any]) -> str:
     """Extra summary lines for ``run``: value per kWh and the last projection."""
@@ -194,7 +193,8 @@ def run_summary(record: Mapping[str, Any]) -> str:
 
 
 __all__ = ["add_estimate_arguments", "estimate_extras", "add_run_arguments", "run_values", "before_run",
-           "DecisionWriter", "run_summary", "render_projection"]
+           "DecisionWriter", "run_summary", "render_projection", "add_report_arguments", "fleet_report_text",
+           "RecordValues", "records_decisions", "decision_chunks"]
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -241,54 +241,92 @@ def fleet_report_text(args: argparse.Namespace, group_by: str, zones: list) -> s
     return render_fleet(report, args.format)
 
 
-def records_decisions(records: list[Mapping[str, Any]], price_flag: str | None) -> dict[str, Any]:
-    """Per job: value per kWh and per kg CO2e, the comparison with the previous run, and cost."""
-    from .carbon.prices import parse_price, table_price
+class RecordValues:
+    """A ``make=`` for ``load_records`` that passes each record to ``inner`` (the report's
+    RowMaker) and keeps only the ``value`` field of runs that have one: the streaming report never
+    holds whole records (docs/performance.md), and value is the one decision input its rows lack.
+    A later line of the same run replaces the earlier one, as in the report."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.by_run: dict[str, dict[str, Any]] = {}
+
+    def __call__(self, record: Mapping[str, Any]) -> Any:
+        value, run_id = record.get("value"), str(record.get("run_id"))
+        if isinstance(value, Mapping) and value:
+            self.by_run[run_id] = dict(value)
+        else:
+            self.by_run.pop(run_id, None)
+        return self.inner(record)
+
+    def record(self, row: Any) -> dict[str, Any]:
+        """The fields of a report row's run that the decision figures read, as a record dict."""
+        out = row.as_record()
+        gen, total = row.tokens_generation, row.figures.tokens
+        out["tokens"] = {"generation": gen} if gen else ({"all": total} if total else {})
+        value = self.by_run.get(str(row.run_id))
+        if value:
+            out["value"] = value
+        return out
+
+
+def records_decisions(records: Iterable[Mapping[str, Any]], price: Any = None) -> dict[str, Any]:
+    """Per job: value per kWh and per kg CO2e, the comparison with the previous run, and cost
+    (``price`` from --price-per-kwh, else each record's zone row in the price table). One pass;
+    per job only its sums and its last two runs with value are kept."""
+    from .carbon.prices import table_price
     from .value import compare_runs, record_kg_co2e, record_kwh, record_value
 
-    flag_price = parse_price(price_flag) if price_flag else None
     jobs: dict[str, dict[str, Any]] = {}
-    by_job: dict[str, list[Mapping[str, Any]]] = {}
-    for r in sorted(records, key=lambda r: r.get("end_unix") or 0.0):
+    last_two: dict[str, list[Mapping[str, Any]]] = {}
+    for r in records:
         job = str(r.get("job", "?"))
-        by_job.setdefault(job, []).append(r)
         j = jobs.setdefault(job, {"job": job, "energy_kwh": 0.0, "kg_co2e": 0.0, "value": {}, "cost": None,
                                   "currency": None})
         kwh = record_kwh(r)
         j["energy_kwh"] += kwh
         j["kg_co2e"] += record_kg_co2e(r) or 0.0
-        for unit, n in record_value(r).items():
+        value = record_value(r)
+        for unit, n in value.items():
             j["value"][unit] = j["value"].get(unit, 0.0) + n
         carbon = r.get("carbon") or {}
-        price = flag_price or table_price(str(carbon.get("zone", "")))
-        if price is not None and (j["currency"] in (None, price.currency)):
-            j["cost"] = (j["cost"] or 0.0) + price.cost(kwh * float(carbon.get("pue", 1.0) or 1.0))
-            j["currency"] = price.currency
+        p = price or table_price(str(carbon.get("zone", "")))
+        if p is not None and (j["currency"] in (None, p.currency)):
+            j["cost"] = (j["cost"] or 0.0) + p.cost(kwh * float(carbon.get("pue", 1.0) or 1.0))
+            j["currency"] = p.currency
+        if value:                      # the two latest by end time (ties: the later line is later)
+            runs = last_two.setdefault(job, [])
+            runs.append(r)
+            runs.sort(key=lambda x: x.get("end_unix") or 0.0)
+            del runs[:-2]
     for job, j in jobs.items():
         j["value_per_kwh"] = {u: n / j["energy_kwh"] for u, n in j["value"].items()} if j["energy_kwh"] else {}
         j["value_per_kg_co2e"] = {u: n / j["kg_co2e"] for u, n in j["value"].items()} if j["kg_co2e"] else {}
-        j["comparison"] = compare_runs(by_job[job])
+        j["comparison"] = compare_runs(last_two.get(job, []))
     return {"jobs": list(jobs.values())}
 
 
-def records_decisions_text(text: str, fmt: str, records: list[Mapping[str, Any]], price_flag: str | None) -> str:
-    """The records report with the decision figures added (table, markdown and json; csv is unchanged)."""
-    import json
-
+def decision_chunks(chunks: Iterable[str], fmt: str, rows: Iterable[Any], values: RecordValues,
+                    price: Any = None) -> Iterator[str]:
+    """The streamed records report with the decision figures added: a ``decisions`` key in json,
+    a "value and cost" section after table and markdown; csv and codecarbon are unchanged."""
     if fmt in ("csv", "codecarbon"):
-        if price_flag:
-            parse_price_checked(price_flag)
-        return text
-    d = records_decisions(records, price_flag)
+        yield from chunks
+        return
+    d = records_decisions((values.record(row) for row in rows), price)
     if fmt == "json":
-        data = json.loads(text)
-        data["decisions"] = d
-        return json.dumps(data, indent=2) + "\n"
-    rows = [j for j in d["jobs"] if j["value"] or j["cost"] is not None]
-    if not rows:
-        return text
+        closing = "\n}\n"
+        for chunk in chunks:
+            if chunk == closing:       # render_json ends the document with this chunk
+                yield ",\n  \"decisions\": " + json.dumps(d, indent=2).replace("\n", "\n  ")
+            yield chunk
+        return
+    yield from chunks
+    rows_out = [j for j in d["jobs"] if j["value"] or j["cost"] is not None]
+    if not rows_out:
+        return
     lines = ["", "## value and cost" if fmt == "markdown" else "value and cost:"]
-    for j in rows:
+    for j in rows_out:
         parts = [f"{u}: {n:,.6g} ({j['value_per_kwh'].get(u, 0):,.1f}/kWh"
                  + (f", {j['value_per_kg_co2e'][u]:,.1f}/kg CO2e" if u in j["value_per_kg_co2e"] else "") + ")"
                  for u, n in j["value"].items()]
@@ -297,10 +335,4 @@ def records_decisions_text(text: str, fmt: str, records: list[Mapping[str, Any]]
         lines.append(("- " if fmt == "markdown" else "  ") + f"{j['job']}: " + "; ".join(parts))
         if j["comparison"]:
             lines.append(("- " if fmt == "markdown" else "  ") + j["comparison"])
-    return text + "\n".join(lines) + "\n"
-
-
-def parse_price_checked(price_flag: str) -> None:
-    from .carbon.prices import parse_price
-
-    parse_price(price_flag)
+    yield "\n".join(lines) + "\n"

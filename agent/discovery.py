@@ -43,7 +43,8 @@ def _gpu_sensor(plan: SensorPlan, out: Discovered) -> None:
     from .sensors.nvml import GpuSelection, NvmlSensor
 
     nvml = None
-    scenario_path = plan.fake_scenario or os.environ.get("WATTMETER_FAKE_NVML") or None
+    # the environment is a fallback for the Python API only: a plan's own fake request wins
+    scenario_path = plan.fake_scenario or (None if plan.fake_gpus else os.environ.get("WATTMETER_FAKE_NVML")) or None
     if scenario_path or plan.fake_gpus:
         from .sim import fake_nvml
         from .sim.scenario import Scenario, load_scenario
@@ -100,7 +101,7 @@ def discover(plan: SensorPlan) -> Discovered:
 
 def _discover(plan: SensorPlan) -> Discovered:
     out = Discovered()
-    if plan.gpu != "none" or fake_requested(plan):
+    if plan.gpu != "none":    # gpu="none" (--no-gpu) beats WATTMETER_FAKE_NVML: settings resolved it
         _gpu_sensor(plan, out)
     host: list[Sensor] = []
     if plan.cpu != "none":

@@ -32,11 +32,16 @@ class Meter:
     """Meters a set of sensors. ``start()``/``stop()`` are idempotent and a stopped meter restarts."""
 
     def __init__(self, sensors: Sequence[Sensor] | None = None, *, clock: Clock | None = None,
-                 seed: int | None = None, notes: Sequence[str] = (), pid: int | None = None) -> None:
+                 seed: int | None = None, notes: Sequence[str] = (), pid: int | None = None,
+                 fake_gpus: int | None = None, scenario: str | None = None) -> None:
+        """``fake_gpus=N`` (1..64) or ``scenario="h100x2"`` (a file or bundled name) meters
+        simulated GPUs, as ``run --fake-gpus`` / ``--fake-nvml`` do; results say simulated."""
         if sensors is None:
+            from .config import checked_fake_request
             from .discovery import SensorPlan, discover
 
-            found = discover(SensorPlan(pid=pid))
+            fake_gpus, scenario = checked_fake_request(fake_gpus, scenario)
+            found = discover(SensorPlan(pid=pid, fake_gpus=fake_gpus, fake_scenario=scenario))
             sensors, notes = found.sensors, [*notes, *found.notes]
         self.sensors = list(sensors)
         self.notes = list(notes)

@@ -171,3 +171,9 @@ class WindowResult:
         if n <= 0:
             return None
         return self.total_energy_j / n
+
+    def __str__(self) -> str:
+        """The same summary table as `wattmeter run` prints."""
+        from .summary import render   # summary imports this module
+
+        return render(self)

@@ -1,7 +1,13 @@
-"""Human-readable run summaries."""
+"""Human-readable run summaries, rendered from a ``WindowResult`` (plus a run's facts when there
+is one), so ``run``, ``str(result)`` and the Python API print the same table."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING
+
+from .model import Component, Scope, WindowResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .runsink import RunFacts
 
 
 def _j(x: float | None) -> str:
@@ -14,36 +20,37 @@ def _j(x: float | None) -> str:
     return f"{x:.2f} J"
 
 
-def render(record: Mapping[str, Any], notes: list[str] | None = None) -> str:
-    e, h = record["energy_j"], record["host_energy_j"]
-    sim = "  [SIMULATED GPUs]" if record.get("simulated") else ""
-    approx = "  (approximate)" if record.get("approximate") else ""
+def render(result: WindowResult, facts: "RunFacts | None" = None, notes: list[str] | None = None) -> str:
+    sim = "  [SIMULATED GPUs]" if result.simulated else ""
+    approx = "  (approximate)" if result.approximate else ""
+    outcome = f" {facts.status} (exit {facts.exit_code})" if facts is not None else ""
+    name = facts.ident.job if facts is not None else result.name
     lines = [
-        f"wattmeter: {record['job']} {record['status']} (exit {record['exit_code']}) "
-        f"in {record['duration_s']:.2f} s{sim}{approx}",
+        f"wattmeter: {name}{outcome} in {result.duration_s:.2f} s{sim}{approx}",
         f"  {'component':<10} {'job energy':>14} {'host energy':>14}  source",
     ]
     sources: dict[str, set[str]] = {}
-    for d in record["devices"]:
-        sources.setdefault(d["component"], set()).add(d["source"])
-    for comp in ("gpu", "cpu", "ram"):
-        if comp not in sources:
+    for d in result.devices:
+        sources.setdefault(d.component.value, set()).add(d.source.value)
+    for comp in Component:
+        if comp.value not in sources:
             continue
-        lines.append(f"  {comp:<10} {_j(e[comp]):>14} {_j(h[comp]):>14}  {','.join(sorted(sources[comp]))}")
-    lines.append(f"  {'total':<10} {_j(e['total']):>14} {_j(h['total']):>14}  "
-                 f"({record['energy_kwh'] * 1000:.4f} Wh)")
-    for d in record["devices"]:
-        if d["component"] == "gpu":
-            lab = d["labels"]
-            peak = d.get("peak_power_w")
-            lines.append(f"    gpu {lab.get('gpu', '?')} {lab.get('model', '')}: {_j(d['energy_j'])}, "
-                         f"avg {d['avg_power_w']:.1f} W, peak {peak if peak is None else round(peak, 1)} W")
-    toks = record.get("tokens") or {}
-    if toks.get("generation") or toks.get("prompt"):
-        jpt = record.get("joules_per_token")
-        lines.append(f"  tokens: {toks.get('prompt', 0)} prompt, {toks.get('generation', 0)} generation; "
-                     f"{jpt:.4f} J/token" if jpt else "")
-    carbon = record.get("carbon")
+        lines.append(f"  {comp.value:<10} {_j(result.component_energy_j(comp)):>14} "
+                     f"{_j(result.component_energy_j(comp, Scope.HOST)):>14}  {','.join(sorted(sources[comp.value]))}")
+    host_total = sum(result.component_energy_j(c, Scope.HOST) for c in Component)
+    lines.append(f"  {'total':<10} {_j(result.total_energy_j):>14} {_j(host_total):>14}  "
+                 f"({result.energy_kwh * 1000:.4f} Wh)")
+    for d in result.devices:
+        if d.component == Component.GPU:
+            peak = d.peak_power_w
+            lines.append(f"    gpu {d.labels.get('gpu', '?')} {d.labels.get('model', '')}: {_j(d.energy_j)}, "
+                         f"avg {d.avg_power_w:.1f} W, peak {peak if peak is None else round(peak, 1)} W")
+    prompt, gen = result.tokens.get("prompt", 0), result.tokens.get("generation", 0)
+    if gen or prompt:
+        n = gen or sum(result.tokens.values())
+        jpt = result.total_energy_j / n if n else None
+        lines.append(f"  tokens: {prompt} prompt, {gen} generation" + (f"; {jpt:.4f} J/token" if jpt else ""))
+    carbon = facts.carbon if facts is not None else None
     if carbon:
         em = carbon.get("emissions_g") or {}
         scopes = ", ".join(f"{k} {v:.3f} g" for k, v in em.items())
@@ -51,8 +58,8 @@ def render(record: Mapping[str, Any], notes: list[str] | None = None) -> str:
                      f"from {carbon.get('intensity_source')}, PUE {carbon.get('pue')})")
         if carbon.get("water_l") is not None:
             lines.append(f"  water: {carbon['water_l']:.3f} L")
-    if record.get("errors"):
-        lines.append("  sensor errors: " + ", ".join(f"{k}={v}" for k, v in record["errors"].items()))
+    if facts is not None and facts.errors:
+        lines.append("  sensor errors: " + ", ".join(f"{k}={v}" for k, v in facts.errors.items()))
     for note in notes or []:
         lines.append(f"  note: {note}")
-    return "\n".join(line for line in lines if line)
+    return "\n".join(lines)

@@ -10,6 +10,7 @@ Outputs:
   deploy/helm/wattmeter/dashboards/*.json   (same bytes, for the chart's ConfigMap)
   deploy/helm/wattmeter/files/rules.yml     (copy of deploy/prometheus/rules.yml)
   deploy/kubernetes/prometheusrule.yaml     (the same rules as a Prometheus Operator PrometheusRule)
+  deploy/helm/wattmeter/values.schema.json  (deploy/chart_schema.py; serve's flags from its parser)
 
 The dashboards are code so that every panel uses the same datasource variable
 (${DS_PROMETHEUS}), units and conventions, and so that tests/test_deploy.py can
@@ -60,6 +61,7 @@ class Layout:
             self.row_h = 0
 
     def add(self, panel: dict, w: int, h: int) -> None:
+        _say_level(panel)
         if self.x + w > 24:
             self._newline()
         panel["id"] = self._id()
@@ -67,6 +69,21 @@ class Layout:
         self.panels.append(panel)
         self.x += w
         self.row_h = max(self.row_h, h)
+
+
+JOB_LEVEL = ("Level: job. Reads wattmeter_job_* series, which only `wattmeter run` exports "
+             "(pushed or on its job port); they never repeat the node's GPU, CPU or RAM.")
+HOST_LEVEL = ("Level: node. Reads the `wattmeter serve` daemon's host-level series; batch runs never "
+              "export these names, so sums count each device once.")
+
+
+def _say_level(panel: dict) -> None:
+    """Every panel says which level it reads (issue 9: series that add up)."""
+    exprs = " ".join(t.get("expr", "") for t in panel.get("targets", []))
+    if "wattmeter_" not in exprs:
+        return
+    note = JOB_LEVEL if "wattmeter_job_" in exprs else HOST_LEVEL
+    panel["description"] = (panel.get("description", "") + " " + note).strip()
 
 
 def target(expr: str, legend: str = "__auto", *, ref: str = "A", instant: bool = False,
@@ -345,8 +362,14 @@ def fleet() -> dict:
     L.add(bargauge("Top jobs by energy (range)", targets(
         ("topk(10, sum by (job, component) (max_over_time(wattmeter_job_energy_joules_total[$__range]))) / 3.6e6",
          "{{job}} {{component}}"), instant=True), "kwatth", decimals=3,
-        description="Batch jobs (wattmeter run, usually via the Pushgateway). Each run's counter starts at 0, "
-                    "so the maximum over the range is the energy of the last run of each job name."), 12, 9)
+        description="Batch jobs (wattmeter run, usually via the Pushgateway). Each run is its own series "
+                    "(run_id), and a finished run keeps its final totals in the gateway, so this sums every "
+                    "run of each job name seen in the range."), 12, 9)
+    L.add(timeseries("Running jobs power", targets(
+        ("sum by (job, component) (wattmeter_job_power_watts)", "{{job}} {{component}}")), "watt",
+        description="Power of the jobs running now. A run's final push drops this gauge, so a finished "
+                    "run leaves the panel at the next scrape. A run's GPU power is the whole GPU's: "
+                    "do not add it to the node panels."), 24, 8)
 
     L.row("Carbon and water")
     L.add(timeseries("Emissions rate", targets(
@@ -365,7 +388,11 @@ def fleet() -> dict:
 
     L.row("Sensor health")
     L.add(state_timeline("Sensors", targets(
-        ("wattmeter_up", "{{instance}} {{sensor}}"))), 12, 8)
+        ('wattmeter_up{device=""}', "{{instance}} {{sensor}}"))), 12, 8)
+    L.add(state_timeline("Devices", targets(
+        ('wattmeter_up{device!=""}', "{{instance}} {{sensor}} {{device}}")),
+        description="One series per metered device: a lost GPU goes down here and stays down, "
+                    "without flapping its sensor's series."), 12, 8)
     L.add(timeseries("Sensor errors per minute", targets(
         ("sum by (instance, sensor, error) (rate(wattmeter_sensor_errors_total[$__rate_interval])) * 60",
          "{{instance}} {{sensor}} {{error}}")), "short"), 12, 8)
@@ -480,6 +507,14 @@ def outputs() -> dict[Path, str]:
     rules = (DEPLOY / "prometheus" / "rules.yml").read_text()
     out[DEPLOY / "helm" / "wattmeter" / "files" / "rules.yml"] = rules
     out[DEPLOY / "kubernetes" / "prometheusrule.yaml"] = prometheus_rule(rules)
+    sys.path.insert(0, str(DEPLOY))
+    import chart_schema
+
+    flags = chart_schema.serve_flags()
+    if flags is None:     # wattmeter not installed here: the checked-in schema is kept
+        print("note: wattmeter is not importable; values.schema.json not regenerated", file=sys.stderr)
+    else:
+        out[DEPLOY / "helm" / "wattmeter" / "values.schema.json"] = render(chart_schema.schema(flags))
     return out
 
 

@@ -2,6 +2,14 @@
 
 ``agent/commands/run.py`` calls ``add_job_export_arguments`` and ``start_job_exporter``; the
 returned exporter's ``tick()`` runs at every checkpoint and at the end, ``close()`` once after.
+
+Series that add up (issue 9): a run exports ONLY job-scoped series (``wattmeter_job_*``). The
+host-level names (``wattmeter_gpu_*``, ``wattmeter_cpu_*``, ``wattmeter_up``...) belong to the
+``serve`` daemon, so summing any metric over the fleet never counts a GPU twice, however many
+runs share it. While the job runs it pushes its energy counters and a power gauge; the final push
+replaces the group with the final energy totals only (no gauge), and the Pushgateway stamps the
+group with ``push_time_seconds``. A finished run so never shows in a power panel, while its
+energy stays queryable beside its record.
 """
 from __future__ import annotations
 
@@ -10,10 +18,16 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from typing import Callable, Iterator, Mapping
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
 from ..config import Settings, positive_float
+from ..ledger import DeviceSnapshot
 from .http import MetricsServer, parse_listen
-from ..model import Component
-from .prometheus import ExportSources, Health, JobEnergy, build_registry, job_energy
+from ..model import Component, Scope
+from .prometheus import JOB_METRIC, Health, JobEnergy, MeterLike, job_energy
 from .pushgateway import Pusher, validate_gateway_url
 from .webconfig import load_web_config
 
@@ -39,19 +53,96 @@ def _port(value: Any) -> int:
     return int(text)
 
 
+JOB_POWER_METRIC = "wattmeter_job_power_watts"
+JOB_EMISSIONS_METRIC = "wattmeter_job_emissions_grams_total"
+JOB_PROJECTED_METRIC = "wattmeter_job_projected_energy_joules"
+
+
+def job_power(snapshot: Mapping[str, DeviceSnapshot]) -> dict[str, float]:
+    """The job's latest power per component: its process-tree share where a component has one,
+    else the host device (GPUs a run uses are its own; see ``job_energy``)."""
+    out: dict[str, float] = {}
+    for comp in Component:
+        devs = [s for s in snapshot.values() if s.device.component == comp]
+        scoped = [s for s in devs if s.device.scope == Scope.PROCESS]
+        powers = [s.power_w for s in (scoped or devs) if s.power_w is not None]
+        if powers:
+            out[comp.value] = float(sum(powers))
+    return out
+
+
+class JobCollector(Collector):
+    """The series of one run, all named ``wattmeter_job_*`` and labelled with the job.
+
+    ``final`` set (the job has ended): the energy totals of the record, and nothing else.
+    ``projection`` (decisions): a callable giving the job's ``Projection`` or None; while the job
+    runs it is exported as ``wattmeter_job_projected_energy_joules{job,hostname,bound}``.
+    """
+
+    def __init__(self, job: str, hostname: str, meter: MeterLike, carbon: Any = None,
+                 projection: Callable[[], Any] | None = None) -> None:
+        self.job, self.hostname, self.meter, self.carbon = job, hostname, meter, carbon
+        self.projection = projection
+        self.final: list[JobEnergy] | None = None
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ("job", "component", "hostname")
+        energy = CounterMetricFamily(JOB_METRIC[:-len("_total")], "Energy of the job by component (J).",
+                                     labels=labels)
+        final = self.final
+        snap = self.meter.snapshot() if final is None else {}
+        for j in (final if final is not None else job_energy(self.job, snap)):
+            energy.add_metric([j.job, j.component, self.hostname], j.energy_j)
+        yield energy
+        if self.carbon is not None:
+            res = self.carbon.snapshot()      # CarbonAccountant -> CarbonResult
+            em = CounterMetricFamily(JOB_EMISSIONS_METRIC[:-len("_total")], "Emissions of the job (g CO2e).",
+                                     labels=("job", "scope", "hostname"))
+            for scope, grams in sorted(res.emissions_g.items()):
+                em.add_metric([self.job, scope, self.hostname], grams)
+            yield em
+        if final is None:     # a gauge only while the job runs: an ended job has no power
+            power = GaugeMetricFamily(JOB_POWER_METRIC, "Latest power of the running job by component (W).",
+                                      labels=labels)
+            for comp, watts in sorted(job_power(snap).items()):
+                power.add_metric([self.job, comp, self.hostname], watts)
+            yield power
+            if self.projection is not None:     # a forecast of a running job; an ended job has its total
+                yield self._projected()
+
+    def _projected(self) -> Metric:
+        fam = GaugeMetricFamily(JOB_PROJECTED_METRIC,
+                                "Projected energy of the job at completion, with its band (J).",
+                                labels=("job", "hostname", "bound"))
+        p = self.projection() if self.projection is not None else None
+        if p is not None:
+            for bound, value in (("central", p.total_j), ("low", p.total_low_j), ("high", p.total_high_j)):
+                fam.add_metric([self.job, self.hostname, bound], value)
+        return fam
+
+
 @dataclass
 class JobExporter:
     job: str = ""
     server: MetricsServer | None = None
     pusher: Pusher | None = None
     notes: list[str] = field(default_factory=list)
-    final: list[JobEnergy] | None = None     # set by finish(): the job's window, as in its record
+    collector: JobCollector | None = None
+
+    @property
+    def final(self) -> list[JobEnergy] | None:
+        return self.collector.final if self.collector is not None else None
 
     def finish(self, result: Any) -> None:
         """Freeze the job series to the job's window result (so the last push equals the record,
-        without the few hundred ms the meter runs on after the command exits)."""
-        self.final = [JobEnergy(self.job, c.value, result.component_energy_j(c)) for c in Component
-                      if any(d.component == c for d in result.devices)]
+        without the few hundred ms the meter runs on after the command exits), and drop the
+        power gauge: the final push leaves only totals in the gateway."""
+        if self.collector is not None:
+            self.collector.final = [JobEnergy(self.job, c.value, result.component_energy_j(c)) for c in Component
+                                    if any(d.component == c for d in result.devices)]
 
     def tick(self) -> None:
         """At a checkpoint and at the end: ask for a push now (never blocks the job)."""
@@ -84,21 +175,16 @@ def start_job_exporter(args: argparse.Namespace, settings: Settings, meter: Any,
         if port is not None else None
     web = load_web_config(web_path) if web_path else None
 
-    health: list = []
-    out = JobExporter(job=ident.job)
-    def jobs() -> list[JobEnergy]:
-        return out.final if out.final is not None else job_energy(ident.job, meter.snapshot())
-
-    sources = ExportSources(meter, ident.hostname, carbon=carbon, health=health, jobs=jobs,
-                            projection=projection, job_name=ident.job)      # decisions: projected energy
-    registry, _ = build_registry(sources)
+    out = JobExporter(job=ident.job, collector=JobCollector(ident.job, ident.hostname, meter, carbon,
+                                                            projection=projection))
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(out.collector)
     if address is not None:
         out.server = MetricsServer(registry, address, web, flag="--metrics-port").start()
         out.notes.append(f"serving the job's metrics at {out.server.url}/metrics")
     if gateway is not None:
         out.pusher = Pusher(gateway, ident.job, {"run_id": ident.run_id, "instance": ident.hostname}, registry,
                             interval_s=interval)
-        health.append(out.pusher.health)
         out.pusher.start()
         out.notes.append(f"pushing the job's metrics to {out.pusher.url} every {interval:g} s "
                          f"(job={ident.job}, run_id={ident.run_id})")

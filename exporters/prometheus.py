@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from .. import __version__
 from ..attribution import PROCESS_METRIC, AttributionSnapshot
+from ..health import DeviceHealth, error_kinds
 from ..ledger import DeviceSnapshot
 from ..model import Component, Scope
 
@@ -62,8 +63,9 @@ class ExportSources:
     health: list[Callable[[], Iterable[Health]]] = field(default_factory=list)
     pid_labels: bool = False
     max_jobs: int = 1000           # live job label values; more are dropped and counted
-    projection: Callable[[], Any] | None = None   # decisions: -> Projection | None for the job
-    job_name: str = ""                             # the job label of the projection
+    # Per-device freshness (wattmeter.health.Freshness.devices): wattmeter_up{sensor,device} and a
+    # sensor-level wattmeter_up that is 1 while any of its devices delivers data.
+    freshness: Callable[[], list[DeviceHealth]] | None = None
 
 
 def job_energy(job: str, snapshot: Mapping[str, DeviceSnapshot]) -> list[JobEnergy]:
@@ -97,8 +99,6 @@ class WattmeterCollector(Collector):
             yield from self._attribution(snap, attribution)
         if src.jobs is not None:
             yield self._jobs()
-        if src.projection is not None:            # decisions: projection to completion
-            yield self._projection()
         if src.tokens is not None:
             yield from self._tokens()
         if src.carbon is not None:
@@ -177,17 +177,6 @@ class WattmeterCollector(Collector):
             fam.add_metric([j.job, j.component, src.hostname], j.energy_j)
         return fam
 
-    def _projection(self) -> Metric:
-        fam = GaugeMetricFamily("wattmeter_job_projected_energy_joules",
-                                "Projected energy of the job at completion, with its band (J).",
-                                labels=("job", "hostname", "bound"))
-        p = self.sources.projection()   # type: ignore[misc]
-        if p is not None:
-            job = self.sources.job_name
-            for bound, value in (("central", p.total_j), ("low", p.total_low_j), ("high", p.total_high_j)):
-                fam.add_metric([job, self.sources.hostname, bound], value)
-        return fam
-
     def _drop_job(self, job: str) -> None:
         with self._lock:
             if job not in self._dropped_jobs:
@@ -230,19 +219,27 @@ class WattmeterCollector(Collector):
 
     def _health(self, a: AttributionSnapshot | None, snap: Mapping[str, DeviceSnapshot]) -> Iterator[Metric]:
         src = self.sources
-        up = GaugeMetricFamily("wattmeter_up", "1 if the sensor's last read worked.", labels=("sensor",))
+        up = GaugeMetricFamily("wattmeter_up", "1 while the sensor (device=\"\") or the device delivers data.",
+                               labels=("sensor", "device"))
         errors = CounterMetricFamily("wattmeter_sensor_errors", "Failed sensor reads by error kind.",
                                      labels=("sensor", "error"))
+        devices = src.freshness() if src.freshness is not None else []
+        fresh_sensors: dict[str, bool] = {}
+        for d in devices:
+            fresh_sensors[d.sensor] = fresh_sensors.get(d.sensor, False) or d.up
         for name, st in sorted(src.meter.status.items()):
-            up.add_metric([name], 1.0 if st.up else 0.0)
-            for kind, n in sorted(st.errors.items()):
-                errors.add_metric([name, kind], n)
+            up.add_metric([name, ""], 1.0 if fresh_sensors.get(name, st.up) else 0.0)
+            # Every known kind from 0, so increase() sees the first error (issue 9: alerts that fire).
+            for kind in sorted(set(error_kinds(name)) | set(st.errors)):
+                errors.add_metric([name, kind], st.errors.get(kind, 0))
+        for d in devices:
+            up.add_metric([d.sensor, d.device], 1.0 if d.up else 0.0)
         extra = [h for fn in src.health for h in fn()]
-        if a is not None and a.errors:
+        if a is not None:
             extra.append(Health("processes", None, {"exception": a.errors}))
         for h in extra:
             if h.up is not None:
-                up.add_metric([h.sensor], 1.0 if h.up else 0.0)
+                up.add_metric([h.sensor, ""], 1.0 if h.up else 0.0)
             for kind, n in sorted(h.errors.items()):
                 errors.add_metric([h.sensor, kind], n)
         dropped = CounterMetricFamily("wattmeter_series_dropped", "Series refused by a cardinality cap.",

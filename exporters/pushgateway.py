@@ -1,7 +1,9 @@
 """Pushing a job's metrics to a Prometheus Pushgateway, periodically and at the end.
 
 ``push_to_gateway`` (HTTP PUT) replaces every metric under the grouping key, so the key is
-unique per run: ``job``, ``run_id`` and ``instance``. A gateway that is down, slow or
+unique per run: ``job``, ``run_id`` and ``instance``. The same replacement ends a run cleanly:
+the final push carries only the job's energy totals (``jobexport.JobCollector``), so its
+power gauge leaves the gateway and the Pushgateway's ``push_time_seconds`` dates the totals. A gateway that is down, slow or
 refusing never fails the job: each failed push is counted by kind, logged once per change
 of state, and the next push (or the final retries) tries again.
 """

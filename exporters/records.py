@@ -1,17 +1,32 @@
-"""JSONL and CSV run records (schema in docs/records.md). Appends are flushed and fsynced, so a
-crash of the agent loses at most the line being written."""
+"""JSONL and CSV run records (schema in docs/records.md), written so that none is ever lost.
+
+Each record is one ``write()`` of the whole line on an ``O_APPEND`` descriptor. A short write or
+an error truncates the file back to where the line began, so the file only ever holds whole
+lines. Regular files are fsynced; a FIFO is opened non-blocking and given a deadline, so a
+missing reader never hangs the agent. A record that cannot be written is kept in memory,
+retried at each checkpoint, and at exit saved to a fallback file in the user's state folder
+(``$XDG_STATE_HOME/wattmeter/``), or to stderr as JSON: ``RecordSink.close`` says where, once.
+"""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import math
 import os
+import select
+import stat
 import threading
-from dataclasses import dataclass, field
+import time
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..model import Component, Scope, WindowResult
+from ..runsink import RunFacts, RunIdentity, SinkClose
+
+__all__ = ["RunIdentity", "RecordSink", "append_line", "record_of", "run_record", "csv_row",
+           "check_writable", "fallback_path", "read_records", "SCHEMA", "CSV_FIELDS"]
 
 SCHEMA = "wattmeter.run/1"
 CSV_FIELDS = [
@@ -20,20 +35,12 @@ CSV_FIELDS = [
     "tokens_prompt", "tokens_generation", "joules_per_token", "emissions_g", "zone", "simulated",
     "approximate", "labels",
 ]
+FIFO_TIMEOUT_S = 2.0       # how long a FIFO may go without a reader (or with a stalled one)
+FALLBACK_NAME = "unwritten-records.jsonl"
 
 
 def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass
-class RunIdentity:
-    run_id: str
-    job: str
-    hostname: str
-    command: str
-    labels: Mapping[str, str] = field(default_factory=dict)
-    context: Mapping[str, str] = field(default_factory=dict)
 
 
 def _by_component(result: WindowResult, scope: Scope | None) -> dict[str, float]:
@@ -88,6 +95,13 @@ def run_record(result: WindowResult, ident: RunIdentity, *, status: str, exit_co
     }
 
 
+def record_of(result: WindowResult, facts: RunFacts) -> dict:
+    """The JSON record of a window result and its run facts."""
+    return run_record(result, facts.ident, status=facts.status, exit_code=facts.exit_code,
+                      checkpoint=facts.checkpoint, carbon=facts.carbon, timeline=facts.timeline,
+                      errors=facts.errors)
+
+
 def csv_row(record: Mapping[str, Any]) -> dict[str, Any]:
     e = record["energy_j"]
     carbon = record.get("carbon") or {}
@@ -106,28 +120,209 @@ def csv_row(record: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-class RecordWriter:
-    """Appends records to a JSONL file (and optionally CSV). Paths are checked at construction."""
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
-    def __init__(self, jsonl_path: str | None, csv_path: str | None = None) -> None:
+
+def json_line(record: Mapping[str, Any]) -> str:
+    """One JSONL line. A non-finite number (a broken sensor) becomes null rather than costing the
+    record: strict JSON readers would reject NaN, and a raise here would lose the line."""
+    try:
+        return json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+    except ValueError:
+        return json.dumps(_finite(record), separators=(",", ":"), allow_nan=False) + "\n"
+
+
+# -- writing one line -------------------------------------------------------------
+def _open_append(path: str, fifo_timeout_s: float, clock: Callable[[], float]) -> tuple[int, bool]:
+    """An O_APPEND descriptor and whether it is a regular file. A FIFO is opened non-blocking:
+    without a reader that fails with ENXIO, retried until the deadline (never a hang)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+    try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            deadline = clock() + fifo_timeout_s
+            while True:
+                try:
+                    return os.open(path, flags | os.O_NONBLOCK), False
+                except OSError as exc:
+                    if exc.errno != errno.ENXIO or clock() >= deadline:
+                        raise OSError(errno.ENXIO, f"FIFO {path} has no reader") if exc.errno == errno.ENXIO \
+                            else exc
+                    time.sleep(0.05)
+    except FileNotFoundError:
+        pass            # a new file (or a missing folder, which the open below reports)
+    fd = os.open(path, flags, 0o644)
+    return fd, stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def _write_all_nonblocking(fd: int, data: bytes, deadline: float, clock: Callable[[], float]) -> None:
+    """A pipe takes what fits; wait (bounded) for the reader to drain the rest."""
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+            view = view[n:]
+            continue
+        except BlockingIOError:
+            pass
+        left = deadline - clock()
+        if left <= 0:
+            raise OSError(errno.ETIMEDOUT, "the FIFO's reader stopped reading")
+        select.select([], [fd], [], min(left, 0.1))
+
+
+def append_line(path: str, text: str, *, fifo_timeout_s: float = FIFO_TIMEOUT_S,
+                write: Callable[[int, bytes], int] = os.write,
+                clock: Callable[[], float] = time.monotonic) -> None:
+    """Append ``text`` (one whole line) to ``path`` or raise OSError, leaving a regular file as it
+    was: one ``write()`` on an O_APPEND fd; on a short write or an error, truncate back to the
+    line's start. Regular files are fsynced (devices and pipes cannot be)."""
+    data = text.encode("utf-8")
+    fd, regular = _open_append(path, fifo_timeout_s, clock)
+    try:
+        if not regular:
+            if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                _write_all_nonblocking(fd, data, clock() + fifo_timeout_s, clock)
+            else:
+                n = write(fd, data)                 # /dev/full, a tty, /dev/null: all or error
+                if n != len(data):
+                    raise OSError(errno.EIO, f"short write ({n} of {len(data)} bytes)")
+            return
+        start = os.fstat(fd).st_size
+        try:
+            n = write(fd, data)
+            if n != len(data):
+                raise OSError(errno.ENOSPC, f"short write ({n} of {len(data)} bytes), disk full?")
+            os.fsync(fd)
+        except OSError:
+            # Leave only whole lines: the next record must start on its own line.
+            try:
+                os.ftruncate(fd, start)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(fd)
+
+
+def fallback_path(env: Mapping[str, str] | None = None) -> str:
+    """Where records that could not be written go: ``$XDG_STATE_HOME/wattmeter/``."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_STATE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"),
+                                                      ".local", "state")
+    return os.path.join(base, "wattmeter", FALLBACK_NAME)
+
+
+# -- the sink ----------------------------------------------------------------------
+class RecordSink:
+    """``RunSink`` for JSONL (and optionally CSV) files. Checkpoints go to the JSONL file only;
+    a checkpoint still pending is dropped when a newer one (or the final record) supersedes it."""
+
+    def __init__(self, jsonl_path: str | None, csv_path: str | None = None, *,
+                 env: Mapping[str, str] | None = None, stderr_fd: int = 2,
+                 fifo_timeout_s: float = FIFO_TIMEOUT_S,
+                 append: Callable[..., None] = append_line,
+                 enrich: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None) -> None:
         self.jsonl_path = jsonl_path
+        self._enrich = enrich            # extra fields other features add to each record
+        self.enrich_error: str | None = None
+        self._append = append            # injected in tests (an I/O error on demand)
         self.csv_path = csv_path
+        self.env = dict(os.environ if env is None else env)
+        self.stderr_fd = stderr_fd
+        self.fifo_timeout_s = fifo_timeout_s
         self._lock = threading.Lock()
+        self._pending: list[tuple[str, dict]] = []     # (target: "jsonl" | "csv", record)
+        self._reason = ""
+        self.last_record: dict | None = None
         for path in (jsonl_path, csv_path):
             if path:
                 check_writable(path)
 
-    def write(self, record: Mapping[str, Any], *, final: bool = True) -> None:
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def write(self, result: WindowResult, facts: RunFacts) -> None:
+        self.write_record(record_of(result, facts))
+
+    def write_record(self, record: dict) -> None:
+        if self._enrich is not None:
+            try:
+                record = {**record, **self._enrich(record)}
+            except Exception as exc:   # noqa: BLE001 - the measured record is kept without the extras
+                self.enrich_error = f"{type(exc).__name__}: {exc}"
         with self._lock:
+            self.last_record = record
+            # A newer record (checkpoint or final) supersedes any checkpoint still pending.
+            self._pending = [(k, r) for k, r in self._pending if not r.get("checkpoint")]
             if self.jsonl_path:
-                _append(self.jsonl_path, json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n")
-            if self.csv_path and final:
-                buf = io.StringIO()
-                writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-                if not os.path.exists(self.csv_path) or os.path.getsize(self.csv_path) == 0:
-                    writer.writeheader()
-                writer.writerow(csv_row(record))
-                _append(self.csv_path, buf.getvalue())
+                self._pending.append(("jsonl", record))
+            if self.csv_path and not record.get("checkpoint"):
+                self._pending.append(("csv", record))
+            self._flush()
+
+    def _flush(self) -> None:
+        still = []
+        for target, record in self._pending:
+            try:
+                if target == "jsonl":
+                    self._append(self.jsonl_path, json_line(record), fifo_timeout_s=self.fifo_timeout_s)
+                else:
+                    self._append_csv(record)
+            except (OSError, ValueError) as exc:
+                self._reason = f"{self.jsonl_path if target == 'jsonl' else self.csv_path}: " \
+                               f"{getattr(exc, 'strerror', None) or exc}"
+                still.append((target, record))
+        self._pending = still
+
+    def _append_csv(self, record: Mapping[str, Any]) -> None:
+        assert self.csv_path
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+        try:
+            empty = os.path.getsize(self.csv_path) == 0
+        except OSError:
+            empty = True
+        if empty:
+            writer.writeheader()
+        writer.writerow(csv_row(record))
+        self._append(self.csv_path, buf.getvalue(), fifo_timeout_s=self.fifo_timeout_s)
+
+    def close(self) -> SinkClose:
+        with self._lock:
+            self._flush()
+            if not self._pending:
+                return SinkClose()
+            records = [r for _, r in self._pending]
+            unique = list({id(r): r for r in records}.values())
+            text = "".join(json_line(r) for r in unique)
+            n, reason = len(unique), self._reason
+            self._pending = []
+            path = fallback_path(self.env)
+            try:
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                append_line(path, text)
+                return SinkClose(n, path, reason)
+            except OSError:
+                pass
+            try:
+                _write_fd(self.stderr_fd, text)
+                return SinkClose(n, "stderr", reason)
+            except OSError:
+                return SinkClose(n, None, reason)
+
+
+def _write_fd(fd: int, text: str) -> None:
+    data = memoryview(text.encode("utf-8"))
+    while data:
+        data = data[os.write(fd, data):]
 
 
 def check_writable(path: str) -> None:
@@ -142,15 +337,6 @@ def check_writable(path: str) -> None:
             raise PermissionError(f"{path} is not writable")
     elif not os.access(parent, os.W_OK):
         raise PermissionError(f"directory {parent} is not writable")
-
-
-def _append(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, text.encode("utf-8"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_records(lines: Sequence[str]) -> list[dict]:

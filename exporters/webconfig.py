@@ -47,6 +47,7 @@ _CLIENT_AUTH = {
 _VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
              "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 _BCRYPT_PREFIXES = ("$2a$", "$2b$", "$2y$")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")     # RFC 9110 field-name
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,11 @@ def _tls(path: str, base: Path, raw: Any) -> TlsConfig | None:
         if v is not None and v not in _VERSIONS:
             raise _fail(path, f"tls_server_config.{key}", f"{v!r} is not one of {', '.join(_VERSIONS)}")
         versions[key] = v
+    order = list(_VERSIONS)
+    if versions["max_version"] and order.index(versions["min_version"] or "TLS12") > order.index(versions["max_version"]):
+        raise _fail(path, "tls_server_config.min_version",
+                    f"{versions['min_version'] or 'TLS12'} is above max_version {versions['max_version']}; "
+                    "no TLS version could be agreed")
     sans = t.get("client_allowed_sans") or []
     if not isinstance(sans, list) or not all(isinstance(s, str) for s in sans):
         raise _fail(path, "tls_server_config.client_allowed_sans", "must be a list of names")
@@ -282,7 +288,11 @@ def load_web_config(path: str) -> WebConfig:
     headers = http.get("headers") or {}
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise _fail(path, "http_server_config.headers", "must map header names to strings")
-    for name in headers:
+    for name, value in headers.items():
+        if not _TOKEN.fullmatch(str(name)):
+            raise _fail(path, f"http_server_config.headers.{name!r}", "is not a valid header name")
+        if any(c in value for c in "\r\n\0"):    # a newline would split the response (header injection)
+            raise _fail(path, f"http_server_config.headers.{name}", "contains a CR, LF or NUL; give one line")
         if str(name).lower() in _RESERVED_HEADERS:
             raise _fail(path, f"http_server_config.headers.{name}", "is set by wattmeter and cannot be overridden")
     cfg = WebConfig(path=path, tls=tls, users=_users(path, top.get("basic_auth_users")),
@@ -294,6 +304,14 @@ def load_web_config(path: str) -> WebConfig:
             raise _fail(path, "tls_server_config", f"cannot load the certificate or key ({exc}); "
                                                    "check cert_file, key_file and client_ca_file") from None
     return cfg
+
+
+def bcrypt_cost(hashed: bytes) -> int:
+    """The cost factor of a ``$2y$NN$...`` hash (10 when it cannot be read)."""
+    try:
+        return max(4, min(31, int(hashed[4:6])))
+    except ValueError:
+        return 10
 
 
 class BasicAuth:
@@ -310,7 +328,10 @@ class BasicAuth:
         self._bcrypt = bcrypt
         self.users = dict(users)
         self._salt = bcrypt.gensalt()
-        self._dummy = bcrypt.hashpw(b"wattmeter-dummy", bcrypt.gensalt(10))
+        # An unknown user pays one bcrypt check of the users' own cost, so the time taken
+        # does not tell which users exist.
+        self._dummy = bcrypt.hashpw(b"wattmeter-dummy", bcrypt.gensalt(bcrypt_cost(max(self.users.values(),
+                                                                                     key=bcrypt_cost, default=b""))))
         self._ok: set[bytes] = set()
         self._lock = threading.Lock()
 

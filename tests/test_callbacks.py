@@ -21,9 +21,11 @@ class CounterSensor:
     energy: dict[str, tuple[Component, Scope, Callable[[float], float]]]
     name: str = "fake"
     period_s: float = 0.1
+    simulated: bool = False
 
     def devices(self) -> list[Device]:
-        return [Device(k, c, Source.COUNTER, scope=s) for k, (c, s, _) in self.energy.items()]
+        return [Device(k, c, Source.COUNTER, scope=s, simulated=self.simulated and c == Component.GPU)
+                for k, (c, s, _) in self.energy.items()]
 
     def read(self, now: float) -> Batch:
         return Batch([Reading(k, now, energy_j=f(now)) for k, (_, _, f) in self.energy.items()])
@@ -32,14 +34,17 @@ class CounterSensor:
         pass
 
 
-def make_meter(gpu_w: float = 200.0, cpu_host_w: float = 0.0, cpu_proc_w: float = 0.0) -> tuple[Meter, VirtualClock]:
-    devices = {"gpu0": (Component.GPU, Scope.HOST, lambda t: gpu_w * t)}
+def make_meter(gpu_w: float | None = 200.0, cpu_host_w: float = 0.0, cpu_proc_w: float = 0.0,
+               simulated: bool = False) -> tuple[Meter, VirtualClock]:
+    devices: dict[str, tuple[Component, Scope, Callable[[float], float]]] = {}
+    if gpu_w is not None:
+        devices["gpu0"] = (Component.GPU, Scope.HOST, lambda t: gpu_w * t)
     if cpu_host_w:
         devices["cpu"] = (Component.CPU, Scope.HOST, lambda t: cpu_host_w * t)
     if cpu_proc_w:
         devices["cpu.proc"] = (Component.CPU, Scope.PROCESS, lambda t: cpu_proc_w * t)
     clock = VirtualClock(start=0.0)
-    meter = Meter([CounterSensor(devices)], clock=clock)
+    meter = Meter([CounterSensor(devices, simulated=simulated)], clock=clock)
     meter.poll()
     return meter, clock
 
@@ -190,15 +195,119 @@ def test_hf_install_puts_the_callback_first_once():
     assert trainer.callback_handler.callbacks == [cb, reporter]
 
 
-def test_hf_class_has_every_trainer_event_as_a_noop_without_transformers():
+def test_hf_class_answers_every_trainer_event_as_trainer_calls_it():
     from wattmeter import callbacks
 
     cb = callbacks.hf_callback(meter=make_meter()[0])
     args, state, control = hf_objects()
+    # CallbackHandler.call_event passes these keywords to every event (metrics for evaluate/predict).
+    kw = dict(model=None, processing_class=None, optimizer=None, lr_scheduler=None,
+              train_dataloader=None, eval_dataloader=None)
     for event in callbacks._HF_EVENTS:
         if event not in ("on_train_begin", "on_step_end", "on_log", "on_train_end"):
-            assert getattr(cb, event)(args, state, control) is None
+            extra = {"metrics": {}} if event in ("on_evaluate", "on_predict") else {}
+            assert getattr(cb, event)(args, state, control, **kw, **extra) is None
     assert callbacks.WattmeterHFCallback is type(cb)
+
+
+def test_hf_logs_carry_interval_and_step_figures_beside_the_cumulative_ones():
+    from wattmeter.callbacks import hf_callback
+
+    meter, clock = make_meter(gpu_w=100.0)
+    cb = hf_callback(meter=meter)
+    args, state, control = hf_objects()
+    cb.on_train_begin(args, state, control)
+    logs_seen = []
+    for step, (seconds, tokens) in enumerate([(1, 100), (1, 100), (2, 50), (3, 300)], start=1):
+        cb.on_step_begin(args, state, control)
+        tick(meter, clock, seconds)
+        state.global_step = step
+        state.num_input_tokens_seen += tokens
+        cb.on_step_end(args, state, control)
+        if step % 2 == 0:                              # logging_steps=2
+            logs = {"loss": 1.0}
+            state.log_history.append({**logs, "step": step})
+            cb.on_log(args, state, control, logs=logs)
+            logs_seen.append(logs)
+    first, second = logs_seen
+    assert first["interval_energy_j"] == pytest.approx(200.0) and first["interval_tokens"] == 200
+    assert second["interval_energy_j"] == pytest.approx(500.0) and second["interval_tokens"] == 350
+    assert second["interval_joules_per_token"] == pytest.approx(500.0 / 350)
+    assert second["interval_avg_power_w"] == pytest.approx(100.0)
+    assert second["joules_per_token"] == pytest.approx(700.0 / 550)          # cumulative
+    assert second["step_energy_j"] == pytest.approx(300.0) and second["step_tokens"] == 300
+    assert second["step_joules_per_token"] == pytest.approx(1.0)
+    assert state.log_history[-1]["interval_joules_per_token"] == pytest.approx(500.0 / 350)
+
+
+def test_hf_eval_logs_get_no_energy_fields():
+    from wattmeter.callbacks import hf_callback
+
+    meter, clock = make_meter()
+    cb = hf_callback(meter=meter)
+    args, state, control = hf_objects()
+    cb.on_train_begin(args, state, control)
+    tick(meter, clock)
+    cb.on_prediction_step(args, state, control)          # evaluation loop, any metric prefix
+    logs = {"val_loss": 0.5, "val_runtime": 0.1}
+    cb.on_log(args, state, control, logs=logs)
+    cb.on_evaluate(args, state, control, metrics=logs)
+    assert logs == {"val_loss": 0.5, "val_runtime": 0.1}
+    eval_logs = {"eval_loss": 0.5}                        # the default prefix, even without steps
+    cb.on_log(args, state, control, logs=eval_logs)
+    assert eval_logs == {"eval_loss": 0.5}
+    train_logs = {"loss": 1.0}
+    cb.on_log(args, state, control, logs=train_logs)
+    assert train_logs["energy_j"] == pytest.approx(200.0)
+
+
+def test_hf_final_log_carries_the_exact_result_into_logs_and_history():
+    from wattmeter.callbacks import hf_callback
+
+    meter, clock = make_meter(gpu_w=250.0)
+    cb = hf_callback(meter=meter)
+    args, state, control = hf_objects()
+    cb.on_train_begin(args, state, control)
+    for step in range(1, 4):
+        tick(meter, clock)
+        state.global_step = step
+        state.num_input_tokens_seen += 500
+        cb.on_step_end(args, state, control)
+    step_log = {"loss": 1.1, "train_runtime": 2.9}          # step logs carry speed metrics too
+    cb.on_log(args, state, control, logs=step_log)
+    assert cb.result is None and "interval_energy_j" in step_log
+    state.max_steps = 3
+    cb.on_epoch_end(args, state, control)                   # the loop is over
+    final = {"train_runtime": 3.0, "train_loss": 1.2}
+    state.log_history.append({**final, "step": 3})
+    cb.on_log(args, state, control, logs=final)
+    assert cb.result is not None
+    assert final["energy_j"] == cb.result.total_energy_j == pytest.approx(750.0)
+    assert final["joules_per_token"] == cb.result.joules_per_token("training") == pytest.approx(0.5)
+    assert state.log_history[-1]["energy_j"] == cb.result.total_energy_j
+    assert "interval_energy_j" not in final                 # the final log is the whole run
+    cb.on_train_end(args, state, control)                   # already ended: the result stays
+    assert cb.result.total_energy_j == final["energy_j"]
+
+
+@pytest.mark.parametrize("gpu_w, simulated, expected", [
+    (200.0, True, "the 1 GPU(s) are SIMULATED (fake NVML)"),
+    (None, False, "no GPU is metered"),
+    (200.0, False, None),
+])
+def test_the_log_says_when_gpus_are_simulated_or_absent(caplog, gpu_w, simulated, expected):
+    from wattmeter.callbacks import hf_callback
+
+    meter, _ = make_meter(gpu_w=gpu_w, cpu_host_w=50.0, simulated=simulated)
+    cb = hf_callback(meter=meter)
+    args, state, control = hf_objects()
+    with caplog.at_level("WARNING", logger="wattmeter.callbacks"):
+        cb.on_train_begin(args, state, control)
+    messages = [r.getMessage() for r in caplog.records if r.name == "wattmeter.callbacks"]
+    if expected is None:
+        assert messages == [] and cb.tracker.notice is None
+    else:
+        assert len(messages) == 1 and expected in messages[0] and cb.tracker.notice == messages[0]
 
 
 # -- Lightning --------------------------------------------------------------------------------
@@ -210,13 +319,25 @@ class FakeModule:
         self.logged.append((name, value, kw))
 
 
-def test_lightning_callback_counts_batches_and_logs_by_hand():
+class FakeLogger:
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, dict]] = []
+        self.saved = 0
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def save(self) -> None:
+        self.saved += 1
+
+
+def test_lightning_logs_once_per_optimizer_step_on_the_trainers_log_steps():
     from wattmeter.callbacks import WattmeterLightningCallback, lightning_callback
 
     meter, clock = make_meter(gpu_w=300.0)
-    cb = lightning_callback(meter=meter, log_every=2, tokens_per_batch=lambda b: len(b) * 128)
+    cb = lightning_callback(meter=meter, tokens_per_batch=lambda b: len(b) * 128)
     assert isinstance(cb, WattmeterLightningCallback)
-    trainer = SimpleNamespace(global_step=0, local_rank=0)
+    trainer = SimpleNamespace(global_step=0, local_rank=0, log_every_n_steps=2, loggers=[], logged_metrics={})
     module = FakeModule()
     cb.on_train_start(trainer, module)
     for i in range(8):                         # gradient accumulation: 2 batches per optimizer step
@@ -224,34 +345,68 @@ def test_lightning_callback_counts_batches_and_logs_by_hand():
         if i % 2 == 1:
             trainer.global_step += 1
         cb.on_train_batch_end(trainer, module, None, ["a", "b", "c", "d"], i)
-    steps_logged = [v for k, v, _ in module.logged if k == "energy_j"]
-    assert len(steps_logged) == 2              # global steps 2 and 4, each once
-    assert steps_logged[-1] == pytest.approx(300.0 * 4.0)
-    last = {k: v for k, v, _ in module.logged[-4:]}
+    energy = [v for k, v, _ in module.logged if k == "energy_j"]
+    assert energy == [pytest.approx(600.0), pytest.approx(1200.0)]     # global steps 2 and 4, each once
+    last = {k: v for k, v, _ in module.logged if k.startswith(("joules", "interval_", "step_"))}
     assert last["joules_per_token"] == pytest.approx(1200.0 / (8 * 512))
-    assert last["avg_power_w"] == pytest.approx(300.0)
+    assert last["interval_energy_j"] == pytest.approx(600.0) and last["interval_tokens"] == 4 * 512
+    assert last["step_energy_j"] == pytest.approx(300.0) and last["step_tokens"] == 2 * 512
     assert all(kw == {"on_step": True, "on_epoch": False, "rank_zero_only": True} for _, _, kw in module.logged)
+
+
+def test_lightning_does_not_write_stale_figures_again():
+    from wattmeter.callbacks import lightning_callback
+
+    meter, clock = make_meter()
+    cb = lightning_callback(meter=meter, log_every=1)
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50)
+    module = FakeModule()
+    cb.on_train_start(trainer, module)
+    for i in range(6):
+        if i in (0, 3):                         # the ledger moves only before steps 1 and 4
+            tick(meter, clock)
+        trainer.global_step += 1
+        cb.on_train_batch_end(trainer, module, None, None, i)
+    assert [v for k, v, _ in module.logged if k == "energy_j"] == [pytest.approx(200.0), pytest.approx(400.0)]
+
+
+def test_lightning_end_writes_the_exact_result_to_every_logger_and_logged_metrics():
+    from wattmeter.callbacks import lightning_callback
+
+    meter, clock = make_meter(gpu_w=150.0)
+    cb = lightning_callback(meter=meter, tokens_per_batch=lambda b: 10)
+    csv, tb = FakeLogger(), FakeLogger()
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=50, loggers=[csv, tb],
+                              logged_metrics={"energy_j": 1.0, "train_loss": 0.3})
+    module = FakeModule()
+    cb.on_train_start(trainer, module)
+    for i in range(4):
+        tick(meter, clock)
+        trainer.global_step += 1
+        cb.on_train_batch_end(trainer, module, None, None, i)
     cb.on_train_end(trainer, module)
-    assert cb.result.total_energy_j == pytest.approx(1200.0)
-    assert cb.result.tokens == {"training": 8 * 512}
+    exact = cb.result.total_energy_j
+    assert exact == pytest.approx(600.0)
+    assert trainer.logged_metrics["energy_j"] == exact and trainer.logged_metrics["train_loss"] == 0.3
+    assert trainer.logged_metrics["joules_per_token"] == pytest.approx(600.0 / 40)
+    for lg in (csv, tb):
+        assert lg.rows[-1][0] == 4 and lg.rows[-1][1]["energy_j"] == exact and lg.saved == 1
 
 
-def test_lightning_default_logs_every_batch_and_survives_a_module_without_log():
+def test_lightning_survives_a_module_without_log_and_a_crash_ends_the_window():
     from wattmeter.callbacks import lightning_callback
 
     meter, clock = make_meter()
     cb = lightning_callback(meter=meter)
     trainer = SimpleNamespace(global_step=0)
-    module = FakeModule()
-    cb.on_train_start(trainer, module)
+    cb.on_train_start(trainer, object())
     for i in range(3):
         tick(meter, clock)
-        cb.on_train_batch_end(trainer, module, None, None, i)
-    assert sum(1 for k, _, _ in module.logged if k == "energy_j") == 3
-    cb.on_train_batch_end(trainer, object(), None, None, 3)
-    cb.on_exception(trainer, module, RuntimeError("boom"))     # a crashed fit still ends the window
+        trainer.global_step += 1
+        cb.on_train_batch_end(trainer, object(), None, None, i)
+    cb.on_exception(trainer, object(), RuntimeError("boom"))     # a crashed fit still ends the window
     assert cb.result is not None and cb.result.total_energy_j == pytest.approx(600.0)
-    cb.on_train_end(trainer, module)                           # already ended: no error
+    cb.on_train_end(trainer, object())                           # already ended: no error
 
 
 def test_lightning_other_ranks_do_not_meter():

@@ -176,6 +176,8 @@ BAD = [
     (["run", "--fake-nvml", "/nonexistent.toml", "--", "true"], "/nonexistent.toml"),
     (["run", "--fake-gpus", "zero", "--", "true"], "--fake-gpus"),
     (["run", "--label", "oops", "--", "true"], "oops"),
+    (["run", "--json", ".", "--", "true"], "--json ."),
+    (["run", "--json", "/nonexistent-dir/r.json", "--", "true"], "--json /nonexistent-dir/r.json"),
 ]
 
 

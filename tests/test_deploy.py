@@ -59,20 +59,24 @@ METRICS: dict[str, set[str]] = {
     "wattmeter_cpu_energy_joules_total": {"domain", "hostname", "source"},
     "wattmeter_ram_energy_joules_total": {"hostname", "source"},
     "wattmeter_job_energy_joules_total": {"job", "component", "hostname"},
+    "wattmeter_job_power_watts": {"job", "component", "hostname"},
+    "wattmeter_job_emissions_grams_total": {"job", "scope", "hostname"},
     "wattmeter_tokens_total": {"model", "kind"},
     "wattmeter_energy_per_token_joules": {"model"},
     "wattmeter_emissions_grams_total": {"scope"},
     "wattmeter_grid_intensity_grams_per_kwh": {"zone", "source"},
     "wattmeter_water_litres_total": set(),
     "wattmeter_sensor_errors_total": {"sensor", "error"},
-    "wattmeter_up": {"sensor"},
+    "wattmeter_up": {"sensor", "device"},
     "wattmeter_build_info": {"version", "simulated"},
     "wattmeter_series_dropped_total": {"metric"},
 }
-# Series Prometheus itself synthesises for each target.
-SYNTHETIC = {"up": set()}
+# Series Prometheus itself synthesises for each target, and the one foreign series an alert
+# reads (kube-state-metrics: which nodes have GPUs, for WattmeterAgentAbsent).
+SYNTHETIC = {"up": set(), "kube_node_status_capacity": {"node", "resource", "unit"}}
 # Labels Prometheus attaches to scraped series (scrape config / ServiceMonitor relabelings).
-TARGET_LABELS = {"instance", "job", "node", "exporter_pod", "exporter_namespace"}
+TARGET_LABELS = {"instance", "job", "node", "exporter_pod", "exporter_namespace",
+                 "run_id"}    # run_id: the Pushgateway grouping key of a `wattmeter run`
 ALL_LABELS = set().union(*METRICS.values()) | TARGET_LABELS
 
 PROMQL_FUNCTIONS = {
@@ -373,6 +377,36 @@ def test_promtool_check_rules():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lowercase, punctuation dropped, spaces to dashes."""
+    out = set()
+    for line in markdown.splitlines():
+        m = re.match(r"#+\s+(.*)", line)
+        if m:
+            out.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return out
+
+
+def test_every_rule_and_alert_has_a_unit_test_and_every_alert_a_runbook():
+    yaml = _yaml()
+    tests = yaml.safe_load(RULES_TEST.read_text())["tests"]
+    tested_alerts = {a["alertname"] for t in tests for a in t.get("alert_rule_test", [])
+                     if a.get("exp_alerts")}        # a test that expects it to fire, not only silence
+    tested_exprs = " ".join(e["expr"] for t in tests for e in t.get("promql_expr_test", []))
+    doc = _rules_doc()
+    anchors = _anchors((ROOT / "docs" / "deploy.md").read_text())
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            if "record" in rule:
+                assert re.search(re.escape(rule["record"]) + r"\b", tested_exprs), f"untested: {rule['record']}"
+            else:
+                name = rule["alert"]
+                assert name in tested_alerts, f"no promtool test fires {name}"
+                url = rule["annotations"].get("runbook_url", "")
+                assert url == f"docs/deploy.md#{name.lower()}", (name, url)
+                assert name.lower() in anchors, f"docs/deploy.md has no section for {name}"
+
+
 def test_promtool_test_rules():
     proc = subprocess.run([_promtool(), "test", "rules", str(RULES_TEST)],
                           capture_output=True, text=True, timeout=120)
@@ -654,13 +688,54 @@ def test_compose_stack():
     assert jobs["pushgateway"]["honor_labels"] is True
 
 
+def _installed_version(binary: str) -> str | None:
+    path = shutil.which(binary)
+    if not path:
+        return None
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30)
+    m = re.search(r"version (\d+\.\d+\.\d+)", out.stdout + out.stderr)
+    return m.group(1) if m else None
+
+
+def test_compose_runs_the_prometheus_and_pushgateway_versions_the_tests_run():
+    services = _yaml().safe_load(COMPOSE.read_text())["services"]
+    for service, binaries in (("prometheus", ("prometheus",)),
+                              ("pushgateway", ("prometheus-pushgateway", "pushgateway"))):
+        tag = services[service]["image"].rsplit(":v", 1)[1]
+        found = next((v for v in map(_installed_version, binaries) if v), None)
+        if found is None:
+            pytest.skip(f"{binaries[0]} not installed (Debian: apt-get install {binaries[0]})")
+        assert tag == found, f"compose runs {service} {tag}; the tests run {found}"
+
+
+def test_image_build_is_pinned():
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.M | re.I), "a syntax= line fetches a frontend at build time"
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
+    assert re.fullmatch(r"python:3\.12-slim-bookworm@sha256:[0-9a-f]{64}", base)
+    assert all(f.split()[0] == "${BASE_IMAGE}" for f in re.findall(r"^FROM\s+(.*)$", text, re.M))
+    assert "-c deploy/docker/constraints.txt" in text
+    assert "!deploy/docker/constraints.txt" in (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text()
+    pins = {ln.split("==")[0] for ln in (DEPLOY / "docker" / "constraints.txt").read_text().splitlines()
+            if ln and not ln.startswith("#")}
+    import tomllib
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["auth"],
+              *project["optional-dependencies"]["podresources"]]
+    for req in wanted:
+        if "python_version<" in req.replace(" ", ""):
+            continue
+        name = re.match(r"[A-Za-z0-9_.-]+", req).group(0).lower().replace("_", "-")
+        assert name in pins, f"{name} is not pinned in constraints.txt: run deploy/pin.sh"
+
+
 def test_dockerfile():
     text = DOCKERFILE.read_text()
     instructions = re.findall(r"^(FROM|USER|EXPOSE|HEALTHCHECK|ENTRYPOINT|CMD)\s+(.*)$", text, re.M)
     by = {}
     for k, v in instructions:
         by.setdefault(k, []).append(v)
-    assert all("slim" in f for f in by["FROM"])
+    assert all(f.startswith("${BASE_IMAGE}") for f in by["FROM"]) and "-slim-" in text  # pinned: test_image_build_is_pinned
     user = by["USER"][-1].split(":")[0]
     assert user not in {"root", "0"}
     assert by["EXPOSE"] == [str(PORT)]
@@ -669,7 +744,7 @@ def test_dockerfile():
     entry = json.loads(by["ENTRYPOINT"][-1])
     cmd = json.loads(by["CMD"][-1])
     assert entry[-1] == "wattmeter"
-    assert cmd[:3] == ["serve", "--listen", f"0.0.0.0:{PORT}"]
+    assert cmd[:3] == ["serve", "--listen", f":{PORT}"]     # dual-stack: IPv4, IPv6 or both
     errors = check_wattmeter_container("Dockerfile", cmd, {}, [PORT])
     assert not errors
     ignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text().split()
@@ -791,7 +866,9 @@ def test_systemd_analyze_verify(tmp_path):
 FULL_VALUES = {
     "zone": "FR", "pue": "1.2", "fakeGpus": 2, "powercapGid": 998, "runtimeClassName": "nvidia",
     "electricityMaps": {"existingSecret": "emaps"},
-    "extraArgs": ["--log-level", "debug"], "extraEnv": [{"name": "EXTRA", "value": "1"}],
+    # Real serve flags only: the chart's schema refuses unknown ones (serve would exit 2 on them).
+    "extraArgs": ["--max-series", "5000", "--process-interval=2"], "extraEnv": [{"name": "EXTRA", "value": "1"}],
+    "networkPolicy": {"enabled": True}, "priorityClass": {"create": True},
     "podAnnotations": {"example.com/a": "b"},
     "webConfig": {"enabled": True, "tlsSecret": "wattmeter-tls", "config": {
         "tls_server_config": {"cert_file": "/etc/wattmeter/tls/tls.crt",
@@ -864,6 +941,11 @@ def test_helm_template(values, tmp_path):
         assert "WATTMETER_ELECTRICITYMAPS_TOKEN" not in env  # the token is a mounted file
         rule = next(d for d in docs if d["kind"] == "PrometheusRule")
         assert rule["spec"] == _rules_doc()
+        netpol = next(d for d in docs if d["kind"] == "NetworkPolicy")
+        assert netpol["spec"]["ingress"][0]["ports"] == [{"protocol": "TCP", "port": PORT}]
+        assert netpol["spec"]["podSelector"]["matchLabels"] == ds["spec"]["selector"]["matchLabels"]
+        pc = next(d for d in docs if d["kind"] == "PriorityClass")
+        assert ds["spec"]["template"]["spec"]["priorityClassName"] == pc["metadata"]["name"]
         dashboards = [d for d in docs if d["kind"] == "ConfigMap" and "grafana_dashboard" in d["metadata"]["labels"]]
         assert len(dashboards) == len(DASHBOARDS)
         for cm in dashboards:
@@ -872,9 +954,42 @@ def test_helm_template(values, tmp_path):
         assert ds["spec"]["template"]["spec"]["securityContext"]["supplementalGroups"] == [998]
     else:
         assert kinds.count("ServiceMonitor") == 0 and kinds.count("PrometheusRule") == 0
-        assert c["args"] == ["serve", "--listen", f"0.0.0.0:{PORT}"]
+        assert "NetworkPolicy" not in kinds and "PriorityClass" not in kinds
+        # No priority class by default: system-node-critical is refused outside kube-system on some clouds.
+        assert "priorityClassName" not in ds["spec"]["template"]["spec"]
+        assert c["args"] == ["serve", "--listen", f":{PORT}"]     # dual-stack by default
         assert c["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics", "scheme": "HTTP"}
         assert "ClusterRole" not in kinds
+
+
+def _k8s_schema_errors(docs: list[dict]) -> list[str]:
+    """Strict validation against the Kubernetes OpenAPI schemas (kubernetes-validate ships them:
+    no network). prometheus-operator CRDs (ServiceMonitor, PrometheusRule) have no schema there;
+    their shape is checked by the tests above."""
+    kv = pytest.importorskip("kubernetes_validate")
+    version = kv.latest_version()
+    errors = []
+    for d in docs:
+        if d["apiVersion"].startswith("monitoring.coreos.com/"):
+            continue
+        try:
+            kv.validate(d, version, strict=True)
+        except kv.ValidationError as exc:
+            errors.append(f"{d['kind']}/{d['metadata']['name']}: {exc}")
+    return errors
+
+
+@pytest.mark.parametrize("values", [{}, FULL_VALUES, {"listenAddress": "::", "hostPID": False,
+                                                       "podResources": {"enabled": False}}],
+                         ids=["defaults", "everything-on", "no-hostpid"])
+def test_helm_rendered_output_validates_against_kubernetes_schemas(values, tmp_path):
+    docs = _helm_render(values, tmp_path)
+    assert not _k8s_schema_errors(docs)
+
+
+@pytest.mark.parametrize("path", K8S_FILES, ids=lambda p: p.name)
+def test_plain_manifests_validate_against_kubernetes_schemas(path):
+    assert not _k8s_schema_errors(_load_yaml_all(path))
 
 
 def test_helm_tls_only_keeps_http_probes_over_https(tmp_path):
@@ -889,6 +1004,47 @@ def test_helm_tls_only_keeps_http_probes_over_https(tmp_path):
     assert sm["spec"]["endpoints"][0]["scheme"] == "https"
     cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("web-config"))
     assert "tls_server_config" in _yaml().safe_load(cm["data"]["web-config.yml"])
+
+
+@pytest.mark.parametrize("extra, bad", [
+    (["--log-level", "debug"], "--log-level"),
+    (["--listen", "0.0.0.0:1"], "--listen"),      # the chart renders --listen itself
+])
+def test_helm_schema_refuses_unknown_serve_flags(extra, bad, tmp_path):
+    with pytest.raises(Exception, match=re.escape(bad)):
+        _helm_render({"extraArgs": extra}, tmp_path)
+
+
+def test_helm_schema_refuses_unknown_values_and_bad_types(tmp_path):
+    with pytest.raises(Exception, match="listenAdress|additional"):
+        _helm_render({"listenAdress": "::"}, tmp_path)
+    with pytest.raises(Exception, match="port"):
+        _helm_render({"port": "9445x"}, tmp_path)
+
+
+@pytest.mark.parametrize("address, rendered", [("", ":9445"), ("::", "[::]:9445"), ("0.0.0.0", "0.0.0.0:9445"),
+                                               ("fd00::1", "[fd00::1]:9445")])
+def test_helm_listen_address_forms_parse_in_serve(address, rendered, tmp_path):
+    from wattmeter.exporters.http import parse_listen
+    docs = _helm_render({"listenAddress": address}, tmp_path)
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    args = ds["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:3] == ["serve", "--listen", rendered]
+    parse_listen(rendered)      # what serve will accept at start
+
+
+def test_helm_schema_lists_every_value_and_every_serve_flag():
+    yaml = _yaml()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]) - {"global"} == set(values)
+    pattern = schema["properties"]["extraArgs"]["items"]["pattern"]
+    sys.path.insert(0, str(DEPLOY))
+    import chart_schema
+    flags = chart_schema.serve_flags()
+    assert flags and all(re.fullmatch(pattern, f) and re.fullmatch(pattern, f + "=1") for f in flags)
+    assert not re.fullmatch(pattern, "--log-level") and re.fullmatch(pattern, "debug")
+    assert re.fullmatch(pattern, "-1") and re.fullmatch(pattern, "")
 
 
 def test_helm_static_sanity():
@@ -1000,6 +1156,7 @@ def _fake_exposition(t: float) -> str:
         out.append(line("wattmeter_cpu_energy_joules_total", {**h, "domain": domain, "source": "counter"}, watts * t))
     out.append(line("wattmeter_ram_energy_joules_total", {**h, "source": "modelled"}, 12.0 * t))
     out.append(line("wattmeter_job_energy_joules_total", {**h, "job": "train-llama", "component": "gpu"}, 200.0 * t))
+    out.append(line("wattmeter_job_power_watts", {**h, "job": "train-llama", "component": "gpu"}, 200.0))
     out.append(line("wattmeter_tokens_total", {"model": "llama-3.1-8b", "kind": "generation"}, 1000.0 * t))
     out.append(line("wattmeter_tokens_total", {"model": "llama-3.1-8b", "kind": "prompt"}, 4000.0 * t))
     out.append(line("wattmeter_energy_per_token_joules", {"model": "llama-3.1-8b"}, 0.3))
@@ -1010,6 +1167,7 @@ def _fake_exposition(t: float) -> str:
     out.append(line("wattmeter_sensor_errors_total", {"sensor": "nvml", "error": "timeout"}, int(t / 2)))
     out.append(line("wattmeter_up", {"sensor": "nvml"}, 1))
     out.append(line("wattmeter_up", {"sensor": "rapl"}, 1))
+    out.append(line("wattmeter_up", {"sensor": "nvml", "device": "gpu0"}, 1))
     out.append(line("wattmeter_build_info", {"version": "0.1.0", "simulated": "true"}, 1))
     out.append(line("wattmeter_series_dropped_total", {"metric": "wattmeter_job_energy_joules_total"}, int(t)))
     return "".join(out)

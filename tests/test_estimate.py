@@ -92,7 +92,7 @@ def test_cli_json_and_world_default(capsys):
 
 @pytest.mark.parametrize("argv,fragment", [
     (["--gpu", "H1000", "--hours", "1"], "closest: H100"),
-    (["--gpu", "H100", "--hours", "0"], "--hours 0 must be above 0"),
+    (["--gpu", "H100", "--hours", "0"], "--hours 0 must be a finite number above 0"),
     (["--gpu", "H100", "--hours", "1", "--count", "0"], "--count 0 must be at least 1"),
     (["--gpu", "H100", "--hours", "1", "--utilisation", "1.5"], "outside (0, 1]"),
     (["--gpu", "H100", "--hours", "1", "--zone", "XY"], "unknown zone 'XY'"),

@@ -258,6 +258,9 @@ def test_port_in_use_is_a_one_line_usage_error(tmp_path: Path) -> None:
     ("basic_auth_user:\n  alice: x\n", "unknown key 'basic_auth_user'"),
     ("tls_server_config: [1, 2]\n", "expected a mapping"),
     ("tls_server_config:\n  cert_file: [unclosed\n", "not valid YAML"),
+    (TLS + "  min_version: TLS13\n  max_version: TLS12\n", "above max_version TLS12"),
+    ('http_server_config:\n  headers:\n    X-Test: "a\\nSet-Cookie: evil=1"\n', "CR, LF or NUL"),
+    ('http_server_config:\n  headers:\n    "X Bad": "v"\n', "not a valid header name"),
 ])
 def test_invalid_web_config_is_refused_with_a_clear_error(pki: Pki, tmp_path: Path, text: str, match: str) -> None:
     _copy_pki(pki, tmp_path)
@@ -290,15 +293,16 @@ def test_empty_web_config_means_plain_http(tmp_path: Path) -> None:
 
 # -- listen addresses ------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, host, port", [
-    ("9445", "127.0.0.1", 9445), ("127.0.0.1:9000", "127.0.0.1", 9000), (":9445", "0.0.0.0", 9445),
+    ("9445", "127.0.0.1", 9445), ("127.0.0.1:9000", "127.0.0.1", 9000),
     ("0.0.0.0:9445", "0.0.0.0", 9445), ("[::1]:9445", "::1", 9445), ("localhost:9445", "localhost", 9445),
+    ("[::]:9445", "::", 9445), (":9445", "", 9445),
 ])
 def test_listen_forms(text: str, host: str, port: int) -> None:
     assert parse_listen(text) == ListenAddress(host, port)
 
 
 @pytest.mark.parametrize("text", ["http://0.0.0.0:9445", "host:port", "127.0.0.1:99999", "[zz]:1", "a b:1",
-                                  "localhost", ""])
+                                  "localhost", "", "::1:9445", "[::1]", "0.0.0.0:-1"])
 def test_unknown_listen_forms_are_usage_errors(text: str) -> None:
     with pytest.raises(UsageError, match="--listen"):
         parse_listen(text)
@@ -335,3 +339,156 @@ def test_builtin_yaml_reader_agrees_with_pyyaml_on_the_deploy_example() -> None:
         pytest.skip("deploy/web-config.example.yml not present")
     text = example.read_text()
     assert mini_yaml(text) == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("listen, client_hosts", [
+    (":0", ["127.0.0.1", "::1"]),        # dual-stack: both families reach it
+    ("[::]:0", ["127.0.0.1", "::1"]),
+    ("0.0.0.0:0", ["127.0.0.1"]),
+])
+def test_wildcard_listen_serves_the_families_it_names(listen: str, client_hosts: list) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("this Python has no IPv6")
+    try:
+        srv = MetricsServer(_registry(), parse_listen(listen), None).start()
+    except UsageError as exc:
+        pytest.skip(f"no IPv6 on this kernel: {exc}")
+    try:
+        for host in client_hosts:
+            try:
+                conn = http.client.HTTPConnection(host, srv.port, timeout=5)
+                conn.request("GET", "/metrics")
+            except OSError as exc:
+                if host == "::1":
+                    pytest.skip(f"no IPv6 loopback here: {exc}")
+                raise
+            resp = conn.getresponse()
+            assert resp.status == 200 and b"wattmeter_test_energy_joules_total 42.0" in resp.read()
+            conn.close()
+    finally:
+        srv.stop()
+
+
+def test_bad_listen_is_one_line_exit_2_from_serve(tmp_path: Path) -> None:
+    import subprocess
+    proc = subprocess.run([sys.executable, "-m", "wattmeter", "serve", "--listen", "::1:9445"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--listen '::1:9445'" in lines[0] and "[::]:9445" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+# -- hardening (issue 8): deadlines, connection cap, bodies ----------------------------------------------
+def _raw(port: int, data: bytes, read_s: float = 3.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=read_s) as s:
+        s.sendall(data)
+        out = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except TimeoutError:
+            pass
+    return out
+
+
+def _http_counts(srv: MetricsServer) -> dict:
+    return dict(srv.health()[0].errors)
+
+
+def test_slow_drip_client_is_cut_off_at_the_request_deadline_and_counted() -> None:
+    import time
+    srv = MetricsServer(_registry(), ListenAddress("127.0.0.1", 0), read_timeout_s=1.0).start()
+    try:
+        assert _http_counts(srv)["read_timeout"] == 0     # exported from 0, before any failure
+        s = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        t0 = time.monotonic()
+        closed = False
+        for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\n":     # a byte every 0.2 s: each recv is quick
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.2)
+            if time.monotonic() - t0 > 4:
+                break
+        if not closed:
+            s.settimeout(3)
+            try:
+                closed = s.recv(1024) == b""     # the server hung up without a reply
+            except OSError:
+                closed = True
+        s.close()
+        assert closed and time.monotonic() - t0 < 5
+        assert _http_counts(srv)["read_timeout"] == 1
+        assert _get(srv.port)[0] == 200      # other scrapers are unaffected
+    finally:
+        srv.stop()
+
+
+def test_connections_past_the_cap_are_closed_and_counted() -> None:
+    srv = MetricsServer(_registry(), ListenAddress("127.0.0.1", 0), max_connections=2, read_timeout_s=5.0).start()
+    idle = [socket.create_connection(("127.0.0.1", srv.port), timeout=5) for _ in range(2)]
+    try:
+        import time
+        time.sleep(0.3)      # both accepted and holding a handler thread
+        extra = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+        assert extra.recv(1024) == b""      # closed at once, not queued behind the idle ones
+        extra.close()
+        assert _http_counts(srv)["connection_limit"] == 1
+        for s in idle:
+            s.close()
+        time.sleep(0.3)
+        assert _get(srv.port)[0] == 200
+    finally:
+        for s in idle:
+            s.close()
+        srv.stop()
+
+
+def test_a_get_body_is_dropped_never_parsed_as_a_second_request() -> None:
+    srv = _serve(Path("."), None)
+    try:
+        smuggled = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n"
+        req = (b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: "
+               + str(len(smuggled)).encode() + b"\r\n\r\n" + smuggled)
+        reply = _raw(srv.port, req)
+        assert reply.count(b"HTTP/1.1 ") == 1 and reply.startswith(b"HTTP/1.1 200")
+        assert b"404" not in reply.split(b"\r\n", 1)[0]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("headers, status", [
+    (b"Content-Length: 10000000\r\n", b"413"),
+    (b"Transfer-Encoding: chunked\r\n", b"411"),
+    (b"Content-Length: ten\r\n", b"400"),
+])
+def test_bodies_that_cannot_be_dropped_are_refused(headers: bytes, status: bytes) -> None:
+    srv = _serve(Path("."), None)
+    try:
+        reply = _raw(srv.port, b"GET /metrics HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n0\r\n\r\n")
+        assert reply.split(b"\r\n", 1)[0] == b"HTTP/1.1 " + status + reply.split(b"\r\n", 1)[0][12:]
+        assert reply.count(b"HTTP/1.1 ") == 1
+        if status == b"413":
+            assert _http_counts(srv)["body_too_large"] == 1
+    finally:
+        srv.stop()
+
+
+def test_unknown_user_pays_a_bcrypt_check_of_the_users_cost(monkeypatch) -> None:
+    import bcrypt
+    from wattmeter.exporters.webconfig import BasicAuth, bcrypt_cost
+    known = bcrypt.hashpw(b"pw", bcrypt.gensalt(6))
+    auth = BasicAuth({"alice": known})
+    seen: list = []
+    real = bcrypt.checkpw
+    monkeypatch.setattr(bcrypt, "checkpw", lambda pw, h: (seen.append(h), real(pw, h))[1])
+    header = "Basic " + base64.b64encode(b"mallory:pw").decode()
+    assert auth.check(header) is False
+    assert len(seen) == 1 and bcrypt_cost(seen[0]) == 6     # same cost as alice's hash: same time
+    assert auth.check("Basic " + base64.b64encode(b"alice:pw").decode()) is True

@@ -121,7 +121,12 @@ def test_hf_value_from_logged_metrics() -> None:
         tick(meter, clock)
         state.global_step = step
         cb.on_step_end(args, state, control)
-    logs = {"eval_accuracy": 0.9, "train_samples": 7200, "loss": 0.1}
+    # The eval log is read for its value but gets no figures (evaluation is not training);
+    # the next training log carries value per kWh.
+    eval_logs = {"eval_accuracy": 0.9, "eval_loss": 0.2}
+    cb.on_log(args, state, control, logs=eval_logs)
+    assert eval_logs == {"eval_accuracy": 0.9, "eval_loss": 0.2}
+    logs = {"train_samples": 7200, "loss": 0.1}
     cb.on_log(args, state, control, logs=logs)
     # 200 W x 18 s = 3,600 J = 0.001 kWh: 900 accuracy-points and 7.2M samples per kWh.
     assert logs["accuracy_per_kwh"] == pytest.approx(900.0)

@@ -190,7 +190,9 @@ def test_run_pushes_to_a_real_pushgateway_that_prometheus_scrapes(tmp_path: Path
         # to JobExporter.finish(); otherwise the meter's total at stop, which differs from the
         # window by at most the meter's edges (a counter read, the stop tail: < 1.5 s at 200 W).
         assert abs(pushed_gpu_j - record["energy_j"]["gpu"]) <= 200.0 * 1.5
-        assert prom.query(f'wattmeter_build_info{{run_id="{run_id}",simulated="true"}}')
+        # Job-scoped only: a run never pushes the daemon's host-level names (they would double count).
+        names = {r["metric"]["__name__"] for r in prom.query(f'{{run_id="{run_id}"}}')}
+        assert names and all(n.startswith(("wattmeter_job_", "push_")) for n in names), names
     finally:
         if prom is not None:
             prom.stop()
@@ -222,10 +224,18 @@ def test_finish_freezes_the_job_series_to_the_window_result() -> None:
         assert exporter is not None
         result = WindowResult("train", 0.0, 0.42, 0.0, 0.42, (DeviceEnergy(
             "gpu0", Component.GPU, Scope.HOST, Source.COUNTER, 42.0, 100.0, 100.0),))
+        wait_until(lambda: gw.requests, 10, "the first push")
+        running = gw.requests[0][2].decode()
+        # While running: job-scoped names only, with the job's power gauge.
+        names = {ln.split("{")[0].split(" ")[0] for ln in running.splitlines() if ln and not ln.startswith("#")}
+        assert names == {"wattmeter_job_energy_joules_total", "wattmeter_job_power_watts"}, names
+        assert 'wattmeter_job_power_watts{component="gpu",hostname="h",job="train"}' in running
         exporter.finish(result)
         exporter.close()
         body = gw.requests[-1][2]
         assert b'wattmeter_job_energy_joules_total{component="gpu",hostname="h",job="train"} 42.0' in body
+        # The final push replaces the group: totals only, no gauge left to linger in a power panel.
+        assert b"wattmeter_job_power_watts" not in body and b"# TYPE" in body
         assert start_job_exporter(argparse.Namespace(metrics_port=None, pushgateway=None), Settings(env={}),
                                   meter, ident, None) is None
     finally:

@@ -86,7 +86,7 @@ def test_real_prometheus_scrapes_serve_and_matches_the_scenario(tmp_path: Path, 
         idle1 = prom.value(f'increase(wattmeter_gpu_idle_energy_joules_total{{gpu="1"}}[{WINDOW_S}s])', at)
         assert idle1 == pytest.approx(90.0 * WINDOW_S, rel=0.01)                   # no process on GPU 1
         assert prom.value('wattmeter_build_info{simulated="true"}', at) == 1.0
-        assert prom.value('wattmeter_up{sensor="nvml"}', at) == 1.0
+        assert prom.value('wattmeter_up{sensor="nvml",device=""}', at) == 1.0
     finally:
         if prom is not None:
             prom.stop()
@@ -196,7 +196,7 @@ def test_serve_scrapes_inference_server_tokens(tmp_path: Path) -> None:
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                    for f in text_string_to_metric_families(body.decode()) for s in f.samples}
         assert samples[("wattmeter_tokens_total", (("kind", "generation"), ("model", "llama-3.1-8b")))] > 0
-        assert samples[("wattmeter_up", (("sensor", "tokens"),))] == 1.0
+        assert samples[("wattmeter_up", (("device", ""), ("sensor", "tokens")))] == 1.0
     finally:
         assert serve.stop() == 0, serve.output
         vllm.shutdown()

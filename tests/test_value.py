@@ -11,6 +11,7 @@ import pytest
 from wattmeter.carbon.prices import parse_price, resolve_price, table_price
 from wattmeter.cli import main
 from wattmeter.decisions import DecisionWriter
+from wattmeter.exporters.records import RecordSink
 from wattmeter.errors import UsageError
 from wattmeter.value import ValueCounter, compare_runs, parse_value_flag, parse_value_text, value_fields
 
@@ -90,33 +91,31 @@ def test_prices() -> None:
     assert resolve_price("0.3", "US-CA").per_kwh == 0.3                # the flag wins
 
 
-class _Sink:
-    def __init__(self) -> None:
-        self.records: list[dict] = []
-
-    def write(self, record: dict, *, final: bool = True) -> None:
-        self.records.append(dict(record))
-
-
 def test_decision_writer_adds_value_and_projection(tmp_path) -> None:
     progress, values = tmp_path / "progress", tmp_path / "value.json"
-    sink, err = _Sink(), io.StringIO()
-    w = DecisionWriter(sink, {"samples": 100.0}, str(values), str(progress), err=err)
+    err = io.StringIO()
+    w = DecisionWriter({"samples": 100.0}, str(values), str(progress), err=err)
+    # The fields reach the file through RecordSink's enrich hook, checkpoints and final alike.
+    sink = RecordSink(str(tmp_path / "r.jsonl"), enrich=w.extra_fields)
     # 10 % per 10 s at 300 W: 3,000 J per 10 %, so 30,000 J in all.
     for i in range(1, 5):
         progress.write_text(f"{i}/10")
-        w.write({"end_unix": 10.0 * i, "energy_j": {"total": 3000.0 * i}, "carbon": None}, final=False)
-    last = sink.records[-1]
+        sink.write_record({"end_unix": 10.0 * i, "energy_j": {"total": 3000.0 * i}, "carbon": None,
+                           "checkpoint": True})
+    last = sink.last_record
     assert last["projection"]["projected_energy_j"] == pytest.approx(30_000.0)
     assert last["projection"]["projected_end_unix"] == pytest.approx(100.0)
     values.write_text('{"samples": 900}')
     progress.write_text("0.3")                                          # resumed from a checkpoint
-    w.write({"end_unix": 50.0, "energy_j": {"total": 15000.0}, "carbon": None})
-    assert sink.records[-1]["value"] == {"samples": 1000.0}             # flag + file
+    sink.write_record({"end_unix": 50.0, "energy_j": {"total": 15000.0}, "carbon": None})
+    assert sink.last_record["value"] == {"samples": 1000.0}             # flag + file
     assert "progress file" in err.getvalue() and "went backwards from 0.4 to 0.3" in err.getvalue()
     progress.write_text("7")
-    w.write({"end_unix": 60.0, "energy_j": {"total": 18000.0}, "carbon": None})
+    sink.write_record({"end_unix": 60.0, "energy_j": {"total": 18000.0}, "carbon": None})
     assert "progress file" in err.getvalue() and "'7' is outside [0, 1]" in err.getvalue()
+    on_disk = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["value"] for r in on_disk] == [{"samples": 100.0}] * 4 + [{"samples": 1000.0}] * 2
+    assert sink.enrich_error is None
 
 
 JOB = """
@@ -128,7 +127,7 @@ open(sys.argv[2], "w").write("images=40")
 """
 
 
-def test_run_value_flag_file_and_projection(tmp_path, capsys) -> None:
+def test_run_value_flag_file_and_projection(tmp_path, capfd) -> None:
     records = tmp_path / "r.jsonl"
     code = main(["run", "--fake-gpus", "1", "--cpu", "none", "--records", str(records), "--zone", "FR",
                  "--value", "samples=1000", "--value-file", str(tmp_path / "v.txt"),
@@ -146,7 +145,7 @@ def test_run_value_flag_file_and_projection(tmp_path, capsys) -> None:
     assert final["projection"]["projected_energy_j"] == pytest.approx(final["energy_j"]["total"], abs=1e-3)
     checkpoints = [json.loads(line) for line in records.read_text().splitlines()][:-1]
     assert checkpoints and all(c["value"]["samples"] == 1000.0 for c in checkpoints)
-    assert "per kWh" in capsys.readouterr().err
+    assert "per kWh" in capfd.readouterr().err
 
 
 def test_run_value_without_number_exits_2_before_running(tmp_path, capsys) -> None:

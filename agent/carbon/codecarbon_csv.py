@@ -3,7 +3,8 @@
 Columns and units follow ``codecarbon.output_methods.emissions_data.EmissionsData``
 (CodeCarbon 3.x): duration s, emissions kg CO2e, emissions_rate kg/s, powers W, energies kWh,
 water L. Like CodeCarbon, powers and energies are scaled by PUE. Fields wattmeter does not
-know (os, cpu_model, coordinates...) are left empty rather than invented.
+know (os, cpu_model, coordinates...) are left empty rather than invented. A run on simulated
+GPUs says so in ``gpu_model`` ("... (SIMULATED: fake NVML)").
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ def _timestamp(record: Mapping[str, Any]) -> str:
     return str(record.get("end") or record.get("start") or "")[:19]
 
 
-def codecarbon_row(record: Mapping[str, Any]) -> dict[str, Any]:
+def codecarbon_row(record: Mapping[str, Any], places: dict[str | None, dict[str, str]] | None = None) -> dict[str, Any]:
+    """One CodeCarbon row; ``places`` caches the location columns per zone across rows."""
     energy = record.get("energy_j") or {}
     carbon = record.get("carbon") if isinstance(record.get("carbon"), Mapping) else {}
     pue = _num(carbon.get("pue")) or 1.0
@@ -80,15 +82,29 @@ def codecarbon_row(record: Mapping[str, Any]) -> dict[str, Any]:
         "water_consumed": _num(carbon.get("water_l")),
         "codecarbon_version": "",
         "gpu_count": gpus,
-        "gpu_model": (f"{gpus} x {models[0]}" if len(set(models)) == 1 else ", ".join(models)) if models else "",
+        # CodeCarbon has no "simulated" column; its readers show gpu_model, so the mark goes there
+        "gpu_model": (f"{model_text(models, gpus)} (SIMULATED: fake NVML)" if record.get("simulated")
+                      else model_text(models, gpus) if models else ""),
         "tracking_mode": "process",   # wattmeter's energy_j is the job's share, not the whole machine
         "pue": pue,
         "wue": "",
     })
-    row.update(_where(carbon.get("zone")))
+    zone = carbon.get("zone")
+    if places is None:
+        row.update(_where(zone))
+    else:
+        if zone not in places:
+            places[zone] = _where(zone)
+        row.update(places[zone])
     if carbon.get("water_l") is not None and total_kwh:
         row["wue"] = _num(carbon["water_l"]) / (total_kwh / pue)
     return row
+
+
+def model_text(models: list[str], gpus: int) -> str:
+    if not models:
+        return f"{gpus} GPU(s)"
+    return f"{gpus} x {models[0]}" if len(set(models)) == 1 else ", ".join(models)
 
 
 def codecarbon_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

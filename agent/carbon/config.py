@@ -1,4 +1,5 @@
-"""Carbon settings: flags > ``WATTMETER_*`` environment > config file > defaults.
+"""Carbon settings (the ``carbon`` group of the one settings engine in ``wattmeter.config``):
+flags > ``WATTMETER_*`` environment > config file > defaults.
 
 The Electricity Maps token comes only from ``WATTMETER_ELECTRICITYMAPS_TOKEN`` or a token file
 (a flag value would show in ``ps``); it is kept out of ``repr``, logs and records.
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from ..config import ENV, FLAG, lookup
 from ..errors import ConfigError, UsageError
 from .intensity import (ElectricityMapsSource, FallbackSource, IntensitySource, TableSource,
                         UKCarbonIntensitySource)
@@ -186,18 +188,14 @@ class CarbonConfig:
 
 def _lookup(spec: _Field, args: argparse.Namespace | None, env: Mapping[str, str],
             merged: Mapping[str, Any]) -> tuple[Any, str] | None:
-    raw = getattr(args, spec.dest, None) if args is not None else None
-    if raw is not None:
-        return _parse(spec, raw, f"{spec.flag} {raw}"), f"{spec.flag} {raw}"
-    if env.get(spec.env, "").strip():
-        raw = env[spec.env].strip()
-        return _parse(spec, raw, f"{spec.env}={raw}"), f"{spec.env}={raw}"
-    for key in spec.keys:
-        if merged.get(key) is not None:
-            raw = merged[key]
-            origin = f"config {key} = {raw!r}"
-            return _parse(spec, raw, origin), origin
-    return None
+    """The shared precedence engine (:func:`wattmeter.config.lookup`), with carbon's origin texts."""
+    found = lookup(getattr(args, spec.dest, None) if args is not None else None, (spec.env,), spec.keys,
+                   env, merged)
+    if found is None:
+        return None
+    raw, source, held = found
+    origin = {FLAG: f"{spec.flag} {raw}", ENV: f"{spec.env}={raw}"}.get(source, f"config {held} = {raw!r}")
+    return _parse(spec, raw, origin), origin
 
 
 def _parse(spec: _Field, raw: Any, origin: str) -> Any:

@@ -59,14 +59,23 @@ class Calibration:
     devices: int
     gpu_hours: float
     models: tuple[str, ...]
+    simulated_runs: int = 0      # runs on fake GPUs that went into power_w (--include-simulated)
+    ignored_simulated: int = 0   # runs on fake GPUs left out (the default)
 
 
-def calibrate(records: RecordSet, spec: GpuSpec) -> Calibration | None:
-    """Average power of GPUs of ``spec``'s family over the runs in ``records``, or None."""
+def calibrate(records: RecordSet, spec: GpuSpec, include_simulated: bool = False) -> Calibration | None:
+    """Average power of GPUs of ``spec``'s family over the runs in ``records``, or None.
+
+    Runs on simulated GPUs (``"simulated": true``) are left out unless ``include_simulated``:
+    a fake GPU's power is a scenario, not a measurement."""
     pattern = re.compile(rf"(?<![a-z0-9]){re.escape(_norm(spec.family))}(?![a-z0-9])")
     energy_j = seconds = 0.0
     runs, devices, models = 0, 0, set()
+    simulated = ignored = 0
     for record in records.records:
+        if record.get("simulated") and not include_simulated:
+            ignored += 1
+            continue
         duration = record.get("duration_s")
         if not isinstance(duration, (int, float)) or duration <= 0:
             continue
@@ -83,9 +92,11 @@ def calibrate(records: RecordSet, spec: GpuSpec) -> Calibration | None:
                 models.add(model)
                 matched = True
         runs += matched
+        simulated += bool(matched and record.get("simulated"))
     if seconds <= 0:
-        return None
-    return Calibration(energy_j / seconds, runs, devices, seconds / 3600.0, tuple(sorted(models)))
+        return None if not ignored else Calibration(0.0, 0, 0, 0.0, (), 0, ignored)
+    return Calibration(energy_j / seconds, runs, devices, seconds / 3600.0, tuple(sorted(models)),
+                       simulated, ignored)
 
 
 @dataclass(frozen=True)
@@ -115,7 +126,8 @@ class Estimate:
         if self.calibration is not None:
             c = self.calibration
             out["calibration"] = {"power_w": c.power_w, "runs": c.runs, "devices": c.devices,
-                                  "gpu_hours": c.gpu_hours, "models": list(c.models)}
+                                  "gpu_hours": c.gpu_hours, "models": list(c.models),
+                                  "simulated_runs": c.simulated_runs, "ignored_simulated_runs": c.ignored_simulated}
         return out
 
 
@@ -126,8 +138,8 @@ def table_source() -> str:
 def estimate(spec: GpuSpec, count: int, hours: float, utilisation: float, config: CarbonConfig,
              calibration: Calibration | None = None) -> Estimate:
     """Energy and emissions of ``count`` GPUs for ``hours``. Linear in count, hours and power."""
-    if calibration is not None:
-        power, basis = calibration.power_w, "measured"
+    if calibration is not None and calibration.runs:
+        power, basis = calibration.power_w, "measured" + (" (SIMULATED GPUs)" if calibration.simulated_runs else "")
     else:
         power, basis = spec.board_power_w * utilisation, "board power"
     energy_j = count * power * hours * 3600.0
@@ -142,14 +154,20 @@ def estimate(spec: GpuSpec, count: int, hours: float, utilisation: float, config
 def render_text(est: Estimate, utilisation_given: bool = False) -> str:
     r = est.result
     lines = [f"estimate: {est.count} x {est.gpu.name} for {est.hours:g} h in {est.zone.key} ({est.zone.name})"]
-    if est.calibration is not None:
-        c = est.calibration
+    c = est.calibration
+    if c is not None and c.runs:
         lines.append(f"power:    {est.power_w_per_gpu:,.1f} W per GPU, measured: average of {c.devices} GPU(s) over "
                      f"{c.runs} run(s), {c.gpu_hours:,.1f} GPU-hours ({', '.join(c.models)}); "
                      f"board power {est.gpu.board_power_w:g} W not used")
+        if c.simulated_runs:
+            lines.append(f"          SIMULATED: {c.simulated_runs} of these run(s) metered fake GPUs "
+                         "(--include-simulated): the power is a scenario's, not a measurement")
         if utilisation_given:
             lines.append("          --utilisation ignored: measured power already reflects utilisation")
     else:
+        if c is not None and c.ignored_simulated:
+            lines.append(f"note:     {c.ignored_simulated} simulated run(s) ignored for calibration "
+                         "(add --include-simulated to use them)")
         lines.append(f"power:    {est.gpu.board_power_w:g} W board power x utilisation {est.utilisation:g} = "
                      f"{est.power_w_per_gpu:,.1f} W per GPU (vendor datasheet figure, carbon/data/gpu_power.json)")
     lines.append(f"energy:   {r.energy_kwh:,.2f} kWh IT; {r.energy_kwh * r.pue:,.2f} kWh with PUE {r.pue:g}")

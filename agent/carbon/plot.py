@@ -39,7 +39,8 @@ def check_plot_target(path: str | Path) -> Path:
     return out
 
 
-def plot_report(report: Report, path: str | Path) -> Path:
+def plot_report(report: Report, path: str | Path, records: Mapping[str, Mapping[str, Any]]) -> Path:
+    """``records`` maps run_id to the full record (the report rows keep no timelines)."""
     out = check_plot_target(path)
     import matplotlib
 
@@ -49,24 +50,27 @@ def plot_report(report: Report, path: str | Path) -> Path:
     fig, (ax_power, ax_energy) = plt.subplots(2, 1, figsize=(11, 8), constrained_layout=True)
     lines = 0
     for row in report.rows:
-        for key, times, watts in gpu_series(row.record):
+        for key, times, watts in gpu_series(records.get(row.run_id, {})):
             hours = [t / 3600.0 for t in times]   # runs overlaid from their own start: comparable shapes
             ax_power.plot(hours, watts, linewidth=1, label=f"{row.job} {row.run_id[:6]} {key}")
             lines += 1
-    ax_power.set_title("GPU power over time (downsampled timelines)")
+    sim = report.simulated_runs
+    ax_power.set_title("GPU power over time (downsampled timelines)"
+                       + (f"\nSIMULATED: {sim} of {len(report.rows)} run(s) metered fake GPUs, not measurements"
+                          if sim else ""), color="#b00020" if sim else "black")
     ax_power.set_ylabel("W")
     ax_power.set_xlabel("hours since the run started")
     if 0 < lines <= 16:
         ax_power.legend(fontsize="x-small", ncol=2)
     elif lines == 0:
         ax_power.text(0.5, 0.5, "no GPU timelines in these records", ha="center", transform=ax_power.transAxes)
-    names = [f"{r.job}\n{r.run_id[:6]}" for r in report.rows]
+    names = [f"{r.job}\n{r.run_id[:6]}{' (sim)' if r.simulated else ''}" for r in report.rows]
     bottom = [0.0] * len(report.rows)
     for comp in COMPONENTS:
         values = [r.figures.energy_j.get(comp, 0.0) / 3.6e6 for r in report.rows]
         ax_energy.bar(names, values, bottom=bottom, label=comp, color=_COLOURS[comp])
         bottom = [b + v for b, v in zip(bottom, values)]
-    ax_energy.set_title("Energy per job")
+    ax_energy.set_title("Energy per job" + (" (sim): simulated GPUs" if sim else ""))
     ax_energy.set_ylabel("kWh")
     ax_energy.legend()
     ax_energy.tick_params(axis="x", labelsize="x-small")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .accounting import J_PER_KWH, what_if
 from .records import RecordSet, Skipped
@@ -19,34 +19,52 @@ COMPONENTS = ("gpu", "cpu", "ram")
 BUILTIN_GROUPS = ("job", "host", "day")
 
 
+_NUMBER = (int, float)
+
+
 def _num(value: Any) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+    return float(value) if type(value) in _NUMBER else 0.0   # type(), not isinstance: bool is no number
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Figures:
     """Sums shared by a job row and a group row, with the per-unit figures derived from them."""
 
     runs: int
     duration_s: float
-    energy_j: Mapping[str, float]            # gpu, cpu, ram, total
-    emissions_g: Mapping[str, float]         # scopes present in at least one run
+    energy: tuple[float, float, float, float]      # gpu, cpu, ram, total J (a tuple: 200k rows stay small)
+    emissions: tuple[tuple[str, float], ...]        # (scope, g) for scopes present in at least one run
     water_l: float | None
     tokens: int
     gpu_hours: float
     runs_without_carbon: int = 0
 
+    @classmethod
+    def of(cls, runs: int, duration_s: float, energy_j: Mapping[str, float], emissions_g: Mapping[str, float],
+           water_l: float | None, tokens: int, gpu_hours: float, runs_without_carbon: int = 0) -> "Figures":
+        energy = tuple(float(energy_j.get(k, 0.0)) for k in (*COMPONENTS, "total"))
+        return cls(runs, duration_s, energy, tuple(emissions_g.items()), water_l, tokens,  # type: ignore[arg-type]
+                   gpu_hours, runs_without_carbon)
+
+    @property
+    def energy_j(self) -> dict[str, float]:
+        return dict(zip((*COMPONENTS, "total"), self.energy))
+
+    @property
+    def emissions_g(self) -> dict[str, float]:
+        return dict(self.emissions)
+
     @property
     def energy_kwh(self) -> float:
-        return self.energy_j.get("total", 0.0) / J_PER_KWH
+        return self.energy[3] / J_PER_KWH
 
     @property
     def j_per_token(self) -> float | None:
-        return self.energy_j.get("total", 0.0) / self.tokens if self.tokens else None
+        return self.energy[3] / self.tokens if self.tokens else None
 
     @property
     def wh_per_1k_tokens(self) -> float | None:
-        return self.energy_j.get("total", 0.0) / 3600.0 / self.tokens * 1000.0 if self.tokens else None
+        return self.energy[3] / 3600.0 / self.tokens * 1000.0 if self.tokens else None
 
     @property
     def g_per_gpu_hour(self) -> float | None:
@@ -68,7 +86,7 @@ class Figures:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobRow:
     run_id: str
     job: str
@@ -77,7 +95,7 @@ class JobRow:
     start: str
     status: str
     checkpoint: bool             # only checkpoint lines exist: the run is live or was killed
-    labels: Mapping[str, str]
+    labels: tuple[tuple[str, str], ...]   # sorted (key, value) pairs, shared between rows
     zone: str | None
     intensity_g_per_kwh: float | None
     intensity_source: str | None
@@ -87,7 +105,11 @@ class JobRow:
     gpu_count: int
     gpu_models: tuple[str, ...]
     figures: Figures
-    record: Mapping[str, Any] = field(repr=False, compare=False)
+    simulated: bool = False              # fake NVML: the GPU figures are not measurements
+    end_unix: float | None = None
+    end: str = ""
+    energy_kwh_it: float | None = None   # the record's own energy_kwh (else energy_j.total)
+    renewable_share: float | None = None
 
     def group_key(self, by: str) -> str:
         if by == "job":
@@ -96,11 +118,25 @@ class JobRow:
             return self.host
         if by == "day":
             return self.day
-        return str(self.labels.get(by, "(none)"))
+        return dict(self.labels).get(by, "(none)")
+
+    def as_record(self) -> dict[str, Any]:
+        """The fields of the run record that what-if and the CodeCarbon rows read (the full
+        record is not kept: reports stream, docs/performance.md)."""
+        f = self.figures
+        carbon: dict[str, Any] | None = None
+        if not f.runs_without_carbon:
+            carbon = {"zone": self.zone, "pue": self.pue, "intensity_g_per_kwh": self.intensity_g_per_kwh,
+                      "emissions_g": dict(f.emissions_g), "water_l": f.water_l,
+                      "renewable_share": self.renewable_share}
+        return {"run_id": self.run_id, "job": self.job, "labels": dict(self.labels), "start": self.start,
+                "end": self.end, "end_unix": self.end_unix, "duration_s": f.duration_s,
+                "energy_j": dict(f.energy_j), "energy_kwh": self.energy_kwh_it, "gpu_count": self.gpu_count,
+                "gpu_models": list(self.gpu_models), "simulated": self.simulated, "carbon": carbon}
 
     def as_dict(self) -> dict[str, Any]:
         out = {k: getattr(self, k) for k in ("run_id", "job", "host", "day", "start", "status", "checkpoint",
-                                              "zone", "intensity_g_per_kwh", "intensity_source", "pue",
+                                              "simulated", "zone", "intensity_g_per_kwh", "intensity_source", "pue",
                                               "tokens_prompt", "tokens_generation", "gpu_count")}
         out["labels"] = dict(self.labels)
         out["gpu_models"] = list(self.gpu_models)
@@ -108,59 +144,140 @@ class JobRow:
         return out
 
 
-def _day(record: Mapping[str, Any]) -> tuple[str, str]:
+def _utc_day(unix_s: float) -> str:
+    return dt.datetime.fromtimestamp(unix_s, dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def _day(record: Mapping[str, Any], day_of: Callable[[float], str] = _utc_day) -> tuple[str, str]:
     start = record.get("start_unix")
-    if isinstance(start, (int, float)) and not isinstance(start, bool):
+    if type(start) in _NUMBER:
+        text = record.get("start")
+        if isinstance(text, str) and text:
+            return day_of(start), text
         when = dt.datetime.fromtimestamp(start, dt.timezone.utc)
-        return when.strftime("%Y-%m-%d"), str(record.get("start") or when.strftime("%Y-%m-%dT%H:%M:%SZ"))
+        return when.strftime("%Y-%m-%d"), when.strftime("%Y-%m-%dT%H:%M:%SZ")
     text = str(record.get("start") or "")
     return (text[:10] if len(text) >= 10 else "(unknown)"), text
 
 
-def job_row(record: Mapping[str, Any]) -> JobRow:
+class RowMaker:
+    """:func:`job_row` for a stream of records, with one shared object per distinct label set,
+    model list, job and host name: 200k rows then cost ~0.3 kB each (docs/performance.md)."""
+
+    def __init__(self, limit: int = 100_000) -> None:
+        self._shared: dict[Any, Any] = {}
+        self._limit = limit     # a flood of unique values is simply not shared
+        self._days: dict[int, str] = {}
+
+    def share(self, value: Any) -> Any:
+        if len(self._shared) >= self._limit:
+            return self._shared.get(value, value)
+        return self._shared.setdefault(value, value)
+
+    def day(self, unix_s: float) -> str:
+        """The UTC date, formatted once per day rather than once per run."""
+        key = int(unix_s // 86400)
+        got = self._days.get(key)
+        if got is None:
+            got = self._days[key] = _utc_day(unix_s)
+        return got
+
+    def __call__(self, record: Mapping[str, Any]) -> "Encoded":
+        return encode_record(record, self.share, self.day)
+
+
+_NAN = float("nan")
+Encoded = tuple[list[float], list[int], list[Any]]   # a row in rowstore's column order
+
+
+def encode_record(record: Mapping[str, Any], _shared: Callable[[Any], Any] = lambda v: v,
+                  _day_of: Callable[[float], str] = _utc_day) -> Encoded:
+    """A run record as one row of :class:`~wattmeter.carbon.rowstore.RowStore` columns (floats
+    with NaN for "none", ints, objects), built without intermediate objects: the report's
+    per-run cost. :func:`job_row` is the same row as a :class:`JobRow`."""
     energy = record.get("energy_j") or {}
-    parts = {c: _num(energy.get(c)) for c in COMPONENTS}
-    total = _num(energy.get("total")) if energy.get("total") is not None else sum(parts.values())
+    gpu_j, cpu_j, ram_j = _num(energy.get("gpu")), _num(energy.get("cpu")), _num(energy.get("ram"))
+    total = _num(energy.get("total")) if energy.get("total") is not None else gpu_j + cpu_j + ram_j
     tokens = record.get("tokens") or {}
     prompt, generation = int(_num(tokens.get("prompt"))), int(_num(tokens.get("generation")))
     duration = _num(record.get("duration_s"))
     gpu_count = int(_num(record.get("gpu_count")))
-    carbon = record.get("carbon") if isinstance(record.get("carbon"), Mapping) else None
-    scopes: dict[str, float] = {}
-    water = None
+    carbon = record.get("carbon")
+    carbon = carbon if isinstance(carbon, dict) else None   # dict, not Mapping: JSON objects, and 10x cheaper
+    loc = mkt = emb = water = intensity = pue = share = _NAN
+    zone = source = None
     if carbon:
-        em = carbon.get("emissions_g") if isinstance(carbon.get("emissions_g"), Mapping) else {}
-        scopes = {s: _num(em[s]) for s in SCOPES if em.get(s) is not None}
-        water = _num(carbon["water_l"]) if carbon.get("water_l") is not None else None
-    figures = Figures(1, duration, {**parts, "total": total}, scopes, water,
-                      generation or prompt + generation, gpu_count * duration / 3600.0,
-                      0 if carbon else 1)
-    day, start = _day(record)
+        em = carbon.get("emissions_g")
+        if isinstance(em, dict):
+            loc, mkt, emb = [_num(em[s]) if em.get(s) is not None else _NAN for s in SCOPES]
+        if carbon.get("water_l") is not None:
+            water = _num(carbon["water_l"])
+        intensity = _num(carbon.get("intensity_g_per_kwh"))
+        if carbon.get("pue") is not None:
+            pue = _num(carbon["pue"])
+        value = carbon.get("renewable_share")
+        if type(value) in _NUMBER:
+            share = float(value)
+        zone, source = _shared(carbon.get("zone")), _shared(carbon.get("intensity_source"))
+    day, start = _day(record, _day_of)
     labels = record.get("labels") or {}
-    return JobRow(
-        run_id=str(record["run_id"]), job=str(record.get("job") or "(unnamed)"),
-        host=str(record.get("hostname") or "(unknown)"), day=day, start=start,
-        status=str(record.get("status") or "unknown"),
-        checkpoint=bool(record.get("checkpoint")), labels={str(k): str(v) for k, v in labels.items()},
-        zone=carbon.get("zone") if carbon else None,
-        intensity_g_per_kwh=_num(carbon.get("intensity_g_per_kwh")) if carbon else None,
-        intensity_source=carbon.get("intensity_source") if carbon else None,
-        pue=_num(carbon.get("pue")) if carbon and carbon.get("pue") is not None else None,
-        tokens_prompt=prompt, tokens_generation=generation, gpu_count=gpu_count,
-        gpu_models=tuple(str(m) for m in record.get("gpu_models") or ()), figures=figures, record=record)
+    end_unix = record.get("end_unix")
+    has_end = type(end_unix) in _NUMBER
+    kwh = record.get("energy_kwh")
+    flags = (1 if record.get("checkpoint") else 0) | (2 if record.get("simulated") else 0) | (0 if carbon else 4)
+    floats = [duration, gpu_j, cpu_j, ram_j, total, loc, mkt, emb, water, gpu_count * duration / 3600.0,
+              intensity, pue, float(end_unix) if has_end else _NAN, float(kwh) if type(kwh) in _NUMBER else _NAN,
+              share]
+    ints = [generation or prompt + generation, prompt, generation, gpu_count, flags]
+    objs = [str(record["run_id"]), _shared(str(record.get("job") or "(unnamed)")),
+            _shared(str(record.get("hostname") or "(unknown)")), _shared(day), start,
+            _shared(str(record.get("status") or "unknown")),
+            _shared(tuple(sorted((str(k), str(v)) for k, v in labels.items()))), zone, source,
+            _shared(tuple(str(m) for m in record.get("gpu_models") or ())),
+            "" if has_end else str(record.get("end") or "")]       # end_unix suffices
+    return floats, ints, objs
 
 
-def combine(figures: Sequence[Figures]) -> Figures:
+def job_row(record: Mapping[str, Any], _shared: Callable[[Any], Any] = lambda v: v,
+            _day_of: Callable[[float], str] = _utc_day) -> JobRow:
+    from .rowstore import decode
+
+    return decode(*encode_record(record, _shared, _day_of))
+
+
+class _Sum:
+    """Running sums of :class:`Figures`, so groups of 200k runs never sit in lists."""
+
+    def __init__(self) -> None:
+        self.runs, self.duration_s, self.tokens, self.gpu_hours, self.no_carbon = 0, 0.0, 0, 0.0, 0
+        self.energy = [0.0, 0.0, 0.0, 0.0]
+        self.scopes: dict[str, float] = {}
+        self.water: float | None = None
+
+    def add(self, f: Figures) -> None:
+        self.runs += f.runs
+        self.duration_s += f.duration_s
+        self.tokens += f.tokens
+        self.gpu_hours += f.gpu_hours
+        self.no_carbon += f.runs_without_carbon
+        for i, j in enumerate(f.energy):
+            self.energy[i] += j
+        for scope, grams in f.emissions:
+            self.scopes[scope] = self.scopes.get(scope, 0.0) + grams
+        if f.water_l is not None:
+            self.water = (self.water or 0.0) + f.water_l
+
+    def figures(self) -> Figures:
+        return Figures(self.runs, self.duration_s, tuple(self.energy), tuple(self.scopes.items()),  # type: ignore
+                       self.water, self.tokens, self.gpu_hours, self.no_carbon)
+
+
+def combine(figures: Iterable[Figures]) -> Figures:
     """Sum figures; a scope's total covers the runs that report that scope."""
-    energy = {k: sum(f.energy_j.get(k, 0.0) for f in figures) for k in (*COMPONENTS, "total")}
-    scopes: dict[str, float] = {}
+    acc = _Sum()
     for f in figures:
-        for scope, grams in f.emissions_g.items():
-            scopes[scope] = scopes.get(scope, 0.0) + grams
-    waters = [f.water_l for f in figures if f.water_l is not None]
-    return Figures(sum(f.runs for f in figures), sum(f.duration_s for f in figures), energy, scopes,
-                   sum(waters) if waters else None, sum(f.tokens for f in figures),
-                   sum(f.gpu_hours for f in figures), sum(f.runs_without_carbon for f in figures))
+        acc.add(f)
+    return acc.figures()
 
 
 @dataclass(frozen=True)
@@ -172,7 +289,7 @@ class WhatIf:
 
 @dataclass(frozen=True)
 class Report:
-    rows: tuple[JobRow, ...]
+    rows: Sequence[JobRow]          # a sorted view over the stored rows (rowstore.SortedRows)
     group_by: str
     groups: tuple[tuple[str, Figures], ...]
     total: Figures
@@ -181,10 +298,13 @@ class Report:
     lines: int
     superseded: int
     paths: tuple[str, ...]
+    simulated_runs: int = 0         # runs on fake GPUs: every format says so
+    checkpoint_runs: int = 0        # runs with only checkpoint lines (live or killed)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, jobs: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "jobs": [r.as_dict() for r in self.rows],
+            "simulated_runs": self.simulated_runs,
+            **({"jobs": [r.as_dict() for r in self.rows]} if jobs else {}),
             "group_by": self.group_by,
             "groups": [{"key": k, **f.as_dict()} for k, f in self.groups],
             "total": self.total.as_dict(),
@@ -202,18 +322,31 @@ class Report:
 
 
 def compute_what_if(rows: Sequence[JobRow], zones: Sequence[ZoneInfo]) -> WhatIf:
-    per_run = {r.run_id: {z.key: what_if(r.record, z)["emissions_g"]["location"] for z in zones} for r in rows}
+    per_run = {r.run_id: {z.key: what_if(r.as_record(), z)["emissions_g"]["location"] for z in zones} for r in rows}
     totals = {z.key: sum(v[z.key] for v in per_run.values()) for z in zones}
     return WhatIf(tuple(zones), per_run, totals)
 
 
 def build_report(records: RecordSet, group_by: str = "job",
                  what_if_zones: Sequence[ZoneInfo] = ()) -> Report:
-    rows = sorted((job_row(r) for r in records.records), key=lambda r: (r.start, r.run_id))
-    keys: dict[str, list[Figures]] = {}
-    for row in rows:
-        keys.setdefault(row.group_key(group_by), []).append(row.figures)
-    groups = tuple((k, combine(v)) for k, v in sorted(keys.items()))
-    return Report(tuple(rows), group_by, groups, combine([r.figures for r in rows]),
+    """Rows sorted by start, totals by ``group_by``. ``records.records`` holds run records, or,
+    when streamed with ``load_records(make=RowMaker(), into=RowStore())``, ready rows."""
+    from .rowstore import RowStore, SortedRows
+
+    store = records.records
+    if not isinstance(store, RowStore):
+        store = RowStore()
+        for r in records.records:
+            store.append(r if isinstance(r, JobRow) else encode_record(r))
+    order = store.order()
+    rows = SortedRows(store, order)
+    keys = store.group_keys(group_by)
+    members: dict[str, list[int]] = {}
+    for i in order:
+        members.setdefault(keys[i], []).append(i)
+    groups = tuple((k, store.figures(members[k])) for k in sorted(members))
+    simulated, checkpoints = store.count("simulated"), store.count("checkpoint")
+    return Report(rows, group_by, groups, store.figures(order),
                   compute_what_if(rows, what_if_zones) if what_if_zones else None,
-                  tuple(records.skipped), records.lines, records.superseded, tuple(records.paths))
+                  tuple(records.skipped), records.lines, records.superseded, tuple(records.paths),
+                  simulated, checkpoints)

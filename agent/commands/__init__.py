@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-NAMES = ["run", "serve", "report", "estimate", "doctor"]
+NAMES = ["run", "serve", "report", "estimate", "doctor", "config"]
 
 
 def load(name: str) -> ModuleType:

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import dataclass
 from typing import Any
 
-from ..config import Settings, load_file_config, positive_float, positive_int
+from ..config import FLAG, KEYS, boolean, MAX_FAKE_GPUS, MIN_INTERVAL_S, Settings, load_file_config, source_rank
 from ..discovery import Discovered, SensorPlan, discover
 from ..errors import UsageError
 
@@ -13,11 +14,12 @@ from ..errors import UsageError
 def add_sensor_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sensors")
     g.add_argument("--interval", type=str, default=None, metavar="S",
-                   help="GPU sampling period in seconds (default 0.1; env WATTMETER_INTERVAL)")
+                   help=f"GPU sampling period in seconds, at least {MIN_INTERVAL_S:g} (default 0.1; env WATTMETER_INTERVAL)")
     g.add_argument("--fake-nvml", default=None, metavar="SCENARIO",
                    help="simulate GPUs from a scenario file (env WATTMETER_FAKE_NVML); output is labelled simulated")
-    g.add_argument("--fake-gpus", default=None, metavar="N", help="simulate N H100 GPUs (shortcut for --fake-nvml)")
-    g.add_argument("--no-gpu", action="store_true", default=None, help="do not meter GPUs")
+    g.add_argument("--fake-gpus", default=None, metavar="N", help=f"simulate N H100 GPUs, 1..{MAX_FAKE_GPUS} (shortcut for --fake-nvml)")
+    g.add_argument("--no-gpu", action="store_true", default=None,
+                   help="do not meter GPUs (beats a fake-GPU request from the environment)")
     g.add_argument("--gpus", default=None, metavar="LIST",
                    help="GPUs to meter: indices, UUIDs or MIG ids, comma-separated (default: CUDA_VISIBLE_DEVICES)")
     g.add_argument("--cpu", choices=["auto", "rapl", "model", "none"], default=None,
@@ -31,30 +33,112 @@ def settings_from_cwd() -> Settings:
     return Settings(file_config=cfg, file_name=name)
 
 
+@dataclass(frozen=True)
+class SensorSettings:
+    """The ``sensors`` group, resolved by precedence and validated once."""
+
+    interval_s: float = 0.1
+    fake_nvml: str | None = None
+    fake_gpus: int | None = None
+    no_gpu: bool = False
+    gpus: str | None = None           # --gpus / WATTMETER_GPUS (None: CUDA_VISIBLE_DEVICES)
+    cpu: str = "auto"
+    cpu_tdp_w: float | None = None
+    powercap_root: str = "/sys/class/powercap"
+
+    @classmethod
+    def resolve(cls, args: argparse.Namespace, settings: Settings) -> "SensorSettings":
+        g = lambda name, flag: settings.get(name, flag, KEYS[name].default, KEYS[name].parse)  # noqa: E731
+        fake = g("fake_nvml", args.fake_nvml)
+        n_fake = g("fake_gpus", args.fake_gpus)
+        if fake and n_fake:
+            if settings.source("fake_nvml", args.fake_nvml) == settings.source("fake_gpus", args.fake_gpus):
+                raise UsageError(f"--fake-nvml {fake} and --fake-gpus {n_fake} both given; choose one")
+            # the stronger source wins (a --fake-gpus flag beats WATTMETER_FAKE_NVML)
+            if source_rank(settings.source("fake_nvml", args.fake_nvml)) > \
+                    source_rank(settings.source("fake_gpus", args.fake_gpus)):
+                n_fake = None
+            else:
+                fake = None
+        no_gpu = g("no_gpu", args.no_gpu)
+        if no_gpu and (fake or n_fake):
+            fake_name, fake_flag = ("fake_nvml", args.fake_nvml) if fake else ("fake_gpus", args.fake_gpus)
+            no_src, fake_src = settings.source("no_gpu", args.no_gpu), settings.source(fake_name, fake_flag)
+            if no_src == fake_src == FLAG:
+                raise UsageError(f"--no-gpu and {KEYS[fake_name].option} both given; choose one")
+            if source_rank(no_src) >= source_rank(fake_src):
+                fake, n_fake = None, None      # --no-gpu beats a fake-GPU request from the environment
+            else:
+                no_gpu = False
+        root = args.powercap_root or os.environ.get("WATTMETER_POWERCAP_ROOT") or KEYS["powercap_root"].default
+        return cls(interval_s=g("interval", args.interval), fake_nvml=fake, fake_gpus=n_fake, no_gpu=no_gpu,
+                   gpus=g("gpus", args.gpus), cpu=g("cpu", args.cpu), cpu_tdp_w=g("cpu_tdp", args.cpu_tdp),
+                   powercap_root=root)
+
+
+@dataclass
+class CliSensorPlan(SensorPlan):
+    explicit_gpus: str | None = None     # --gpus / WATTMETER_GPUS as given, checked after discovery
+
+
 def sensor_plan(args: argparse.Namespace, settings: Settings, *, pid: int | None,
-                local_rank_gpu: bool = False) -> SensorPlan:
-    interval = settings.get("interval", args.interval, 0.1, positive_float)
-    fake = settings.get("fake_nvml", args.fake_nvml, None, str)
-    fake_gpus = settings.get("fake_gpus", args.fake_gpus, None, positive_int)
-    if fake and fake_gpus:
-        raise UsageError("--fake-nvml and --fake-gpus both given; choose one")
-    no_gpu = settings.get("no_gpu", args.no_gpu, False, _bool)
-    gpus = settings.get("gpus", args.gpus, None, str)
+                local_rank_gpu: bool = False) -> CliSensorPlan:
+    s = SensorSettings.resolve(args, settings)
+    gpus = s.gpus
     if gpus is None and local_rank_gpu:
         gpus = _local_rank_gpu(os.environ)
-    return SensorPlan(
-        gpu="none" if no_gpu else "auto",
-        fake_scenario=fake, fake_gpus=fake_gpus, gpu_period_s=interval,
-        cpu=settings.get("cpu", args.cpu, "auto", _choice("cpu", ("auto", "rapl", "model", "none"))),
-        pid=pid,
-        cpu_tdp_w=settings.get("cpu_tdp", args.cpu_tdp, None, positive_float),
-        powercap_root=args.powercap_root or os.environ.get("WATTMETER_POWERCAP_ROOT", "/sys/class/powercap"),
+    return CliSensorPlan(
+        explicit_gpus=s.gpus, gpu="none" if s.no_gpu else "auto",
+        fake_scenario=s.fake_nvml, fake_gpus=s.fake_gpus, gpu_period_s=s.interval_s,
+        cpu=s.cpu, pid=pid, cpu_tdp_w=s.cpu_tdp_w, powercap_root=s.powercap_root,
         visible_devices=gpus,
     )
 
 
-def discover_or_fail(plan: SensorPlan) -> Discovered:
+def check_gpu_selection(plan: CliSensorPlan, found: Discovered) -> None:
+    """An explicit --gpus that matches fewer GPUs than it names is a usage error, not CPU-only."""
+    gpus_flag = plan.explicit_gpus
+    if gpus_flag is None or plan.gpu == "none":
+        return
+    wanted = [e.strip() for e in gpus_flag.split(",") if e.strip()]
+    got = sum(1 for s in found.sensors if s.name == "nvml" for _ in s.devices())
+    if got >= len(wanted):
+        return
+    # count what exists (only on this error path, so the normal start pays nothing)
+    probe = discover(SensorPlan(gpu=plan.gpu, fake_scenario=plan.fake_scenario, fake_gpus=plan.fake_gpus,
+                                cpu="none", ram="none", clock=plan.clock))
+    have = sum(1 for s in probe.sensors if s.name == "nvml" for _ in s.devices())
+    for s in probe.sensors:
+        s.close()
+    if have == 0:
+        raise UsageError(f"--gpus {gpus_flag}: this machine has no GPU NVML can see; drop --gpus "
+                         "(or see 'wattmeter doctor')")
+    raise UsageError(f"--gpus {gpus_flag}: this machine has {have} GPU(s), indices 0..{have - 1}; "
+                     f"e.g. --gpus {','.join(str(i) for i in range(min(have, len(wanted))))}")
+
+
+def check_output_paths(*flag_paths: tuple[str, str | None]) -> None:
+    """Each output path is writable, else a one-line error naming its own flag (--csv, not --records)."""
+    from ..exporters.records import check_writable
+
+    for flag, path in flag_paths:
+        if not path:
+            continue
+        try:
+            check_writable(path)
+        except OSError as exc:
+            raise UsageError(f"{flag} {path}: cannot write ({exc.strerror or exc}); "
+                             f"pass {flag} with a writable file") from None
+
+
+def discover_or_fail(plan: CliSensorPlan) -> Discovered:
     found = discover(plan)
+    try:
+        check_gpu_selection(plan, found)
+    except UsageError:
+        for sensor in found.sensors:
+            sensor.close()
+        raise
     if not found.sensors:
         raise UsageError("no sensor works on this machine (see 'wattmeter doctor'); nothing to meter")
     return found
@@ -75,20 +159,5 @@ def _local_rank_gpu(env: Any) -> str | None:
     return rank
 
 
-def _bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "on"):
-        return True
-    if s in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError("expected true or false")
-
-
-def _choice(name: str, options: tuple[str, ...]) -> Any:
-    def parse(v: Any) -> str:
-        if str(v) not in options:
-            raise ValueError(f"expected one of {', '.join(options)}")
-        return str(v)
-    return parse
+# serve.py's name for the shared parser
+_bool = boolean

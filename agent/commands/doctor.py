@@ -13,7 +13,11 @@ _ALL = ("nvml", "rapl", "cpu_model", "ram_model")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("doctor", help="check which sensors work here and how to fix the rest")
+    p = sub.add_parser("doctor", help="check which sensors work here and how to fix the rest",
+                       description="Probe every sensor wattmeter could use on this machine (NVML GPUs, RAPL, "
+                                   "the CPU and RAM models), read each once, and print which work, on which "
+                                   "devices, and for each that does not, why and how to fix it. Takes the same "
+                                   "sensor flags and settings as 'run'. Exits 0; --json for scripts.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_sensor_arguments(p)
     p.set_defaults(handler=doctor)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -24,6 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="average fraction of board power drawn, 0 < U <= 1 (default 1.0)")
     p.add_argument("--calibrate", nargs="+", metavar="RECORDS",
                    help="use the average power measured on this GPU family in these run records")
+    p.add_argument("--include-simulated", action="store_true",
+                   help="with --calibrate, also use runs on simulated (fake NVML) GPUs; they are ignored by default")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_carbon_arguments(p)
     add_estimate_arguments(p)     # decisions: --start-window, --price-per-kwh
@@ -48,10 +51,10 @@ def run_estimate(args: argparse.Namespace) -> int:
 
     if args.count < 1:
         raise UsageError(f"--count {args.count} must be at least 1")
-    if not args.hours > 0:
-        raise UsageError(f"--hours {args.hours:g} must be above 0")
+    if not (args.hours > 0 and math.isfinite(args.hours)):
+        raise UsageError(f"--hours {args.hours:g} must be a finite number above 0, e.g. --hours 100")
     utilisation = 1.0 if args.utilisation is None else args.utilisation
-    if not 0 < utilisation <= 1:
+    if not 0 < utilisation <= 1:   # NaN fails this too
         raise UsageError(f"--utilisation {utilisation:g} is outside (0, 1]; give a fraction such as 0.7")
     spec = lookup_gpu(args.gpu)
     config = CarbonConfig.from_args(args, os.environ, _file_config())
@@ -60,8 +63,12 @@ def run_estimate(args: argparse.Namespace) -> int:
         records = load_records(args.calibrate)
         if records.skipped:
             sys.stderr.write(f"wattmeter: warning: {records.skipped_summary()}\n")
-        calibration = calibrate(records, spec)
-        if calibration is None:
+        calibration = calibrate(records, spec, include_simulated=args.include_simulated)
+        if calibration is not None and calibration.ignored_simulated and not calibration.runs:
+            sys.stderr.write(f"wattmeter: note: {calibration.ignored_simulated} simulated run(s) in "
+                             f"{', '.join(args.calibrate)} ignored (fake GPUs are not measurements; "
+                             "--include-simulated uses them); using board power\n")
+        elif calibration is None:
             sys.stderr.write(f"wattmeter: note: no {spec.family} GPUs in {', '.join(args.calibrate)}; "
                              "using board power\n")
     est = estimate(spec, args.count, args.hours, utilisation, config, calibration)

@@ -24,6 +24,8 @@ from ..errors import UsageError
 from ..exporters.http import DEFAULT_HOST, DEFAULT_PORT, ListenAddress, MetricsServer, parse_listen
 from ..exporters.prometheus import ExportSources, Health, build_registry
 from ..exporters.webconfig import WebConfig, load_web_config
+from ..health import Freshness
+from ..podresources import with_pod_resources
 from ..meter import Meter
 from ..model import Scope
 from ..sensors.base import ProcessSensor
@@ -133,16 +135,6 @@ def _tokens(args: argparse.Namespace, settings: Settings) -> tuple[Any, Any] | N
     return TokenScraper(kind, url), url
 
 
-def _health(meter: Meter) -> Callable[[], tuple[bool, str]]:
-    def check() -> tuple[bool, str]:
-        status = meter.status
-        lines = [f"{name}: {'up' if st.up else 'down'}" + ("" if st.up else f" ({st.last_error})")
-                 for name, st in sorted(status.items())]
-        ok = meter.running and any(st.up for st in status.values())
-        return ok, ("ok" if ok else "unhealthy") + "\n" + "\n".join(lines)
-    return check
-
-
 @dataclass
 class ServeOptions:
     """Every setting of `serve`, parsed and checked before any thread or socket starts."""
@@ -187,16 +179,22 @@ def serve_command(args: argparse.Namespace) -> int:
 
 def _serve(meter: Meter, opts: ServeOptions) -> int:
     health: list = []
+    fresh = Freshness(meter, meter.clock.now)     # per-device wattmeter_up and /healthz staleness
     sources = ExportSources(meter, opts.hostname, carbon=opts.carbon, health=health,
-                            pid_labels=opts.attribution.pid_labels)
+                            pid_labels=opts.attribution.pid_labels, freshness=fresh.devices)
     psensors = [s for s in meter.sensors if isinstance(s, ProcessSensor)]
     if psensors:
         own_pod = parse_cgroup(_read(os.path.join(opts.proc_root, "self", "cgroup")))[2]
         resolver = CgroupResolver(opts.proc_root, PodDirectory(opts.pods_root, own_pod_uid=own_pod),
                                   sidecar=opts.sidecar)
         layouts = [getattr(s, "mig_layout") for s in psensors if callable(getattr(s, "mig_layout", None))]
-        attributor = Attributor(lambda now: [u for s in psensors for u in s.read_processes(now)],
-                                resolver.lookup, opts.attribution, layouts[0] if layouts else None)
+        # Whole GPUs and MIG instances -> pods through the kubelet pod-resources API (no hostPID needed).
+        lookup, read, warning = with_pod_resources(
+            resolver.lookup, lambda now: [u for s in psensors for u in s.read_processes(now)],
+            {k: s.device.labels.get("uuid", "") for k, s in meter.snapshot().items()}, os.environ)
+        if warning:
+            sys.stderr.write(f"wattmeter: warning: {warning}\n")
+        attributor = Attributor(read, lookup, opts.attribution, layouts[0] if layouts else None)
         sources.attribution = attributor
         _task(meter, health, "processes", opts.process_interval_s,
               lambda now: attributor.tick(now, meter.snapshot()))
@@ -213,7 +211,8 @@ def _serve(meter: Meter, opts: ServeOptions) -> int:
         _task(meter, health, "tokens", TOKENS_PERIOD_S, joiner.tick)
     registry, _ = build_registry(sources)
     address, web = opts.address, opts.web
-    server = MetricsServer(registry, address, web, health=_health(meter)).start()   # binds: fails fast
+    server = MetricsServer(registry, address, web, health=fresh.healthz).start()   # binds: fails fast
+    health.append(server.health)     # refused / cut-off connections, counted from 0
     stop = threading.Event()
     old = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
