@@ -248,22 +248,34 @@ class RecordValues:
     A later line of the same run replaces the earlier one, as in the report."""
 
     def __init__(self, inner: Any) -> None:
+        from .carbon.prices import price_zones
+
         self.inner = inner
         self.by_run: dict[str, dict[str, Any]] = {}
+        self.any_figure = False          # a run with value, tokens or a priced zone was seen
+        self._priced = set(price_zones())
 
     def __call__(self, record: Mapping[str, Any]) -> Any:
         value, run_id = record.get("value"), str(record.get("run_id"))
         if isinstance(value, Mapping) and value:
             self.by_run[run_id] = dict(value)
+            self.any_figure = True
         else:
             self.by_run.pop(run_id, None)
+        if not self.any_figure:
+            tokens, carbon = record.get("tokens"), record.get("carbon")
+            self.any_figure = (isinstance(tokens, Mapping) and any(tokens.values())) or \
+                (isinstance(carbon, Mapping) and carbon.get("zone") in self._priced)
         return self.inner(record)
 
     def record(self, row: Any) -> dict[str, Any]:
         """The fields of a report row's run that the decision figures read, as a record dict."""
-        out = row.as_record()
-        gen, total = row.tokens_generation, row.figures.tokens
-        out["tokens"] = {"generation": gen} if gen else ({"all": total} if total else {})
+        f = row.figures
+        gen, total = row.tokens_generation, f.tokens
+        out: dict[str, Any] = {"job": row.job, "end_unix": row.end_unix, "energy_j": {"total": f.energy[3]},
+                               "tokens": {"generation": gen} if gen else ({"all": total} if total else {})}
+        if not f.runs_without_carbon:
+            out["carbon"] = {"zone": row.zone, "pue": row.pue, "emissions_g": dict(f.emissions)}
         value = self.by_run.get(str(row.run_id))
         if value:
             out["value"] = value
@@ -310,8 +322,8 @@ def decision_chunks(chunks: Iterable[str], fmt: str, rows: Iterable[Any], values
                     price: Any = None) -> Iterator[str]:
     """The streamed records report with the decision figures added: a ``decisions`` key in json,
     a "value and cost" section after table and markdown; csv and codecarbon are unchanged."""
-    if fmt in ("csv", "codecarbon"):
-        yield from chunks
+    if fmt in ("csv", "codecarbon") or (fmt != "json" and price is None and not values.any_figure):
+        yield from chunks              # nothing to add: no second pass over 200k rows
         return
     d = records_decisions((values.record(row) for row in rows), price)
     if fmt == "json":
