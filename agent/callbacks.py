@@ -13,6 +13,9 @@ cumulative since training began (``energy_j``, ``energy_kwh``, ``avg_power_w``,
 ``interval_avg_power_w``, ``interval_tokens``, ``interval_joules_per_token``) and the last
 optimizer step (``step_energy_j``, ``step_tokens``, ``step_joules_per_token``). Running figures
 are read from the ledger without blocking; the final log carries the exact window result.
+Where the trainer knows ``max_steps``, logs also carry the projection to completion
+(``progress``, ``projected_energy_kwh`` and its ``_low``/``_high`` band, ``projected_remaining_s``);
+``value_from_logs(metric="unit")`` adds ``<unit>_per_kwh`` (see docs/decisions.md).
 
 Importing this module imports neither framework. ``WattmeterHFCallback`` and
 ``WattmeterLightningCallback`` are built on first access and subclass the framework's
@@ -30,6 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from .model import Component, Scope
+from .projection import StepProgress
+from .value import LoggedValue
 
 if TYPE_CHECKING:  # pragma: no cover
     from .ledger import DeviceSnapshot
@@ -104,6 +109,8 @@ class _Tracker:
         self._step = self._start
         self._last_step: dict[str, float] = {}
         self._logged_t: float | None = None
+        self.progress = StepProgress()     # decisions: projection to completion from max_steps
+        self.logged = LoggedValue()        # decisions: value from logged metrics
 
     @property
     def meter(self) -> "Meter":
@@ -130,6 +137,7 @@ class _Tracker:
         self._start = self._interval = self._step = self._now()
         self._last_step = {}
         self._logged_t = None
+        self.progress = StepProgress()     # a new window: the fit starts over from its energy
         self.notice = gpu_notice(m)
         if self.notice:
             log.warning(self.notice)
@@ -156,7 +164,14 @@ class _Tracker:
         cum = _span("", self._start, now)
         cum.pop("tokens")
         cum["energy_kwh"] = cum["energy_j"] / 3.6e6
+        cum.update(self.progress.figures())
+        cum.update(self.logged.figures(cum["energy_j"]))
         return cum
+
+    def step(self, step: Any, total: Any) -> None:
+        """Progress ``step`` of ``total`` (ignored when the total is unknown), for the projection."""
+        now = self._now()
+        self.progress.step(now.t, step, total, max(0.0, now.energy_j - self._start.energy_j))
 
     def log_figures(self) -> dict[str, float]:
         """Cumulative, interval-since-last-log and last-step figures; starts a new interval."""
@@ -177,6 +192,8 @@ class _Tracker:
         jpt = result.joules_per_token(TRAINING)
         if jpt is not None:
             out["joules_per_token"] = jpt
+        out.update(self.progress.figures())
+        out.update(self.logged.figures(result.total_energy_j))
         return out
 
     def end(self) -> "WindowResult | None":
@@ -239,6 +256,12 @@ class _HFHooks:
         self._in_eval = False
         self._done = False
 
+    def value_from_logs(self, **keys: str) -> Any:
+        """Count logged metrics as value, e.g. ``value_from_logs(eval_accuracy="accuracy")``: the
+        logs then carry ``accuracy_per_kwh`` (decisions; see docs/decisions.md)."""
+        self.tracker.logged.keys.update(keys)
+        return self
+
     @property
     def result(self) -> "WindowResult | None":
         return self.tracker.result
@@ -293,6 +316,7 @@ class _HFHooks:
             self.tracker.count(seen - self._seen)
             self._seen = seen
         self.tracker.step_done()
+        self.tracker.step(getattr(state, "global_step", 0), getattr(state, "max_steps", 0))   # decisions
         if self.log_every and getattr(state, "global_step", 0) % self.log_every == 0:
             control.should_log = True
 
@@ -317,6 +341,9 @@ class _HFHooks:
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if not (self._active and self.tracker.open) or logs is None:
             return
+        # Value metrics (an eval accuracy) are read from every log, eval logs included; the
+        # figures, value per kWh among them, go only into training logs.
+        self.tracker.logged.note(logs)
         if self._in_eval or any(str(k).startswith("eval_") for k in logs):
             return
         if self._done and "loss" not in logs:  # Trainer.train()'s summary log: the exact result
@@ -366,6 +393,12 @@ class _LightningHooks:
         self._step: int = 0
         self._logged_step: int | None = None
 
+    def value_from_logs(self, **keys: str) -> Any:
+        """Count logged metrics as value, e.g. ``value_from_logs(eval_accuracy="accuracy")``: the
+        logs then carry ``accuracy_per_kwh`` (decisions; see docs/decisions.md)."""
+        self.tracker.logged.keys.update(keys)
+        return self
+
     @property
     def result(self) -> "WindowResult | None":
         return self.tracker.result
@@ -395,6 +428,8 @@ class _LightningHooks:
             return            # gradient accumulation: no optimizer step in this batch yet
         self._step = step
         self.tracker.step_done()
+        self.tracker.step(step, getattr(trainer, "max_steps", -1))   # decisions: -1 (no limit) is ignored
+        self.tracker.logged.note(getattr(trainer, "callback_metrics", None) or {})   # decisions
         if step % self._every(trainer) or step == self._logged_step or not self.tracker.fresh:
             return
         log = getattr(pl_module, "log", None)
@@ -404,6 +439,7 @@ class _LightningHooks:
         self._logged_step = step
 
     def _finish(self, trainer: Any) -> None:
+        self.tracker.logged.note(getattr(trainer, "callback_metrics", None) or {})   # decisions: latest value
         final = self.tracker.final_figures()
         if not final:
             return

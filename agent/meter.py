@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence, TypeVar
 from .clock import Clock, SystemClock
 from .ledger import DeviceSnapshot, Ledger
 from .model import Component, WindowResult
+from .projection import Projection, StepProgress, energy_so_far_j
+from .value import ValueCounter
 from .sampler import Sampler, SensorStatus
 from .sensors.base import Sensor
 from .windows import Edge, Window, device_energies
@@ -62,6 +64,8 @@ class Meter:
         self._tokens_lock = threading.Lock()
         self._requests: "RequestAccountant | None" = None
         self._closed = False
+        self.values = ValueCounter()           # decisions: add_value()
+        self.job_progress = StepProgress()     # decisions: progress() -> projection to completion
         if discovered:
             _warn_if_no_gpu(self)
 
@@ -129,6 +133,14 @@ class Meter:
             raise ValueError(f"token count must be >= 0, got {n}")
         with self._tokens_lock:
             self._tokens[kind] += int(n)
+
+    def add_value(self, n: float, unit: str = "samples") -> None:
+        """Value delivered (samples, images, an eval score); see wattmeter.value and docs/decisions.md."""
+        self.values.add(n, unit)
+
+    def progress(self, fraction: float) -> "Projection | None":
+        """Job progress in [0, 1]; returns the projection to completion once there is one."""
+        return self.job_progress.fraction(self.clock.now(), fraction, energy_so_far_j(self.snapshot()))
 
     @property
     def tokens(self) -> dict[str, int]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from .ledger import Ledger, Mark
 from .model import DeviceEnergy, WindowResult
+from .value import WindowValue
 
 if TYPE_CHECKING:  # pragma: no cover
     from .meter import Meter
@@ -38,6 +39,7 @@ class Window:
         self._end: Edge | None = None
         self._result: WindowResult | None = None
         self._lock = threading.Lock()
+        self.values = WindowValue(meter.values)     # decisions: value delivered in this window
 
     # -- edges -----------------------------------------------------------------
     def begin(self, at: float | None = None) -> "Window":
@@ -46,6 +48,7 @@ class Window:
         the first readings."""
         if self._start is None:
             self._start = self.meter.edge(at)
+            self.values.begin()
         return self
 
     def end(self) -> "Window":
@@ -53,7 +56,12 @@ class Window:
             raise RuntimeError(f"window {self.name!r} ended before it began")
         if self._end is None:
             self._end = self.meter.edge()
+            self.values.end()
         return self
+
+    def add_value(self, n: float, unit: str = "samples") -> None:
+        """Value this window delivered (samples, images...); see wattmeter.value."""
+        self.values.add(n, unit)
 
     @property
     def start_t(self) -> float | None:

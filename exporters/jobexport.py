@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -55,6 +55,7 @@ def _port(value: Any) -> int:
 
 JOB_POWER_METRIC = "wattmeter_job_power_watts"
 JOB_EMISSIONS_METRIC = "wattmeter_job_emissions_grams_total"
+JOB_PROJECTED_METRIC = "wattmeter_job_projected_energy_joules"
 
 
 def job_power(snapshot: Mapping[str, DeviceSnapshot]) -> dict[str, float]:
@@ -74,10 +75,14 @@ class JobCollector(Collector):
     """The series of one run, all named ``wattmeter_job_*`` and labelled with the job.
 
     ``final`` set (the job has ended): the energy totals of the record, and nothing else.
+    ``projection`` (decisions): a callable giving the job's ``Projection`` or None; while the job
+    runs it is exported as ``wattmeter_job_projected_energy_joules{job,hostname,bound}``.
     """
 
-    def __init__(self, job: str, hostname: str, meter: MeterLike, carbon: Any = None) -> None:
+    def __init__(self, job: str, hostname: str, meter: MeterLike, carbon: Any = None,
+                 projection: Callable[[], Any] | None = None) -> None:
         self.job, self.hostname, self.meter, self.carbon = job, hostname, meter, carbon
+        self.projection = projection
         self.final: list[JobEnergy] | None = None
 
     def describe(self) -> list[Metric]:
@@ -105,6 +110,18 @@ class JobCollector(Collector):
             for comp, watts in sorted(job_power(snap).items()):
                 power.add_metric([self.job, comp, self.hostname], watts)
             yield power
+            if self.projection is not None:     # a forecast of a running job; an ended job has its total
+                yield self._projected()
+
+    def _projected(self) -> Metric:
+        fam = GaugeMetricFamily(JOB_PROJECTED_METRIC,
+                                "Projected energy of the job at completion, with its band (J).",
+                                labels=("job", "hostname", "bound"))
+        p = self.projection() if self.projection is not None else None
+        if p is not None:
+            for bound, value in (("central", p.total_j), ("low", p.total_low_j), ("high", p.total_high_j)):
+                fam.add_metric([self.job, self.hostname, bound], value)
+        return fam
 
 
 @dataclass
@@ -141,7 +158,7 @@ class JobExporter:
 
 
 def start_job_exporter(args: argparse.Namespace, settings: Settings, meter: Any, ident: Any,
-                       carbon: Any) -> JobExporter | None:
+                       carbon: Any, projection: Any = None) -> JobExporter | None:
     """None when neither a port nor a gateway is asked for. Bad values are UsageErrors (exit 2)
     raised before the job starts; a gateway that is down later is only counted."""
     port = settings.get("metrics_port", getattr(args, "metrics_port", None), None, _port)
@@ -158,7 +175,8 @@ def start_job_exporter(args: argparse.Namespace, settings: Settings, meter: Any,
         if port is not None else None
     web = load_web_config(web_path) if web_path else None
 
-    out = JobExporter(job=ident.job, collector=JobCollector(ident.job, ident.hostname, meter, carbon))
+    out = JobExporter(job=ident.job, collector=JobCollector(ident.job, ident.hostname, meter, carbon,
+                                                            projection=projection))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(out.collector)
     if address is not None:

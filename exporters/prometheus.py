@@ -196,17 +196,21 @@ class WattmeterCollector(Collector):
                                   labels=("model",))
         age = GaugeMetricFamily("wattmeter_energy_per_token_age_seconds",
                                 "How long ago the J/token window ended (its last token scrape) (s).", labels=("model",))
+        per_kwh = GaugeMetricFamily("wattmeter_tokens_per_kwh",   # decisions: value per kWh
+                                    "Generated tokens per kWh of GPU energy over the recent window.", labels=("model",))
         tokens = self.sources.tokens
         for st in tokens.snapshot():
             total.add_metric([st.model, "prompt"], st.prompt_tokens_total)
             total.add_metric([st.model, "generation"], st.generation_tokens_total)
             if st.energy_per_token_j is not None:
                 per.add_metric([st.model], st.energy_per_token_j)
+                if st.energy_per_token_j > 0:
+                    per_kwh.add_metric([st.model], 3.6e6 / st.energy_per_token_j)
             if st.energy_above_idle_per_token_j is not None:
                 above.add_metric([st.model], st.energy_above_idle_per_token_j)
             if st.age_s is not None:
                 age.add_metric([st.model], st.age_s)
-        yield from (total, per, above, age)
+        yield from (total, per, above, age, per_kwh)
         view = tokens.request_view()
         if view is None:
             return

@@ -132,7 +132,8 @@ def test_llama_server_tokens_j_per_token_and_restart(tmp_path: Path) -> None:
         wait_until(prom.targets_up, 60, "Prometheus to scrape serve and llama-server")
         def tokens_up() -> bool:
             up = counters(http_get(f"{serve.url}/metrics")[1].decode(), "wattmeter_up")
-            return up.get("wattmeter_up{sensor=tokens}") == 1.0
+            # the sensor-level series (device="", since per-device freshness came in with issue 9)
+            return up.get("wattmeter_up{device=,sensor=tokens}") == 1.0
 
         wait_until(tokens_up, 60, "serve to read llama-server's counters")
 

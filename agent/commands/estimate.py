@@ -12,6 +12,7 @@ from ..errors import UsageError
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     from ..carbon.config import add_carbon_arguments
+    from ..decisions import add_estimate_arguments
 
     p = subparsers.add_parser(
         "estimate", help="estimate a job's kWh and CO2e before it runs",
@@ -28,6 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="with --calibrate, also use runs on simulated (fake NVML) GPUs; they are ignored by default")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     add_carbon_arguments(p)
+    add_estimate_arguments(p)     # decisions: --start-window, --price-per-kwh
     p.set_defaults(handler=run_estimate)
 
 
@@ -45,6 +47,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     from ..carbon.config import CarbonConfig
     from ..carbon.estimate import calibrate, estimate, lookup_gpu, render_text
     from ..carbon.records import load_records
+    from ..decisions import estimate_extras
 
     if args.count < 1:
         raise UsageError(f"--count {args.count} must be at least 1")
@@ -69,8 +72,9 @@ def run_estimate(args: argparse.Namespace) -> int:
             sys.stderr.write(f"wattmeter: note: no {spec.family} GPUs in {', '.join(args.calibrate)}; "
                              "using board power\n")
     est = estimate(spec, args.count, args.hours, utilisation, config, calibration)
+    extra, extra_text = estimate_extras(args, config, est)     # decisions: cost and best start
     if args.json:
-        sys.stdout.write(json.dumps(est.as_dict(), indent=2) + "\n")
+        sys.stdout.write(json.dumps({**est.as_dict(), **extra}, indent=2) + "\n")
     else:
-        sys.stdout.write(render_text(est, utilisation_given=args.utilisation is not None))
+        sys.stdout.write(render_text(est, utilisation_given=args.utilisation is not None) + extra_text)
     return 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Iterable
 
+from ..decisions import RecordValues, add_report_arguments, decision_chunks, fleet_report_text
 from ..errors import UsageError
 
 
@@ -13,7 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "report", help="summarise run records: energy, kWh, g CO2e, tokens, per-job and grouped",
         description="Per-job energy, carbon and token figures from JSONL run records "
                     "(last line per run wins; malformed lines are skipped and named on stderr).")
-    p.add_argument("records", nargs="+", metavar="RECORDS", help="JSONL files written by 'wattmeter run'")
+    p.add_argument("records", nargs="*", metavar="RECORDS",
+                   help="JSONL files written by 'wattmeter run' (or --prometheus URL for the fleet)")
     p.add_argument("--format", "-f", default="table", choices=("table", "csv", "json", "markdown", "codecarbon"),
                    help="output format (codecarbon: rows in CodeCarbon's emissions.csv schema)")
     p.add_argument("--group-by", default="job", metavar="KEY",
@@ -23,6 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="OUT.png", default=None,
                    help="draw power over time per GPU and energy per job (needs wattmeter[plot])")
     p.add_argument("--output", "-o", metavar="PATH", default=None, help="write here instead of stdout")
+    add_report_arguments(p)       # decisions: --prometheus, --since, --price-per-kwh, waste list
     p.set_defaults(handler=run_report)
 
 
@@ -41,6 +45,7 @@ def run_report(args: argparse.Namespace) -> int:
     from ..carbon.records import load_records
     from ..carbon.report import BUILTIN_GROUPS, RowMaker, build_report
     from ..carbon.rowstore import RowStore
+    from ..carbon.prices import parse_price
     from ..carbon.report_render import render_chunks
 
     group_by = args.group_by.strip()
@@ -49,16 +54,32 @@ def run_report(args: argparse.Namespace) -> int:
     zones = _what_if_zones(args.what_if)            # bad zones fail before any file is read
     if args.output and not Path(args.output).parent.exists():
         raise UsageError(f"--output {args.output}: folder '{Path(args.output).parent}' does not exist")
+    if args.prometheus or not args.records:          # decisions: the fleet from Prometheus
+        return _emit(args, [fleet_report_text(args, group_by, zones)])
+    price = parse_price(args.price_per_kwh) if args.price_per_kwh else None   # bad price: exit 2 before reading
     if args.plot:
         from ..carbon.plot import check_plot_target
 
         check_plot_target(args.plot)
-    records = load_records(args.records, make=RowMaker(), into=RowStore())   # streamed: one small row per run is kept
+    # streamed: one small row per run is kept, plus the value field of the runs that have one
+    values = RecordValues(RowMaker())
+    records = load_records(args.records, make=values, into=RowStore())
     if records.skipped:
         sys.stderr.write(f"wattmeter: warning: {records.skipped_summary()}\n")
     report = build_report(records, group_by, zones)
     _check_group_by(group_by, report.rows, BUILTIN_GROUPS)
-    chunks = render_chunks(report, args.format)
+    chunks = decision_chunks(render_chunks(report, args.format), args.format, report.rows, values, price)
+    _emit(args, chunks)
+    if args.plot:
+        from ..carbon.plot import plot_report
+
+        timelines = load_records(args.records)   # plots need the timelines the report dropped
+        path = plot_report(report, args.plot, {r["run_id"]: r for r in timelines.records})
+        sys.stderr.write(f"wattmeter: plot written to {path}\n")
+    return 0
+
+
+def _emit(args: argparse.Namespace, chunks: Iterable[str]) -> int:
     if args.output:
         try:
             with open(args.output, "w", encoding="utf-8") as out:
@@ -67,12 +88,6 @@ def run_report(args: argparse.Namespace) -> int:
             raise UsageError(f"--output {args.output}: cannot write ({exc.strerror or exc})") from None
     else:
         sys.stdout.writelines(chunks)
-    if args.plot:
-        from ..carbon.plot import plot_report
-
-        timelines = load_records(args.records)   # plots need the timelines the report dropped
-        path = plot_report(report, args.plot, {r["run_id"]: r for r in timelines.records})
-        sys.stderr.write(f"wattmeter: plot written to {path}\n")
     return 0
 
 

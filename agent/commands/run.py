@@ -7,6 +7,7 @@ import socket
 import time
 import uuid
 
+from ..decisions import DecisionWriter, add_run_arguments, before_run, run_summary, run_values
 from ..config import Settings, labels as parse_labels, positive_float
 from ..errors import UsageError
 from ..exporters.records import RecordSink, append_line, check_writable, json_line, record_of
@@ -41,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     _add_export_arguments(p)
     add_sensor_arguments(p)
     _add_carbon_arguments(p)
+    add_run_arguments(p)          # decisions: --value, --value-file, --progress-file, --wait-for-clean
     p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- then the command to run")
     p.set_defaults(handler=run_command)
 
@@ -101,8 +103,11 @@ def run_command(args: argparse.Namespace) -> int:
     grace_s = settings.get("kill_grace", args.kill_grace, 10.0, positive_float)
     json_to = args.json
     check_output_paths(("--records", records), ("--csv", csv_path))   # names the flag whose path is bad
+    # decisions: --value is checked here (exit 2 before the job); value and projection fields are
+    # added to every record through the sink's enrich hook, which can never cost the record.
+    decisions = DecisionWriter(run_values(args), args.value_file, args.progress_file)
     try:
-        sink = RecordSink(records, csv_path)
+        sink = RecordSink(records, csv_path, enrich=decisions.extra_fields)
     except OSError as exc:
         raise UsageError(f"records path {records if not csv_path else records + ' / ' + csv_path}: cannot write "
                          f"({exc}); pass --records with a writable file") from None
@@ -112,6 +117,9 @@ def run_command(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"--json {json_to}: cannot write ({exc}); pass a writable file, or '-' for stdout") \
                 from None
+    # decisions: --wait-for-clean holds the job here, before SIGINT is held, so Ctrl-C still ends
+    # the wait at once (exit 130) instead of being kept for hours.
+    before_run(args, settings.file)
     # From here on SIGINT is held for the job runner, in every thread started below (discovery,
     # exporters, sampler), so it can tell a terminal's Ctrl-C from a kill(1).
     hold_signals()
@@ -128,7 +136,7 @@ def run_command(args: argparse.Namespace) -> int:
     # With --json -, stdout carries only the record: the child's stdout goes to stderr.
     runner = JobRunner(meter, ident, sink, checkpoint_s=checkpoint_s, kill_grace_s=grace_s, carbon=carbon,
                        child_stdout=2 if json_to == "-" else None, start_t=called_t)
-    exporter = _job_exporter(args, settings, meter, ident, carbon)
+    exporter = _job_exporter(args, settings, meter, ident, carbon, decisions.projection)
     if exporter is not None:
         runner.on_result.append(exporter.finish)   # the last push equals the record
         runner.on_tick.append(exporter.tick)
@@ -155,8 +163,11 @@ def run_command(args: argparse.Namespace) -> int:
         _say(2, f"wattmeter: warning: extra record fields failed ({sink.enrich_error}); the record was kept\n")
     if outcome.sink.warning:
         _say(2, f"wattmeter: warning: {outcome.sink.warning}\n")
+    # The final record as the sink wrote it (with the decision fields), else rebuilt from the result.
+    final = sink.last_record if sink.last_record is not None and not sink.last_record.get("checkpoint") \
+        else record_of(outcome.result, outcome.facts)
     if json_to is not None:
-        line = json_line(record_of(outcome.result, outcome.facts))
+        line = json_line(final)
         if json_to == "-":
             if not _say(1, line):
                 _say(2, "wattmeter: warning: --json: stdout is closed; the record is in the records file\n")
@@ -167,15 +178,15 @@ def run_command(args: argparse.Namespace) -> int:
                 _say(2, f"wattmeter: warning: --json {json_to}: {exc.strerror or exc}; "
                         f"the record is in the records file\n")
     if not args.quiet:
-        _say(2, render(outcome.result, outcome.facts) + "\n")
+        _say(2, render(outcome.result, outcome.facts) + "\n" + run_summary(final))
         if not outcome.sink.pending:
             _say(2, f"wattmeter: record appended to {records}\n")
     return outcome.exit_code
 
 
-def _job_exporter(args, settings, meter, ident, carbon):
+def _job_exporter(args, settings, meter, ident, carbon, projection=None):
     try:
         from ..exporters.jobexport import start_job_exporter
     except ImportError:
         return None
-    return start_job_exporter(args, settings, meter, ident, carbon)
+    return start_job_exporter(args, settings, meter, ident, carbon, projection)
