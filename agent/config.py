@@ -29,7 +29,7 @@ T = TypeVar("T")
 
 # The fastest cadence a sensor honours: NVML's fastest power field refreshes every ~10-20 ms and
 # a read costs ~0.1-3.5 ms of CPU, so below 5 ms the sampler only burns a core (issue 8).
-from .sampler import MIN_INTERVAL_S  # noqa: E402 - the one floor, owned by the sampler
+MIN_INTERVAL_S = 0.01   # == sampler.MIN_INTERVAL_S (tests/test_settings.py checks); importing the sampler here would load the ledger
 MAX_FAKE_GPUS = 64          # the fake NVML's documented maximum (docs/fake-nvml.md)
 
 # Where a value came from, strongest first.
@@ -195,11 +195,12 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("sidecar", "serve", boolean, False),
     Key("server", "serve", text),
     Key("server_url", "serve", text),
+    # serve's token options: declared here, parsed (with their own messages) in serve_tokens.py
     Key("model", "serve", text),
-    Key("jpt_window", "serve", positive_float, 60.0),
-    Key("idle_power", "serve", finite_float),
-    Key("gpu_model_map", "serve", text),
-    Key("drop_model_after", "serve", positive_float, 900.0),
+    Key("jpt_window", "serve", text),
+    Key("idle_power", "serve", text),
+    Key("gpu_model_map", "serve", lambda v: v),   # text or a TOML table
+    Key("drop_model_after", "serve", text),
     Key("proxy_to", "serve", text),
     Key("proxy_listen", "serve", text),
     Key("requests_log", "serve", text),

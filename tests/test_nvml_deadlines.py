@@ -245,7 +245,8 @@ def test_run_starts_the_child_before_a_late_driver_is_ready_and_meters_its_gpus_
     assert p.returncode == 0, p.stderr
     assert float(started.read_text()) - launched < 3.0       # before NVML answers (3 s into the scenario)
     assert "GPU metering pending: NVML is not ready after 1 s (NVML could not start (Driver Not Loaded))" in p.stderr
-    [r] = [json.loads(line) for line in rec.read_text().splitlines()]
+    r = [json.loads(line) for line in rec.read_text().splitlines()][-1]   # the final record, after checkpoints
+    assert r["status"] == "completed"
     assert r["gpu_count"] == 2
     # GPU 1 draws a constant 420 W; it is metered only from when NVML answered (3-4 s in), and
     # the job ends before its counter call hangs (6 s).

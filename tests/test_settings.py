@@ -118,9 +118,9 @@ def test_fake_gpus_flag_beats_a_scenario_from_the_environment(tmp_path):
     (["--fake-gpus", "65"],
      "wattmeter: error: --fake-gpus '65': is above the fake NVML's maximum of 64 GPUs; give 1..64"),
     (["--interval", "1e-7"],
-     "wattmeter: error: --interval '1e-7': is below 0.005 s, the fastest cadence a sensor supports; "
-     "give at least 0.005 (default 0.1)"),
-    (["--interval", "0"], "wattmeter: error: --interval '0': is below 0.005 s"),
+     "wattmeter: error: --interval '1e-7': is below 0.01 s, the fastest cadence a sensor supports; "
+     "give at least 0.01 (default 0.1)"),
+    (["--interval", "0"], "wattmeter: error: --interval '0': is below 0.01 s"),
     (["--interval", "inf"], "wattmeter: error: --interval 'inf': is not finite; expected seconds"),
 ])
 def test_impossible_sensor_requests(tmp_path, args, message):
@@ -151,3 +151,11 @@ def test_a_bad_csv_path_names_csv_not_records(tmp_path):
     assert one_error(proc) == (f"wattmeter: error: --csv {tmp_path / 'no' / 'x.csv'}: cannot write (directory "
                                f"{tmp_path / 'no'} does not exist); pass --csv with a writable file")
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_interval_floor_is_the_samplers() -> None:
+    """The settings' --interval floor is the one the sampler enforces (kept apart so that
+    config does not import the ledger)."""
+    from wattmeter import config, sampler
+
+    assert config.MIN_INTERVAL_S == sampler.MIN_INTERVAL_S
