@@ -1,8 +1,6 @@
 """`serve` exports value per kWh for token series (wattmeter_tokens_per_kwh)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,19 +11,17 @@ from wattmeter.clock import VirtualClock
 from wattmeter.exporters.jobexport import JobCollector
 from wattmeter.exporters.prometheus import ExportSources, build_registry
 from wattmeter.meter import Meter
-
-
-@dataclass
-class Stat:
-    model: str
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    energy_per_token_j: float | None
+from wattmeter.tokens.join import TokenStat
 
 
 class Tokens:
-    def snapshot(self) -> list[Stat]:
-        return [Stat("llama", 1000, 4000, 0.36), Stat("cold", 0, 0, None)]
+    """A token source as serve's joiner presents it (real TokenStat rows, no per-request view)."""
+
+    def snapshot(self) -> list[TokenStat]:
+        return [TokenStat("llama", 1000, 4000, 0.36, 0.1), TokenStat("cold", 0, 0, None, None)]
+
+    def request_view(self) -> None:
+        return None
 
 
 def test_tokens_per_kwh_is_exported_beside_joules_per_token() -> None:
