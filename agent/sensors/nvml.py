@@ -103,7 +103,9 @@ class NvmlSensor:
         self._calibration = Calibration()
         self._first_read: float | None = None
         self._edges_pending = False
-        self._last_average: tuple[float, int] | None = None
+        # Where every NVML call has a deadline (sensors/guard.py), each GPU's calls for one read
+        # go to its lane as one batch: one hand-off per GPU instead of one per call.
+        self._lanes = vars(self.nvml).get("WATTMETER_DEADLINES") if isinstance(self.nvml, ModuleType) else None
         self._mig_cache: tuple[float, dict[str, dict[str, float]]] | None = None
 
     @staticmethod
@@ -159,31 +161,32 @@ class NvmlSensor:
         except self.nvml.NVMLError:
             return False
 
-    def _instant_sample(self, handle: Any, now: float | None, strict: bool = False,
-                        average: bool = False) -> tuple[float, float | None, int] | None:
+    def _instant_sample(self, handle: Any, now: float | None, strict: bool = False, average: bool = False
+                        ) -> tuple[tuple[float, float | None, int] | None, tuple[float, int] | None]:
         """(watts, clock time the value was sampled) from field 186. NVML stamps each field value
         with the wall time it was taken; a value that is 20 ms old belongs 20 ms back.
         ``strict`` lets NVML errors through (a lost GPU must show as an error, not silence).
         The third item is NVML's raw timestamp (µs), which identifies the value. With
-        ``average``, field 185 comes in the same call: ``self._last_average`` holds it."""
-        self._last_average = None
+        ``average``, field 185 comes in the same call, returned second as (watts, raw timestamp).
+        (Returned, not kept on the sensor: GPUs may be read side by side on their lanes.)"""
+        mean = None
         fields = [FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE] if average else [FIELD_POWER_INSTANT]
         try:
             values = self.nvml.nvmlDeviceGetFieldValues(handle, fields)
         except self.nvml.NVMLError:
             if strict:
                 raise
-            return None
+            return None, None
         if average and len(values) > 1 and values[1].nvmlReturn == 0:
-            self._last_average = (values[1].value.uiVal / 1000.0, int(values[1].timestamp or 0))
+            mean = (values[1].value.uiVal / 1000.0, int(values[1].timestamp or 0))
         entry = values[0]
         if entry.nvmlReturn != 0:   # the call succeeds while a field fails: check each entry
-            return None
+            return None, mean
         t = None
         if now is not None and entry.timestamp:
             age = self.wall(now) - entry.timestamp / 1e6
             t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
-        return entry.value.uiVal / 1000.0, t, int(entry.timestamp or 0)
+        return (entry.value.uiVal / 1000.0, t, int(entry.timestamp or 0)), mean
 
     def wants_fast(self, now: float) -> bool:
         """Calibration bursts while some counter's refresh phase is not locked
@@ -256,11 +259,11 @@ class NvmlSensor:
             return False
         g.last_shape_t = now
         if g.instant_ok:
-            sample = self._instant_sample(g.handle, now, strict=True, average=g.average_ok)
-            if self._last_average is not None:
+            sample, mean = self._instant_sample(g.handle, now, strict=True, average=g.average_ok)
+            if mean is not None:
                 # Field 185, the 1 s trailing mean, read in the same call: between counter
                 # reads it carries E(t) over seconds better than sparse instant samples.
-                w, ts = self._last_average
+                w, ts = mean
                 t_mean = g.mean_stream.date(w, ts, now, self.wall)
                 if t_mean is not None:
                     batch.readings.append(Reading(g.device.key, t_mean, mean_w=w, mean_window_s=MEAN_WINDOW_S))
@@ -281,17 +284,44 @@ class NvmlSensor:
             self._edges_pending = True
         batch = Batch()
         n = self.nvml
-        for g in self._gpus:
-            key = g.device.key
-            try:
-                if g.counter is not None:
-                    self._read_counter(g, now, batch)
-                elif g.power is not None and not g.power.read(now, batch.readings):
-                    batch.errors.append(SensorError(self.name, "not_supported", key, "instant power field failed"))
-            except n.NVMLError as exc:
-                batch.errors.append(SensorError(self.name, _error_kind(n, exc), key, _decode(str(exc))))
+        lanes = self._lanes
+        if lanes is None:
+            for g in self._gpus:
+                try:
+                    self._read_gpu(g, now, batch)
+                except n.NVMLError as exc:
+                    batch.errors.append(SensorError(self.name, _error_kind(n, exc), g.device.key, _decode(str(exc))))
+        else:
+            # Each GPU's read is one job on its own lane, all started before any is waited on:
+            # a hung GPU costs its own deadline and never delays the others' values.
+            jobs: list[tuple[_Gpu, Batch, Any]] = []
+            for g in self._gpus:
+                part = Batch()
+                try:
+                    jobs.append((g, part, lanes.submit(g.handle, lambda g=g, part=part: self._read_gpu(g, now, part))))
+                except n.NVMLError as exc:   # its lane is still hung: refused at once
+                    jobs.append((g, part, exc))
+            for g, part, job in jobs:
+                try:
+                    if isinstance(job, BaseException):
+                        raise job
+                    lanes.wait(job)
+                except n.NVMLError as exc:
+                    if _error_kind(n, exc) == "timeout" and g.counter is not None:
+                        g.counter.failed()     # as a counter call that timed out: bridge its gap
+                    batch.errors.append(SensorError(self.name, _error_kind(n, exc), g.device.key, _decode(str(exc))))
+                    continue
+                batch.readings.extend(part.readings)
+                batch.errors.extend(part.errors)
         self._edges_pending = False
         return batch
+
+    def _read_gpu(self, g: _Gpu, now: float, batch: Batch) -> None:
+        """One GPU's read (raises NVMLError; the caller reports it)."""
+        if g.counter is not None:
+            self._read_counter(g, now, batch)
+        elif g.power is not None and not g.power.read(now, batch.readings):
+            batch.errors.append(SensorError(self.name, "not_supported", g.device.key, "instant power field failed"))
 
     def _read_counter(self, g: _Gpu, now: float, batch: Batch) -> None:
         timing = g.counter
