@@ -29,6 +29,7 @@ MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
 NO_INSTANCE = 0xFFFFFFFF      # gpuInstanceId of a process on a GPU not in MIG mode
 MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
 MIG_LAYOUT_TTL_S = 60.0
+FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 
 
@@ -57,6 +58,7 @@ class _Gpu:
     field_last_t: float | None = None   # its time on our clock...
     field_next: float | None = None     # ...and when the next one is expected
     field_steps: deque = field(default_factory=lambda: deque(maxlen=32))
+    field_stamped: bool = False         # the newest value's NVML stamp predates its read (a refresh time)
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
     power: PowerOnlyReader | None = None   # GPUs with no counter
@@ -257,6 +259,12 @@ class NvmlSensor:
         dense = g.counter is not None and g.counter.fault and g.instant_ok
         if not dense and not self._edges_pending and now - g.last_shape_t < 0.8 * self.period_s:
             return False
+        if g.instant_ok and g.field_stamped and g.field_next is not None and now < g.field_next:
+            # Fast reads (every 1-5 ms near edges and while calibrating) come faster than field
+            # 186 refreshes: where its stamps are refresh times, they say when the next value
+            # lands, and a read before then returns the same one (~2/3 of a calibration
+            # burst's CPU). Read-stamped values are read every time: the read dates them.
+            return True
         g.last_shape_t = now
         if g.instant_ok:
             sample, mean = self._instant_sample(g.handle, now, strict=True, average=g.average_ok)
@@ -272,6 +280,7 @@ class NvmlSensor:
                     if sample[2] == g.field_last_us:
                         return True          # the same value again
                     self._learn_field_refresh(g, sample[1], sample[2])
+                    g.field_stamped = now - sample[1] > FIELD_STAMPED_AGE_S
                 batch.readings.append(Reading(g.device.key, sample[1] or now, power_w=sample[0]))
         elif g.shape_usage:
             batch.readings.append(Reading(g.device.key, now, power_w=self.nvml.nvmlDeviceGetPowerUsage(g.handle) / 1000.0))
