@@ -30,6 +30,8 @@ NO_INSTANCE = 0xFFFFFFFF      # gpuInstanceId of a process on a GPU not in MIG m
 MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
 MIG_LAYOUT_TTL_S = 60.0
 FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
+_FIELDS_INSTANT = (FIELD_POWER_INSTANT,)
+_FIELDS_BOTH = (FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE)   # one call: instant power and the 1 s mean
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 
 
@@ -172,23 +174,28 @@ class NvmlSensor:
         ``average``, field 185 comes in the same call, returned second as (watts, raw timestamp).
         (Returned, not kept on the sensor: GPUs may be read side by side on their lanes.)"""
         mean = None
-        fields = [FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE] if average else [FIELD_POWER_INSTANT]
+        fields = _FIELDS_BOTH if average else _FIELDS_INSTANT
         try:
             values = self.nvml.nvmlDeviceGetFieldValues(handle, fields)
         except self.nvml.NVMLError:
             if strict:
                 raise
             return None, None
-        if average and len(values) > 1 and values[1].nvmlReturn == 0:
-            mean = (values[1].value.uiVal / 1000.0, int(values[1].timestamp or 0))
+        # Each attribute of pynvml's field struct goes through a Python __getattribute__: read
+        # each once (~1 us apiece, 8 GPUs x 10 Hz).
+        if average and len(values) > 1:
+            second = values[1]
+            if second.nvmlReturn == 0:
+                mean = (second.value.uiVal / 1000.0, int(second.timestamp or 0))
         entry = values[0]
         if entry.nvmlReturn != 0:   # the call succeeds while a field fails: check each entry
             return None, mean
+        ts_us = int(entry.timestamp or 0)
         t = None
-        if now is not None and entry.timestamp:
-            age = self.wall(now) - entry.timestamp / 1e6
+        if now is not None and ts_us:
+            age = self.wall(now) - ts_us / 1e6
             t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
-        return (entry.value.uiVal / 1000.0, t, int(entry.timestamp or 0)), mean
+        return (entry.value.uiVal / 1000.0, t, ts_us), mean
 
     def wants_fast(self, now: float) -> bool:
         """Calibration bursts while some counter's refresh phase is not locked
@@ -259,11 +266,15 @@ class NvmlSensor:
         dense = g.counter is not None and g.counter.fault and g.instant_ok
         if not dense and not self._edges_pending and now - g.last_shape_t < 0.8 * self.period_s:
             return False
-        if g.instant_ok and g.field_stamped and g.field_next is not None and now < g.field_next:
+        if g.instant_ok and g.field_stamped and g.field_next is not None and now < g.field_next \
+                and now - g.last_shape_t < MIN_FIELD_PERIOD_S:
             # Fast reads (every 1-5 ms near edges and while calibrating) come faster than field
             # 186 refreshes: where its stamps are refresh times, they say when the next value
             # lands, and a read before then returns the same one (~2/3 of a calibration
-            # burst's CPU). Read-stamped values are read every time: the read dates them.
+            # burst's CPU). Skipped for MIN_FIELD_PERIOD_S at most: the refresh period is learnt
+            # from these reads, and skipping up to a period learnt too long (a refresh missed
+            # while the reader was late) would keep it too long. Read-stamped values are read
+            # every time: the read is what dates them.
             return True
         g.last_shape_t = now
         if g.instant_ok:
