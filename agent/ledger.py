@@ -60,6 +60,7 @@ class Ledger:
         self._next_seq = 0
         self._devs: dict[str, DeviceHistory] = {}
         self._added_seq: dict[str, int] = {}   # first mark seq a device could be in (late GPUs)
+        self._held: set[str] = set()           # devices whose floor this record() has held
         for d in devices:
             self.add_device(d)
 
@@ -84,9 +85,19 @@ class Ledger:
     # -- input -----------------------------------------------------------------
     def record(self, readings: Iterable[Reading]) -> None:
         with self._lock:
+            self._held.clear()
             for r in readings:
                 self._record_one(r)
             self._trim_marks()
+
+    def _hold(self, d: DeviceHistory, t: float) -> None:
+        """``d.hold(t)`` once per device per ``record()``: no reader sees the ledger between the
+        readings of one batch (the lock is held), so only what E showed before the batch can
+        need holding; later holds in the batch would floor states nobody saw, and each costs an
+        E(t) estimate (holds were ~40 % of the sampler's CPU)."""
+        if d.device.key not in self._held:
+            self._held.add(d.device.key)
+            d.hold(t)
 
     def record_error(self, device_key: str | None, kind: str = "", t: float | None = None) -> None:
         """Count a failed read. After a fault that leaves a counter unable to vouch for the time
@@ -129,7 +140,7 @@ class Ledger:
                     # A new sample changes how the live tail is estimated (a held value gives
                     # way to a measured one, a hole is filled): what a scrape showed up to now
                     # stays the floor of the exported total (~5 us).
-                    d.hold(r.t)
+                    self._hold(d, r.t)
                 d.shape.append((r.t, r.power_w))   # shapes edges; the counter has the energy
             return
         if d.last_t is not None and r.t <= d.last_t:
@@ -139,7 +150,7 @@ class Ledger:
                 # What the live tail showed just before this point stays the floor: an
                 # over-estimate is held, not taken back. (Only where instant power carries the
                 # tail: a bare counter's tail is a guess that no scrape is shown.)
-                d.hold(r.t)
+                self._hold(d, r.t)
             delta = counter_delta(d, r)
             d.last_counter = r.energy_j
             d.last_read_t = r.read_t
@@ -181,7 +192,7 @@ class Ledger:
         assert r.mean_w is not None
         window = r.mean_window_s or 1.0
         if d.device.source == Source.COUNTER and d.last_t is not None:
-            d.hold(r.t)
+            self._hold(d, r.t)
         d.add_mean(r.t, max(0.0, r.mean_w), window)
         if d.device.source == Source.COUNTER:
             # The counter has the energy; the mean carries E between its reads (a new mean

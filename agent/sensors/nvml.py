@@ -29,6 +29,9 @@ MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
 NO_INSTANCE = 0xFFFFFFFF      # gpuInstanceId of a process on a GPU not in MIG mode
 MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
 MIG_LAYOUT_TTL_S = 60.0
+FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
+_FIELDS_INSTANT = (FIELD_POWER_INSTANT,)
+_FIELDS_BOTH = (FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE)   # one call: instant power and the 1 s mean
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 
 
@@ -57,6 +60,7 @@ class _Gpu:
     field_last_t: float | None = None   # its time on our clock...
     field_next: float | None = None     # ...and when the next one is expected
     field_steps: deque = field(default_factory=lambda: deque(maxlen=32))
+    field_stamped: bool = False         # the newest value's NVML stamp predates its read (a refresh time)
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
     power: PowerOnlyReader | None = None   # GPUs with no counter
@@ -103,7 +107,9 @@ class NvmlSensor:
         self._calibration = Calibration()
         self._first_read: float | None = None
         self._edges_pending = False
-        self._last_average: tuple[float, int] | None = None
+        # Where every NVML call has a deadline (sensors/guard.py), each GPU's calls for one read
+        # go to its lane as one batch: one hand-off per GPU instead of one per call.
+        self._lanes = vars(self.nvml).get("WATTMETER_DEADLINES") if isinstance(self.nvml, ModuleType) else None
         self._mig_cache: tuple[float, dict[str, dict[str, float]]] | None = None
 
     @staticmethod
@@ -159,31 +165,37 @@ class NvmlSensor:
         except self.nvml.NVMLError:
             return False
 
-    def _instant_sample(self, handle: Any, now: float | None, strict: bool = False,
-                        average: bool = False) -> tuple[float, float | None, int] | None:
+    def _instant_sample(self, handle: Any, now: float | None, strict: bool = False, average: bool = False
+                        ) -> tuple[tuple[float, float | None, int] | None, tuple[float, int] | None]:
         """(watts, clock time the value was sampled) from field 186. NVML stamps each field value
         with the wall time it was taken; a value that is 20 ms old belongs 20 ms back.
         ``strict`` lets NVML errors through (a lost GPU must show as an error, not silence).
         The third item is NVML's raw timestamp (µs), which identifies the value. With
-        ``average``, field 185 comes in the same call: ``self._last_average`` holds it."""
-        self._last_average = None
-        fields = [FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE] if average else [FIELD_POWER_INSTANT]
+        ``average``, field 185 comes in the same call, returned second as (watts, raw timestamp).
+        (Returned, not kept on the sensor: GPUs may be read side by side on their lanes.)"""
+        mean = None
+        fields = _FIELDS_BOTH if average else _FIELDS_INSTANT
         try:
             values = self.nvml.nvmlDeviceGetFieldValues(handle, fields)
         except self.nvml.NVMLError:
             if strict:
                 raise
-            return None
-        if average and len(values) > 1 and values[1].nvmlReturn == 0:
-            self._last_average = (values[1].value.uiVal / 1000.0, int(values[1].timestamp or 0))
+            return None, None
+        # Each attribute of pynvml's field struct goes through a Python __getattribute__: read
+        # each once (~1 us apiece, 8 GPUs x 10 Hz).
+        if average and len(values) > 1:
+            second = values[1]
+            if second.nvmlReturn == 0:
+                mean = (second.value.uiVal / 1000.0, int(second.timestamp or 0))
         entry = values[0]
         if entry.nvmlReturn != 0:   # the call succeeds while a field fails: check each entry
-            return None
+            return None, mean
+        ts_us = int(entry.timestamp or 0)
         t = None
-        if now is not None and entry.timestamp:
-            age = self.wall(now) - entry.timestamp / 1e6
+        if now is not None and ts_us:
+            age = self.wall(now) - ts_us / 1e6
             t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
-        return entry.value.uiVal / 1000.0, t, int(entry.timestamp or 0)
+        return (entry.value.uiVal / 1000.0, t, ts_us), mean
 
     def wants_fast(self, now: float) -> bool:
         """Calibration bursts while some counter's refresh phase is not locked
@@ -254,13 +266,23 @@ class NvmlSensor:
         dense = g.counter is not None and g.counter.fault and g.instant_ok
         if not dense and not self._edges_pending and now - g.last_shape_t < 0.8 * self.period_s:
             return False
+        if g.instant_ok and g.field_stamped and g.field_next is not None and now < g.field_next \
+                and now - g.last_shape_t < MIN_FIELD_PERIOD_S:
+            # Fast reads (every 1-5 ms near edges and while calibrating) come faster than field
+            # 186 refreshes: where its stamps are refresh times, they say when the next value
+            # lands, and a read before then returns the same one (~2/3 of a calibration
+            # burst's CPU). Skipped for MIN_FIELD_PERIOD_S at most: the refresh period is learnt
+            # from these reads, and skipping up to a period learnt too long (a refresh missed
+            # while the reader was late) would keep it too long. Read-stamped values are read
+            # every time: the read is what dates them.
+            return True
         g.last_shape_t = now
         if g.instant_ok:
-            sample = self._instant_sample(g.handle, now, strict=True, average=g.average_ok)
-            if self._last_average is not None:
+            sample, mean = self._instant_sample(g.handle, now, strict=True, average=g.average_ok)
+            if mean is not None:
                 # Field 185, the 1 s trailing mean, read in the same call: between counter
                 # reads it carries E(t) over seconds better than sparse instant samples.
-                w, ts = self._last_average
+                w, ts = mean
                 t_mean = g.mean_stream.date(w, ts, now, self.wall)
                 if t_mean is not None:
                     batch.readings.append(Reading(g.device.key, t_mean, mean_w=w, mean_window_s=MEAN_WINDOW_S))
@@ -269,6 +291,7 @@ class NvmlSensor:
                     if sample[2] == g.field_last_us:
                         return True          # the same value again
                     self._learn_field_refresh(g, sample[1], sample[2])
+                    g.field_stamped = now - sample[1] > FIELD_STAMPED_AGE_S
                 batch.readings.append(Reading(g.device.key, sample[1] or now, power_w=sample[0]))
         elif g.shape_usage:
             batch.readings.append(Reading(g.device.key, now, power_w=self.nvml.nvmlDeviceGetPowerUsage(g.handle) / 1000.0))
@@ -281,17 +304,44 @@ class NvmlSensor:
             self._edges_pending = True
         batch = Batch()
         n = self.nvml
-        for g in self._gpus:
-            key = g.device.key
-            try:
-                if g.counter is not None:
-                    self._read_counter(g, now, batch)
-                elif g.power is not None and not g.power.read(now, batch.readings):
-                    batch.errors.append(SensorError(self.name, "not_supported", key, "instant power field failed"))
-            except n.NVMLError as exc:
-                batch.errors.append(SensorError(self.name, _error_kind(n, exc), key, _decode(str(exc))))
+        lanes = self._lanes
+        if lanes is None:
+            for g in self._gpus:
+                try:
+                    self._read_gpu(g, now, batch)
+                except n.NVMLError as exc:
+                    batch.errors.append(SensorError(self.name, _error_kind(n, exc), g.device.key, _decode(str(exc))))
+        else:
+            # Each GPU's read is one job on its own lane, all started before any is waited on:
+            # a hung GPU costs its own deadline and never delays the others' values.
+            jobs: list[tuple[_Gpu, Batch, Any]] = []
+            for g in self._gpus:
+                part = Batch()
+                try:
+                    jobs.append((g, part, lanes.submit(g.handle, lambda g=g, part=part: self._read_gpu(g, now, part))))
+                except n.NVMLError as exc:   # its lane is still hung: refused at once
+                    jobs.append((g, part, exc))
+            for g, part, job in jobs:
+                try:
+                    if isinstance(job, BaseException):
+                        raise job
+                    lanes.wait(job)
+                except n.NVMLError as exc:
+                    if _error_kind(n, exc) == "timeout" and g.counter is not None:
+                        g.counter.failed()     # as a counter call that timed out: bridge its gap
+                    batch.errors.append(SensorError(self.name, _error_kind(n, exc), g.device.key, _decode(str(exc))))
+                    continue
+                batch.readings.extend(part.readings)
+                batch.errors.extend(part.errors)
         self._edges_pending = False
         return batch
+
+    def _read_gpu(self, g: _Gpu, now: float, batch: Batch) -> None:
+        """One GPU's read (raises NVMLError; the caller reports it)."""
+        if g.counter is not None:
+            self._read_counter(g, now, batch)
+        elif g.power is not None and not g.power.read(now, batch.readings):
+            batch.errors.append(SensorError(self.name, "not_supported", g.device.key, "instant power field failed"))
 
     def _read_counter(self, g: _Gpu, now: float, batch: Batch) -> None:
         timing = g.counter
