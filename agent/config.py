@@ -248,11 +248,11 @@ def check_table(table: Mapping[str, Any], where: str) -> None:
             if key is None:
                 close = difflib.get_close_matches(name, list(known) + ([] if scope else list(SUBTABLES)), 1, 0.6)
                 hint = f"did you mean '{close[0]}'?" if close else "see 'wattmeter config' for the keys"
-                raise ConfigError(f"{where}: unknown key '{label}'; {hint}")
+                raise ConfigError(f"{where}: unknown key {label!r}; {hint}")   # repr: a key with a newline stays one line
             try:
                 key.parse(value)
             except (ValueError, TypeError) as exc:
-                raise ConfigError(f"{where}: key '{label}' = {value!r}: {exc}") from None
+                raise ConfigError(f"{where}: key {label!r} = {value!r}: {exc}") from None
 
 
 def load_file_config(cwd: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any], str | None]:

@@ -55,6 +55,9 @@ class RecordSet:
 _NUMBER = (int, float)
 
 
+MAX_UNIX_S = 253402300800.0     # 10000-01-01: datetime's limit
+
+
 def _finite(value: Any) -> bool:
     return type(value) in _NUMBER and math.isfinite(value)   # type(): a bool is not a number here
 
@@ -100,6 +103,8 @@ def _problem(obj: Any) -> str | None:
                 return f"{name} is not a number"
             if not math.isfinite(value):
                 return f"{name} is not a finite number ({value!r})"
+            if name.endswith("_unix") and not 0 <= value < MAX_UNIX_S:   # else no date can be formatted
+                return f"{name} {value:.6g} is not a Unix time between 1970 and 9999"
     energy = obj.get("energy_j") or {}
     for key, v in energy.items():
         if v is None:
