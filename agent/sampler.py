@@ -144,8 +144,18 @@ class Sampler:
         return _fast_policy(self._cadence[id(sensor)], self.ledger)(now)
 
     def add_task(self, name: str, period_s: float, fn: Callable[[float], None]) -> None:
-        """Run an extra periodic reader (e.g. per-process GPU usage) on its own thread."""
-        self._tasks.append((name, period_s, fn))
+        """Run an extra periodic reader (e.g. per-process GPU usage) on its own thread. On a
+        running sampler (the default meter is started on first use) it starts at once."""
+        with self._lock:
+            self._tasks.append((name, period_s, fn))
+            if self._loops:
+                loop = self._task_loop(name, period_s, fn)
+                self._loops.append(loop)
+                loop.thread.start()
+
+    def _task_loop(self, name: str, period_s: float, fn: Callable[[float], None]) -> _Loop:
+        return _Loop(name, period_s, lambda now, fast: fn(now), self.clock, random.Random(self._rng.random()),
+                     lambda now: False)
 
     # -- reading ---------------------------------------------------------------
     def read_sensor(self, sensor: Sensor, now: float, fast: bool = False) -> None:
@@ -194,8 +204,7 @@ class Sampler:
                                          self.clock, random.Random(self._rng.random()),
                                          _fast_policy(c, self.ledger), c.next_read_at))
             for name, period, fn in self._tasks:
-                self._loops.append(_Loop(name, period, lambda now, fast, fn=fn: fn(now), self.clock, random.Random(self._rng.random()),
-                                         lambda now: False))
+                self._loops.append(self._task_loop(name, period, fn))
             for loop in self._loops:
                 loop.thread.start()
 

@@ -323,3 +323,20 @@ def test_meter_without_gpu_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Meter(clock=VirtualClock(start=0.0))     # once per process
+
+
+def test_a_task_added_to_a_running_sampler_runs() -> None:
+    """docs/tokens.md's wiring adds a scrape task to the running default meter: it must run
+    (issue 13: it silently never did)."""
+    import threading
+
+    from wattmeter.meter import Meter
+    from wattmeter.sensors.ram import RamModelSensor
+
+    ran = threading.Event()
+    meter = Meter([RamModelSensor()]).start()
+    try:
+        meter.sampler.add_task("probe", 0.02, lambda now: ran.set())
+        assert ran.wait(5.0), "a task added after start() never ran"
+    finally:
+        meter.close()
