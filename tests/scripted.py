@@ -39,3 +39,21 @@ class ScriptedSensor:
 
 def constant(power_w: float, t0: float = 0.0) -> tuple[Callable[[float], float], Callable[[float], float]]:
     return (lambda t: power_w * (t - t0)), (lambda t: power_w)
+
+
+@dataclass
+class CounterSensor:
+    """GPU energy counters we set by hand: key -> E(t) in J."""
+
+    energy: dict[str, Callable[[float], float]]
+    name: str = "fake"
+    period_s: float = 0.1
+
+    def devices(self) -> list[Device]:
+        return [Device(k, Component.GPU, Source.COUNTER) for k in self.energy]
+
+    def read(self, now: float) -> Batch:
+        return Batch([Reading(k, now, energy_j=f(now)) for k, f in self.energy.items()])
+
+    def close(self) -> None:
+        pass

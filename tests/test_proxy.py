@@ -6,7 +6,6 @@ import json
 import threading
 import time
 import urllib.parse
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import pytest
@@ -14,25 +13,15 @@ from fake_openai import FakeOpenAI
 
 from wattmeter.errors import UsageError
 from wattmeter.meter import Meter
-from wattmeter.model import Batch, Component, Device, Reading, Source
 from wattmeter.proxy import OpenAIProxy, UsageCounter
 from wattmeter.requests import RequestAccountant
 
+from scripted import CounterSensor
 
-@dataclass
-class FlatGPU:
-    energy: dict[str, Callable[[float], float]]
-    name: str = "fake"
-    period_s: float = 0.02
 
-    def devices(self) -> list[Device]:
-        return [Device(k, Component.GPU, Source.COUNTER) for k in self.energy]
-
-    def read(self, now: float) -> Batch:
-        return Batch([Reading(k, now, energy_j=f(now)) for k, f in self.energy.items()])
-
-    def close(self) -> None:
-        pass
+def FlatGPU(energy: dict[str, Callable[[float], float]]) -> CounterSensor:
+    """GPU energy counters set by hand, read every 20 ms."""
+    return CounterSensor(energy, period_s=0.02)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
 import pytest
@@ -12,26 +11,11 @@ from hypothesis import strategies as st
 
 from wattmeter.clock import VirtualClock
 from wattmeter.meter import Meter
-from wattmeter.model import Batch, Component, Device, Reading, Source
 from wattmeter.requests import RequestAccountant
 
+from scripted import CounterSensor
 
-@dataclass
-class CounterSensor:
-    """GPU energy counters we set by hand: key -> E(t) in J."""
 
-    energy: dict[str, Callable[[float], float]]
-    name: str = "fake"
-    period_s: float = 0.1
-
-    def devices(self) -> list[Device]:
-        return [Device(k, Component.GPU, Source.COUNTER) for k in self.energy]
-
-    def read(self, now: float) -> Batch:
-        return Batch([Reading(k, now, energy_j=f(now)) for k, f in self.energy.items()])
-
-    def close(self) -> None:
-        pass
 
 
 def setup(energy: dict[str, Callable[[float], float]], **kw) -> tuple[Meter, VirtualClock, RequestAccountant]:
