@@ -33,7 +33,8 @@ class DeviceHistory:
     __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
                  "cur_t0", "cur_count", "anchor_t", "anchor_e", "shape", "last_read_t", "bridges",
-                 "approx_spans", "floor_j", "floor_t", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "mean_cache", "mean_memo", "owed_j", "owed_t")
+                 "approx_spans", "floor_j", "floor_t", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "mean_cache", "mean_memo", "owed_j", "owed_t",
+                 "shape_coarse")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -58,6 +59,7 @@ class DeviceHistory:
         self.anchor_t: float | None = None
         self.anchor_e = 0.0
         self.shape: deque[tuple[float, float]] = deque(maxlen=SHAPE_SAMPLES)
+        self.shape_coarse = False       # the samples bridge gaps but cannot split a counter span
         self.last_read_t: float | None = None   # when the last counter value was read
         self.bridges = 0                # counter spans filled in from power (reset, lost, stall)
         self.approx_spans: deque[tuple[float, float]] = deque(maxlen=SPANS_KEPT)
@@ -146,6 +148,8 @@ class DeviceHistory:
         t1, e1, _ = self.point(k + 1)
         if t1 <= t0:
             return e1
+        if self.shape_coarse:
+            return self._step_value(k, t, allow_step)
         # The sampler reads instant power every few ms after an edge and schedules a counter
         # read at the next refresh: the dense tail [d0, t1] before it is measured directly, and
         # the counter's remaining energy is spread over [t0, d0] in proportion to the instant
@@ -171,8 +175,15 @@ class DeviceHistory:
         if whole is not None and whole > 0:
             part = (self.shape_energy(t0, t) if strict else self.bridge_energy(t0, t)) or 0.0
             return e0 + (e1 - e0) * min(1.0, max(0.0, part / whole))
+        return self._step_value(k, t, allow_step)
+
+    def _step_value(self, k: int, t: float, allow_step: bool) -> float | None:
+        """Energy at t inside counter segment k on a step between its neighbours' slopes (None
+        unless ``allow_step``: the next segment's slope is not known yet)."""
         if not allow_step:
             return None
+        t0, e0, _ = self.point(k)
+        t1, e1, _ = self.point(k + 1)
         low = high = None
         if k > self.oldest():
             tb, eb, _ = self.point(k - 1)

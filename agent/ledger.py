@@ -142,6 +142,7 @@ class Ledger:
                     # stays the floor of the exported total (~5 us).
                     self._hold(d, r.t)
                 d.shape.append((r.t, r.power_w))   # shapes edges; the counter has the energy
+                d.shape_coarse = r.instant_coarse
             return
         if d.last_t is not None and r.t <= d.last_t:
             return   # stale or duplicate timestamp: the value has not refreshed

@@ -69,6 +69,10 @@ class Reading:
     # GetPowerUsage where the data shows it averages). The energy reference where no counter is.
     mean_w: float | None = None
     mean_window_s: float | None = None
+    # An instant value too coarse to place energy inside a counter span: a point sample that
+    # refreshes no faster than the counter and is stamped only with its read time, so it may
+    # be up to a refresh old. Kept to bridge counter faults; edges use the counter's own steps.
+    instant_coarse: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,7 @@ from ..clock import Clock, SystemClock
 from ..model import Batch, Component, Device, ProcessUsage, Reading, SensorError, Source
 from .base import SensorUnavailable
 from .nvml_power import FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, PowerOnlyReader, Stream as _Stream
-from .power_evidence import MEAN_WINDOW_S
-from .power_evidence import PowerReference
+from .power_evidence import COARSE_REFRESH_S, MEAN_WINDOW_S, PowerReference, StampEvidence
 from .gpu_selection import GpuSelection
 from .counter_timing import DENSE_START_S, Calibration, CounterTiming
 
@@ -61,6 +60,9 @@ class _Gpu:
     field_next: float | None = None     # ...and when the next one is expected
     field_steps: deque = field(default_factory=lambda: deque(maxlen=32))
     field_stamped: bool = False         # the newest value's NVML stamp predates its read (a refresh time)
+    field_stamps: StampEvidence = field(default_factory=StampEvidence)   # counter GPUs: what field 186 is
+    field_read_t: float | None = None   # when field 186 was last read
+    instant_w: float | None = None      # its newest value (the stall check's evidence)
     last_proc_ts: int = 0
     pids: tuple[int, ...] = ()
     power: PowerOnlyReader | None = None   # GPUs with no counter
@@ -212,8 +214,18 @@ class NvmlSensor:
                 out[g.device.key] = g.power.reference
             else:
                 shape = "field 186" if g.instant_ok else ("nvmlDeviceGetPowerUsage" if g.shape_usage else "")
+                refresh = None
+                if g.instant_ok and g.field_stamps.read_stamped:
+                    refresh = g.field_stamps.tight_refresh_s
+                    if refresh is None or refresh > COARSE_REFRESH_S:
+                        # Lagging point samples alias with bursty loads: a wrong split is worse
+                        # than the counter's own steps.
+                        shape = ("counter steps (field 186 is a read-stamped sample refreshed every "
+                                 f"{'?' if refresh is None else f'{refresh * 1000:.0f}'} ms: too coarse to split a counter span)")
+                    else:
+                        shape = "field 186 (read-stamped)"
                 out[g.device.key] = PowerReference("counter", "energy counter",
-                                                   "the GPU has a total-energy counter (exact over any span)", shape)
+                                                   "the GPU has a total-energy counter (exact over any span)", shape, refresh)
         return out
 
     # -- Sensor protocol -------------------------------------------------------
@@ -287,15 +299,40 @@ class NvmlSensor:
                 if t_mean is not None:
                     batch.readings.append(Reading(g.device.key, t_mean, mean_w=w, mean_window_s=MEAN_WINDOW_S))
             if sample is not None:
-                if sample[1] is not None and sample[2]:
-                    if sample[2] == g.field_last_us:
-                        return True          # the same value again
-                    self._learn_field_refresh(g, sample[1], sample[2])
-                    g.field_stamped = now - sample[1] > FIELD_STAMPED_AGE_S
-                batch.readings.append(Reading(g.device.key, sample[1] or now, power_w=sample[0]))
+                reading = self._date_instant(g, now, sample)
+                if reading is not None:
+                    batch.readings.append(reading)
         elif g.shape_usage:
-            batch.readings.append(Reading(g.device.key, now, power_w=self.nvml.nvmlDeviceGetPowerUsage(g.handle) / 1000.0))
+            g.instant_w = self.nvml.nvmlDeviceGetPowerUsage(g.handle) / 1000.0
+            batch.readings.append(Reading(g.device.key, now, power_w=g.instant_w))
         return True
+
+    def _date_instant(self, g: _Gpu, now: float, sample: tuple[float, float | None, int]) -> Reading | None:
+        """A counter GPU's field-186 value as a shaping sample, or None when it is not new.
+
+        Refresh-stamped values are dated by their stamps. Where the data shows the stamps are
+        read times (``StampEvidence``), a value is new only when it changes, and it refreshed
+        somewhere since the previous read: dated halfway. If it also refreshes no faster than
+        a short box (a ~100 ms point sample), it is flagged coarse: such samples alias with
+        bursty loads and lag by up to a refresh, so they must not split a counter span."""
+        w, t_s, ts_us = sample
+        prev_read, g.field_read_t = g.field_read_t, now
+        g.instant_w = w
+        stamps = g.field_stamps
+        changed = stamps.observe(now - t_s if t_s is not None and ts_us else None, w, now)
+        if stamps.read_stamped:
+            if not changed:
+                return None
+            refresh = stamps.tight_refresh_s
+            coarse = refresh is None or refresh > COARSE_REFRESH_S
+            t = now if prev_read is None else 0.5 * (prev_read + now)
+            return Reading(g.device.key, t, power_w=w, instant_coarse=coarse)
+        if t_s is not None and ts_us:
+            if ts_us == g.field_last_us:
+                return None          # the same value again
+            self._learn_field_refresh(g, t_s, ts_us)
+            g.field_stamped = now - t_s > FIELD_STAMPED_AGE_S
+        return Reading(g.device.key, t_s or now, power_w=w)
 
     def read(self, now: float, fast: bool = False) -> Batch:
         """Read every GPU once. ``fast`` (a window edge waits): also schedule a counter pair at
@@ -361,8 +398,7 @@ class NvmlSensor:
         batch.readings.extend(Reading(key, t, energy_j=v, read_t=now) for t, v in dated)
         if dated:
             return
-        watts = [r.power_w for r in batch.readings if r.device_key == key and r.power_w is not None]
-        if timing.stalled(now, watts[-1] if watts else None):
+        if timing.stalled(now, g.instant_w):
             batch.errors.append(SensorError(self.name, "counter_stalled", key,
                                             f"energy counter unchanged for {now - (timing.changed_t or now):.1f} s "
                                             "while the GPU draws power"))

@@ -26,6 +26,8 @@ MEAN_SAMPLES = 12            # varying candidate samples before a verdict
 VARYING_SHARE = 0.03         # instant power varies by this share of its mean: a usable sample
 RECHECK_EVERY = 10           # once decided, candidates checked
 VERDICT_RATIO = 0.5          # the better model must fit with half the other's error
+COARSE_REFRESH_S = 0.05      # a read-stamped sample refreshing slower than this cannot place an edge
+TIGHT_READ_GAP_S = 0.01      # reads this close date a value change to within a hundredth of a second
 
 
 @dataclass(frozen=True)
@@ -50,8 +52,11 @@ class StampEvidence:
         self.ages: list[float] = []
         self.read_stamped: bool | None = None      # None: not judged yet
         self.changes: deque[float] = deque(maxlen=32)   # intervals between value changes
+        self.tight_changes: deque[float] = deque(maxlen=32)   # ...seen by reads close together
         self._last_value: float | None = None
         self._last_change_t: float | None = None
+        self._last_change_gap = math.inf
+        self._last_read_t: float | None = None
 
     def observe(self, age_s: float | None, value: float, read_t: float) -> bool:
         """Feed one read (``age_s``: how old its timestamp says it is, None: no stamp).
@@ -62,17 +67,29 @@ class StampEvidence:
                 # Refresh-stamped values read at random phases are up to a refresh period old;
                 # read-stamped ones are never older than the call itself.
                 self.read_stamped = max(self.ages) <= READ_STAMP_MAX_AGE_S
+        gap = read_t - self._last_read_t if self._last_read_t is not None else math.inf
+        self._last_read_t = read_t
         changed = value != self._last_value
         if changed:
             if self._last_change_t is not None:
-                self.changes.append(read_t - self._last_change_t)
-            self._last_value, self._last_change_t = value, read_t
+                interval = read_t - self._last_change_t
+                self.changes.append(interval)
+                if max(gap, self._last_change_gap) <= TIGHT_READ_GAP_S:
+                    self.tight_changes.append(interval)
+            self._last_value, self._last_change_t, self._last_change_gap = value, read_t, gap
         return changed
 
     @property
     def refresh_s(self) -> float | None:
         """The value's refresh period, from the shortest recent interval between changes."""
         return min(self.changes) if len(self.changes) >= 4 else None
+
+    @property
+    def tight_refresh_s(self) -> float | None:
+        """The refresh period from changes whose reads came at most TIGHT_READ_GAP_S apart
+        (calibration bursts, edges): a change seen late by a sparse read, then the next one
+        early, makes a 100 ms refresh look like 20 ms. None until two such intervals."""
+        return min(self.tight_changes) if len(self.tight_changes) >= 2 else None
 
 
 class MeanEvidence:
