@@ -73,6 +73,30 @@ def test_mig_layout_and_process_instances():
     assert usage[7001].mig_instance == "1" and usage[7002].mig_instance == "5"
 
 
+def test_mig_uuids_place_device_plugin_ids_on_their_instance():
+    # The NVIDIA device plugin hands pods "MIG-<uuid>" IDs; NVML's MIG handles give those
+    # UUIDs, so pod-resources can map each to (parent GPU UUID, instance) without hostPID.
+    from wattmeter.podresources import ContainerDevices, ContainerResources, PodResources, assignments
+    from wattmeter.sensors.base import MigSensor
+
+    clock = VirtualClock(start=50.0)
+    fake = FakeNVML(load_scenario("mig_a100"), clock)
+    s = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall)
+    assert isinstance(s, MigSensor)
+    h = fake.nvmlDeviceGetHandleByIndex(0)
+    parent = fake.nvmlDeviceGetUUID(h)
+    by_gi = {str(fake.nvmlDeviceGetGpuInstanceId(m)): fake.nvmlDeviceGetUUID(m)
+             for m in (fake.nvmlDeviceGetMigDeviceHandleByIndex(h, i) for i in range(3))}
+    uuids = s.mig_uuids()
+    assert uuids == {by_gi[gi]: (parent, gi) for gi in ("1", "5", "6")}
+    assert all(u.startswith("MIG-") and not u.startswith("MIG-GPU-") for u in uuids)
+    pods = [PodResources("infer", "ml", (ContainerResources("srv", (
+        ContainerDevices("nvidia.com/mig-2g.20gb", (by_gi["5"],)),)),))]
+    assert assignments(pods).mig == {}                       # unplaceable without the map
+    placed = assignments(pods, uuids).mig
+    assert set(placed) == {(parent, "5")} and placed[(parent, "5")].pod == "infer"
+
+
 def test_mig_energy_is_apportioned_by_instance_and_labelled_estimated():
     clock = VirtualClock(start=10.0)
     fake = FakeNVML(load_scenario("mig_a100"), clock)

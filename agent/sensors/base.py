@@ -107,3 +107,18 @@ class ProcessSensor(Protocol):
     """Optional capability: per-process GPU usage, for attribution."""
 
     def read_processes(self, now: float) -> list[ProcessUsage]: ...
+
+
+@runtime_checkable
+class MigSensor(Protocol):
+    """Optional capability: how MIG splits each GPU. NVML has no per-instance power, so
+    attribution apportions a GPU's energy by its instances' SM fractions; the UUIDs place the
+    device plugin's ``MIG-<uuid>`` IDs through the kubelet's pod-resources API."""
+
+    def mig_layout(self) -> dict[str, dict[str, float]]:
+        """GPU key -> {GPU instance id: fraction of the GPU's SMs}, for GPUs in MIG mode."""
+        ...
+
+    def mig_uuids(self) -> dict[str, tuple[str, str]]:
+        """MIG device UUID -> (parent GPU UUID, GPU instance id)."""
+        ...

@@ -174,6 +174,10 @@ class LateNvmlSensor:
         inner = self._inner
         return inner.mig_layout() if inner is not None else {}
 
+    def mig_uuids(self) -> dict[str, tuple[str, str]]:
+        inner = self._inner
+        return inner.mig_uuids() if inner is not None else {}
+
 
 def unavailable_reason(exc: BaseException | None) -> str:
     if isinstance(exc, SensorUnavailable):

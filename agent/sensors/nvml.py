@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from collections import deque
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -20,14 +19,12 @@ from .base import SensorUnavailable
 from .nvml_power import FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, PowerOnlyReader, Stream as _Stream
 from .power_evidence import COARSE_REFRESH_S, MEAN_WINDOW_S, PowerReference, StampEvidence
 from .gpu_selection import GpuSelection
+from .nvml_processes import ProcessReader
 from .counter_timing import DENSE_START_S, Calibration, CounterTiming
 
 FIELD_PERIOD_S = 0.02
 FIELD_READ_DELAY_S = 0.002    # read a new field value this long after it is expected
 MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
-NO_INSTANCE = 0xFFFFFFFF      # gpuInstanceId of a process on a GPU not in MIG mode
-MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
-MIG_LAYOUT_TTL_S = 60.0
 FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
 _FIELDS_INSTANT = (FIELD_POWER_INSTANT,)
 _FIELDS_BOTH = (FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE)   # one call: instant power and the 1 s mean
@@ -63,8 +60,6 @@ class _Gpu:
     field_stamps: StampEvidence = field(default_factory=StampEvidence)   # counter GPUs: what field 186 is
     field_read_t: float | None = None   # when field 186 was last read
     instant_w: float | None = None      # its newest value (the stall check's evidence)
-    last_proc_ts: int = 0
-    pids: tuple[int, ...] = ()
     power: PowerOnlyReader | None = None   # GPUs with no counter
     average_ok: bool = False     # field 185 (1 s trailing mean) answers
     mean_stream: _Stream = field(default_factory=_Stream)
@@ -112,7 +107,7 @@ class NvmlSensor:
         # Where every NVML call has a deadline (sensors/guard.py), each GPU's calls for one read
         # go to its lane as one batch: one hand-off per GPU instead of one per call.
         self._lanes = vars(self.nvml).get("WATTMETER_DEADLINES") if isinstance(self.nvml, ModuleType) else None
-        self._mig_cache: tuple[float, dict[str, dict[str, float]]] | None = None
+        self._processes = ProcessReader(self.nvml, [(g.device, g.handle) for g in self._gpus])
 
     @staticmethod
     def _import() -> ModuleType:
@@ -405,71 +400,15 @@ class NvmlSensor:
 
     def read_processes(self, now: float) -> list[ProcessUsage]:
         """SM share per process since the last call (for attribution). Host PIDs."""
-        n = self.nvml
-        out: list[ProcessUsage] = []
-        mismatch = getattr(n, "NVMLLibraryMismatchError", ())
-        for g in self._gpus:
-            instance: dict[int, str] = {}
-            try:
-                running = n.nvmlDeviceGetComputeRunningProcesses(g.handle)
-                g.pids = tuple(int(p.pid) for p in running)
-                for p in running:   # MIG: which GPU instance the process runs in
-                    gi = getattr(p, "gpuInstanceId", None)
-                    if gi is not None and int(gi) != NO_INSTANCE:
-                        instance[int(p.pid)] = str(int(gi))
-            except (n.NVMLError, *((mismatch,) if mismatch else ())):
-                g.pids = ()
-            try:
-                samples = n.nvmlDeviceGetProcessUtilization(g.handle, g.last_proc_ts)
-            except n.NVMLError:
-                samples = []    # NotFound: no new samples since last_seen
-            sm: dict[int, float] = {}
-            for s in samples:
-                g.last_proc_ts = max(g.last_proc_ts, int(s.timeStamp))
-                sm[int(s.pid)] = max(sm.get(int(s.pid), 0.0), float(s.smUtil))
-            for pid in g.pids:
-                out.append(ProcessUsage(g.device.key, pid, min(1.0, sm.get(pid, 0.0) / 100.0), now,
-                                        instance.get(pid) or g.device.labels.get("mig")))
-        return out
+        return self._processes.read(now)
 
     def mig_layout(self) -> dict[str, dict[str, float]]:
-        """Per GPU in MIG mode, each GPU instance's fraction of the GPU's SMs. NVML has no
-        per-instance power, so attribution apportions the parent's energy by these (estimated)."""
-        now = self._clock.now()
-        if self._mig_cache is not None and now - self._mig_cache[0] < MIG_LAYOUT_TTL_S:
-            return self._mig_cache[1]
-        n, out = self.nvml, {}
-        for g in self._gpus:
-            try:
-                if int(n.nvmlDeviceGetMigMode(g.handle)[0]) != 1:
-                    continue
-                slots = n.nvmlDeviceGetMaxMigDeviceCount(g.handle)
-            except (n.NVMLError, AttributeError):
-                continue
-            instances: dict[str, float] = {}
-            for i in range(slots):
-                try:
-                    mig = n.nvmlDeviceGetMigDeviceHandleByIndex(g.handle, i)
-                    gi = int(n.nvmlDeviceGetGpuInstanceId(mig))
-                except n.NVMLError:
-                    continue        # an empty slot
-                share = self._sm_fraction(g.handle, mig)
-                if share is not None:
-                    instances[str(gi)] = share
-            if instances:
-                out[g.device.key] = instances
-        self._mig_cache = (now, out)
-        return out
+        """Per GPU in MIG mode, each GPU instance's SM fraction (sensors/nvml_processes.py)."""
+        return self._processes.mig_layout(self._clock.now())
 
-    def _sm_fraction(self, parent: Any, mig: Any) -> float | None:
-        n = self.nvml
-        try:
-            return n.nvmlDeviceGetAttributes(mig).multiprocessorCount / n.nvmlDeviceGetAttributes(parent).multiprocessorCount
-        except (n.NVMLError, AttributeError, ZeroDivisionError, TypeError):
-            pass
-        # The profile name says how many of the GPU's 7 compute slices the instance has: "MIG 3g.40gb".
-        match = re.search(r"(\d+)g\.\d+gb", _decode(n.nvmlDeviceGetName(mig)))
-        return int(match.group(1)) / MIG_SLICES if match else None
+    def mig_uuids(self) -> dict[str, tuple[str, str]]:
+        """MIG device UUID -> (parent GPU UUID, GPU instance id), for pod-resources IDs."""
+        return self._processes.mig_uuids(self._clock.now())
 
     def close(self) -> None:
         try:
