@@ -58,7 +58,6 @@ class _Gpu:
     field_steps: deque = field(default_factory=lambda: deque(maxlen=32))
     field_stamped: bool = False         # the newest value's NVML stamp predates its read (a refresh time)
     field_stamps: StampEvidence = field(default_factory=StampEvidence)   # counter GPUs: what field 186 is
-    field_read_t: float | None = None   # when field 186 was last read
     instant_w: float | None = None      # its newest value (the stall check's evidence)
     power: PowerOnlyReader | None = None   # GPUs with no counter
     average_ok: bool = False     # field 185 (1 s trailing mean) answers
@@ -307,21 +306,26 @@ class NvmlSensor:
 
         Refresh-stamped values are dated by their stamps. Where the data shows the stamps are
         read times (``StampEvidence``), a value is new only when it changes, and it refreshed
-        somewhere since the previous read: dated halfway. If it also refreshes no faster than
-        a short box (a ~100 ms point sample), it is flagged coarse: such samples alias with
+        somewhere since the previous read (dated at the read: where reads happen to land on
+        refreshes, refresh stamps look like read times). If it also refreshes no faster than a
+        short box (a ~100 ms point sample), it is flagged coarse: such samples alias with
         bursty loads and lag by up to a refresh, so they must not split a counter span."""
         w, t_s, ts_us = sample
-        prev_read, g.field_read_t = g.field_read_t, now
         g.instant_w = w
         stamps = g.field_stamps
         changed = stamps.observe(now - t_s if t_s is not None and ts_us else None, w, now)
+        coarse = False
+        if stamps.read_stamped:
+            refresh = stamps.tight_refresh_s
+            coarse = refresh is None or refresh > COARSE_REFRESH_S
+        if g.counter is not None:
+            # The counter is read sparsely only because instant power shapes its spans; where
+            # it cannot, the counter is read at every cadence tick instead (~100 ms spans).
+            g.counter.shaped = not coarse
         if stamps.read_stamped:
             if not changed:
                 return None
-            refresh = stamps.tight_refresh_s
-            coarse = refresh is None or refresh > COARSE_REFRESH_S
-            t = now if prev_read is None else 0.5 * (prev_read + now)
-            return Reading(g.device.key, t, power_w=w, instant_coarse=coarse)
+            return Reading(g.device.key, t_s or now, power_w=w, instant_coarse=coarse)
         if t_s is not None and ts_us:
             if ts_us == g.field_last_us:
                 return None          # the same value again

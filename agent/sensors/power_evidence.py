@@ -67,6 +67,10 @@ class StampEvidence:
                 # Refresh-stamped values read at random phases are up to a refresh period old;
                 # read-stamped ones are never older than the call itself.
                 self.read_stamped = max(self.ages) <= READ_STAMP_MAX_AGE_S
+        elif age_s is not None and self.read_stamped and age_s > READ_STAMP_MAX_AGE_S:
+            # Reads that happened to land on refreshes made refresh stamps look like read times;
+            # one old stamp settles it (a read-stamped value is never old).
+            self.read_stamped = False
         gap = read_t - self._last_read_t if self._last_read_t is not None else math.inf
         self._last_read_t = read_t
         changed = value != self._last_value
