@@ -48,7 +48,7 @@ def counter_delta(d: DeviceHistory, r: Reading) -> float:
     span = r.t - d.last_t
     bridged = d.reference_energy(d.last_t, r.t)      # on the trailing mean, where there is one
     if bridged is None:
-        bridged = d.bridge_energy(d.last_t, r.t)
+        bridged = d.samples.bridge(d.last_t, r.t)
     if bridged is None and reset:
         bridged = (d.last_power or 0.0) * span     # no instant power: the last counter slope
     if bridged is None:
@@ -59,7 +59,7 @@ def counter_delta(d: DeviceHistory, r: Reading) -> float:
     share = SUSPECT_SHORTFALL if after_bridge else STALL_SHORTFALL
     # The bridge itself is uncertain where the load is bursty: sparse instant samples of the
     # last half second can be off by the power's range over about that long.
-    watts = [w for _, w in d.samples_between(d.last_t, r.t)]
+    watts = [w for _, w in d.samples.between(d.last_t, r.t)]
     uncertainty_j = (max(watts) - min(watts)) * BRIDGE_ERROR_S if watts else 0.0
     stalled = not reset and (span >= STALL_SPAN_S or after_bridge) and delta < share * bridged \
         and bridged - delta > max(STALL_MIN_J, uncertainty_j)

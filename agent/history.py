@@ -11,18 +11,13 @@ from array import array
 from collections import deque
 
 from .model import Device, Source
-from .shaping import integrate_samples, partial_box_correction, step_interpolate
+from .shaping import TAIL_GAP_S, TAIL_MAX_S, InstantSamples, step_interpolate
 
 RING_POINTS = 4096        # fine history per device (~7 min at 10 Hz)
 BLOCK_POINTS = 64         # fine points per coarse peak-power block
 SHAPE_SAMPLES = 512       # instant-power samples kept per counter device (~25 s at 20 Hz)
-SHAPE_GAP_S = 0.15        # shape samples this dense (20 Hz, jittered) shape a counter segment
-TAIL_MAX_S = 0.5          # an edge this close to the next counter read uses the measured tail
-TAIL_GAP_S = 0.06         # ...when instant power was read at least this often
 POWER_SPAN_S = 1.0        # counter power is the slope over at least this long (refresh-time noise)
 RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
-SAME_VALUE_S = 0.0005     # shape samples closer than this are one value read twice
-BRIDGE_REACH_S = 1.0      # a bridge needs instant power this close to both of its ends
 HOLD_MAX_S = 5.0          # E(t) past the last sample holds the last power this long at most
 BACKDATE_EXACT_S = 0.5    # an edge measured back this far from a device's first point is not flagged
 MEANS_KEPT = 1200          # trailing-mean samples kept (~2 min at 10 Hz)
@@ -32,9 +27,8 @@ SPANS_KEPT = 64           # approximate (bridged) spans remembered per device
 class DeviceHistory:
     __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
-                 "cur_t0", "cur_count", "anchor_t", "anchor_e", "shape", "last_read_t", "bridges",
-                 "approx_spans", "floor_j", "floor_t", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "mean_cache", "mean_memo", "owed_j", "owed_t",
-                 "shape_coarse")
+                 "cur_t0", "cur_count", "anchor_t", "anchor_e", "samples", "last_read_t", "bridges",
+                 "approx_spans", "floor_j", "floor_t", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "mean_cache", "mean_memo", "owed_j", "owed_t")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -58,8 +52,7 @@ class DeviceHistory:
         self.cur_count = 0
         self.anchor_t: float | None = None
         self.anchor_e = 0.0
-        self.shape: deque[tuple[float, float]] = deque(maxlen=SHAPE_SAMPLES)
-        self.shape_coarse = False       # the samples bridge gaps but cannot split a counter span
+        self.samples = InstantSamples(SHAPE_SAMPLES)   # counters: shape spans, bridge faults
         self.last_read_t: float | None = None   # when the last counter value was read
         self.bridges = 0                # counter spans filled in from power (reset, lost, stall)
         self.approx_spans: deque[tuple[float, float]] = deque(maxlen=SPANS_KEPT)
@@ -148,18 +141,18 @@ class DeviceHistory:
         t1, e1, _ = self.point(k + 1)
         if t1 <= t0:
             return e1
-        if self.shape_coarse:
+        if self.samples.coarse:
             return self._step_value(k, t, allow_step)
         # The sampler reads instant power every few ms after an edge and schedules a counter
         # read at the next refresh: the dense tail [d0, t1] before it is measured directly, and
         # the counter's remaining energy is spread over [t0, d0] in proportion to the instant
         # power there. Continuous at d0 and monotonic on both sides.
-        d0 = self._dense_from(t0, t1)
-        tail_d0 = self.shape_energy(d0, t1, TAIL_GAP_S) if d0 is not None else None
+        d0 = self.samples.dense_from(t0, t1)
+        tail_d0 = self.samples.energy(d0, t1, TAIL_GAP_S) if d0 is not None else None
         if tail_d0 is not None and d0 is not None:
             tail_d0 = min(tail_d0, e1 - e0)
             if t >= d0:
-                tail = self.shape_energy(t, t1, TAIL_GAP_S)
+                tail = self.samples.energy(t, t1, TAIL_GAP_S)
                 if tail is not None:
                     return min(max(e1 - min(tail, tail_d0), e0), e1)
             t1, e1 = d0, e1 - tail_d0          # shape the rest of the segment below
@@ -168,12 +161,12 @@ class DeviceHistory:
         # Shaped by instant power: the counter's energy spread in proportion to what instant
         # power shows. Dense samples (every value read) cover the segment strictly; jittered
         # 10 Hz reads, with gaps up to ~0.2 s, leniently.
-        whole = self.shape_energy(t0, t1)
+        whole = self.samples.energy(t0, t1)
         strict = whole is not None
         if whole is None:
-            whole = self.bridge_energy(t0, t1)
+            whole = self.samples.bridge(t0, t1)
         if whole is not None and whole > 0:
-            part = (self.shape_energy(t0, t) if strict else self.bridge_energy(t0, t)) or 0.0
+            part = (self.samples.energy(t0, t) if strict else self.samples.bridge(t0, t)) or 0.0
             return e0 + (e1 - e0) * min(1.0, max(0.0, part / whole))
         return self._step_value(k, t, allow_step)
 
@@ -193,57 +186,6 @@ class DeviceHistory:
             high = (ea - e1) / (ta - t1) if ta > t1 else None
         return step_interpolate(t0, e0, t1, e1, t, low, high)
 
-    def samples_between(self, a: float, b: float) -> list[tuple[float, float]]:
-        """Instant samples dated in [a, b], oldest first. Scans back from the newest (queries
-        are near the present), so a read costs the samples in the span, not the whole ring."""
-        out = []
-        for t, w in reversed(self.shape):
-            if t < a:
-                break
-            if t <= b:
-                out.append((t, w))
-        out.reverse()
-        return out
-
-    def _dense_from(self, t0: float, t1: float) -> float | None:
-        """Where the run of instant samples read at most TAIL_GAP_S apart that reaches t1
-        begins, within the last TAIL_MAX_S of the segment (None: no such run)."""
-        pts = self.samples_between(max(t0, t1 - TAIL_MAX_S), t1 + TAIL_GAP_S)
-        if not pts or pts[-1][0] < t1 - TAIL_GAP_S:
-            return None
-        start = pts[-1][0]
-        for (ta, _), (tb, _) in zip(reversed(pts[:-1]), reversed(pts)):
-            if tb - ta > TAIL_GAP_S:
-                break
-            start = ta
-        return start if start < t1 else None
-
-    def shape_energy(self, a: float, b: float, gap: float = 0.0) -> float | None:
-        """Energy from a to b from instant-power samples, or None unless the samples cover
-        [a, b] with no hole wider than ``gap``. Each value counts as the mean power since the
-        previous sample's time (NVML dates field values when they were taken): exact for a
-        short-window average read at every refresh, half a read interval off for a truly
-        instantaneous value. The last value is held forward."""
-        gap = gap or SHAPE_GAP_S
-        pts: list[tuple[float, float]] = []
-        for t, w in self.samples_between(a - gap, b + gap):
-            if a - gap <= t <= b + gap and not (pts and t - pts[-1][0] < SAME_VALUE_S):
-                pts.append((t, w))       # one value read twice is dated twice, a hair apart
-        if not pts or pts[0][0] > a + gap or pts[-1][0] < b - gap:
-            return None
-        if any(t1 - t0 > gap for (t0, _), (t1, _) in zip(pts, pts[1:])):
-            return None
-        energy, t_prev = 0.0, a
-        for t, w in pts:
-            if t > t_prev:
-                energy += w * (min(t, b) - t_prev)
-                t_prev = min(t, b)
-            if t >= b:
-                break
-        if t_prev < b:
-            energy += pts[-1][1] * (b - t_prev)
-        return energy + partial_box_correction(pts, a, b)
-
     def back_energy(self, t: float) -> float | None:
         """Energy from t to the device's first point (t before it: a window opened while the
         meter was still starting), measured back from the first readings: instant power for a
@@ -251,24 +193,16 @@ class DeviceHistory:
         t_first, e_first, p_first = self.point(0)
         if self.device.source != Source.COUNTER:
             return p_first * (t_first - t)
-        dense = self.shape_energy(t, t_first, TAIL_GAP_S) if t_first - t <= TAIL_MAX_S else None
+        dense = self.samples.energy(t, t_first, TAIL_GAP_S) if t_first - t <= TAIL_MAX_S else None
         if dense is not None:
             return dense
-        bridged = self.bridge_energy(t, t_first)
+        bridged = self.samples.bridge(t, t_first)
         if bridged is not None:
             return bridged
         if self.n >= 2:
             t_next, e_next, _ = self.point(1)
             return (e_next - e_first) / (t_next - t_first) * (t_first - t) if t_next > t_first else 0.0
         return None
-
-    def bridge_energy(self, a: float, b: float) -> float | None:
-        """Energy from a to b from instant power across holes (a reset, a lost GPU, a stalled
-        counter), or None when no sample lies within BRIDGE_REACH_S of both ends."""
-        pts = self.samples_between(a - BRIDGE_REACH_S, b + BRIDGE_REACH_S)
-        if not pts or pts[0][0] > a + BRIDGE_REACH_S or pts[-1][0] < b - BRIDGE_REACH_S:
-            return None
-        return integrate_samples(pts, a, b)
 
     def estimate_at(self, t: float) -> tuple[float, bool]:
         """E(t), and whether t lies past the last point (an estimate the next point may correct).
@@ -284,12 +218,12 @@ class DeviceHistory:
             ref = self.reference_energy(t_from, t)
             if ref is not None:
                 return self.total_j + ref, True
-        if self.shape and (self.device.source == Source.COUNTER or self.mean_active):
+        if self.samples and (self.device.source == Source.COUNTER or self.mean_active):
             # From the counter's (dated) refresh: the value holds the energy up to it.
-            t_shape = min(t, self.shape[-1][0])
-            bridged = self.bridge_energy(t_from, t_shape) if t_shape > t_from else None
+            t_shape = min(t, self.samples.last[0])
+            bridged = self.samples.bridge(t_from, t_shape) if t_shape > t_from else None
             if bridged is not None:
-                w = self.shape[-1][1]
+                w = self.samples.last[1]
                 return self.total_j + bridged + w * min(max(0.0, t - t_shape), HOLD_MAX_S), True
         return self.total_j + (self.last_power or 0.0) * min(max(0.0, t - t_from), HOLD_MAX_S), True
 
@@ -328,10 +262,10 @@ class DeviceHistory:
         the first mean past t + w/2 (the live tail asks for the same t on every sample)."""
         half = 0.5 * self.mean_window_s
         x = t + half
-        nxt_sample = next((ts for ts, _ in self.samples_between(x, x + 0.5)), None)
+        nxt_sample = next((ts for ts, _ in self.samples.between(x, x + 0.5)), None)
         nxt_mean = self.means[-1][0] if self.means else None
         key = (t, nxt_sample, nxt_mean if nxt_mean is None or nxt_mean <= x else -1.0,
-               len(self.shape) if nxt_sample is None else 0)
+               len(self.samples) if nxt_sample is None else 0)
         memo = self.mean_memo
         if key in memo:
             return memo[key]
@@ -360,7 +294,7 @@ class DeviceHistory:
         # kernel's start); the first one past t + h covers the end. Only with none inside is
         # the last one before held across the whole kernel. (Asked per reading: ~3x cheaper
         # than scanning a second either side.)
-        pts = self.samples_between(t - half, t + half + 1.0) or self.samples_between(t - half - 1.0, t + half + 1.0)
+        pts = self.samples.between(t - half, t + half + 1.0) or self.samples.between(t - half - 1.0, t + half + 1.0)
         if not pts:
             return 0.0
 
@@ -406,7 +340,7 @@ class DeviceHistory:
         """The largest power over [t0, t1]: history points and instant samples, never below the
         span's average (a counter's mean is a power the device reached)."""
         best = self.peak_w(t0, t1)
-        sample = self.max_sample_w(t0, t1)
+        sample = self.samples.max_w(t0, t1)
         if sample is not None:
             best = sample if best is None else max(best, sample)
         if t1 > t0 and self.last_t is not None:
@@ -450,8 +384,8 @@ class DeviceHistory:
             return cached[1]
         value = self.mean_energy(t)
         half = 0.5 * self.mean_window_s
-        settled = (self.means and self.means[-1][0] > t + half + 0.2 and self.shape
-                   and self.shape[-1][0] > t + half + 1.0)
+        settled = (self.means and self.means[-1][0] > t + half + 0.2 and self.samples
+                   and self.samples.last[0] > t + half + 1.0)
         if value is not None and settled:
             self.mean_cache = (t, value)
         return value
@@ -462,20 +396,15 @@ class DeviceHistory:
         worse on bursty loads: it describes a second that ended half a second ago.)"""
         if b <= a:
             return 0.0
-        bridged = self.bridge_energy(a, b)
+        bridged = self.samples.bridge(a, b)
         if bridged is not None:
             return bridged
-        w = self.shape[-1][1] if self.shape else (self.last_power or 0.0)
+        w = self.samples.last[1] if self.samples else (self.last_power or 0.0)
         return w * min(b - a, HOLD_MAX_S)
 
     def approximate_between(self, t0: float, t1: float) -> bool:
         """Whether any bridged span overlaps [t0, t1]."""
         return any(a < t1 and b > t0 for a, b in self.approx_spans)
-
-    def max_sample_w(self, t0: float, t1: float) -> float | None:
-        """The largest instant-power sample dated inside [t0, t1]."""
-        vals = [w for _, w in self.samples_between(t0, t1)]
-        return max(vals) if vals else None
 
     def push(self, t: float, e: float, p: float) -> None:
         i = self.n % RING_POINTS

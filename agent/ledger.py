@@ -128,26 +128,25 @@ class Ledger:
             self._record_mean(d, r)
             return
         if d.device.source == Source.SAMPLED and r.power_w is not None:
-            if not d.shape or r.t > d.shape[-1][0]:
-                d.shape.append((r.t, r.power_w))   # kept to shape edges, should a mean arrive
+            d.samples.add(r.t, r.power_w)          # kept to shape edges, should a mean arrive
             if d.mean_active:
                 if d.means and r.t - d.means[-1][0] <= MEAN_STALE_S:
                     return                         # the mean has the energy
                 d.mean_active = False   # the trailing mean stopped coming: integrate instant power
         if r.energy_j is None and d.device.source == Source.COUNTER:
-            if r.power_w is not None and (not d.shape or r.t > d.shape[-1][0]):
+            if r.power_w is not None and (not d.samples or r.t > d.samples.last[0]):
                 if d.last_t is not None:
                     # A new sample changes how the live tail is estimated (a held value gives
                     # way to a measured one, a hole is filled): what a scrape showed up to now
                     # stays the floor of the exported total (~5 us).
                     self._hold(d, r.t)
-                d.shape.append((r.t, r.power_w))   # shapes edges; the counter has the energy
-                d.shape_coarse = r.instant_coarse
+                d.samples.add(r.t, r.power_w)      # shapes edges; the counter has the energy
+                d.samples.coarse = r.instant_coarse
             return
         if d.last_t is not None and r.t <= d.last_t:
             return   # stale or duplicate timestamp: the value has not refreshed
         if r.energy_j is not None:
-            if d.last_t is not None and d.shape:
+            if d.last_t is not None and d.samples:
                 # What the live tail showed just before this point stays the floor: an
                 # over-estimate is held, not taken back. (Only where instant power carries the
                 # tail: a bare counter's tail is a guess that no scrape is shown.)
@@ -401,8 +400,8 @@ class Ledger:
             for k, d in self._devs.items():
                 at = t
                 if at is None:
-                    at = max(d.last_t or 0.0, d.shape[-1][0] if d.shape else 0.0)
-                power = d.shape[-1][1] if d.shape else d.last_power
+                    at = max(d.last_t or 0.0, d.samples.last[0] if d.samples else 0.0)
+                power = d.samples.last[1] if d.samples else d.last_power
                 e = d.energy(at) if d.last_t is not None else 0.0
                 out[k] = DeviceSnapshot(d.device, e, power, d.last_t, d.resets, d.errors, d.bridges)
             return out

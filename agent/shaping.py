@@ -1,14 +1,117 @@
 """Shaping energy between coarse points with instant-power samples.
 
 A counter tells how much energy a span held; instant power tells how it was spread inside
-the span. These pure functions place an edge inside a span on a power step, split a field's
-refresh box at an edge, and integrate a run of samples (strictly or across holes).
+the span. ``InstantSamples`` keeps a device's recent samples and integrates them (strictly,
+across holes, or as the dense tail read near an edge); the pure functions below place an edge
+inside a span on a power step, split a field's refresh box at an edge, and integrate a run of
+samples.
 """
 from __future__ import annotations
+
+from collections import deque
 
 MIN_BOX_S, MAX_BOX_S = 0.005, 0.05   # a short-window power field's refresh box (H100: 20 ms)
 HOLE_S = 0.3                         # a hole this wide between samples is filled...
 HOLE_CONTEXT_S = 1.0                 # ...from the samples this close to it
+SHAPE_GAP_S = 0.15        # samples this dense (20 Hz, jittered) shape a counter segment
+TAIL_MAX_S = 0.5          # an edge this close to the next counter read uses the measured tail
+TAIL_GAP_S = 0.06         # ...when instant power was read at least this often
+SAME_VALUE_S = 0.0005     # samples closer than this are one value read twice
+BRIDGE_REACH_S = 1.0      # a bridge needs instant power this close to both of its ends
+
+
+class InstantSamples:
+    """A device's recent instant-power samples (t, power_w), oldest first. ``coarse``: the
+    sensor says they cannot split a counter span (read-stamped ~100 ms point samples); they
+    still bridge its faults."""
+
+    __slots__ = ("pts", "coarse")
+
+    def __init__(self, maxlen: int) -> None:
+        self.pts: deque[tuple[float, float]] = deque(maxlen=maxlen)
+        self.coarse = False
+
+    def __bool__(self) -> bool:
+        return bool(self.pts)
+
+    def __len__(self) -> int:
+        return len(self.pts)
+
+    @property
+    def last(self) -> tuple[float, float]:
+        return self.pts[-1]
+
+    def add(self, t: float, w: float) -> bool:
+        """Keep a sample newer than the last one; False (dropped) otherwise."""
+        if self.pts and t <= self.pts[-1][0]:
+            return False
+        self.pts.append((t, w))
+        return True
+
+    def between(self, a: float, b: float) -> list[tuple[float, float]]:
+        """Instant samples dated in [a, b], oldest first. Scans back from the newest (queries
+        are near the present), so a read costs the samples in the span, not the whole ring."""
+        out = []
+        for t, w in reversed(self.pts):
+            if t < a:
+                break
+            if t <= b:
+                out.append((t, w))
+        out.reverse()
+        return out
+
+    def dense_from(self, t0: float, t1: float) -> float | None:
+        """Where the run of instant samples read at most TAIL_GAP_S apart that reaches t1
+        begins, within the last TAIL_MAX_S of the segment (None: no such run)."""
+        pts = self.between(max(t0, t1 - TAIL_MAX_S), t1 + TAIL_GAP_S)
+        if not pts or pts[-1][0] < t1 - TAIL_GAP_S:
+            return None
+        start = pts[-1][0]
+        for (ta, _), (tb, _) in zip(reversed(pts[:-1]), reversed(pts)):
+            if tb - ta > TAIL_GAP_S:
+                break
+            start = ta
+        return start if start < t1 else None
+
+    def energy(self, a: float, b: float, gap: float = 0.0) -> float | None:
+        """Energy from a to b from instant-power samples, or None unless the samples cover
+        [a, b] with no hole wider than ``gap``. Each value counts as the mean power since the
+        previous sample's time (NVML dates field values when they were taken): exact for a
+        short-window average read at every refresh, half a read interval off for a truly
+        instantaneous value. The last value is held forward."""
+        gap = gap or SHAPE_GAP_S
+        pts: list[tuple[float, float]] = []
+        for t, w in self.between(a - gap, b + gap):
+            if a - gap <= t <= b + gap and not (pts and t - pts[-1][0] < SAME_VALUE_S):
+                pts.append((t, w))       # one value read twice is dated twice, a hair apart
+        if not pts or pts[0][0] > a + gap or pts[-1][0] < b - gap:
+            return None
+        if any(t1 - t0 > gap for (t0, _), (t1, _) in zip(pts, pts[1:])):
+            return None
+        energy, t_prev = 0.0, a
+        for t, w in pts:
+            if t > t_prev:
+                energy += w * (min(t, b) - t_prev)
+                t_prev = min(t, b)
+            if t >= b:
+                break
+        if t_prev < b:
+            energy += pts[-1][1] * (b - t_prev)
+        return energy + partial_box_correction(pts, a, b)
+
+    def bridge(self, a: float, b: float) -> float | None:
+        """Energy from a to b from instant power across holes (a reset, a lost GPU, a stalled
+        counter), or None when no sample lies within BRIDGE_REACH_S of both ends."""
+        pts = self.between(a - BRIDGE_REACH_S, b + BRIDGE_REACH_S)
+        if not pts or pts[0][0] > a + BRIDGE_REACH_S or pts[-1][0] < b - BRIDGE_REACH_S:
+            return None
+        return integrate_samples(pts, a, b)
+
+    def max_w(self, t0: float, t1: float) -> float | None:
+        """The largest instant-power sample dated inside [t0, t1]."""
+        vals = [w for _, w in self.between(t0, t1)]
+        return max(vals) if vals else None
+
 
 
 def integrate_samples(pts: list[tuple[float, float]], a: float, b: float) -> float:
@@ -39,7 +142,7 @@ def integrate_samples(pts: list[tuple[float, float]], a: float, b: float) -> flo
 
 
 def partial_box_correction(pts: list[tuple[float, float]], a: float, b: float) -> float:
-    """What the step model changes at the two ends of ``shape_energy``'s sum.
+    """What the step model changes at the two ends of ``InstantSamples.energy``'s sum.
 
     Each field value is the mean over one refresh box. An edge inside a box gets a share of
     that box: pro rata assumes the power was flat across it, which is exactly wrong where a

@@ -206,21 +206,21 @@ def test_an_edge_inside_a_power_box_is_split_on_the_step_not_pro_rata():
     from wattmeter.history import DeviceHistory as _DeviceLedger
     d = _DeviceLedger(Device("gpu0", Component.GPU, Source.COUNTER), 0)
     step_t, low, high = 0.207, 70.0, 600.0        # a kernel starts 7 ms into the box (0.20, 0.22]
-    d.shape.extend(_box_shape(step_t, low, high))
+    d.samples.pts.extend(_box_shape(step_t, low, high))
     for a in (0.201, 0.205, 0.2069, 0.21, 0.219):
         b = 0.30
         exact = low * max(0.0, step_t - a) + high * (b - max(a, step_t))
-        assert d.shape_energy(a, b, 0.06) == pytest.approx(exact, abs=1e-9)
+        assert d.samples.energy(a, b, 0.06) == pytest.approx(exact, abs=1e-9)
     # The end of a span inside the box is split the same way.
     exact = low * (step_t - 0.1) + high * (0.213 - step_t)
-    assert d.shape_energy(0.1, 0.213, 0.06) == pytest.approx(exact, abs=1e-9)
+    assert d.samples.energy(0.1, 0.213, 0.06) == pytest.approx(exact, abs=1e-9)
 
 
 def test_flat_or_missing_neighbours_keep_the_pro_rata_share():
     from wattmeter.history import DeviceHistory as _DeviceLedger
     d = _DeviceLedger(Device("gpu0", Component.GPU, Source.COUNTER), 0)
-    d.shape.extend([(0.02 * k, 300.0) for k in range(1, 11)])       # flat: nothing to split
-    assert d.shape_energy(0.051, 0.15, 0.06) == pytest.approx(300.0 * (0.15 - 0.051))
+    d.samples.pts.extend([(0.02 * k, 300.0) for k in range(1, 11)])       # flat: nothing to split
+    assert d.samples.energy(0.051, 0.15, 0.06) == pytest.approx(300.0 * (0.15 - 0.051))
     d = _DeviceLedger(Device("gpu0", Component.GPU, Source.COUNTER), 0)
-    d.shape.extend([(0.02, 70.0), (0.06, 335.0), (0.08, 600.0)])     # the box before is missing
-    assert d.shape_energy(0.045, 0.08, 0.06) == pytest.approx(335.0 * 0.015 + 600.0 * 0.02)
+    d.samples.pts.extend([(0.02, 70.0), (0.06, 335.0), (0.08, 600.0)])     # the box before is missing
+    assert d.samples.energy(0.045, 0.08, 0.06) == pytest.approx(335.0 * 0.015 + 600.0 * 0.02)
