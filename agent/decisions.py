@@ -193,7 +193,8 @@ def run_summary(record: Mapping[str, Any]) -> str:
 
 
 __all__ = ["add_estimate_arguments", "estimate_extras", "add_run_arguments", "run_values", "before_run",
-           "DecisionWriter", "run_summary", "render_projection", "add_report_arguments", "fleet_report_text",
+           "DecisionWriter", "run_summary", "render_projection", "add_report_arguments", "fleet_report",
+           "fleet_plot",
            "RecordValues", "records_decisions", "decision_chunks"]
 
 
@@ -216,9 +217,10 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --prometheus: also show what capping idle GPUs to W watts would have saved")
 
 
-def fleet_report_text(args: argparse.Namespace, group_by: str, zones: list) -> str:
-    """``report --prometheus``: the fleet report in ``args.format``."""
-    from .carbon.fleet import PrometheusClient, build_fleet_report, render_fleet
+def fleet_report(args: argparse.Namespace, group_by: str, zones: list) -> Any:
+    """``report --prometheus``: the :class:`~wattmeter.carbon.fleet.FleetReport`. Every flag
+    (and the --plot target) is checked before the first query."""
+    from .carbon.fleet import PrometheusClient, build_fleet_report
     from .carbon.forecast import parse_duration
     from .carbon.prices import parse_price
 
@@ -226,8 +228,6 @@ def fleet_report_text(args: argparse.Namespace, group_by: str, zones: list) -> s
         raise UsageError("no RECORDS given; pass JSONL files written by 'wattmeter run', or --prometheus URL")
     if args.records:
         raise UsageError("give RECORDS or --prometheus URL, not both")
-    if args.plot:
-        raise UsageError("--plot is not available with --prometheus yet; drop --plot")
     since_s = parse_duration(args.since, "--since")
     step_s = parse_duration(args.step, "--step")
     if not 0.0 <= args.idle_threshold <= 1.0:
@@ -235,10 +235,23 @@ def fleet_report_text(args: argparse.Namespace, group_by: str, zones: list) -> s
     if args.cap_watts is not None and not args.cap_watts > 0:
         raise UsageError(f"--cap-watts {args.cap_watts:g} must be above 0, e.g. 100")
     price = parse_price(args.price_per_kwh) if args.price_per_kwh else None
+    if args.plot:
+        from .carbon.plot import check_plot_target
+
+        check_plot_target(args.plot)
     client = PrometheusClient(args.prometheus)
-    report = build_fleet_report(client, since_s, "host" if group_by == "job" else group_by, args.at, step_s,
-                                args.idle_threshold, price, args.cap_watts, zones)
-    return render_fleet(report, args.format)
+    return build_fleet_report(client, since_s, "host" if group_by == "job" else group_by, args.at, step_s,
+                              args.idle_threshold, price, args.cap_watts, zones)
+
+
+def fleet_plot(report: Any, path: str) -> Path:
+    """``report --prometheus --plot``: GPU power over the report's period and energy per group,
+    queried from the same server at the report's resolution."""
+    from .carbon.fleet import PrometheusClient, fleet_power
+    from .carbon.plot import plot_fleet
+
+    plot_step_s, series = fleet_power(PrometheusClient(report.url), report.since_s, report.at, report.step_s)
+    return plot_fleet(report, plot_step_s, series, path)
 
 
 class RecordValues:
