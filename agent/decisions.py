@@ -195,7 +195,7 @@ def run_summary(record: Mapping[str, Any]) -> str:
 __all__ = ["add_estimate_arguments", "estimate_extras", "add_run_arguments", "run_values", "before_run",
            "DecisionWriter", "run_summary", "render_projection", "add_report_arguments", "fleet_report",
            "fleet_plot",
-           "RecordValues", "records_decisions", "decision_chunks"]
+           "RecordValues", "records_decisions", "decision_columns", "decision_chunks"]
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -281,6 +281,16 @@ class RecordValues:
                 (isinstance(carbon, Mapping) and carbon.get("zone") in self._priced)
         return self.inner(record)
 
+    def units(self) -> list[str]:
+        """The value units of the runs seen, in name order (tokens are not among them: they are
+        counted in the rows)."""
+        return sorted({str(u) for v in self.by_run.values() for u, n in v.items()
+                       if isinstance(n, (int, float)) and not isinstance(n, bool)})
+
+    def value_of(self, run_id: str) -> dict[str, Any] | None:
+        """The ``value`` field of a run's last record, or None."""
+        return self.by_run.get(str(run_id))
+
     def record(self, row: Any) -> dict[str, Any]:
         """The fields of a report row's run that the decision figures read, as a record dict."""
         f = row.figures
@@ -331,10 +341,22 @@ def records_decisions(records: Iterable[Mapping[str, Any]], price: Any = None) -
     return {"jobs": list(jobs.values())}
 
 
+def decision_columns(report: Any, values: RecordValues, price: Any = None) -> Any:
+    """The value and cost columns the csv and codecarbon formats add after their own (the same
+    figures that table, Markdown and JSON show in their "value and cost" section)."""
+    from .carbon.report_columns import DecisionColumns
+
+    units = values.units()
+    if report.total.tokens and "tokens" not in units:
+        units.append("tokens")            # tokens count as value automatically
+    return DecisionColumns(units, values.value_of, report.group_by, price)
+
+
 def decision_chunks(chunks: Iterable[str], fmt: str, rows: Iterable[Any], values: RecordValues,
                     price: Any = None) -> Iterator[str]:
     """The streamed records report with the decision figures added: a ``decisions`` key in json,
-    a "value and cost" section after table and markdown; csv and codecarbon are unchanged."""
+    a "value and cost" section after table and markdown; csv and codecarbon carry them as columns
+    (:func:`decision_columns`, passed to their renderer) and pass through here."""
     if fmt in ("csv", "codecarbon") or (fmt != "json" and price is None and not values.any_figure):
         yield from chunks              # nothing to add: no second pass over 200k rows
         return

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from ..decisions import RecordValues, add_report_arguments, decision_chunks, fleet_plot, fleet_report
+from ..decisions import (RecordValues, add_report_arguments, decision_chunks, decision_columns, fleet_plot,
+                         fleet_report)
 from ..errors import UsageError
 
 
@@ -75,7 +76,9 @@ def run_report(args: argparse.Namespace) -> int:
         sys.stderr.write(f"wattmeter: warning: {records.skipped_summary()}\n")
     report = build_report(records, group_by, zones)
     _check_group_by(group_by, report.rows, BUILTIN_GROUPS)
-    chunks = decision_chunks(render_chunks(report, args.format), args.format, report.rows, values, price)
+    # decisions: value and cost as trailing columns in csv/codecarbon, as a section elsewhere
+    more = decision_columns(report, values, price) if args.format in ("csv", "codecarbon") else None
+    chunks = decision_chunks(render_chunks(report, args.format, more), args.format, report.rows, values, price)
     _emit(args, chunks)
     if args.plot:
         from ..carbon.plot import plot_report
