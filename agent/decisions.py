@@ -14,11 +14,12 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, TextIO
+from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
 
 from .clock import Clock, SystemClock
 from .errors import UsageError
-from .projection import ProgressError, ProgressTracker, parse_progress_text, render_projection
+from .projection import (POLL_MIN_S, ProgressError, ProgressFile, ProgressTracker, energy_so_far_j,
+                         parse_progress_text, render_projection)
 from .value import parse_value_flag, parse_value_text, value_fields
 
 
@@ -110,23 +111,70 @@ class DecisionWriter:
     """Adds ``value`` and ``projection`` to each record ``run`` writes: pass ``extra_fields`` as
     ``RecordSink(..., enrich=...)``.
 
-    The job's files are read at each record; a bad value or progress in them is a warning, never a
-    failed run (the child's exit code wins and the record is still written)."""
+    The value file is read at each record. The progress file is followed by :meth:`poll`: each
+    record polls it, and so does the meter's sampler every quarter second once :meth:`follow`
+    is called, so the projection (records and ``/metrics``) follows the file within a second
+    rather than a checkpoint interval. A bad value or progress is a warning, never a failed run
+    (the child's exit code wins and the record is still written)."""
 
     def __init__(self, values: Mapping[str, float] | None = None, value_file: str | None = None,
-                 progress_file: str | None = None, err: TextIO | None = None) -> None:
+                 progress_file: str | None = None, err: TextIO | None = None,
+                 energy_now: Callable[[], float] | None = None) -> None:
         self.values = dict(values or {})
         self.value_file = value_file
         self.progress_file = progress_file
         self.err = err or sys.stderr
+        self.energy_now = energy_now         # energy metered so far, for polls between records
         self.tracker = ProgressTracker()
         self._lock = threading.Lock()        # the tracker is read by /metrics scrapes on other threads
+        self._poll_lock = threading.Lock()   # polls come from the sampler and the record writer
+        self._progress = ProgressFile(progress_file) if progress_file else None
+        self._fraction: float | None = None  # the latest progress read from the file
         self._warned: set[str] = set()
 
     def projection(self) -> Any:
         """The latest projection to completion, or None (safe from any thread)."""
         with self._lock:
             return self.tracker.projection()
+
+    def follow(self, meter: Any, period_s: float = POLL_MIN_S / 2) -> None:
+        """Poll the progress file from ``meter``'s sampler every ``period_s`` (on its own thread),
+        each new progress paired with the energy metered so far as ``meter.progress()`` pairs it.
+        ``run`` calls this once, after building the meter; without a progress file it does nothing."""
+        if self._progress is None:
+            return
+        clock = meter.clock
+        self.energy_now = lambda: energy_so_far_j(meter.snapshot())
+        meter.sampler.add_task("progress-file", period_s, lambda now: self.poll(clock.wall(now)))
+
+    def poll(self, now: float, energy_j: float | None = None, force: bool = False) -> bool:
+        """Follow the progress file: a ``stat``, and a read only when it changed, at most every
+        POLL_MIN_S by ``now`` (Unix seconds; ``force`` skips that wait). New progress is added
+        at ``now`` with ``energy_j``, else with ``energy_now()`` (called only then). True when a
+        sample was added. Never raises for the file's sake: a bad file is a warning."""
+        if self._progress is None or (energy_j is None and self.energy_now is None):
+            return False
+        origin = f"progress file {self.progress_file}"
+        with self._poll_lock:
+            try:
+                text = self._progress.read_if_changed(now, force)
+            except (OSError, UnicodeDecodeError) as exc:
+                self._warn(f"cannot read {self.progress_file}: {exc}")
+                return False
+            if text is None or not text.strip():
+                return False
+            try:
+                fraction = parse_progress_text(text, origin)
+            except ProgressError as exc:
+                self._warn(str(exc))
+                return False
+            energy = self.energy_now() if energy_j is None else energy_j     # type: ignore[misc]
+            with self._lock:
+                warning = self.tracker.add(now, fraction, float(energy), origin)
+                self._fraction = fraction
+        if warning:
+            self._warn(warning)
+        return True
 
     def _warn(self, text: str) -> None:
         if text not in self._warned:
@@ -154,25 +202,24 @@ class DecisionWriter:
                     self._warn(str(exc))
         out = value_fields(record, values)
         if self.progress_file:
-            text = self._read(self.progress_file)
             energy = (record.get("energy_j") or {}).get("total")
-            if text is not None and text.strip() and isinstance(energy, (int, float)):
-                origin = f"progress file {self.progress_file}"
-                try:
-                    fraction = parse_progress_text(text, origin)
-                    with self._lock:
-                        warning = self.tracker.add(float(record.get("end_unix") or 0.0), fraction, float(energy),
-                                                   origin)
-                    if warning:
-                        self._warn(warning)
-                except ProgressError as exc:
-                    self._warn(str(exc))
+            if isinstance(energy, (int, float)):
+                now = float(record.get("end_unix") or 0.0)
+                # the final record always looks at the file: a job's last "1.0" is not left behind
+                if not self.poll(now, float(energy), force=not record.get("checkpoint")):
+                    self._stalled(now, float(energy))
             projection = self.projection()
             if projection is not None:
                 carbon = record.get("carbon") or {}
                 g = carbon.get("intensity_avg_g_per_kwh", carbon.get("intensity_g_per_kwh"))
                 out["projection"] = projection.as_record(g, float(carbon.get("pue", 1.0)) if carbon else 1.0)
         return out
+
+    def _stalled(self, now: float, energy_j: float) -> None:
+        """No new progress at this record: the time and energy spent since still count."""
+        with self._lock:
+            if self._fraction is not None:
+                self.tracker.add(now, self._fraction, energy_j)
 
 
 def run_summary(record: Mapping[str, Any]) -> str:
