@@ -14,11 +14,12 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, TextIO
+from typing import Any, Callable, Iterable, Iterator, Mapping, TextIO
 
 from .clock import Clock, SystemClock
 from .errors import UsageError
-from .projection import ProgressError, ProgressTracker, parse_progress_text, render_projection
+from .projection import (POLL_MIN_S, ProgressError, ProgressFile, ProgressTracker, energy_so_far_j,
+                         parse_progress_text, render_projection)
 from .value import parse_value_flag, parse_value_text, value_fields
 
 
@@ -110,23 +111,70 @@ class DecisionWriter:
     """Adds ``value`` and ``projection`` to each record ``run`` writes: pass ``extra_fields`` as
     ``RecordSink(..., enrich=...)``.
 
-    The job's files are read at each record; a bad value or progress in them is a warning, never a
-    failed run (the child's exit code wins and the record is still written)."""
+    The value file is read at each record. The progress file is followed by :meth:`poll`: each
+    record polls it, and so does the meter's sampler every quarter second once :meth:`follow`
+    is called, so the projection (records and ``/metrics``) follows the file within a second
+    rather than a checkpoint interval. A bad value or progress is a warning, never a failed run
+    (the child's exit code wins and the record is still written)."""
 
     def __init__(self, values: Mapping[str, float] | None = None, value_file: str | None = None,
-                 progress_file: str | None = None, err: TextIO | None = None) -> None:
+                 progress_file: str | None = None, err: TextIO | None = None,
+                 energy_now: Callable[[], float] | None = None) -> None:
         self.values = dict(values or {})
         self.value_file = value_file
         self.progress_file = progress_file
         self.err = err or sys.stderr
+        self.energy_now = energy_now         # energy metered so far, for polls between records
         self.tracker = ProgressTracker()
         self._lock = threading.Lock()        # the tracker is read by /metrics scrapes on other threads
+        self._poll_lock = threading.Lock()   # polls come from the sampler and the record writer
+        self._progress = ProgressFile(progress_file) if progress_file else None
+        self._fraction: float | None = None  # the latest progress read from the file
         self._warned: set[str] = set()
 
     def projection(self) -> Any:
         """The latest projection to completion, or None (safe from any thread)."""
         with self._lock:
             return self.tracker.projection()
+
+    def follow(self, meter: Any, period_s: float = POLL_MIN_S / 2) -> None:
+        """Poll the progress file from ``meter``'s sampler every ``period_s`` (on its own thread),
+        each new progress paired with the energy metered so far as ``meter.progress()`` pairs it.
+        ``run`` calls this once, after building the meter; without a progress file it does nothing."""
+        if self._progress is None:
+            return
+        clock = meter.clock
+        self.energy_now = lambda: energy_so_far_j(meter.snapshot())
+        meter.sampler.add_task("progress-file", period_s, lambda now: self.poll(clock.wall(now)))
+
+    def poll(self, now: float, energy_j: float | None = None, force: bool = False) -> bool:
+        """Follow the progress file: a ``stat``, and a read only when it changed, at most every
+        POLL_MIN_S by ``now`` (Unix seconds; ``force`` skips that wait). New progress is added
+        at ``now`` with ``energy_j``, else with ``energy_now()`` (called only then). True when a
+        sample was added. Never raises for the file's sake: a bad file is a warning."""
+        if self._progress is None or (energy_j is None and self.energy_now is None):
+            return False
+        origin = f"progress file {self.progress_file}"
+        with self._poll_lock:
+            try:
+                text = self._progress.read_if_changed(now, force)
+            except (OSError, UnicodeDecodeError) as exc:
+                self._warn(f"cannot read {self.progress_file}: {exc}")
+                return False
+            if text is None or not text.strip():
+                return False
+            try:
+                fraction = parse_progress_text(text, origin)
+            except ProgressError as exc:
+                self._warn(str(exc))
+                return False
+            energy = self.energy_now() if energy_j is None else energy_j     # type: ignore[misc]
+            with self._lock:
+                warning = self.tracker.add(now, fraction, float(energy), origin)
+                self._fraction = fraction
+        if warning:
+            self._warn(warning)
+        return True
 
     def _warn(self, text: str) -> None:
         if text not in self._warned:
@@ -154,25 +202,24 @@ class DecisionWriter:
                     self._warn(str(exc))
         out = value_fields(record, values)
         if self.progress_file:
-            text = self._read(self.progress_file)
             energy = (record.get("energy_j") or {}).get("total")
-            if text is not None and text.strip() and isinstance(energy, (int, float)):
-                origin = f"progress file {self.progress_file}"
-                try:
-                    fraction = parse_progress_text(text, origin)
-                    with self._lock:
-                        warning = self.tracker.add(float(record.get("end_unix") or 0.0), fraction, float(energy),
-                                                   origin)
-                    if warning:
-                        self._warn(warning)
-                except ProgressError as exc:
-                    self._warn(str(exc))
+            if isinstance(energy, (int, float)):
+                now = float(record.get("end_unix") or 0.0)
+                # the final record always looks at the file: a job's last "1.0" is not left behind
+                if not self.poll(now, float(energy), force=not record.get("checkpoint")):
+                    self._stalled(now, float(energy))
             projection = self.projection()
             if projection is not None:
                 carbon = record.get("carbon") or {}
                 g = carbon.get("intensity_avg_g_per_kwh", carbon.get("intensity_g_per_kwh"))
                 out["projection"] = projection.as_record(g, float(carbon.get("pue", 1.0)) if carbon else 1.0)
         return out
+
+    def _stalled(self, now: float, energy_j: float) -> None:
+        """No new progress at this record: the time and energy spent since still count."""
+        with self._lock:
+            if self._fraction is not None:
+                self.tracker.add(now, self._fraction, energy_j)
 
 
 def run_summary(record: Mapping[str, Any]) -> str:
@@ -193,8 +240,9 @@ def run_summary(record: Mapping[str, Any]) -> str:
 
 
 __all__ = ["add_estimate_arguments", "estimate_extras", "add_run_arguments", "run_values", "before_run",
-           "DecisionWriter", "run_summary", "render_projection", "add_report_arguments", "fleet_report_text",
-           "RecordValues", "records_decisions", "decision_chunks"]
+           "DecisionWriter", "run_summary", "render_projection", "add_report_arguments", "fleet_report",
+           "fleet_plot",
+           "RecordValues", "records_decisions", "decision_columns", "decision_chunks"]
 
 
 # -- report ----------------------------------------------------------------------------------
@@ -216,9 +264,10 @@ def add_report_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --prometheus: also show what capping idle GPUs to W watts would have saved")
 
 
-def fleet_report_text(args: argparse.Namespace, group_by: str, zones: list) -> str:
-    """``report --prometheus``: the fleet report in ``args.format``."""
-    from .carbon.fleet import PrometheusClient, build_fleet_report, render_fleet
+def fleet_report(args: argparse.Namespace, group_by: str, zones: list) -> Any:
+    """``report --prometheus``: the :class:`~wattmeter.carbon.fleet.FleetReport`. Every flag
+    (and the --plot target) is checked before the first query."""
+    from .carbon.fleet import PrometheusClient, build_fleet_report
     from .carbon.forecast import parse_duration
     from .carbon.prices import parse_price
 
@@ -226,8 +275,6 @@ def fleet_report_text(args: argparse.Namespace, group_by: str, zones: list) -> s
         raise UsageError("no RECORDS given; pass JSONL files written by 'wattmeter run', or --prometheus URL")
     if args.records:
         raise UsageError("give RECORDS or --prometheus URL, not both")
-    if args.plot:
-        raise UsageError("--plot is not available with --prometheus yet; drop --plot")
     since_s = parse_duration(args.since, "--since")
     step_s = parse_duration(args.step, "--step")
     if not 0.0 <= args.idle_threshold <= 1.0:
@@ -235,10 +282,23 @@ def fleet_report_text(args: argparse.Namespace, group_by: str, zones: list) -> s
     if args.cap_watts is not None and not args.cap_watts > 0:
         raise UsageError(f"--cap-watts {args.cap_watts:g} must be above 0, e.g. 100")
     price = parse_price(args.price_per_kwh) if args.price_per_kwh else None
+    if args.plot:
+        from .carbon.plot import check_plot_target
+
+        check_plot_target(args.plot)
     client = PrometheusClient(args.prometheus)
-    report = build_fleet_report(client, since_s, "host" if group_by == "job" else group_by, args.at, step_s,
-                                args.idle_threshold, price, args.cap_watts, zones)
-    return render_fleet(report, args.format)
+    return build_fleet_report(client, since_s, "host" if group_by == "job" else group_by, args.at, step_s,
+                              args.idle_threshold, price, args.cap_watts, zones)
+
+
+def fleet_plot(report: Any, path: str) -> Path:
+    """``report --prometheus --plot``: GPU power over the report's period and energy per group,
+    queried from the same server at the report's resolution."""
+    from .carbon.fleet import PrometheusClient, fleet_power
+    from .carbon.plot import plot_fleet
+
+    plot_step_s, series = fleet_power(PrometheusClient(report.url), report.since_s, report.at, report.step_s)
+    return plot_fleet(report, plot_step_s, series, path)
 
 
 class RecordValues:
@@ -267,6 +327,16 @@ class RecordValues:
             self.any_figure = (isinstance(tokens, Mapping) and any(tokens.values())) or \
                 (isinstance(carbon, Mapping) and carbon.get("zone") in self._priced)
         return self.inner(record)
+
+    def units(self) -> list[str]:
+        """The value units of the runs seen, in name order (tokens are not among them: they are
+        counted in the rows)."""
+        return sorted({str(u) for v in self.by_run.values() for u, n in v.items()
+                       if isinstance(n, (int, float)) and not isinstance(n, bool)})
+
+    def value_of(self, run_id: str) -> dict[str, Any] | None:
+        """The ``value`` field of a run's last record, or None."""
+        return self.by_run.get(str(run_id))
 
     def record(self, row: Any) -> dict[str, Any]:
         """The fields of a report row's run that the decision figures read, as a record dict."""
@@ -318,10 +388,22 @@ def records_decisions(records: Iterable[Mapping[str, Any]], price: Any = None) -
     return {"jobs": list(jobs.values())}
 
 
+def decision_columns(report: Any, values: RecordValues, price: Any = None) -> Any:
+    """The value and cost columns the csv and codecarbon formats add after their own (the same
+    figures that table, Markdown and JSON show in their "value and cost" section)."""
+    from .carbon.report_columns import DecisionColumns
+
+    units = values.units()
+    if report.total.tokens and "tokens" not in units:
+        units.append("tokens")            # tokens count as value automatically
+    return DecisionColumns(units, values.value_of, report.group_by, price)
+
+
 def decision_chunks(chunks: Iterable[str], fmt: str, rows: Iterable[Any], values: RecordValues,
                     price: Any = None) -> Iterator[str]:
     """The streamed records report with the decision figures added: a ``decisions`` key in json,
-    a "value and cost" section after table and markdown; csv and codecarbon are unchanged."""
+    a "value and cost" section after table and markdown; csv and codecarbon carry them as columns
+    (:func:`decision_columns`, passed to their renderer) and pass through here."""
     if fmt in ("csv", "codecarbon") or (fmt != "json" and price is None and not values.any_figure):
         yield from chunks              # nothing to add: no second pass over 200k rows
         return

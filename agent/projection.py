@@ -12,7 +12,10 @@ past rate predicts the future exactly. It narrows as the remaining fraction shri
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UsageError
@@ -20,6 +23,8 @@ from .errors import UsageError
 J_PER_KWH = 3.6e6
 MIN_FRACTION = 0.01          # publish from the first percent of progress on
 RATE_FLOOR = 0.01            # the band is never narrower than 1 % of the remaining energy
+POLL_MIN_S = 0.5             # a progress file is looked at no more often than this
+RACY_NS = 2_000_000_000      # a file changed this recently may change again within its mtime tick
 
 
 class ProgressError(UsageError):
@@ -51,6 +56,50 @@ def parse_progress_text(text: str, origin: str) -> float:
             raise ProgressError(f"{origin}: total in {body!r} must be above 0; write e.g. 420/1000")
         return check_fraction(d / t, origin)
     return check_fraction(body, origin)
+
+
+class ProgressFile:
+    """A progress file a job writes, followed cheaply: one ``stat`` per look, at most every
+    ``min_interval_s``, and a read only when its mtime, size or inode changed.
+
+    mtime has the file system's granularity (a few ms, a second on some), so two writes inside
+    one tick of the same size ("0.41" then "0.42") leave the same stat behind. As git does for
+    its index, a file whose mtime was within ``RACY_NS`` of the last read is read again at the
+    next look until it is older than that; a read that finds the same text returns None."""
+
+    def __init__(self, path: str, min_interval_s: float = POLL_MIN_S) -> None:
+        self.path = path
+        self.min_interval_s = min_interval_s
+        self.reads = 0                  # file reads so far (stats are not counted)
+        self._last_look: float | None = None
+        self._key: tuple[int, int, int] | None = None
+        self._racy = False
+        self._text: str | None = None
+
+    def read_if_changed(self, now: float, force: bool = False) -> str | None:
+        """The file's text when it changed since the last read, else None. ``now`` (any clock
+        that moves forward) spaces the looks; ``force`` looks even if the last was just now.
+        A missing file is None; other OSErrors and undecodable text are raised."""
+        last = self._last_look
+        if not force and last is not None and 0.0 <= now - last < self.min_interval_s:
+            return None
+        self._last_look = now
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._key = None
+            return None
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if key == self._key and not self._racy:
+            return None
+        text = Path(self.path).read_text(encoding="utf-8")
+        self.reads += 1
+        self._key = key
+        self._racy = time.time_ns() - st.st_mtime_ns < RACY_NS
+        if text == self._text:
+            return None
+        self._text = text
+        return text
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,11 @@ def test_cli_bad_input_exits_2_with_one_line(argv, fragment, capsys, monkeypatch
 def test_cli_writes_output_file(tmp_path, capsys):
     out = tmp_path / "emissions.csv"
     assert main(["report", str(RECORDS), "-f", "codecarbon", "-o", str(out)]) == 0
-    assert out.read_text().splitlines()[0].split(",") == CODECARBON_COLUMNS
+    header = out.read_text().splitlines()[0].split(",")
+    # CodeCarbon's columns in its order, then wattmeter's value and cost columns (test_report_columns)
+    assert header[:len(CODECARBON_COLUMNS)] == CODECARBON_COLUMNS
+    assert header[len(CODECARBON_COLUMNS):] == ["value_tokens", "value_tokens_per_kwh", "value_tokens_per_kg_co2e",
+                                                "price_per_kwh", "currency", "price_source", "cost"]
 
 
 def test_real_subprocess_python_m_wattmeter_report(tmp_path):

@@ -46,9 +46,18 @@ class PrometheusClient:
         self.timeout_s = timeout_s
 
     def query(self, expr: str, at: float) -> list[dict[str, Any]]:
-        params = urllib.parse.urlencode({"query": expr, "time": f"{at:.3f}"})
+        """An instant query: ``[{"metric": {...}, "value": [t, "v"]}, ...]``."""
+        return self._get("query", {"query": expr, "time": f"{at:.3f}"}, expr)
+
+    def query_range(self, expr: str, start: float, end: float, step_s: float) -> list[dict[str, Any]]:
+        """A range query: ``[{"metric": {...}, "values": [[t, "v"], ...]}, ...]``."""
+        return self._get("query_range", {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}",
+                                         "step": f"{step_s:g}"}, expr)
+
+    def _get(self, endpoint: str, params: Mapping[str, str], expr: str) -> list[dict[str, Any]]:
+        query = urllib.parse.urlencode(params)
         try:
-            with urllib.request.urlopen(f"{self.url}/api/v1/query?{params}", timeout=self.timeout_s) as resp:  # noqa: S310
+            with urllib.request.urlopen(f"{self.url}/api/v1/{endpoint}?{query}", timeout=self.timeout_s) as resp:  # noqa: S310
                 body = resp.read(_MAX_BODY)
         except urllib.error.HTTPError as exc:
             detail = ""
@@ -171,6 +180,7 @@ class FleetReport:
     what_if: list[tuple[ZoneInfo, float]]
     idle_threshold: float
     prorated: bool
+    step_s: float = 60.0               # the idle-time resolution (--step); the plot's finest step
 
     @property
     def energy_j(self) -> float:
@@ -285,7 +295,57 @@ def build_fleet_report(client: PrometheusClient, since_s: float, group_by: str =
     fleet_kwh = sum(g.energy_j for g in rows if not g.key.startswith("tokens:")) / J_PER_KWH
     return FleetReport(client.url, at, since_s, group_by, rows, gpus, waste, total_grams,
                        [(z, fleet_kwh * z.g_per_kwh) for z in what_if], idle_threshold,
-                       prorated=label != "hostname")
+                       prorated=label != "hostname", step_s=step_s)
+
+
+# -- power over time (report --plot) ----------------------------------------------------------
+PLOT_POINTS = 720                      # at most this many steps per series: a week at 14 min
+
+
+@dataclass(frozen=True)
+class PowerSeries:
+    """One GPU's mean power per step over the report's period, from its energy counter."""
+
+    hostname: str
+    gpu: str
+    model: str
+    t_unix: tuple[float, ...]          # end of each step
+    power_w: tuple[float, ...]
+
+    @property
+    def label(self) -> str:
+        return f"{self.hostname}/{self.gpu}"
+
+
+def fleet_power(client: PrometheusClient, since_s: float, at: float, step_s: float = 60.0,
+                points: int = PLOT_POINTS) -> tuple[float, list[PowerSeries]]:
+    """(the plot step, GPU power per host and GPU over ``[at - since_s, at]``).
+
+    Power is ``rate()`` of the energy counter, not the power gauge: a counter's rate is the mean
+    over the step, where a gauge read at scrape time aliases. The rate window is the plot step,
+    but at least three ``--step`` (which is at least the scrape interval), so every point has two
+    scrapes to difference; steps are as fine as ``--step`` and never more than ``points``."""
+    plot_step = max(step_s, since_s / points)
+    window = _prom_duration(max(plot_step, 3.0 * step_s))
+    rows = client.query_range(f"rate(wattmeter_gpu_energy_joules_total[{window}])", at - since_s, at, plot_step)
+    out = []
+    for row in rows:
+        m = row.get("metric") or {}
+        pairs = []
+        for point in row.get("values") or ():
+            try:
+                pairs.append((float(point[0]), float(point[1])))
+            except (IndexError, TypeError, ValueError):
+                continue     # a malformed point is one gap in a line, not a failed report
+        if pairs:
+            out.append(PowerSeries(m.get("hostname", m.get("instance", "?")), m.get("gpu", "?"), m.get("model", ""),
+                                   tuple(t for t, _ in pairs), tuple(w for _, w in pairs)))
+    out.sort(key=lambda s: (s.hostname, _gpu_order(s.gpu)))
+    return plot_step, out
+
+
+def _gpu_order(gpu: str) -> tuple[int, str]:
+    return (int(gpu), "") if gpu.isdigit() else (1 << 30, gpu)
 
 
 # -- rendering ------------------------------------------------------------------------------

@@ -1,15 +1,20 @@
-"""``wattmeter report --plot out.png``: power over time per GPU, and energy per job.
+"""``wattmeter report --plot out.png``: power over time per GPU, and energy per job or group.
 
 Needs the ``plot`` extra (matplotlib); uses the Agg backend so it works without a display.
-Power comes from each record's downsampled ``timeline`` (docs/records.md).
+From records, power comes from each record's downsampled ``timeline`` (docs/records.md); from
+``--prometheus``, from the GPU energy counters' rate over the report's period (fleet.fleet_power).
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import UsageError
 from .report import COMPONENTS, Report
+
+if TYPE_CHECKING:
+    from .fleet import FleetReport, PowerSeries
 
 _COLOURS = {"gpu": "#2a7ab0", "cpu": "#e08a1e", "ram": "#7a9a3a"}
 
@@ -79,4 +84,60 @@ def plot_report(report: Report, path: str | Path, records: Mapping[str, Mapping[
     return out
 
 
-__all__: Sequence[str] = ("plot_report", "gpu_series", "check_plot_target")
+def _time_unit(span_s: float) -> tuple[str, float]:
+    """The axis unit for a period: seconds up to 2 min, minutes up to 2 h, hours up to 2 days, else days."""
+    for name, seconds, upto in (("s", 1.0, 120.0), ("min", 60.0, 7200.0), ("h", 3600.0, 172800.0)):
+        if span_s <= upto:
+            return name, seconds
+    return "days", 86400.0
+
+
+def plot_fleet(report: "FleetReport", plot_step_s: float, series: Sequence["PowerSeries"], path: str | Path) -> Path:
+    """The fleet from Prometheus: each GPU's mean power per step over the period, and the
+    energy per group, with the GPUs' idle energy inside each host's bar when grouped by host."""
+    from .fleet import J_PER_KWH
+
+    out = check_plot_target(path)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = report.at - report.since_s
+    unit, per = _time_unit(report.since_s)
+    when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(start))
+    fig, (ax_power, ax_energy) = plt.subplots(2, 1, figsize=(11, 8), constrained_layout=True)
+    for s in series:
+        ax_power.plot([(t - start) / per for t in s.t_unix], list(s.power_w), linewidth=1,
+                      label=f"{s.label} {s.model}".strip())
+    ax_power.set_title(f"GPU power from {report.url} (mean per {plot_step_s:g} s step, from the energy counters)")
+    ax_power.set_ylabel("W")
+    ax_power.set_xlabel(f"{unit} since {when}")
+    ax_power.set_xlim(0, report.since_s / per)
+    ax_power.set_ylim(bottom=0)           # idle watts read against zero, not against the busiest GPU
+    if 0 < len(series) <= 16:
+        ax_power.legend(fontsize="x-small", ncol=2)
+    elif not series:
+        ax_power.text(0.5, 0.5, "no GPU energy series in this period", ha="center", transform=ax_power.transAxes)
+    groups = [g for g in report.groups if not g.key.startswith("tokens:")]   # token rows carry no energy
+    names = [g.key for g in groups]
+    ax_energy.bar(names, [g.energy_kwh for g in groups], color=_COLOURS["gpu"], label="energy")
+    if report.group_by in ("host", "hostname"):
+        idle: dict[str, float] = {}
+        for gpu in report.gpus:
+            idle[gpu.hostname] = idle.get(gpu.hostname, 0.0) + gpu.idle_j / J_PER_KWH
+        ax_energy.bar(names, [idle.get(n, 0.0) for n in names], color="none", edgecolor="#b00020",
+                      hatch="//", label="of which GPU idle")
+    ax_energy.set_title(f"Energy by {report.group_by} over {report.since_s / per:.3g} {unit}")
+    ax_energy.set_ylabel("kWh")
+    if groups:
+        ax_energy.legend()
+    else:
+        ax_energy.text(0.5, 0.5, "no energy in this period", ha="center", transform=ax_energy.transAxes)
+    ax_energy.tick_params(axis="x", labelsize="x-small")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+__all__: Sequence[str] = ("plot_report", "plot_fleet", "gpu_series", "check_plot_target")

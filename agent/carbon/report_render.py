@@ -6,7 +6,7 @@ import itertools
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from .codecarbon_csv import CODECARBON_COLUMNS, codecarbon_row
 from .report import COMPONENTS, SCOPES, Figures, JobRow, Report
@@ -244,11 +244,25 @@ class _Lines:
         return out
 
 
-def render_csv(report: Report) -> Iterator[str]:
+class ExtraColumns(Protocol):
+    """Columns another feature adds after a CSV format's own (decisions: value and cost).
+    ``run`` sees every run before ``group`` and ``total`` are asked."""
+
+    columns: list[str]
+
+    def run(self, row: JobRow) -> Mapping[str, Any]: ...
+
+    def group(self, key: str) -> Mapping[str, Any]: ...
+
+    def total(self) -> Mapping[str, Any]: ...
+
+
+def render_csv(report: Report, more: ExtraColumns | None = None) -> Iterator[str]:
     wi = report.what_if
     extra = [f"whatif_{z.key}_g" for z in wi.zones] if wi else []
     buf = _Lines()
-    writer = csv.DictWriter(buf, CSV_COLUMNS + extra, lineterminator="\n", extrasaction="ignore")
+    writer = csv.DictWriter(buf, CSV_COLUMNS + extra + (more.columns if more else []), lineterminator="\n",
+                            extrasaction="ignore")
     writer.writeheader()
     for r in report.rows:
         row = {"level": "job", "run_id": r.run_id, "job": r.job, "host": r.host, "day": r.day, "start": r.start,
@@ -259,13 +273,18 @@ def render_csv(report: Report) -> Iterator[str]:
                "gpu_count": r.gpu_count, **_figure_fields(r.figures)}
         if wi:
             row.update({f"whatif_{z.key}_g": wi.per_run[r.run_id][z.key] for z in wi.zones})
+        if more:
+            row.update(more.run(r))
         writer.writerow(row)
         yield buf.drain()
     for key, f in report.groups:
-        writer.writerow({"level": f"group:{report.group_by}", "group": key, **_figure_fields(f)})
+        writer.writerow({"level": f"group:{report.group_by}", "group": key, **_figure_fields(f),
+                         **(more.group(key) if more else {})})
     total = {"level": "total", **_figure_fields(report.total)}
     if wi:
         total.update({f"whatif_{z.key}_g": wi.totals[z.key] for z in wi.zones})
+    if more:
+        total.update(more.total())
     writer.writerow(total)
     yield buf.drain()
 
@@ -283,13 +302,18 @@ def render_json(report: Report) -> Iterator[str]:
     yield "\n}\n"
 
 
-def render_codecarbon(report: Report) -> Iterator[str]:
+def render_codecarbon(report: Report, more: ExtraColumns | None = None) -> Iterator[str]:
+    """CodeCarbon's columns first, in its order, then ``more`` (trailing: its readers still parse)."""
     buf = _Lines()
-    writer = csv.DictWriter(buf, CODECARBON_COLUMNS, lineterminator="\n", extrasaction="ignore")
+    writer = csv.DictWriter(buf, CODECARBON_COLUMNS + (more.columns if more else []), lineterminator="\n",
+                            extrasaction="ignore")
     writer.writeheader()
     places: dict = {}      # zone -> location columns, looked up once per zone
     for r in report.rows:
-        writer.writerow(codecarbon_row(r.as_record(), places))
+        row = codecarbon_row(r.as_record(), places)
+        if more:
+            row.update(more.run(r))
+        writer.writerow(row)
         yield buf.drain()
     yield buf.drain()
 
@@ -300,8 +324,13 @@ RENDERERS: dict[str, Callable[[Report], Iterator[str]]] = {
 }
 
 
-def render_chunks(report: Report, fmt: str) -> Iterator[str]:
-    """The report in pieces, for writing as it is made (200k runs never sit in one string)."""
+def render_chunks(report: Report, fmt: str, more: ExtraColumns | None = None) -> Iterator[str]:
+    """The report in pieces, for writing as it is made (200k runs never sit in one string).
+    ``more`` adds columns to the csv and codecarbon formats (the others show them as a section)."""
+    if fmt == "csv":
+        return render_csv(report, more)
+    if fmt == "codecarbon":
+        return render_codecarbon(report, more)
     return RENDERERS[fmt](report)
 
 

@@ -6,7 +6,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
-from ..decisions import RecordValues, add_report_arguments, decision_chunks, fleet_report_text
+from ..decisions import (RecordValues, add_report_arguments, decision_chunks, decision_columns, fleet_plot,
+                         fleet_report)
 from ..errors import UsageError
 
 
@@ -24,7 +25,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--what-if", metavar="ZONE,ZONE", default=None,
                    help="also show each job's location-based emissions in these zones, e.g. FR,DE,aws:us-east-1")
     p.add_argument("--plot", metavar="OUT.png", default=None,
-                   help="draw power over time per GPU and energy per job (needs wattmeter[plot])")
+                   help="draw power over time per GPU and energy per job, or per group with --prometheus "
+                        "(needs wattmeter[plot])")
     p.add_argument("--output", "-o", metavar="PATH", default=None, help="write here instead of stdout")
     add_report_arguments(p)       # decisions: --prometheus, --since, --price-per-kwh, waste list
     p.set_defaults(handler=run_report)
@@ -55,7 +57,13 @@ def run_report(args: argparse.Namespace) -> int:
     if args.output and not Path(args.output).parent.exists():
         raise UsageError(f"--output {args.output}: folder '{Path(args.output).parent}' does not exist")
     if args.prometheus or not args.records:          # decisions: the fleet from Prometheus
-        return _emit(args, [fleet_report_text(args, group_by, zones)])
+        from ..carbon.fleet import render_fleet
+
+        fleet = fleet_report(args, group_by, zones)
+        _emit(args, [render_fleet(fleet, args.format)])
+        if args.plot:
+            sys.stderr.write(f"wattmeter: plot written to {fleet_plot(fleet, args.plot)}\n")
+        return 0
     price = parse_price(args.price_per_kwh) if args.price_per_kwh else None   # bad price: exit 2 before reading
     if args.plot:
         from ..carbon.plot import check_plot_target
@@ -68,7 +76,9 @@ def run_report(args: argparse.Namespace) -> int:
         sys.stderr.write(f"wattmeter: warning: {records.skipped_summary()}\n")
     report = build_report(records, group_by, zones)
     _check_group_by(group_by, report.rows, BUILTIN_GROUPS)
-    chunks = decision_chunks(render_chunks(report, args.format), args.format, report.rows, values, price)
+    # decisions: value and cost as trailing columns in csv/codecarbon, as a section elsewhere
+    more = decision_columns(report, values, price) if args.format in ("csv", "codecarbon") else None
+    chunks = decision_chunks(render_chunks(report, args.format, more), args.format, report.rows, values, price)
     _emit(args, chunks)
     if args.plot:
         from ..carbon.plot import plot_report
