@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import DEFAULT, FLAG, KEYS, boolean, MAX_FAKE_GPUS, MIN_INTERVAL_S, Settings, load_file_config, source_rank
+from ..config import DEFAULT, FLAG, KEYS, MAX_FAKE_GPUS, MIN_INTERVAL_S, Settings, load_file_config, source_rank
 from ..discovery import Discovered, SensorPlan, discover
 from ..errors import UsageError
 
@@ -120,20 +120,6 @@ def check_gpu_selection(plan: CliSensorPlan, found: Discovered) -> None:
                      f"e.g. --gpus {','.join(str(i) for i in range(min(have, len(wanted))))}")
 
 
-def check_output_paths(*flag_paths: tuple[str, str | None]) -> None:
-    """Each output path is writable, else a one-line error naming its own flag (--csv, not --records)."""
-    from ..exporters.records import check_writable
-
-    for flag, path in flag_paths:
-        if not path:
-            continue
-        try:
-            check_writable(path)
-        except OSError as exc:
-            raise UsageError(f"{flag} {path}: cannot write ({exc.strerror or exc}); "
-                             f"pass {flag} with a writable file") from None
-
-
 def discover_or_fail(plan: CliSensorPlan) -> Discovered:
     found = discover(plan)
     try:
@@ -161,6 +147,3 @@ def _local_rank_gpu(env: Any) -> str | None:
         return entries[int(rank)] if int(rank) < len(entries) else None
     return rank
 
-
-# serve.py's name for the shared parser
-_bool = boolean
