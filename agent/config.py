@@ -91,6 +91,15 @@ def port(value: Any) -> int:
     return int(digits)
 
 
+def checked_argument(name: str, value: Any, parse: Callable[[Any], T]) -> T:
+    """A Python API keyword argument parsed like its flag: ``interval_s=0`` fails as
+    ``--interval 0`` does, with the same message naming ``interval_s=0``."""
+    try:
+        return parse(value)
+    except (ValueError, TypeError) as exc:
+        raise SettingValueError(f"{name}={value!r}: {exc}") from None
+
+
 def checked_fake_request(n: int | None, scenario: str | None) -> tuple[int | None, str | None]:
     """The Python API's ``Meter(fake_gpus=..., scenario=...)``, checked like the flags."""
     if n is not None and scenario is not None:

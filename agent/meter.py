@@ -55,8 +55,11 @@ class Meter:
         ``csv=``, ``zone=``, ``cloud=`` and ``pue=`` (the records' carbon, and
         :meth:`carbon_of`)."""
         from .compose import window_recorder
+        from .config import checked_argument, interval_s as parse_interval
 
         # checked first: a bad setting fails before any sensor is opened
+        if interval_s is not None:
+            interval_s = checked_argument("interval_s", interval_s, parse_interval)
         self.recorder: "WindowRecorder | None" = window_recorder(records=records, csv=csv, zone=zone, cloud=cloud,
                                                                   pue=pue)
         self.clock: Clock = clock or SystemClock()

@@ -163,3 +163,13 @@ def test_a_window_opened_by_hand_is_recorded_on_request(tmp_path):
     assert (record["job"], record["labels"], record["status"], record["exit_code"]) == ("manual", {"k": "v"},
                                                                                          "completed", None)
     assert record["energy_j"]["total"] == pytest.approx(w.result().total_energy_j, abs=1e-6)
+
+
+@pytest.mark.parametrize("value, message", [
+    (1e-7, "interval_s=1e-07: is below 0.01 s, the fastest cadence a sensor supports; give at least 0.01 (default 0.1)"),
+    (float("inf"), "interval_s=inf: is not finite; expected seconds, e.g. 0.1 (at least 0.01)"),
+])
+def test_interval_is_checked_like_the_flag(value, message):
+    with pytest.raises(ValueError) as err:
+        Meter(fake_gpus=1, interval_s=value)
+    assert str(err.value) == message
