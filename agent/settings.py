@@ -14,8 +14,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping
 
-from .config import KEYS, Settings
-from .errors import UsageError
+from .config import KEYS, SettingValueError, Settings
+from .errors import ConfigError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .attribution import AttributionConfig
@@ -176,7 +176,10 @@ class ApiSettings:
         rec = None
         if given["records"] is not None or given["csv"] is not None:
             rec = RecordSettings.resolve(kwargs, given, default_records=None)
-        cfg, name = load_file_config(cwd)
+        try:
+            cfg, name = load_file_config(cwd)
+        except ConfigError as exc:     # a broken ./pyproject.toml: a ValueError here too
+            raise SettingValueError(str(exc)) from None
         engine = Settings(env=env, file_config=cfg, file_name=name, api=True)
         return cls(records=rec, carbon=api_carbon(engine, zone=zone, cloud=cloud, pue=pue))
 

@@ -173,3 +173,11 @@ def test_interval_is_checked_like_the_flag(value, message):
     with pytest.raises(ValueError) as err:
         Meter(fake_gpus=1, interval_s=value)
     assert str(err.value) == message
+
+
+def test_a_broken_config_file_is_a_value_error_naming_the_key(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.wattmeter]\nzonee = "FR"\n')
+    with pytest.raises(ValueError) as err:
+        measure("w", zone="FR")
+    assert str(err.value) == f"{tmp_path / 'pyproject.toml'}: unknown key 'zonee'; did you mean 'zone'?"
+    measure("w")          # no settings given: no config file is read, nothing to refuse

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from wattmeter import compose
-from wattmeter.config import ConfigError, Settings, flags_of
-from wattmeter.errors import UsageError
+from wattmeter.config import Settings, flags_of
+from wattmeter.errors import ConfigError, UsageError
 from wattmeter.settings import ExportSettings, RecordSettings
 
 ROOT = Path(__file__).resolve().parents[1]
