@@ -5,8 +5,13 @@ Every key a config file may hold is declared once in :data:`KEYS` (its group, pa
 default). A config file is checked as a whole when it is loaded: an unknown key, a value of the
 wrong type or a file that is not UTF-8 TOML is a one-line :class:`ConfigError` (exit 2) naming
 the value and the closest good one. Typed, validated settings per command group are built from
-:class:`Settings` (``SensorSettings`` here, ``CarbonConfig`` in ``carbon.config``, ``RunSettings``
-in ``commands.run``); ``wattmeter config`` prints every key with where its value came from.
+:class:`Settings` once (``wattmeter.settings``: records, export, serve; ``SensorSettings`` in
+``commands.common``; ``CarbonConfig`` in ``carbon.config``) and wired by ``wattmeter.compose``;
+``wattmeter config`` prints every key with where its value came from.
+
+The Python API uses the same engine with its keyword arguments in the place of flags
+(``Settings(api=True)``): messages then name ``records=`` rather than ``--records``, and the error
+is a :class:`SettingValueError` (a ``ValueError`` as well as a ``ConfigError``).
 """
 from __future__ import annotations
 
@@ -31,6 +36,13 @@ T = TypeVar("T")
 # a read costs ~0.1-3.5 ms of CPU, so below 5 ms the sampler only burns a core (issue 8).
 MIN_INTERVAL_S = 0.01   # == sampler.MIN_INTERVAL_S (tests/test_settings.py checks); importing the sampler here would load the ledger
 MAX_FAKE_GPUS = 64          # the fake NVML's documented maximum (docs/fake-nvml.md)
+
+
+class SettingValueError(ConfigError, ValueError):
+    """A bad keyword argument of the Python API (``Meter(pue=0.5)``): the CLI's one-line message,
+    naming the argument (``pue=0.5``) instead of the flag. A ``ValueError`` for Python callers,
+    a ``ConfigError`` like every other bad setting."""
+
 
 # Where a value came from, strongest first.
 FLAG, ENV, FILE, DEFAULT = "flag", "env", "file", "default"
@@ -72,15 +84,31 @@ def fake_gpus(value: Any) -> int:
     return n
 
 
+def port(value: Any) -> int:
+    digits = str(value).strip()
+    if isinstance(value, bool) or not (digits.isascii() and digits.isdigit()) or not 0 <= int(digits) <= 65535:
+        raise ValueError("expected a port number 0-65535 (0 picks a free port)")
+    return int(digits)
+
+
+def checked_argument(name: str, value: Any, parse: Callable[[Any], T]) -> T:
+    """A Python API keyword argument parsed like its flag: ``interval_s=0`` fails as
+    ``--interval 0`` does, with the same message naming ``interval_s=0``."""
+    try:
+        return parse(value)
+    except (ValueError, TypeError) as exc:
+        raise SettingValueError(f"{name}={value!r}: {exc}") from None
+
+
 def checked_fake_request(n: int | None, scenario: str | None) -> tuple[int | None, str | None]:
     """The Python API's ``Meter(fake_gpus=..., scenario=...)``, checked like the flags."""
     if n is not None and scenario is not None:
-        raise ConfigError(f"fake_gpus={n!r} and scenario={scenario!r} both given; choose one")
+        raise SettingValueError(f"fake_gpus={n!r} and scenario={scenario!r} both given; choose one")
     if n is not None:
         try:
             n = fake_gpus(n)
         except ValueError as exc:
-            raise ConfigError(f"fake_gpus={n!r}: {exc}") from None
+            raise SettingValueError(f"fake_gpus={n!r}: {exc}") from None
     return n, scenario
 
 
@@ -165,6 +193,11 @@ class Key:
     def option(self) -> str:
         return self.flag or "--" + self.name.replace("_", "-")
 
+    @property
+    def dest(self) -> str:
+        """The argparse attribute that holds the flag (``--label`` -> ``label``)."""
+        return self.option.lstrip("-").replace("-", "_")
+
 
 _CPU = choice("auto", "rapl", "model", "none")
 KEYS: dict[str, Key] = {k.name: k for k in (
@@ -182,7 +215,7 @@ KEYS: dict[str, Key] = {k.name: k for k in (
     Key("csv", "run", text),
     Key("checkpoint_interval", "run", positive_float, 30.0),
     Key("kill_grace", "run", positive_float, 10.0),
-    Key("metrics_port", "export", positive_int),
+    Key("metrics_port", "export", port),
     Key("metrics_listen", "export", text, "127.0.0.1"),
     Key("pushgateway", "export", text),
     Key("push_interval", "export", positive_float, 15.0),
@@ -313,10 +346,11 @@ class Settings:
     """
 
     def __init__(self, env: Mapping[str, str] | None = None, file_config: Mapping[str, Any] | None = None,
-                 file_name: str | None = None) -> None:
+                 file_name: str | None = None, *, api: bool = False) -> None:
         self.env = os.environ if env is None else env
         self.file = dict(file_config or {})
         self.file_name = file_name or "config file"
+        self.api = api              # "flags" are the Python API's keyword arguments
         self.origins: dict[str, str] = {}
         # sub-table keys are looked up as "carbon.zone"
         self._flat = dict(self.file)
@@ -329,6 +363,20 @@ class Settings:
         found = lookup(flag, ("WATTMETER_" + name.upper(),), self._file_keys(name), self.env, self._flat)
         return found[1] if found else DEFAULT
 
+    def option(self, name: str, flag_name: str | None = None) -> str:
+        """How the caller spelt the setting: ``--records`` on the command line, ``records=`` in Python."""
+        if self.api:
+            return f"{name}="
+        return flag_name or (KEYS[name].option if name in KEYS else "--" + name.replace("_", "-"))
+
+    def given(self, name: str, value: Any) -> str:
+        """A flag and its value, as messages show it: ``--records x.jsonl`` / ``records='x.jsonl'``."""
+        return f"{name}={value!r}" if self.api else f"{self.option(name)} {value}"
+
+    def error(self, message: str) -> ConfigError:
+        """The error for a bad value: a SettingValueError (also a ValueError) for the Python API."""
+        return SettingValueError(message) if self.api else ConfigError(message)
+
     def get(self, name: str, flag: Any, default: T, parse: Callable[[Any], T] = lambda v: v,
             flag_name: str | None = None) -> T:
         """name is the snake_case key; env is WATTMETER_<NAME>; file key is name or kebab-case."""
@@ -338,13 +386,19 @@ class Settings:
             self.origins[name] = DEFAULT
             return default
         raw, src, held = found
-        option = flag_name or (KEYS[name].option if name in KEYS else "--" + name.replace("_", "-"))
-        where = {FLAG: option, ENV: env_name, FILE: f"{self.file_name} key '{held}'"}[src]
+        where = {FLAG: self.option(name, flag_name), ENV: env_name, FILE: f"{self.file_name} key '{held}'"}[src]
         self.origins[name] = f"{src} {where}"
         try:
             return parse(raw)
         except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{where} {raw!r}: {exc}") from None
+            shown = f"{name}={raw!r}" if src == FLAG and self.api else f"{where} {raw!r}"
+            raise self.error(f"{shown}: {exc}") from None
+
+    def key(self, name: str, flags: Mapping[str, Any], default: Any = None) -> Any:
+        """A declared key (:data:`KEYS`) by precedence, parsed with its own parser; ``flags`` holds
+        the command's flag values by key name (None: not given). ``default`` overrides the key's."""
+        k = KEYS[name]
+        return self.get(name, flags.get(name), k.default if default is None else default, k.parse)
 
     def _file_keys(self, name: str) -> tuple[str, ...]:
         key = KEYS.get(name)
@@ -357,15 +411,20 @@ class Settings:
     def effective(self, args: Any = None) -> list[tuple[str, str, Any, str]]:
         """(group, key, value, origin) for every declared key: what ``wattmeter config`` prints."""
         view = Settings(self.env, self.file, self.file_name)
+        flags = flags_of(args) if args is not None else {}
         rows = []
         for key in KEYS.values():
-            flag = getattr(args, key.name, None) if args is not None else None
-            if key.name == "labels" and args is not None:
-                flag = getattr(args, "label", None)
-            value = view.get(key.name, flag, key.default, key.parse)
+            value = view.get(key.name, flags.get(key.name), key.default, key.parse)
             origin = view.origins[key.name]
             rows.append((key.group, key.name, value, origin))
         return rows
+
+
+def flags_of(args: Any) -> dict[str, Any]:
+    """The flag values an argparse namespace holds, by settings key; a command without a flag
+    for a key (``config`` has no --records) leaves it None, i.e. not given."""
+    given = vars(args)
+    return {k.name: given.get(k.dest) for k in KEYS.values()}
 
 
 def by_precedence(*sources: str) -> int:

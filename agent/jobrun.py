@@ -126,7 +126,7 @@ def _dequeue(pending: set[int]) -> list[Any]:
 
 
 def hold_signals() -> None:
-    """Hold SIGINT in the calling thread. The composition root calls this before any other
+    """Hold SIGINT in the calling thread. `run` calls this before any other
     thread starts (discovery, exporters, sampler), so every thread inherits it and ``JobRunner``
     takes each SIGINT itself with its sender's details (``sigtimedwait``): only SIGINT needs
     them, since a terminal sends it to the whole group. SIGTERM and SIGHUP stay deliverable (a

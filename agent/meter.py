@@ -5,10 +5,13 @@
 
     @wattmeter.measure("infer")
     async def infer(...): ...
+
+    # the settings `run` has, as keyword arguments: each window's record appended to a JSONL file
+    with wattmeter.measure("epoch", records="runs.jsonl", zone="FR", pue=1.2):
+        train_one_epoch()
 """
 from __future__ import annotations
 
-import atexit
 import functools
 import inspect
 import os
@@ -27,6 +30,8 @@ from .sensors.base import Sensor
 from .windows import Edge, Window, device_energies
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .carbon.accounting import CarbonResult
+    from .compose import WindowRecorder
     from .requests import Request, RequestAccountant
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -38,21 +43,35 @@ class Meter:
     def __init__(self, sensors: Sequence[Sensor] | None = None, *, clock: Clock | None = None,
                  seed: int | None = None, notes: Sequence[str] = (), pid: int | None = None,
                  fake_gpus: int | None = None, scenario: str | os.PathLike[str] | None = None,
-                 interval_s: float | None = None) -> None:
+                 interval_s: float | None = None, records: str | os.PathLike[str] | None = None,
+                 csv: str | os.PathLike[str] | None = None, zone: str | None = None, cloud: str | None = None,
+                 pue: float | None = None) -> None:
         """``fake_gpus=N`` (1..64) or ``scenario="h100x2"`` (a file or bundled name) meters
-        simulated GPUs, as ``run --fake-gpus`` / ``--fake-nvml`` do; results say simulated."""
+        simulated GPUs, as ``run --fake-gpus`` / ``--fake-nvml`` do; results say simulated.
+
+        The settings ``run`` has, as keyword arguments (checked as ``run`` checks its flags; a
+        bad value is a ``ValueError`` with ``run``'s one-line message): ``records=`` (a JSONL
+        path: every window ``measure()`` ends on this meter appends ``run``'s record there),
+        ``csv=``, ``zone=``, ``cloud=`` and ``pue=`` (the records' carbon, and
+        :meth:`carbon_of`)."""
+        from .compose import window_recorder
+        from .config import checked_argument, interval_s as parse_interval
+
+        # checked first: a bad setting fails before any sensor is opened
+        if interval_s is not None:
+            interval_s = checked_argument("interval_s", interval_s, parse_interval)
+        self.recorder: "WindowRecorder | None" = window_recorder(records=records, csv=csv, zone=zone, cloud=cloud,
+                                                                  pue=pue)
         self.clock: Clock = clock or SystemClock()
         # Set-up (sensor discovery) counts: a window opened at construction starts here.
         self.created_t = self.clock.now()
         self.started_t: float | None = None
         discovered = sensors is None
         if sensors is None:
-            from .config import checked_fake_request
-            from .discovery import SensorPlan, discover
+            from .compose import discover_sensors
 
-            fake_gpus, scenario = checked_fake_request(fake_gpus, None if scenario is None else os.fspath(scenario))
-            found = discover(SensorPlan(pid=pid, fake_gpus=fake_gpus, clock=clock, fake_scenario=scenario))
-            sensors, notes = found.sensors, [*notes, *found.notes]
+            sensors, found_notes = discover_sensors(pid=pid, fake_gpus=fake_gpus, scenario=scenario, clock=clock)
+            notes = [*notes, *found_notes]
         elif fake_gpus is not None or scenario is not None:
             raise ValueError("pass either sensors or fake_gpus/scenario, not both")
         self.sensors = list(sensors)
@@ -115,6 +134,7 @@ class Meter:
         return Window(self, name, labels).begin(at)
 
     def measure(self, name: str | None = None, **kw: Any) -> "measure":
+        """``measure(name, meter=self, ...)``: the same keyword arguments."""
         return measure(name, meter=self, **kw)
 
     def request(self, request_id: str, model: str = "default") -> "Request":
@@ -146,6 +166,21 @@ class Meter:
     def tokens(self) -> dict[str, int]:
         with self._tokens_lock:
             return dict(self._tokens)
+
+    # -- the settings `run` has ----------------------------------------------------
+    def carbon_of(self, result: WindowResult) -> "CarbonResult | None":
+        """CO2e of ``result`` with this meter's ``zone=``/``cloud=``/``pue=`` (else
+        ``WATTMETER_ZONE``..., the config file, then the world average, as in ``run``)."""
+        if self.recorder is None:
+            from .compose import window_recorder
+
+            self.recorder = window_recorder(always=True)
+        return self.recorder.carbon_of(result)
+
+    def write_record(self, window: Window, failed: bool = False) -> None:
+        """Append an ended window's record to ``records=`` (``measure()`` does this itself)."""
+        if self.recorder is not None:
+            self.recorder.write(window.result(), window.labels, failed)
 
     # -- reading -----------------------------------------------------------------
     def snapshot(self) -> dict[str, DeviceSnapshot]:
@@ -209,11 +244,21 @@ class measure:
     As a context manager it yields the Window; after the block, ``window.result()`` has the figures.
     As a decorator, each call gets its own window; the last one is ``fn.last_window`` and
     ``on_result`` (if given) is called with each result.
+
+    ``records=``, ``csv=``, ``zone=``, ``cloud=`` and ``pue=`` are ``run``'s settings (see
+    :class:`Meter`): each window's record is appended to ``records``, with status ``failed``
+    when the block raised. Without them, the meter's own ``records=`` (if any) applies.
     """
 
     def __init__(self, name: str | None = None, *, meter: Meter | None = None,
                  labels: Mapping[str, str] | None = None,
-                 on_result: Callable[[WindowResult], None] | None = None) -> None:
+                 on_result: Callable[[WindowResult], None] | None = None,
+                 records: str | os.PathLike[str] | None = None, csv: str | os.PathLike[str] | None = None,
+                 zone: str | None = None, cloud: str | None = None, pue: float | None = None) -> None:
+        from .compose import window_recorder
+
+        self.recorder: "WindowRecorder | None" = window_recorder(records=records, csv=csv, zone=zone, cloud=cloud,
+                                                                  pue=pue)
         self.name = name
         self._meter = meter
         self.labels = labels
@@ -228,6 +273,14 @@ class measure:
         """The instant of the call, before a default meter is created (its set-up counts)."""
         return (self._meter.clock if self._meter is not None else _SYSTEM_CLOCK).now()
 
+    def _finish(self, w: Window, failed: bool) -> None:
+        w.end()
+        recorder = self.recorder or w.meter.recorder
+        if recorder is not None:
+            recorder.write(w.result(), w.labels, failed)
+        if self.on_result is not None:
+            self.on_result(w.result())
+
     def __enter__(self) -> Window:
         stack = self._local.__dict__.setdefault("stack", [])
         t = self._call_t()
@@ -235,39 +288,40 @@ class measure:
         stack.append(w)
         return w
 
-    def __exit__(self, *exc: object) -> None:
-        w = self._local.stack.pop()
-        w.end()
-        if self.on_result is not None:
-            self.on_result(w.result())
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._finish(self._local.stack.pop(), exc_type is not None)
 
     def __call__(self, fn: F) -> F:
         name = self.name or getattr(fn, "__qualname__", "call")
 
-        def finish(w: Window) -> None:
-            w.end()
+        def finish(w: Window, failed: bool) -> None:
             wrapper.last_window = w  # type: ignore[attr-defined]
-            if self.on_result is not None:
-                self.on_result(w.result())
+            self._finish(w, failed)
 
         if inspect.iscoroutinefunction(fn):
             @functools.wraps(fn)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 t = self._call_t()
                 w = self.meter.window(name, self.labels, at=t)
+                failed = True
                 try:
-                    return await fn(*args, **kwargs)
+                    out = await fn(*args, **kwargs)
+                    failed = False
+                    return out
                 finally:
-                    finish(w)
+                    finish(w, failed)
         else:
             @functools.wraps(fn)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 t = self._call_t()
                 w = self.meter.window(name, self.labels, at=t)
+                failed = True
                 try:
-                    return fn(*args, **kwargs)
+                    out = fn(*args, **kwargs)
+                    failed = False
+                    return out
                 finally:
-                    finish(w)
+                    finish(w, failed)
 
         wrapper.last_window = None  # type: ignore[attr-defined]
         return wrapper  # type: ignore[return-value]
@@ -284,6 +338,7 @@ def get_meter() -> Meter:
     global _default
     with _default_lock:
         if _default is None:
-            _default = Meter(pid=os.getpid()).start()
-            atexit.register(_default.close)
+            from .compose import default_meter
+
+            _default = default_meter()
         return _default

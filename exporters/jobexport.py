@@ -1,7 +1,9 @@
 """Metrics of one ``wattmeter run`` job: a scrape port while it runs, and/or Pushgateway pushes.
 
-``agent/commands/run.py`` calls ``add_job_export_arguments`` and ``start_job_exporter``; the
-returned exporter's ``tick()`` runs at every checkpoint and at the end, ``close()`` once after.
+The composition root (``wattmeter.compose``) fills a :class:`JobExportOptions` from the typed
+settings and calls ``start_job_exporter``; this module knows neither the command line nor the
+settings engine.
+The returned exporter's ``tick()`` runs at every checkpoint and at the end, ``close()`` once after.
 
 Series that add up (issue 9): a run exports ONLY job-scoped series (``wattmeter_job_*``). The
 host-level names (``wattmeter_gpu_*``, ``wattmeter_cpu_*``, ``wattmeter_up``...) belong to the
@@ -13,44 +15,29 @@ energy stays queryable beside its record.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from dataclasses import dataclass, field
-from typing import Any
-
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from ..config import Settings, positive_float
 from ..ledger import DeviceSnapshot
-from .http import MetricsServer, parse_listen
+from .http import ListenAddress, MetricsServer
 from ..model import Component, Scope
 from .prometheus import JOB_METRIC, Health, JobEnergy, MeterLike, job_energy
-from .pushgateway import Pusher, validate_gateway_url
-from .webconfig import load_web_config
+from .pushgateway import Pusher
+from .webconfig import WebConfig
 
 
-def add_job_export_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("metrics export")
-    g.add_argument("--metrics-port", default=None, metavar="P",
-                   help="serve the job's Prometheus metrics on this port while it runs (env WATTMETER_METRICS_PORT)")
-    g.add_argument("--metrics-listen", default=None, metavar="HOST",
-                   help="address for --metrics-port (default 127.0.0.1; a non-loopback address must be given here)")
-    g.add_argument("--web-config", default=None, metavar="FILE",
-                   help="TLS / basic-auth web-config.yml for --metrics-port (exporter-toolkit format)")
-    g.add_argument("--pushgateway", default=None, metavar="URL",
-                   help="push the job's metrics to this Pushgateway periodically and at the end "
-                        "(grouping key: job, run_id, instance; env WATTMETER_PUSHGATEWAY)")
-    g.add_argument("--push-interval", default=None, metavar="S", help="seconds between pushes (default 15)")
+@dataclass(frozen=True)
+class JobExportOptions:
+    """What a run exports, already parsed and checked: a scrape address (with its TLS / auth
+    web-config) and/or a Pushgateway URL with the push period."""
 
-
-def _port(value: Any) -> int:
-    text = str(value).strip()
-    if not text.isdigit() or not 0 <= int(text) <= 65535:
-        raise ValueError("expected a port number 0-65535 (0 picks a free port)")
-    return int(text)
+    address: ListenAddress | None = None
+    web: WebConfig | None = None
+    pushgateway: str | None = None
+    push_interval_s: float = 15.0
 
 
 JOB_POWER_METRIC = "wattmeter_job_power_watts"
@@ -157,41 +144,26 @@ class JobExporter:
             self.server.stop()
 
 
-def start_job_exporter(args: argparse.Namespace, settings: Settings, meter: Any, ident: Any,
-                       carbon: Any, projection: Any = None) -> JobExporter | None:
-    """None when neither a port nor a gateway is asked for. Bad values are UsageErrors (exit 2)
-    raised before the job starts; a gateway that is down later is only counted."""
-    port = settings.get("metrics_port", getattr(args, "metrics_port", None), None, _port)
-    gateway = settings.get("pushgateway", getattr(args, "pushgateway", None), None, str)
-    if port is None and gateway is None:
+def start_job_exporter(options: JobExportOptions, meter: Any, ident: Any, carbon: Any = None,
+                       projection: Any = None) -> JobExporter | None:
+    """None when neither a port nor a gateway is asked for. The exporter's ``notes`` say where
+    its metrics go (the caller prints them); a gateway that is down later is only counted."""
+    if options.address is None and options.pushgateway is None:
         return None
-    interval = settings.get("push_interval", getattr(args, "push_interval", None), 15.0, positive_float)
-    host = settings.get("metrics_listen", getattr(args, "metrics_listen", None), "127.0.0.1", str)
-    web_path = settings.get("web_config", getattr(args, "web_config", None), None, str)
-    # Everything is checked before anything starts, so a bad flag never leaves a thread behind.
-    if gateway is not None:
-        validate_gateway_url(gateway)
-    address = parse_listen(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", "--metrics-listen") \
-        if port is not None else None
-    web = load_web_config(web_path) if web_path else None
-
     out = JobExporter(job=ident.job, collector=JobCollector(ident.job, ident.hostname, meter, carbon,
                                                             projection=projection))
     registry = CollectorRegistry(auto_describe=False)
     registry.register(out.collector)
-    if address is not None:
-        out.server = MetricsServer(registry, address, web, flag="--metrics-port").start()
+    if options.address is not None:
+        out.server = MetricsServer(registry, options.address, options.web, flag="--metrics-port").start()
         out.notes.append(f"serving the job's metrics at {out.server.url}/metrics")
-    if gateway is not None:
-        out.pusher = Pusher(gateway, ident.job, {"run_id": ident.run_id, "instance": ident.hostname}, registry,
-                            interval_s=interval)
+    if options.pushgateway is not None:
+        out.pusher = Pusher(options.pushgateway, ident.job, {"run_id": ident.run_id, "instance": ident.hostname},
+                            registry, interval_s=options.push_interval_s)
         out.pusher.start()
-        out.notes.append(f"pushing the job's metrics to {out.pusher.url} every {interval:g} s "
+        out.notes.append(f"pushing the job's metrics to {out.pusher.url} every {options.push_interval_s:g} s "
                          f"(job={ident.job}, run_id={ident.run_id})")
-    if not getattr(args, "quiet", False):
-        for note in out.notes:
-            sys.stderr.write(f"wattmeter: {note}\n")
     return out
 
 
-__all__ = ["add_job_export_arguments", "start_job_exporter", "JobExporter", "Health"]
+__all__ = ["JobExportOptions", "start_job_exporter", "JobExporter", "Health"]

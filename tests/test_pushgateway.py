@@ -200,11 +200,8 @@ def test_run_pushes_to_a_real_pushgateway_that_prometheus_scrapes(tmp_path: Path
 
 
 def test_finish_freezes_the_job_series_to_the_window_result() -> None:
-    import argparse
-
     from wattmeter.clock import VirtualClock
-    from wattmeter.config import Settings
-    from wattmeter.exporters.jobexport import start_job_exporter
+    from wattmeter.exporters.jobexport import JobExportOptions, start_job_exporter
     from wattmeter.exporters.records import RunIdentity
     from wattmeter.meter import Meter
     from wattmeter.model import Component, DeviceEnergy, Scope, Source, WindowResult
@@ -216,11 +213,10 @@ def test_finish_freezes_the_job_series_to_the_window_result() -> None:
         meter.poll()
         clock.advance(0.1)
     gw = _Gateway()
-    args = argparse.Namespace(metrics_port=None, metrics_listen=None, web_config=None, pushgateway=gw.url,
-                              push_interval="60", quiet=True)
+    options = JobExportOptions(pushgateway=gw.url, push_interval_s=60.0)
     ident = RunIdentity(run_id="r1", job="train", hostname="h", command="python")
     try:
-        exporter = start_job_exporter(args, Settings(env={}), meter, ident, None)
+        exporter = start_job_exporter(options, meter, ident, None)
         assert exporter is not None
         result = WindowResult("train", 0.0, 0.42, 0.0, 0.42, (DeviceEnergy(
             "gpu0", Component.GPU, Scope.HOST, Source.COUNTER, 42.0, 100.0, 100.0),))
@@ -236,7 +232,6 @@ def test_finish_freezes_the_job_series_to_the_window_result() -> None:
         assert b'wattmeter_job_energy_joules_total{component="gpu",hostname="h",job="train"} 42.0' in body
         # The final push replaces the group: totals only, no gauge left to linger in a power panel.
         assert b"wattmeter_job_power_watts" not in body and b"# TYPE" in body
-        assert start_job_exporter(argparse.Namespace(metrics_port=None, pushgateway=None), Settings(env={}),
-                                  meter, ident, None) is None
+        assert start_job_exporter(JobExportOptions(), meter, ident, None) is None
     finally:
         gw.close()

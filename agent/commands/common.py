@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
-from ..config import DEFAULT, FLAG, KEYS, boolean, MAX_FAKE_GPUS, MIN_INTERVAL_S, Settings, load_file_config, source_rank
+from ..config import (DEFAULT, FLAG, KEYS, MAX_FAKE_GPUS, MIN_INTERVAL_S, Settings, flags_of, load_file_config,
+                      source_rank)
 from ..discovery import Discovered, SensorPlan, discover
 from ..errors import UsageError
 
@@ -48,33 +49,32 @@ class SensorSettings:
     powercap_root: str = "/sys/class/powercap"
 
     @classmethod
-    def resolve(cls, args: argparse.Namespace, settings: Settings) -> "SensorSettings":
-        g = lambda name, flag: settings.get(name, flag, KEYS[name].default, KEYS[name].parse)  # noqa: E731
-        fake = g("fake_nvml", args.fake_nvml)
-        n_fake = g("fake_gpus", args.fake_gpus)
+    def resolve(cls, settings: Settings, flags: Mapping[str, Any]) -> "SensorSettings":
+        """``flags``: the flag values by settings key (``config.flags_of``), None when not given."""
+        g = lambda name: settings.key(name, flags)  # noqa: E731
+        src = lambda name: settings.source(name, flags.get(name))  # noqa: E731
+        fake = g("fake_nvml")
+        n_fake = g("fake_gpus")
         if fake and n_fake:
-            if settings.source("fake_nvml", args.fake_nvml) == settings.source("fake_gpus", args.fake_gpus):
+            if src("fake_nvml") == src("fake_gpus"):
                 raise UsageError(f"--fake-nvml {fake} and --fake-gpus {n_fake} both given; choose one")
             # the stronger source wins (a --fake-gpus flag beats WATTMETER_FAKE_NVML)
-            if source_rank(settings.source("fake_nvml", args.fake_nvml)) > \
-                    source_rank(settings.source("fake_gpus", args.fake_gpus)):
+            if source_rank(src("fake_nvml")) > source_rank(src("fake_gpus")):
                 n_fake = None
             else:
                 fake = None
-        no_gpu = g("no_gpu", args.no_gpu)
+        no_gpu = g("no_gpu")
         if no_gpu and (fake or n_fake):
-            fake_name, fake_flag = ("fake_nvml", args.fake_nvml) if fake else ("fake_gpus", args.fake_gpus)
-            no_src, fake_src = settings.source("no_gpu", args.no_gpu), settings.source(fake_name, fake_flag)
+            fake_name = "fake_nvml" if fake else "fake_gpus"
+            no_src, fake_src = src("no_gpu"), src(fake_name)
             if no_src == fake_src == FLAG:
                 raise UsageError(f"--no-gpu and {KEYS[fake_name].option} both given; choose one")
             if source_rank(no_src) >= source_rank(fake_src):
                 fake, n_fake = None, None      # --no-gpu beats a fake-GPU request from the environment
             else:
                 no_gpu = False
-        root = args.powercap_root or os.environ.get("WATTMETER_POWERCAP_ROOT") or KEYS["powercap_root"].default
-        return cls(interval_s=g("interval", args.interval), fake_nvml=fake, fake_gpus=n_fake, no_gpu=no_gpu,
-                   gpus=g("gpus", args.gpus), cpu=g("cpu", args.cpu), cpu_tdp_w=g("cpu_tdp", args.cpu_tdp),
-                   powercap_root=root)
+        return cls(interval_s=g("interval"), fake_nvml=fake, fake_gpus=n_fake, no_gpu=no_gpu, gpus=g("gpus"),
+                   cpu=g("cpu"), cpu_tdp_w=g("cpu_tdp"), powercap_root=g("powercap_root"))
 
 
 @dataclass
@@ -85,12 +85,13 @@ class CliSensorPlan(SensorPlan):
 
 def sensor_plan(args: argparse.Namespace, settings: Settings, *, pid: int | None,
                 local_rank_gpu: bool = False) -> CliSensorPlan:
-    s = SensorSettings.resolve(args, settings)
+    flags = flags_of(args)
+    s = SensorSettings.resolve(settings, flags)
     gpus = s.gpus
     if gpus is None and local_rank_gpu:
         gpus = _local_rank_gpu(os.environ)
     return CliSensorPlan(
-        explicit_gpus=s.gpus, interval_s=s.interval_s if settings.source("interval", args.interval) != DEFAULT else None,
+        explicit_gpus=s.gpus, interval_s=s.interval_s if settings.source("interval", flags.get("interval")) != DEFAULT else None,
         gpu="none" if s.no_gpu else "auto",
         fake_scenario=s.fake_nvml, fake_gpus=s.fake_gpus, gpu_period_s=s.interval_s,
         cpu=s.cpu, pid=pid, cpu_tdp_w=s.cpu_tdp_w, powercap_root=s.powercap_root,
@@ -120,20 +121,6 @@ def check_gpu_selection(plan: CliSensorPlan, found: Discovered) -> None:
                      f"e.g. --gpus {','.join(str(i) for i in range(min(have, len(wanted))))}")
 
 
-def check_output_paths(*flag_paths: tuple[str, str | None]) -> None:
-    """Each output path is writable, else a one-line error naming its own flag (--csv, not --records)."""
-    from ..exporters.records import check_writable
-
-    for flag, path in flag_paths:
-        if not path:
-            continue
-        try:
-            check_writable(path)
-        except OSError as exc:
-            raise UsageError(f"{flag} {path}: cannot write ({exc.strerror or exc}); "
-                             f"pass {flag} with a writable file") from None
-
-
 def discover_or_fail(plan: CliSensorPlan) -> Discovered:
     found = discover(plan)
     try:
@@ -161,6 +148,3 @@ def _local_rank_gpu(env: Any) -> str | None:
         return entries[int(rank)] if int(rank) < len(entries) else None
     return rank
 
-
-# serve.py's name for the shared parser
-_bool = boolean

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from ..config import flags_of
 from .common import SensorSettings, add_sensor_arguments, settings_from_cwd
 
 
@@ -36,7 +37,7 @@ def _show(value: Any) -> str:
 
 def show_config(args: argparse.Namespace) -> int:
     settings = settings_from_cwd()
-    sensors = SensorSettings.resolve(args, settings)   # the cross-key rules (--no-gpu vs fake GPUs)
+    sensors = SensorSettings.resolve(settings, flags_of(args))   # the cross-key rules (--no-gpu vs fake GPUs)
     rows = settings.effective(args)
     try:
         from ..carbon.config import CarbonConfig

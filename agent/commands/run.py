@@ -3,21 +3,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
-import uuid
 
+from .. import compose
 from ..decisions import DecisionWriter, add_run_arguments, before_run, run_summary, run_values
-from ..config import Settings, labels as parse_labels, positive_float
+from ..config import flags_of
 from ..errors import UsageError
-from ..exporters.records import RecordSink, append_line, check_writable, json_line, record_of
+from ..exporters.records import append_line, check_writable, json_line, record_of
 from ..jobrun import JobRunner, hold_signals
-from ..meter import Meter
-from ..runsink import RunIdentity
+from ..settings import ExportSettings, RecordSettings, carbon_settings
 from ..summary import render
-from .common import add_sensor_arguments, check_output_paths, discover_or_fail, sensor_plan, settings_from_cwd
-
-CONTEXT_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_JOB_ID", "SLURM_PROCID", "POD_NAME", "POD_NAMESPACE")
+from .common import add_sensor_arguments, sensor_plan, settings_from_cwd
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -48,11 +44,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export_arguments(p: argparse.ArgumentParser) -> None:
-    try:
-        from ..exporters.jobexport import add_job_export_arguments
-    except ImportError:
-        return
-    add_job_export_arguments(p)
+    g = p.add_argument_group("metrics export")
+    g.add_argument("--metrics-port", default=None, metavar="P",
+                   help="serve the job's Prometheus metrics on this port while it runs (env WATTMETER_METRICS_PORT)")
+    g.add_argument("--metrics-listen", default=None, metavar="HOST",
+                   help="address for --metrics-port (default 127.0.0.1; a non-loopback address must be given here)")
+    g.add_argument("--web-config", default=None, metavar="FILE",
+                   help="TLS / basic-auth web-config.yml for --metrics-port (exporter-toolkit format)")
+    g.add_argument("--pushgateway", default=None, metavar="URL",
+                   help="push the job's metrics to this Pushgateway periodically and at the end "
+                        "(grouping key: job, run_id, instance; env WATTMETER_PUSHGATEWAY)")
+    g.add_argument("--push-interval", default=None, metavar="S", help="seconds between pushes (default 15)")
 
 
 def _add_carbon_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,18 +63,6 @@ def _add_carbon_arguments(p: argparse.ArgumentParser) -> None:
     except ImportError:
         return
     add_carbon_arguments(p)
-
-
-def _carbon(args: argparse.Namespace, settings: Settings):  # -> CarbonAccountant | None
-    try:
-        from ..carbon.accounting import CarbonAccountant
-        from ..carbon.config import CarbonConfig
-        from ..carbon.intensity import source_for
-    except ImportError:
-        return None
-    cfg = CarbonConfig.from_args(args, env=os.environ, file_config=settings.file)
-    cfg.validate()
-    return CarbonAccountant(cfg, source_for(cfg))
 
 
 def _say(fd: int, text: str) -> bool:
@@ -94,52 +84,49 @@ def run_command(args: argparse.Namespace) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise UsageError("no command to run; put it after '--', e.g. wattmeter run -- python train.py")
+    # Every setting is resolved and checked here, once, before the job waits or starts: a bad
+    # value is one line and exit 2, and the child never runs.
     settings = settings_from_cwd()
-    job = settings.get("job", args.job, os.path.basename(cmd[0]) or "job", str)
-    labels = settings.get("labels", args.label, {}, parse_labels, flag_name="--label")
-    records = settings.get("records", args.records, "wattmeter-records.jsonl", str)
-    csv_path = settings.get("csv", args.csv, None, str)
-    checkpoint_s = settings.get("checkpoint_interval", args.checkpoint_interval, 30.0, positive_float)
-    grace_s = settings.get("kill_grace", args.kill_grace, 10.0, positive_float)
+    flags = flags_of(args)
+    records = RecordSettings.resolve(settings, flags, default_job=os.path.basename(cmd[0]) or "job")
     json_to = args.json
-    check_output_paths(("--records", records), ("--csv", csv_path))   # names the flag whose path is bad
     # decisions: --value is checked here (exit 2 before the job); value and projection fields are
     # added to every record through the sink's enrich hook, which can never cost the record.
     decisions = DecisionWriter(run_values(args), args.value_file, args.progress_file)
-    try:
-        sink = RecordSink(records, csv_path, enrich=decisions.extra_fields)
-    except OSError as exc:
-        raise UsageError(f"records path {records if not csv_path else records + ' / ' + csv_path}: cannot write "
-                         f"({exc}); pass --records with a writable file") from None
+    sink = compose.record_sink(records, settings, enrich=decisions.extra_fields)
     if json_to not in (None, "-"):
         try:
             check_writable(json_to)
         except OSError as exc:
             raise UsageError(f"--json {json_to}: cannot write ({exc}); pass a writable file, or '-' for stdout") \
                 from None
+    export = ExportSettings.resolve(settings, flags)
+    carbon_config = carbon_settings(settings, args)
+    plan = sensor_plan(args, settings, pid=os.getpid(), local_rank_gpu=True)
     # decisions: --wait-for-clean holds the job here, before SIGINT is held, so Ctrl-C still ends
     # the wait at once (exit 130) instead of being kept for hours.
     before_run(args, settings.file)
     # From here on SIGINT is held for the job runner, in every thread started below (discovery,
     # exporters, sampler), so it can tell a terminal's Ctrl-C from a kill(1).
     hold_signals()
-    carbon = _carbon(args, settings)
-    plan = sensor_plan(args, settings, pid=os.getpid(), local_rank_gpu=True)
-    found = discover_or_fail(plan)
-    meter = Meter(found.sensors, notes=found.notes, interval_s=plan.interval_s)
-    ident = RunIdentity(run_id=uuid.uuid4().hex[:12], job=job, hostname=socket.gethostname(),
-                        command=os.path.basename(cmd[0]), labels=labels,
-                        context={k.lower(): os.environ[k] for k in CONTEXT_VARS if k in os.environ})
+    carbon = compose.carbon_accountant(carbon_config)
+    meter, found = compose.cli_meter(plan)
+    assert records.job is not None
+    ident = compose.run_identity(records.job, os.path.basename(cmd[0]), records.labels)
     if not args.quiet:
         for note in found.notes:
             _say(2, f"wattmeter: {note}\n")
     # With --json -, stdout carries only the record: the child's stdout goes to stderr.
-    runner = JobRunner(meter, ident, sink, checkpoint_s=checkpoint_s, kill_grace_s=grace_s, carbon=carbon,
+    runner = JobRunner(meter, ident, sink, checkpoint_s=records.checkpoint_interval_s,
+                       kill_grace_s=records.kill_grace_s, carbon=carbon,
                        child_stdout=2 if json_to == "-" else None, start_t=called_t)
-    exporter = _job_exporter(args, settings, meter, ident, carbon, decisions.projection)
+    exporter = compose.job_exporter(export, meter, ident, carbon, decisions.projection)
     if exporter is not None:
         runner.on_result.append(exporter.finish)   # the last push equals the record
         runner.on_tick.append(exporter.tick)
+        if not args.quiet:
+            for note in exporter.notes:
+                _say(2, f"wattmeter: {note}\n")
     try:
         outcome = runner.run(cmd)
     except Exception as exc:   # noqa: BLE001 - after the child ran, its exit code still wins
@@ -180,13 +167,6 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         _say(2, render(outcome.result, outcome.facts) + "\n" + run_summary(final))
         if not outcome.sink.pending:
-            _say(2, f"wattmeter: record appended to {records}\n")
+            _say(2, f"wattmeter: record appended to {records.records}\n")
     return outcome.exit_code
 
-
-def _job_exporter(args, settings, meter, ident, carbon, projection=None):
-    try:
-        from ..exporters.jobexport import start_job_exporter
-    except ImportError:
-        return None
-    return start_job_exporter(args, settings, meter, ident, carbon, projection)

@@ -1,8 +1,10 @@
 """`wattmeter serve`: the node daemon / sidecar. Meters every visible GPU plus host CPU and RAM,
 splits GPU energy among processes, containers and pods, and serves ``/metrics`` and ``/healthz``.
 
-This is a composition root: it wires sensors -> meter -> attribution / carbon / tokens ->
-collector -> HTTP server. Scrapes read snapshots only; every reader runs on the sampler.
+Its settings are one typed ``ServeSettings`` (``wattmeter.settings``); the meter and the carbon
+feed come from the composition root (``wattmeter.compose``); this module adds the daemon's own
+parts: attribution, tokens, the collector and the HTTP server. Scrapes read snapshots only;
+every reader runs on the sampler.
 """
 from __future__ import annotations
 
@@ -10,26 +12,24 @@ import argparse
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..attribution import AttributionConfig, Attributor
+from .. import compose
+from ..attribution import Attributor
 from ..cgroups import CgroupResolver, PodDirectory, parse_cgroup
-from ..config import Settings, positive_float, positive_int
-from ..exporters.http import DEFAULT_HOST, DEFAULT_PORT, ListenAddress, MetricsServer, parse_listen
+from ..config import flags_of
+from ..exporters.http import DEFAULT_HOST, DEFAULT_PORT, MetricsServer
 from ..exporters.prometheus import ExportSources, Health, build_registry
-from ..exporters.webconfig import WebConfig, load_web_config
 from ..health import Freshness
 from ..podresources import with_pod_resources
 from ..meter import Meter
-from ..model import Scope
 from ..sensors.base import ProcessSensor
-from .common import _bool, add_sensor_arguments, discover_or_fail, sensor_plan, settings_from_cwd
-from .serve_tokens import TokenOptions, add_token_arguments, check_gpu_map, start_tokens, token_options
+from ..settings import ServeSettings, carbon_settings
+from .common import add_sensor_arguments, sensor_plan, settings_from_cwd
+from .serve_tokens import add_token_arguments, check_gpu_map, start_tokens
 
 log = logging.getLogger("wattmeter.serve")
 CARBON_PERIOD_S = 15.0
@@ -87,36 +87,6 @@ class _Guarded:
         return [Health(self.name, None, dict(self.errors))] if self.errors else []
 
 
-class _CarbonFeed:
-    """Gives the accountant each interval's host energy (GPU + CPU + RAM) with its wall times."""
-
-    def __init__(self, meter: Meter, carbon: Any) -> None:
-        self.meter, self.carbon = meter, carbon
-        self._last: tuple[float, float] | None = None
-
-    def __call__(self, now: float) -> None:
-        snap = self.meter.snapshot()
-        energy = sum(s.energy_j for s in snap.values() if s.device.scope == Scope.HOST)
-        gpus = sum(1 for s in snap.values() if s.device.scope == Scope.HOST and s.device.component.value == "gpu")
-        if self._last is not None:
-            t0, e0 = self._last
-            wall = self.meter.clock.wall
-            self.carbon.add_energy(max(0.0, energy - e0), wall(t0), wall(now))
-            if gpus:
-                self.carbon.add_device_hours(gpus, max(0.0, now - t0) / 3600.0)
-        self._last = (now, energy)
-
-
-def _carbon(args: argparse.Namespace, settings: Settings) -> Any:
-    try:
-        from ..carbon.accounting import CarbonAccountant
-        from ..carbon.config import CarbonConfig
-    except ImportError:
-        return None
-    cfg = CarbonConfig.from_args(args, env=os.environ, file_config=settings.file)
-    return CarbonAccountant(cfg, cfg.build_source())
-
-
 def _healthz(fresh: Freshness, extra: list[Callable[[], str]]) -> Callable[[], tuple[bool, str]]:
     """/healthz: the sensors' freshness verdict, plus lines that are listed but never decide it
     (the token scraper)."""
@@ -127,55 +97,25 @@ def _healthz(fresh: Freshness, extra: list[Callable[[], str]]) -> Callable[[], t
     return check
 
 
-@dataclass
-class ServeOptions:
-    """Every setting of `serve`, parsed and checked before any thread or socket starts."""
-
-    address: ListenAddress
-    web: WebConfig | None
-    attribution: AttributionConfig
-    process_interval_s: float
-    hostname: str
-    proc_root: str = "/proc"
-    pods_root: str = "/var/log/pods"
-    sidecar: bool = False
-    tokens: TokenOptions | None = None
-    carbon: Any = None                          # CarbonAccountant
-
-
-def _options(args: argparse.Namespace, settings: Settings) -> ServeOptions:
-    web_path = settings.get("web_config", args.web_config, None, str)
-    return ServeOptions(
-        address=parse_listen(settings.get("listen", args.listen, f"{DEFAULT_HOST}:{DEFAULT_PORT}", str)),
-        web=load_web_config(web_path) if web_path else None,
-        attribution=AttributionConfig(
-            pid_labels=settings.get("pid_labels", args.pid_labels, False, _bool),
-            max_series=settings.get("max_series", args.max_series, 2000, positive_int)),
-        process_interval_s=settings.get("process_interval", args.process_interval, 1.0, positive_float),
-        hostname=settings.get("hostname", args.hostname, os.environ.get("NODE_NAME") or socket.gethostname(), str),
-        proc_root=args.proc_root or "/proc", pods_root=args.pods_root or "/var/log/pods",
-        sidecar=settings.get("sidecar", args.sidecar, False, _bool),
-        tokens=token_options(args, settings), carbon=_carbon(args, settings))
-
-
 def serve_command(args: argparse.Namespace) -> int:
     settings = settings_from_cwd()
-    opts = _options(args, settings)
+    flags = flags_of(args)
+    opts = ServeSettings.resolve(settings, flags, proc_root=args.proc_root, pods_root=args.pods_root)
+    carbon = compose.carbon_accountant(carbon_settings(settings, args))
     plan = sensor_plan(args, settings, pid=None)   # host level: no process tree
-    found = discover_or_fail(plan)
-    meter = Meter(found.sensors, notes=found.notes, interval_s=plan.interval_s)
+    meter, _ = compose.cli_meter(plan)
     try:
         if opts.tokens is not None:
             check_gpu_map(opts.tokens, meter)
-        return _serve(meter, opts)
+        return _serve(meter, opts, carbon)
     finally:
         meter.close()
 
 
-def _serve(meter: Meter, opts: ServeOptions) -> int:
+def _serve(meter: Meter, opts: ServeSettings, carbon: Any) -> int:
     health: list = []
     fresh = Freshness(meter, meter.clock.now)     # per-device wattmeter_up and /healthz staleness
-    sources = ExportSources(meter, opts.hostname, carbon=opts.carbon, health=health,
+    sources = ExportSources(meter, opts.hostname, carbon=carbon, health=health,
                             pid_labels=opts.attribution.pid_labels, freshness=fresh.devices)
     psensors = [s for s in meter.sensors if isinstance(s, ProcessSensor)]
     if psensors:
@@ -193,14 +133,14 @@ def _serve(meter: Meter, opts: ServeOptions) -> int:
         sources.attribution = attributor
         _task(meter, health, "processes", opts.process_interval_s,
               lambda now: attributor.tick(now, meter.snapshot()))
-    if opts.carbon is not None:
-        _task(meter, health, "carbon", CARBON_PERIOD_S, _CarbonFeed(meter, opts.carbon))
+    if carbon is not None:
+        _task(meter, health, "carbon", CARBON_PERIOD_S, compose.HostCarbonFeed(meter, carbon))
     health_lines: list[Callable[[], str]] = []
     tokens = None
     if opts.tokens is not None:
         # Binds the proxy (fails fast) and adds the scrape task before the sampler starts:
         # a task added to a running sampler never runs.
-        tokens = start_tokens(opts.tokens, meter, opts.carbon)
+        tokens = start_tokens(opts.tokens, meter, carbon)
         sources.tokens = tokens.joiner
         health.append(tokens.health)
         health_lines.append(tokens.health_line)

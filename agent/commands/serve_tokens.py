@@ -8,7 +8,7 @@ import argparse
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from ..config import Settings, labels, positive_float
 from ..errors import UsageError
@@ -88,12 +88,13 @@ def _gpu_map(value: Any) -> dict[str, str]:
     return out
 
 
-def token_options(args: argparse.Namespace, settings: Settings) -> TokenOptions | None:
+def token_options(settings: Settings, flags: Mapping[str, Any]) -> TokenOptions | None:
+    """The token group of `serve` (``flags``: flag values by settings key, None when not given)."""
     from ..tokens import AUTO, SERVER_KINDS, TokenScraper, server_kind
 
-    kind = settings.get("server", args.server, None, str)
-    url = settings.get("server_url", args.server_url, None, str)
-    proxy_to = settings.get("proxy_to", args.proxy_to, None, str)
+    kind = settings.get("server", flags.get("server"), None, str)
+    url = settings.get("server_url", flags.get("server_url"), None, str)
+    proxy_to = settings.get("proxy_to", flags.get("proxy_to"), None, str)
     if kind is None and proxy_to is None:
         if url is not None:
             raise UsageError(f"--server-url needs --server KIND ({', '.join([*SERVER_KINDS, AUTO])})")
@@ -102,18 +103,18 @@ def token_options(args: argparse.Namespace, settings: Settings) -> TokenOptions 
         raise UsageError("--server and --proxy-to both given: the proxy counts every request's tokens "
                          "exactly; drop --server")
     no_map: dict[str, str] = {}
-    model = settings.get("model", args.model, None, str)
-    window_s = settings.get("jpt_window", args.jpt_window, 60.0, positive_float)
-    idle_w = settings.get("idle_power", args.idle_power, None, _non_negative)
-    gpu_map = settings.get("gpu_model_map", args.gpu_model_map, no_map, _gpu_map)
-    forget_s = settings.get("drop_model_after", args.drop_model_after, 900.0, positive_float)
+    model = settings.get("model", flags.get("model"), None, str)
+    window_s = settings.get("jpt_window", flags.get("jpt_window"), 60.0, positive_float)
+    idle_w = settings.get("idle_power", flags.get("idle_power"), None, _non_negative)
+    gpu_map = settings.get("gpu_model_map", flags.get("gpu_model_map"), no_map, _gpu_map)
+    forget_s = settings.get("drop_model_after", flags.get("drop_model_after"), 900.0, positive_float)
     if proxy_to is not None:
         from ..proxy import normalise_upstream
 
         normalise_upstream(proxy_to)
-        listen = parse_listen(settings.get("proxy_listen", args.proxy_listen, PROXY_DEFAULT_LISTEN, str),
+        listen = parse_listen(settings.get("proxy_listen", flags.get("proxy_listen"), PROXY_DEFAULT_LISTEN, str),
                               flag="--proxy-listen")
-        log_path = settings.get("requests_log", args.requests_log, None, str)
+        log_path = settings.get("requests_log", flags.get("requests_log"), None, str)
         if log_path is not None:
             try:
                 open(log_path, "a", encoding="utf-8").close()
@@ -123,7 +124,7 @@ def token_options(args: argparse.Namespace, settings: Settings) -> TokenOptions 
         return TokenOptions(None, proxy_to, model, window_s, idle_w, gpu_map, forget_s, proxy_listen=listen,
                             requests_log=log_path)
     assert kind is not None
-    if settings.get("requests_log", args.requests_log, None, str) is not None:
+    if settings.get("requests_log", flags.get("requests_log"), None, str) is not None:
         raise UsageError("--requests-log needs --proxy-to: only the proxy sees each request")
     if kind == AUTO and url is None:
         raise UsageError("--server auto needs --server-url (there is no default port to guess)")
