@@ -115,6 +115,9 @@ def test_hf_plain_callbacks_list_reaches_tensorboard_and_the_final_state(tmp_pat
     assert sum(h["interval_steps"] for h in every) == 8
     assert sum(h["interval_tokens"] for h in every) == result.tokens["training"]
     assert sum(h["interval_energy_j"] for h in every) == pytest.approx(final["energy_j"], rel=1e-9)
+    # The step requests alone account for the window: the last interval's reconciliation (the
+    # window pinned its edges before the ledger's last re-dating of a counter step) is small.
+    assert abs(cb.tracker.reconciled_j) <= 1e-2 * result.total_energy_j
     for before, h in zip([{"energy_j": 0.0}, *train_logs], train_logs):
         assert h["energy_j"] - before["energy_j"] == pytest.approx(h["interval_energy_j"], rel=1e-9, abs=1e-9)
 
@@ -126,6 +129,67 @@ def test_hf_plain_callbacks_list_reaches_tensorboard_and_the_final_state(tmp_pat
         assert scalars[f"train/{name}"], name
     assert "eval/energy_j" not in scalars
     assert scalars["train/energy_j"][-1][1] == pytest.approx(result.total_energy_j, rel=1e-6)
+
+
+def _wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline W&B run, read from its ``run-*.wandb`` file: a 7-byte header,
+    then LevelDB log framing (32 KiB blocks; per chunk a CRC, a length and a full/first/middle/last
+    type) around protobuf ``Record`` messages."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    block, pos, part, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:                        # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        part += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4) and part:         # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(part)
+            part = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({it.key or "/".join(it.nested_key): json.loads(it.value_json)
+                             for it in record.history.item})
+    return rows
+
+
+def test_hf_fields_reach_the_wandb_history_offline(tmp_path: Path, meter, monkeypatch) -> None:
+    wandb = pytest.importorskip("wandb")
+    from wattmeter.callbacks import hf_callback
+
+    monkeypatch.setenv("WANDB_MODE", "offline")            # nothing leaves the machine
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "wattmeter-test")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cb = hf_callback(meter=meter)
+    trainer = _hf_trainer(tmp_path, [cb], ["wandb"])
+    try:
+        trainer.train()
+    finally:
+        wandb.finish()
+        wandb.teardown()                                   # stop the W&B service: the run file is complete
+    result = cb.result
+    assert result is not None
+
+    run_files = list(tmp_path.rglob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1, run_files
+    rows = _wandb_history(run_files[0])
+    train = [r for r in rows if "train/energy_j" in r]
+    assert [r["train/global_step"] for r in train] == [2, 4, 6, 8, 8]      # four step logs, then the summary
+    assert not any("eval/energy_j" in r for r in rows)
+    assert train[-1]["train/energy_j"] == pytest.approx(result.total_energy_j, rel=1e-12)
+    assert train[-1]["train/joules_per_token"] == pytest.approx(result.joules_per_token("training"), rel=1e-12)
+    # The per-step accounting reached W&B too, and its intervals add up to the run.
+    assert sum(r["train/interval_steps"] for r in train) == 8
+    assert sum(r["train/interval_energy_j"] for r in train) == pytest.approx(result.total_energy_j, rel=1e-9)
+    assert any("train/interval_joules_per_token" in r and "train/step_energy_j" in r for r in train)
 
 
 # -- Lightning ---------------------------------------------------------------------------------
