@@ -8,8 +8,11 @@ request. So per-request J/token is exact even for servers whose counters move on
 request ends, and a request to a second ``--served-model-name`` alias counts under the name
 the client used. Every other path is passed through untouched.
 
-Binds 127.0.0.1 by default. Hop-by-hop headers are not forwarded. The upstream connection is
-kept alive per proxy thread, so the added latency is a few hundred microseconds.
+Binds 127.0.0.1 by default. Hop-by-hop headers are not forwarded. Per request the proxy does
+little: a client's kept-alive connection keeps its thread (no thread per request), upstream
+connections are kept alive with TCP_NODELAY and go back to a pool when a client leaves (a client
+that opens a connection per request reuses them), an answer goes out in one write, and a
+non-streamed answer's ``usage`` is read from its tail without parsing the whole body.
 """
 from __future__ import annotations
 
@@ -22,59 +25,19 @@ import socket
 import threading
 import time
 import urllib.parse
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import UsageError
+from .proxy_usage import UsageCounter, usage_from_body, usage_of
 from .requests import GENERATION, PROMPT, RequestAccountant
-from .tokens.parse import TokenKey
-from .tokens.scrape import TokenTotals
 
 log = logging.getLogger("wattmeter.proxy")
 USAGE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "transfer-encoding", "upgrade", "content-length", "host"})
 MAX_REQUEST_BYTES = 64 << 20
+MAX_IDLE_UPSTREAM = 32    # kept-alive upstream connections waiting for the next client
 PROGRESS_S = 0.2          # how often a stream's progress is booked into its request
-
-
-class UsageCounter:
-    """Tokens per (model, kind) from proxied responses: a TokenSource for the J/token joiner."""
-
-    def __init__(self) -> None:
-        self._state = TokenTotals(skip_history=False)      # every proxied response is ours
-        self._lock = threading.Lock()
-        self._without_usage = 0
-
-    @property
-    def responses_without_usage(self) -> int:
-        return self._without_usage
-
-    def no_usage(self) -> None:
-        """A completion answered without ``usage`` (counted, shown as an error kind)."""
-        with self._lock:
-            self._without_usage += 1
-
-    def observe(self, model: str, prompt: int, generation: int) -> None:
-        for kind, n in ((PROMPT, prompt), (GENERATION, generation)):
-            if n > 0:
-                self._state.add((model, kind), n)
-
-    @property
-    def totals(self) -> dict[TokenKey, int]:
-        return self._state.totals
-
-    def deltas(self) -> dict[TokenKey, int]:
-        return self._state.deltas(True)
-
-    @property
-    def up(self) -> bool:
-        return True                      # responses come to us: nothing to reach
-
-    @property
-    def models(self) -> frozenset[str]:
-        """None known: the proxy sees models only as they answer (the joiner counts a model's
-        tokens as a sign of life, so one without requests for its forget time is dropped)."""
-        return frozenset()
 
 
 def normalise_upstream(url: str) -> urllib.parse.SplitResult:
@@ -94,16 +57,6 @@ def normalise_upstream(url: str) -> urllib.parse.SplitResult:
     return parts
 
 
-def _usage(obj: Any) -> tuple[int, int] | None:
-    usage = obj.get("usage") if isinstance(obj, Mapping) else None
-    if not isinstance(usage, Mapping):
-        return None
-    try:
-        return max(0, int(usage.get("prompt_tokens") or 0)), max(0, int(usage.get("completion_tokens") or 0))
-    except (TypeError, ValueError):
-        return None
-
-
 class OpenAIProxy:
     """The pass-through server. ``start()`` binds (fails fast), ``stop()`` closes."""
 
@@ -117,6 +70,22 @@ class OpenAIProxy:
         self.timeout_s = timeout_s
         self._ids = itertools.count(1)
         self._local = threading.local()
+        self._idle: list[http.client.HTTPConnection] = []      # kept-alive upstream connections, LIFO
+        self._idle_lock = threading.Lock()
+        self._opened = itertools.count()
+        self.connections_opened = 0                             # upstream connections made (reuse shows here)
+        base = http.client.HTTPSConnection if self.upstream.scheme == "https" else http.client.HTTPConnection
+        proxy = self
+
+        class Upstream(base):   # type: ignore[valid-type, misc]
+            def connect(self) -> None:
+                super().connect()
+                # Headers and body go out in separate sends: without NODELAY, Nagle can hold the
+                # body until the upstream's (delayed) ACK of the headers.
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                proxy.connections_opened = next(proxy._opened) + 1
+
+        self._upstream_cls = Upstream
         handler = type("ProxyHandler", (_Handler,), {"proxy": self})
         try:
             self._httpd = http.server.ThreadingHTTPServer((host, port), handler)
@@ -140,25 +109,42 @@ class OpenAIProxy:
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
 
     def next_id(self) -> str:
         return f"proxy-{next(self._ids)}"
 
     def drop_upstream(self) -> None:
+        """This thread's client left: its upstream connection goes back to the pool (if usable)."""
         conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self._local.conn = None
+        if conn is None:
+            return
+        self._local.conn = None
+        if conn.sock is not None:
+            with self._idle_lock:
+                if len(self._idle) < MAX_IDLE_UPSTREAM:
+                    self._idle.append(conn)
+                    return
+        conn.close()
 
     def connection(self, fresh: bool = False) -> http.client.HTTPConnection:
-        """This thread's kept-alive connection to the upstream."""
+        """This thread's kept-alive connection to the upstream: its own, else one from the pool,
+        else a new one (``fresh``: close this thread's and open a new one)."""
         conn = getattr(self._local, "conn", None)
-        if conn is None or fresh:
-            if conn is not None:
-                conn.close()
-            cls = http.client.HTTPSConnection if self.upstream.scheme == "https" else http.client.HTTPConnection
-            conn = cls(self.upstream.hostname or "127.0.0.1", self.upstream.port, timeout=self.timeout_s)
-            self._local.conn = conn
+        if conn is not None and not fresh:
+            return conn
+        if conn is not None:
+            conn.close()
+        conn = None
+        if not fresh:
+            with self._idle_lock:
+                conn = self._idle.pop() if self._idle else None
+        if conn is None:           # connects on first use
+            conn = self._upstream_cls(self.upstream.hostname or "127.0.0.1", self.upstream.port, timeout=self.timeout_s)
+        self._local.conn = conn
         return conn
 
 
@@ -286,15 +272,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._last_chunk()
         else:
             data = resp.read()
-            usage = None
-            if model is not None and "json" in ctype:
-                try:
-                    usage = _usage(json.loads(data))
-                except ValueError:
-                    usage = None
+            usage = usage_from_body(data) if model is not None and "json" in ctype else None
             self._book(resp, model, booking, usage)
-            self._head(resp, len(data))
-            self.wfile.write(data)
+            self.wfile.write(self._head_bytes(resp, len(data)) + data)      # one write: head and body
         if resp.will_close:
             self.proxy.connection(fresh=True)
 
@@ -314,16 +294,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # was a lower bound.
             booking.add_tokens(max(0, gen - booked), GENERATION)
 
-    def _head(self, resp: http.client.HTTPResponse, length: int | None) -> None:
-        self.send_response_only(resp.status, resp.reason)
-        for k, v in resp.getheaders():
-            if k.lower() not in HOP_BY_HOP:
-                self.send_header(k, v)
-        if length is None:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.send_header("Content-Length", str(length))
-        self.end_headers()
+    def _head_bytes(self, resp: http.client.HTTPResponse, length: int | None) -> bytes:
+        """The status line and headers for the client (HTTP/1.1; hop-by-hop headers dropped)."""
+        lines = [f"{self.protocol_version} {resp.status} {resp.reason}"]
+        lines += [f"{k}: {v}" for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP]
+        lines.append("Transfer-Encoding: chunked" if length is None else f"Content-Length: {length}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _stream(self, resp: http.client.HTTPResponse, injected: bool,
                 booking: Any) -> tuple[tuple[int, int] | None, int]:
@@ -332,7 +308,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         While it streams, each content chunk counts as a generated token for the request
         (booked every PROGRESS_S), so its energy share follows its progress; the final usage
         corrects the count. Returns (usage, generation tokens already booked)."""
-        self._head(resp, None)
+        self.wfile.write(self._head_bytes(resp, None))
         usage = None
         event: list[bytes] = []
         booked = pending = 0
@@ -353,7 +329,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                         except ValueError:
                             continue
                         content = bool(isinstance(doc, dict) and doc.get("choices"))
-                        found = _usage(doc)
+                        found = usage_of(doc)
                         if found is not None:
                             usage = found
                             # The usage-only chunk we asked for: the client did not, so keep it back.

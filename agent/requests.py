@@ -38,8 +38,11 @@ from .request_shares import ALL, GENERATION, GPUS, PROMPT, ReqState, chosen_devi
 from .request_summary import ModelSummary, RequestView, RollingSummary
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .ledger import Mark
     from .meter import Meter
 
+YIELD_EVERY = 32          # settling yields the GIL after this many intervals...
+YIELD_S = 50e-6           # ...for this long, so request threads are not held up by a long settle
 MAX_LAG_S = 10.0          # a device not read for this long no longer holds the frontier back (lost GPU)
 J_PER_KWH = 3.6e6
 
@@ -153,6 +156,7 @@ class RequestAccountant:
         self._idle_j: dict[str, float] = {}
         self._ended_at_frontier = False               # a request ended exactly at the frontier (virtual clocks)
         self._summary = RollingSummary(summary_size)
+        self._end_mark: Mark | None = None          # the last ledger mark made at a request's end
 
     # -- requests ------------------------------------------------------------------------
     def request(self, request_id: str, model: str = "default", devices: Sequence[str] | None = None,
@@ -194,9 +198,12 @@ class RequestAccountant:
         # A ledger mark at the end makes the sampler read the GPUs' counters at its next tick (as a
         # window's edge does), so the frontier passes the end in a read or two, not at the next slow
         # counter read. No poke: waking every reader per request would cost a busy server more than
-        # the tick it saves; ``result()`` pokes when someone waits.
-        if self.meter.running:           # a stopped sampler would leave the mark pending for good
-            self.meter.ledger.mark(t)
+        # the tick it saves; ``result()`` pokes when someone waits. While an earlier end's mark is
+        # still pending, the read that resolves it comes after this end too: no new mark (a busy
+        # server ends a request every millisecond; one mark per sampler tick is enough).
+        mark = self._end_mark
+        if self.meter.running and (mark is None or mark.done.is_set()):   # a stopped sampler would leave it pending
+            self._end_mark = self.meter.ledger.mark(t)
         if self.settle_on_end:
             self._emit(self._settle())
 
@@ -317,10 +324,14 @@ class RequestAccountant:
             keys = self._keys()
             shares: dict[int, dict[str, float]] = {}
             idle: dict[str, float] = {}
-            for a, b, open_now in sweep(a0, bounds, live):
+            for i, (a, b, open_now) in enumerate(sweep(a0, bounds, live), 1):
                 vb = self.meter.ledger.values_at(b)
                 split(a, b, va, vb, keys, open_now, shares, idle)
                 va = vb
+                if i % YIELD_EVERY == 0:
+                    # A busy server's settle covers thousands of bounds (~20 us each); holding the
+                    # GIL through it delays the proxy's requests by up to a switch interval (5 ms).
+                    time.sleep(YIELD_S)
             with self._lock:
                 for st in live:
                     for k, e in shares.get(id(st), {}).items():
