@@ -165,7 +165,8 @@ def test_hf_fields_reach_the_wandb_history_offline(tmp_path: Path, meter, monkey
     from wattmeter.callbacks import hf_callback
 
     monkeypatch.setenv("WANDB_MODE", "offline")            # nothing leaves the machine
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))   # nothing written outside tmp_path
     monkeypatch.setenv("WANDB_PROJECT", "wattmeter-test")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cb = hf_callback(meter=meter)
