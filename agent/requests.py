@@ -20,23 +20,30 @@ Intervals are settled in time order up to a frontier: the latest time the ledger
 every GPU and every open request has reported up to. A request is final once the frontier
 passes its end; before that ``result()`` gives a provisional figure (equal shares where other
 requests' tokens are not known yet) with ``final=False``.
+
+A server splits the GPUs' energy (``energy_of="gpus"``, the default: ``meter.request()``). The
+training callbacks, where a step is a request, split every device a WindowResult counts
+(``energy_of="all"``), so their per-step figures add up to the window's. The sharing rules live
+in wattmeter.request_shares and the rolling p50/p90 summary in wattmeter.request_summary.
 """
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
-from .model import Component
+from .request_shares import ALL, GENERATION, GPUS, PROMPT, ReqState, chosen_devices, split, sweep
+from .request_summary import ModelSummary, RequestView, RollingSummary
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .ledger import Mark
     from .meter import Meter
 
-GENERATION, PROMPT = "generation", "prompt"
-MAX_LAG_S = 10.0          # a GPU not read for this long no longer holds the frontier back (lost GPU)
+YIELD_EVERY = 32          # settling yields the GIL after this many intervals...
+YIELD_S = 50e-6           # ...for this long, so request threads are not held up by a long settle
+MAX_LAG_S = 10.0          # a device not read for this long no longer holds the frontier back (lost GPU)
 J_PER_KWH = 3.6e6
 
 
@@ -63,63 +70,10 @@ class RequestResult:
         return self.energy_j / gen if gen > 0 else None
 
 
-@dataclass(frozen=True)
-class ModelSummary:
-    """Rolling figures over a model's most recent final requests."""
-
-    model: str
-    requests: int
-    energy_j_p50: float
-    energy_j_p90: float
-    energy_per_token_j_p50: float | None
-    energy_per_token_j_p90: float | None
-    generation_tokens: int
-
-
-@dataclass(frozen=True)
-class RequestView:
-    """What the exporter reads: per model (final requests, their J), per GPU the idle share,
-    and the rolling p50/p90 summary."""
-
-    totals: Mapping[str, tuple[int, float]]
-    idle_j: Mapping[str, float]
-    summary: Mapping[str, ModelSummary]
-
-
-@dataclass
-class _Req:
-    request_id: str
-    model: str
-    devices: frozenset[str] | None          # None: every GPU
-    start: float
-    end: float | None = None
-    reports: list[tuple[float, float, int]] = field(default_factory=list)   # (from, to, generation tokens)
-    tokens: dict[str, int] = field(default_factory=dict)
-    known_until: float = 0.0                # generation tokens are known up to here (end: forever)
-    energy_j: float = 0.0
-    device_j: dict[str, float] = field(default_factory=dict)
-    result: RequestResult | None = None
-
-    def weight(self, a: float, b: float) -> float:
-        """Generation tokens this request produced in [a, b], reports spread over their span."""
-        w = 0.0
-        for s0, s1, n in self.reports:
-            if s1 > s0:
-                overlap = min(b, s1) - max(a, s0)
-                if overlap > 0:
-                    w += n * overlap / (s1 - s0)
-            elif a < s1 <= b:
-                w += n
-        return w
-
-    def on(self, key: str) -> bool:
-        return self.devices is None or key in self.devices
-
-
 class Request:
     """One request's handle: ``add_tokens`` while it runs, ``result()`` after it ends."""
 
-    def __init__(self, accountant: "RequestAccountant", state: _Req) -> None:
+    def __init__(self, accountant: "RequestAccountant", state: ReqState) -> None:
         self._acct = accountant
         self._state = state
 
@@ -127,13 +81,25 @@ class Request:
     def request_id(self) -> str:
         return self._state.request_id
 
+    @property
+    def start_t(self) -> float:
+        """When the request began, on the meter's clock."""
+        return self._state.start
+
+    @property
+    def end_t(self) -> float | None:
+        """When it ended (None while open)."""
+        return self._state.end
+
     def add_tokens(self, n: int, kind: str = GENERATION) -> None:
         if n < 0:
             raise ValueError(f"token count must be >= 0, got {n}")
         self._acct._add_tokens(self._state, int(n), kind)
 
-    def end(self) -> "Request":
-        self._acct._end(self._state)
+    def end(self, at: float | None = None) -> "Request":
+        """End the request now, or at ``at`` on the meter's clock (never before its start or
+        before energy already handed out)."""
+        self._acct._end(self._state, at)
         return self
 
     def result(self, timeout_s: float | None = None) -> RequestResult:
@@ -160,6 +126,9 @@ class Request:
 class RequestAccountant:
     """Splits GPU energy among concurrent requests (see the module doc). Thread-safe.
 
+    ``energy_of``: ``"gpus"`` (default) splits every GPU's energy; ``"all"`` splits every device a
+    WindowResult counts (GPUs, and CPU/RAM with the process-tree share where one exists).
+
     ``intensity_g_per_kwh`` (a number, or a function giving the grid's current one) adds g CO2e
     to each result. ``gpus`` maps a model to the device keys serving it (default: every GPU); ``on_result`` is
     called (outside the lock) with each request's final result. ``settle_on_end=False`` leaves
@@ -168,37 +137,41 @@ class RequestAccountant:
 
     def __init__(self, meter: "Meter", *, intensity_g_per_kwh: float | Callable[[], float | None] | None = None,
                  gpus: Mapping[str, Sequence[str]] | None = None, summary_size: int = 1000,
-                 on_result: Callable[[RequestResult], None] | None = None, settle_on_end: bool = True) -> None:
+                 on_result: Callable[[RequestResult], None] | None = None, settle_on_end: bool = True,
+                 energy_of: str = GPUS) -> None:
+        if energy_of not in (GPUS, ALL):
+            raise ValueError(f"energy_of must be {GPUS!r} or {ALL!r}, got {energy_of!r}")
         self.meter = meter
+        self.energy_of = energy_of
         self.intensity_g_per_kwh = intensity_g_per_kwh
         self.gpus = {m: frozenset(keys) for m, keys in (gpus or {}).items()}
         self.on_result = on_result
         self._lock = threading.Lock()               # request state; held briefly
         self._settle_lock = threading.Lock()        # one settler at a time (the heavy part is outside _lock)
         self.settle_on_end = settle_on_end
-        self._live: list[_Req] = []
+        self._live: list[ReqState] = []
         self._times: set[float] = set()
         self._frontier = meter.clock.now()
-        self._v_frontier: dict[str, float] | None = None       # set once every GPU has a reading
+        self._v_frontier: dict[str, float] | None = None       # set once every device has a reading
         self._idle_j: dict[str, float] = {}
-        self._model_j: dict[str, float] = {}          # final requests' energy per model (monotonic)
-        self._model_n: dict[str, int] = {}            # final requests per model (monotonic)
         self._ended_at_frontier = False               # a request ended exactly at the frontier (virtual clocks)
-        self._recent: dict[str, deque[RequestResult]] = {}
-        self._summary_size = summary_size
+        self._summary = RollingSummary(summary_size)
+        self._end_mark: Mark | None = None          # the last ledger mark made at a request's end
 
     # -- requests ------------------------------------------------------------------------
-    def request(self, request_id: str, model: str = "default", devices: Sequence[str] | None = None) -> Request:
-        """Begin a request now. ``devices`` overrides the model's GPUs."""
+    def request(self, request_id: str, model: str = "default", devices: Sequence[str] | None = None,
+                at: float | None = None) -> Request:
+        """Begin a request now (or at ``at``, on the meter's clock; never before energy already
+        handed out). ``devices`` overrides the model's GPUs."""
         devs = frozenset(devices) if devices is not None else self.gpus.get(model)
         with self._lock:
-            t = self._now()
-            st = _Req(str(request_id), model, devs, t, known_until=t)
+            t = self._now() if at is None else max(at, self._frontier)
+            st = ReqState(str(request_id), model, devs, t, known_until=t)
             self._live.append(st)
             self._times.add(t)
         return Request(self, st)
 
-    def _add_tokens(self, st: _Req, n: int, kind: str) -> None:
+    def _add_tokens(self, st: ReqState, n: int, kind: str) -> None:
         with self._lock:
             if st.end is not None:
                 raise RuntimeError(f"request {st.request_id!r} has ended; count its tokens before it ends")
@@ -213,11 +186,11 @@ class RequestAccountant:
             st.known_until = t
             self._times.add(t)
 
-    def _end(self, st: _Req) -> None:
+    def _end(self, st: ReqState, at: float | None = None) -> None:
         with self._lock:
             if st.end is not None:
                 return
-            t = self._now()
+            t = max(self._now() if at is None else max(at, self._frontier), st.start)
             st.end = t
             st.known_until = float("inf")
             self._times.add(t)
@@ -225,18 +198,21 @@ class RequestAccountant:
         # A ledger mark at the end makes the sampler read the GPUs' counters at its next tick (as a
         # window's edge does), so the frontier passes the end in a read or two, not at the next slow
         # counter read. No poke: waking every reader per request would cost a busy server more than
-        # the tick it saves; ``result()`` pokes when someone waits.
-        if self.meter.running:           # a stopped sampler would leave the mark pending for good
-            self.meter.ledger.mark(t)
+        # the tick it saves; ``result()`` pokes when someone waits. While an earlier end's mark is
+        # still pending, the read that resolves it comes after this end too: no new mark (a busy
+        # server ends a request every millisecond; one mark per sampler tick is enough).
+        mark = self._end_mark
+        if self.meter.running and (mark is None or mark.done.is_set()):   # a stopped sampler would leave it pending
+            self._end_mark = self.meter.ledger.mark(t)
         if self.settle_on_end:
             self._emit(self._settle())
 
-    def _deadline(self, st: _Req, timeout_s: float | None) -> float:
+    def _deadline(self, st: ReqState, timeout_s: float | None) -> float:
         if st.end is None:
             raise RuntimeError(f"request {st.request_id!r} has not ended")
         return time.monotonic() + (self.meter.settle_timeout_s() if timeout_s is None else timeout_s)
 
-    def _try_result(self, st: _Req, deadline: float) -> RequestResult | None:
+    def _try_result(self, st: ReqState, deadline: float) -> RequestResult | None:
         """The final result, or None while waiting for a GPU read past the end is worth it."""
         _, blocked_by_ledger = self.settle()
         if st.result is not None:
@@ -247,13 +223,13 @@ class RequestAccountant:
         with self._lock:
             return st.result or self._provisional(st)
 
-    def _result(self, st: _Req, timeout_s: float | None) -> RequestResult:
+    def _result(self, st: ReqState, timeout_s: float | None) -> RequestResult:
         deadline = self._deadline(st, timeout_s)
         while (res := self._try_result(st, deadline)) is None:
             time.sleep(0.01)
         return res
 
-    async def _aresult(self, st: _Req, timeout_s: float | None) -> RequestResult:
+    async def _aresult(self, st: ReqState, timeout_s: float | None) -> RequestResult:
         deadline = self._deadline(st, timeout_s)
         while (res := self._try_result(st, deadline)) is None:
             await asyncio.sleep(0.01)       # never block the event loop while the GPUs are read
@@ -285,8 +261,7 @@ class RequestAccountant:
     @property
     def totals(self) -> dict[str, tuple[int, float]]:
         """Per model: (final requests, their energy in J), both monotonic (Prometheus counters)."""
-        with self._lock:
-            return {m: (self._model_n[m], self._model_j[m]) for m in self._model_n}
+        return self._summary.totals
 
     @property
     def open_requests(self) -> int:
@@ -297,32 +272,25 @@ class RequestAccountant:
         return RequestView(self.totals, self.idle_j, self.summary())
 
     def summary(self) -> dict[str, ModelSummary]:
-        with self._lock:
-            recent = {m: list(q) for m, q in self._recent.items()}
-        out = {}
-        for model, results in sorted(recent.items()):
-            energies = sorted(r.energy_j for r in results)
-            jpt = sorted(x for r in results if (x := r.energy_per_token_j) is not None)
-            out[model] = ModelSummary(model, len(results), _quantile(energies, 0.5), _quantile(energies, 0.9),
-                                      _quantile(jpt, 0.5) if jpt else None, _quantile(jpt, 0.9) if jpt else None,
-                                      sum(r.tokens.get(GENERATION, 0) for r in results))
-        return out
+        """Per model: p50/p90 J/request and J/token over its most recent final requests."""
+        return self._summary.summary()
 
     # -- internals (under the lock) ------------------------------------------------------
     def _now(self) -> float:
         # Event times never go below the frontier, so an interval is never handed out twice.
         return max(self.meter.clock.now(), self._frontier)
 
-    def _gpu_keys(self) -> list[str]:
-        return [d.key for d in self.meter.ledger.devices if d.component == Component.GPU]
+    def _keys(self) -> list[str]:
+        return chosen_devices(self.meter.ledger.devices, self.energy_of)
 
     def _covered(self, now: float) -> float:
         """The latest time whose energy the ledger will not revise on any GPU: one refresh period
         behind its last reading (a counter's last step is dated from the reads after it). A GPU
         silent for MAX_LAG_S is skipped."""
         covered = now
-        for s in self.meter.snapshot().values():
-            if s.device.component == Component.GPU and s.t is not None and now - s.t < MAX_LAG_S:
+        keys = set(self._keys())
+        for k, s in self.meter.snapshot().items():
+            if k in keys and s.t is not None and now - s.t < MAX_LAG_S:
                 covered = min(covered, s.t - s.device.update_period_s)
         return covered
 
@@ -331,8 +299,8 @@ class RequestAccountant:
         device's first value for any earlier time, so energy before it counts as none)."""
         if self._v_frontier is not None:
             return True
-        gpus = [s for s in self.meter.snapshot().values() if s.device.component == Component.GPU]
-        if any(s.t is None for s in gpus) or self._covered(self.meter.clock.now()) < self._frontier:
+        keys = set(self._keys())
+        if any(s.t is None for k, s in self.meter.snapshot().items() if k in keys) or self._covered(self.meter.clock.now()) < self._frontier:
             return False                 # the ledger's value at the start is not settled yet
         self._v_frontier = dict(self.meter.ledger.values_at(self._frontier))
         return True
@@ -353,13 +321,17 @@ class RequestAccountant:
                 live = list(self._live)
                 a0, va = self._frontier, self._v_frontier
             assert va is not None
-            keys = self._gpu_keys()
+            keys = self._keys()
             shares: dict[int, dict[str, float]] = {}
             idle: dict[str, float] = {}
-            for a, b, open_now in self._sweep(a0, bounds, live):
+            for i, (a, b, open_now) in enumerate(sweep(a0, bounds, live), 1):
                 vb = self.meter.ledger.values_at(b)
-                self._split(a, b, va, vb, keys, open_now, shares, idle)
+                split(a, b, va, vb, keys, open_now, shares, idle)
                 va = vb
+                if i % YIELD_EVERY == 0:
+                    # A busy server's settle covers thousands of bounds (~20 us each); holding the
+                    # GIL through it delays the proxy's requests by up to a switch interval (5 ms).
+                    time.sleep(YIELD_S)
             with self._lock:
                 for st in live:
                     for k, e in shares.get(id(st), {}).items():
@@ -370,21 +342,6 @@ class RequestAccountant:
                 self._frontier, self._v_frontier = bounds[-1], dict(va)
                 return self._finish(self._frontier)
 
-    @staticmethod
-    def _sweep(a0: float, bounds: Sequence[float], live: Sequence[_Req]) -> Iterator[tuple[float, float, list[_Req]]]:
-        """(a, b, the requests open for all of [a, b]) for consecutive bounds, in one pass (every
-        begin and end is a bound, so a request is open for all of an interval or none of it)."""
-        by_start = sorted(live, key=lambda st: st.start)
-        i, a = 0, a0
-        active: list[_Req] = []
-        for b in bounds:
-            while i < len(by_start) and by_start[i].start <= a:
-                active.append(by_start[i])
-                i += 1
-            active = [st for st in active if st.end is None or st.end >= b]
-            yield a, b, active
-            a = b
-
     def _finish(self, a: float) -> list[RequestResult]:
         self._ended_at_frontier = False
         self._times = {t for t in self._times if t > a}
@@ -392,57 +349,31 @@ class RequestAccountant:
         for st in self._live:
             if st.end is not None and st.end <= a:
                 st.result = self._make_result(st, st.energy_j, st.device_j, final=True)
-                q = self._recent.setdefault(st.model, deque(maxlen=self._summary_size))
-                q.append(st.result)
-                self._model_n[st.model] = self._model_n.get(st.model, 0) + 1
-                self._model_j[st.model] = self._model_j.get(st.model, 0.0) + st.energy_j
                 done.append(st.result)
             else:
                 st.reports = [r for r in st.reports if r[1] > a]      # spans before the frontier are spent
         self._live = [st for st in self._live if st.result is None]
+        self._summary.add(done)
         return done
 
-    @staticmethod
-    def _split(a: float, b: float, va: Mapping[str, float], vb: Mapping[str, float], keys: Iterable[str],
-               open_now: Sequence[_Req], into: dict[int, dict[str, float]], idle: dict[str, float]) -> None:
-        """Hand out each GPU's energy in [a, b] into ``into`` (id(req) -> device -> J) and ``idle``.
-        Where a request's tokens are not known yet (provisional figures only), by time."""
-        if b <= a:
-            return
-        for k in keys:
-            if k not in va or k not in vb:
-                continue                     # a GPU with no reading yet: nothing known to hand out
-            e = max(0.0, vb[k] - va[k])
-            parts = [st for st in open_now if st.on(k)]
-            if not parts:
-                idle[k] = idle.get(k, 0.0) + e
-                continue
-            weights = [st.weight(a, b) for st in parts]
-            total = sum(weights)
-            if total <= 0 or any(st.known_until < b for st in parts):
-                weights, total = [1.0] * len(parts), float(len(parts))   # by time: all open the whole interval
-            for st, w in zip(parts, weights):
-                d = into.setdefault(id(st), {})
-                d[k] = d.get(k, 0.0) + e * w / total
-
-    def _provisional(self, st: _Req) -> RequestResult:
+    def _provisional(self, st: ReqState) -> RequestResult:
         assert st.end is not None
-        keys = self._gpu_keys()
+        keys = self._keys()
         extra: dict[int, dict[str, float]] = {}
         bounds = sorted(t for t in self._times if self._frontier < t < st.end) + [st.end]
         va = self._v_frontier
         if va is None:
             return self._make_result(st, 0.0, {}, final=False)      # no GPU reading yet
-        for a, b, open_now in self._sweep(self._frontier, bounds, self._live):
+        for a, b, open_now in sweep(self._frontier, bounds, self._live):
             vb = self.meter.ledger.values_at(b)
-            self._split(a, b, va, vb, keys, open_now, extra, {})
+            split(a, b, va, vb, keys, open_now, extra, {})
             va = vb
         dev = dict(st.device_j)
         for k, e in extra.get(id(st), {}).items():
             dev[k] = dev.get(k, 0.0) + e
         return self._make_result(st, sum(dev.values()), dev, final=False)
 
-    def _make_result(self, st: _Req, energy_j: float, device_j: Mapping[str, float], final: bool) -> RequestResult:
+    def _make_result(self, st: ReqState, energy_j: float, device_j: Mapping[str, float], final: bool) -> RequestResult:
         assert st.end is not None
         src = self.intensity_g_per_kwh
         intensity = src() if callable(src) else src
@@ -456,12 +387,6 @@ class RequestAccountant:
                 self.on_result(r)
 
 
-def _quantile(sorted_values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    if not sorted_values:
-        return 0.0
-    pos = q * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
 
+__all__ = ["ALL", "GENERATION", "GPUS", "PROMPT", "ModelSummary", "Request", "RequestAccountant", "RequestResult",
+           "RequestView"]

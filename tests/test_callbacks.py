@@ -89,11 +89,14 @@ def test_hf_callback_logs_energy_and_joules_per_token_by_hand():
     state.log_history.append({**logs, "step": state.global_step})     # as Trainer.log does
     cb.on_log(args, state, control, logs=logs)
     assert logs["loss"] == 1.5
-    assert logs["energy_j"] == pytest.approx(1000.0)                  # 200 W x 5 s
-    assert logs["energy_kwh"] == pytest.approx(1000.0 / 3.6e6)
+    # Steps 1-4 are final; step 5 ended at the last reading, which the ledger may still revise
+    # for one refresh period (0.1 s), so it waits for the next log.
+    assert logs["interval_steps"] == 4
+    assert logs["energy_j"] == pytest.approx(800.0)                   # 200 W x 4 s
+    assert logs["energy_kwh"] == pytest.approx(800.0 / 3.6e6)
     assert logs["avg_power_w"] == pytest.approx(200.0)
-    assert logs["joules_per_token"] == pytest.approx(1000.0 / 5000)
-    assert state.log_history[-1]["energy_j"] == pytest.approx(1000.0)
+    assert logs["joules_per_token"] == pytest.approx(800.0 / 4000)
+    assert state.log_history[-1]["energy_j"] == pytest.approx(800.0)
     for step in range(6, 11):
         tick(meter, clock)
         state.global_step = step
@@ -126,6 +129,7 @@ def test_hf_resumed_run_counts_only_new_tokens_and_no_tokens_means_no_ratio():
     cb2.on_train_begin(args, state, control)
     tick(meter, clock)
     cb2.on_step_end(args, state, control)
+    tick(meter, clock)                                                 # a read past the step's end
     logs: dict = {}
     cb2.on_log(args, state, control, logs=logs)
     assert "joules_per_token" not in logs and logs["energy_j"] == pytest.approx(200.0)
@@ -175,11 +179,15 @@ def test_hf_energy_prefers_the_process_share_of_the_cpu_like_window_results():
     args, state, control = hf_objects()
     cb.on_train_begin(args, state, control)
     tick(meter, clock, 2.0)
+    state.global_step = 1
+    cb.on_step_end(args, state, control)
+    tick(meter, clock, 1.0)
     logs: dict = {}
     cb.on_log(args, state, control, logs=logs)
     cb.on_train_end(args, state, control)
-    assert logs["energy_j"] == pytest.approx((100 + 20) * 2)
-    assert cb.result.total_energy_j == pytest.approx(logs["energy_j"])
+    assert logs["energy_j"] == pytest.approx((100 + 20) * 2)          # step 1: GPU + the process's CPU
+    assert cb.result.total_energy_j == pytest.approx((100 + 20) * 3)
+    assert cb.tracker.total.energy_j == pytest.approx(cb.result.total_energy_j)   # step 1 + the tail
 
 
 def test_hf_install_puts_the_callback_first_once():
@@ -230,14 +238,29 @@ def test_hf_logs_carry_interval_and_step_figures_beside_the_cumulative_ones():
             cb.on_log(args, state, control, logs=logs)
             logs_seen.append(logs)
     first, second = logs_seen
-    assert first["interval_energy_j"] == pytest.approx(200.0) and first["interval_tokens"] == 200
-    assert second["interval_energy_j"] == pytest.approx(500.0) and second["interval_tokens"] == 350
-    assert second["interval_joules_per_token"] == pytest.approx(500.0 / 350)
+    # A log counts the steps final by then: the one ending at the last reading waits a log.
+    assert first["interval_steps"] == 1
+    assert first["interval_energy_j"] == pytest.approx(100.0) and first["interval_tokens"] == 100
+    assert second["interval_steps"] == 2                                    # steps 2 and 3
+    assert second["interval_energy_j"] == pytest.approx(300.0) and second["interval_tokens"] == 150
+    assert second["interval_joules_per_token"] == pytest.approx(300.0 / 150)
     assert second["interval_avg_power_w"] == pytest.approx(100.0)
-    assert second["joules_per_token"] == pytest.approx(700.0 / 550)          # cumulative
-    assert second["step_energy_j"] == pytest.approx(300.0) and second["step_tokens"] == 300
-    assert second["step_joules_per_token"] == pytest.approx(1.0)
-    assert state.log_history[-1]["interval_joules_per_token"] == pytest.approx(500.0 / 350)
+    assert second["joules_per_token"] == pytest.approx(400.0 / 250)          # cumulative, steps 1-3
+    assert second["step_energy_j"] == pytest.approx(200.0) and second["step_tokens"] == 50   # step 3
+    assert second["step_joules_per_token"] == pytest.approx(4.0)
+    assert state.log_history[-1]["interval_joules_per_token"] == pytest.approx(2.0)
+    state.max_steps = 4
+    cb.on_epoch_end(args, state, control)
+    final = {"train_runtime": 7.0, "train_loss": 1.0}
+    cb.on_log(args, state, control, logs=final)
+    assert final["interval_steps"] == 1 and final["interval_energy_j"] == pytest.approx(300.0)   # step 4
+    assert final["step_joules_per_token"] == pytest.approx(1.0)
+    # Conservation: the intervals of all logs sum to the final cumulative figures (the window).
+    every = [*logs_seen, final]
+    assert sum(h["interval_energy_j"] for h in every) == pytest.approx(final["energy_j"], rel=1e-12)
+    assert final["energy_j"] == pytest.approx(100.0 * 7)
+    assert sum(h["interval_tokens"] for h in every) == cb.result.tokens["training"] == 550
+    assert sum(h["interval_steps"] for h in every) == 4
 
 
 def test_hf_eval_logs_get_no_energy_fields():
@@ -247,6 +270,9 @@ def test_hf_eval_logs_get_no_energy_fields():
     cb = hf_callback(meter=meter)
     args, state, control = hf_objects()
     cb.on_train_begin(args, state, control)
+    tick(meter, clock)
+    state.global_step = 1
+    cb.on_step_end(args, state, control)
     tick(meter, clock)
     cb.on_prediction_step(args, state, control)          # evaluation loop, any metric prefix
     logs = {"val_loss": 0.5, "val_runtime": 0.1}
@@ -285,7 +311,10 @@ def test_hf_final_log_carries_the_exact_result_into_logs_and_history():
     assert final["energy_j"] == cb.result.total_energy_j == pytest.approx(750.0)
     assert final["joules_per_token"] == cb.result.joules_per_token("training") == pytest.approx(0.5)
     assert state.log_history[-1]["energy_j"] == cb.result.total_energy_j
-    assert "interval_energy_j" not in final                 # the final log is the whole run
+    # The final log also closes the last interval (step 3; steps 1-2 were in the step log).
+    assert step_log["interval_energy_j"] == pytest.approx(500.0)
+    assert final["interval_energy_j"] == pytest.approx(250.0) and final["interval_tokens"] == 500
+    assert step_log["interval_energy_j"] + final["interval_energy_j"] == pytest.approx(final["energy_j"])
     cb.on_train_end(args, state, control)                   # already ended: the result stays
     assert cb.result.total_energy_j == final["energy_j"]
 
@@ -345,11 +374,14 @@ def test_lightning_logs_once_per_optimizer_step_on_the_trainers_log_steps():
         if i % 2 == 1:
             trainer.global_step += 1
         cb.on_train_batch_end(trainer, module, None, ["a", "b", "c", "d"], i)
+    # Global steps 2 and 4, each once; each counts the steps final by then (not the one that
+    # ended at the last reading): step 1, then steps 2 and 3.
     energy = [v for k, v, _ in module.logged if k == "energy_j"]
-    assert energy == [pytest.approx(600.0), pytest.approx(1200.0)]     # global steps 2 and 4, each once
+    assert energy == [pytest.approx(300.0), pytest.approx(900.0)]
     last = {k: v for k, v, _ in module.logged if k.startswith(("joules", "interval_", "step_"))}
-    assert last["joules_per_token"] == pytest.approx(1200.0 / (8 * 512))
+    assert last["joules_per_token"] == pytest.approx(900.0 / (6 * 512))
     assert last["interval_energy_j"] == pytest.approx(600.0) and last["interval_tokens"] == 4 * 512
+    assert last["interval_steps"] == 2
     assert last["step_energy_j"] == pytest.approx(300.0) and last["step_tokens"] == 2 * 512
     assert all(kw == {"on_step": True, "on_epoch": False, "rank_zero_only": True} for _, _, kw in module.logged)
 
@@ -363,11 +395,14 @@ def test_lightning_does_not_write_stale_figures_again():
     module = FakeModule()
     cb.on_train_start(trainer, module)
     for i in range(6):
-        if i in (0, 3):                         # the ledger moves only before steps 1 and 4
+        if i in (0, 3, 5):                      # the ledger moves only before steps 1, 4 and 6
             tick(meter, clock)
         trainer.global_step += 1
         cb.on_train_batch_end(trainer, module, None, None, i)
+    # Step 4 logs steps 1-3 (final once read past t=1); step 6 logs steps 4-5. Steps 2, 3 and 5
+    # bring no newly final step and are not written.
     assert [v for k, v, _ in module.logged if k == "energy_j"] == [pytest.approx(200.0), pytest.approx(400.0)]
+    assert [v for k, v, _ in module.logged if k == "interval_steps"] == [3, 2]
 
 
 def test_lightning_end_writes_the_exact_result_to_every_logger_and_logged_metrics():

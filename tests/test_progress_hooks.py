@@ -121,6 +121,7 @@ def test_hf_value_from_logged_metrics() -> None:
         tick(meter, clock)
         state.global_step = step
         cb.on_step_end(args, state, control)
+    tick(meter, clock)                       # a read past step 18's end: every step is final
     # The eval log is read for its value but gets no figures (evaluation is not training);
     # the next training log carries value per kWh.
     eval_logs = {"eval_accuracy": 0.9, "eval_loss": 0.2}
@@ -156,7 +157,7 @@ def test_lightning_value_from_callback_metrics() -> None:
     trainer = SimpleNamespace(global_step=0, local_rank=0, max_steps=-1, callback_metrics={"val_acc": Tensor(0.5)})
     module = Module()
     cb.on_train_start(trainer, module)
-    for step in range(1, 37):
+    for step in range(1, 38):                # step 37's log counts steps 1-36 (final once read past)
         tick(meter, clock)
         trainer.global_step = step
         cb.on_train_batch_end(trainer, module, None, None, step - 1)

@@ -246,3 +246,108 @@ def test_a_proxied_model_without_requests_for_its_forget_time_is_dropped():
         meter.poll()
     assert [s.model for s in joiner.snapshot()] == ["new"]
     assert counter.totals[("old", "generation")] == 10   # its count is kept, only its series goes
+
+
+# -- the lean HTTP layer (agent/proxy_http.py) and per-request savings --------------------------
+def test_upstream_connections_are_reused_across_client_connections(rig):
+    upstream, proxy, acct, results, meter = rig
+    for i in range(4):                      # post() opens and closes a client connection each time
+        status, _, body = post(proxy.url, "/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 3})
+        assert status == 200 and json.loads(body)["usage"]["completion_tokens"] == 3
+        time.sleep(0.05)                    # the handler sees the client go and pools its upstream
+    assert proxy.connections_opened == 1
+    assert proxy.counter.totals[("tiny", "generation")] == 4 * 3
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b'{"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}', (3, 5)),
+    # usage not last, and a quoted "usage" inside the text: parsed whole
+    (b'{"text":"say \\"usage\\": {}","usage": {"prompt_tokens":3,"completion_tokens":5}, "z":1}', (3, 5)),
+    # a nested usage last in the body is not the top-level one
+    (b'{"usage":{"prompt_tokens":1,"completion_tokens":2},"choices":[{"usage":{"prompt_tokens":9}}]}', (1, 2)),
+    (b'{"id":"x"}', None),
+    (b'not json', None),
+])
+def test_usage_from_body_reads_the_top_level_usage(data, expected):
+    from wattmeter.proxy_usage import usage_from_body
+
+    assert usage_from_body(data) == expected
+
+
+def _raw_server(answers: list[bytes]) -> tuple[str, int, list[bytes], threading.Thread]:
+    """One connection; each request (head + Content-Length body) gets the next raw answer."""
+    import socket
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        fp = conn.makefile("rb")
+        for answer in answers:
+            head = b""
+            while (line := fp.readline()) not in (b"\r\n", b""):
+                head += line
+            length = int(next((ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length")), b"0"))
+            seen.append(head + b"\r\n" + fp.read(length))
+            conn.sendall(answer)
+        conn.close()
+        srv.close()
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return "127.0.0.1", srv.getsockname()[1], seen, t
+
+
+def test_upstream_client_reads_length_chunked_interim_and_close_delimited_answers():
+    from wattmeter.proxy_http import Upstream
+
+    answers = [
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 7\r\n\r\n{\"a\":1}",
+        # an SSE line split across chunks, then a trailer
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\ndata: \r\n8\r\n{\"b\":2}\n\r\n1\r\n\n\r\n0\r\nX-T: 1\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+    ]
+    host, port, seen, t = _raw_server(answers)
+    opened = []
+    up = Upstream(host, port, False, 5.0, on_connect=lambda: opened.append(1))
+    r = up.request("POST", "/v1/completions", [("Content-Type", "application/json")], b'{"model":"m"}')
+    assert (r.status, r.getheader("content-type"), r.read(), r.will_close) == (200, "application/json", b'{"a":1}', False)
+    r = up.request("GET", "/s", [], b"")
+    assert [r.readline(), r.readline(), r.readline()] == [b'data: {"b":2}\n', b"\n", b""]
+    r = up.request("GET", "/c", [], b"")
+    assert (r.status, r.reason, r.read()) == (201, "Created", b"ok")
+    r = up.request("GET", "/e", [], b"")
+    assert r.will_close and r.read() == b"until the end"
+    t.join(5)
+    up.close()
+    assert opened == [1]                                     # one connection for all four
+    assert seen[0].startswith(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:")
+    assert seen[0].endswith(b"Content-Length: 13\r\n\r\n{\"model\":\"m\"}")
+
+
+def test_a_client_expecting_100_continue_gets_it_and_the_upstream_does_not():
+    answer = b'{"usage":{"prompt_tokens":1,"completion_tokens":2}}'
+    host, port, seen, t = _raw_server([b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
+                                       b"\r\n\r\n%s" % (len(answer), answer)])
+    proxy = OpenAIProxy(f"http://{host}:{port}", None).start()
+    try:
+        status, _, body = post(proxy.url, "/v1/completions", {"model": "tiny", "prompt": "hi"},
+                               headers={"Expect": "100-continue", "X-Custom": "kept"})
+    finally:
+        proxy.stop()
+    t.join(5)
+    assert status == 200 and body == answer
+    assert b"x-custom: kept" in seen[0].lower() and b"expect" not in seen[0].lower()
+    assert proxy.counter.totals[("tiny", "generation")] == 2
+
+
+def test_a_malformed_request_line_is_a_400_with_a_status_line(rig):
+    import socket
+
+    _, proxy, *_ = rig
+    parts = urllib.parse.urlsplit(proxy.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=5) as s:
+        s.sendall(b"NONSENSE\r\n\r\n")
+        assert s.recv(64).startswith(b"HTTP/1.1 400 ")
