@@ -72,7 +72,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="a file the job writes with its value: JSON {\"samples\": 1000} or lines UNIT=N")
     g.add_argument("--progress-file", default=None, metavar="PATH",
                    help="a file the job writes with its progress (0.42 or 420/1000); records then carry a "
-                        "projection to completion (sampled at each checkpoint)")
+                        "projection to completion (the file is checked every 0.25 s)")
     g.add_argument("--wait-for-clean", default=None, metavar="MAX_DELAY",
                    help="hold the job until the cleanest start within MAX_DELAY (e.g. 6h) by the "
                         "--carbon-provider's forecast; never later")

@@ -200,14 +200,15 @@ sm_util = 80
 """
 
 
-def _serve_until_process_series(tmp_path: Path, env_socket: str, monkeypatch) -> tuple[str, str]:
+def _serve_until_process_series(tmp_path: Path, env_socket: str, monkeypatch,
+                                scenario_text: str = SERVE_SCENARIO) -> tuple[str, str]:
     """Run serve with no visible /proc (as without hostPID); return (stderr, /metrics text)."""
     import time
 
     from e2e_servers import WattmeterServe, http_get, wait_until
 
     scenario = tmp_path / "s.toml"
-    scenario.write_text(SERVE_SCENARIO)
+    scenario.write_text(scenario_text)
     (tmp_path / "proc").mkdir()
     monkeypatch.setenv("WATTMETER_POD_RESOURCES", env_socket)      # inherited by the serve process
     serve = WattmeterServe(["--fake-nvml", str(scenario), "--cpu", "model", "--process-interval", "0.2",
@@ -257,3 +258,50 @@ def test_serve_without_the_socket_warns_once_and_keeps_metering(tmp_path: Path, 
     assert len(warnings) == 1 and warnings[0].startswith("wattmeter: warning: pod-resources API not used: ")
     assert "does not exist" in warnings[0]
     assert _pod_of_process_series(body) == ("", "")
+
+
+MIG_SCENARIO = """
+[[gpu]]
+model = "NVIDIA A100-SXM4-80GB"
+[gpu.trace]
+kind = "constant"
+power_w = 290.0
+[[gpu.mig]]
+gi_id = 1
+sm_share = 0.4286
+[[gpu.mig]]
+gi_id = 5
+sm_share = 0.2857
+[[gpu.process]]
+pid = 7002
+sm_util = 30
+gi_id = 5
+"""
+
+
+@pytest.mark.e2e
+def test_serve_places_a_mig_uuid_from_the_device_plugin_on_its_pod(tmp_path: Path, monkeypatch) -> None:
+    # The device plugin's default IDs for MIG are "MIG-<uuid>"; serve learns each MIG UUID's
+    # parent GPU and instance from NVML, so the process in instance 5 gets the pod that holds it.
+    from wattmeter.clock import VirtualClock
+    from wattmeter.sim.fake_nvml import FakeNVML
+    from wattmeter.sim.scenario import load_scenario
+
+    (tmp_path / "mig.toml").write_text(MIG_SCENARIO)
+    fake_nvml = FakeNVML(load_scenario(str(tmp_path / "mig.toml")), VirtualClock())
+    fake_nvml.nvmlInit()
+    gpu = fake_nvml.nvmlDeviceGetHandleByIndex(0)
+    mig5 = next(fake_nvml.nvmlDeviceGetUUID(m) for m in (fake_nvml.nvmlDeviceGetMigDeviceHandleByIndex(gpu, i)
+                                                          for i in range(2))
+                if fake_nvml.nvmlDeviceGetGpuInstanceId(m) == 5)
+    assert mig5.startswith("MIG-") and not mig5.startswith("MIG-GPU-")
+    sock = Path(f"/tmp/wm-serve-mig-{os.getpid()}.sock")
+    fake = FakeKubelet(sock, [PodResources("notebook-0", "research", (ContainerResources(
+        "lab", (ContainerDevices("nvidia.com/mig-2g.20gb", (mig5,)),)),))])
+    try:
+        stderr, body = _serve_until_process_series(tmp_path, str(sock), monkeypatch, MIG_SCENARIO)
+    finally:
+        fake.stop()
+        sock.unlink(missing_ok=True)
+    assert _pod_of_process_series(body) == ("research", "notebook-0")
+    assert "pod-resources" not in stderr

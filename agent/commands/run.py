@@ -111,6 +111,7 @@ def run_command(args: argparse.Namespace) -> int:
     hold_signals()
     carbon = compose.carbon_accountant(carbon_config)
     meter, found = compose.cli_meter(plan)
+    decisions.follow(meter)          # the projection follows --progress-file between checkpoints
     assert records.job is not None
     ident = compose.run_identity(records.job, os.path.basename(cmd[0]), records.labels)
     if not args.quiet:

@@ -26,7 +26,7 @@ from ..exporters.prometheus import ExportSources, Health, build_registry
 from ..health import Freshness
 from ..podresources import with_pod_resources
 from ..meter import Meter
-from ..sensors.base import ProcessSensor
+from ..sensors.base import MigSensor, ProcessSensor
 from ..settings import ServeSettings, carbon_settings
 from .common import add_sensor_arguments, sensor_plan, settings_from_cwd
 from .serve_tokens import add_token_arguments, check_gpu_map, start_tokens
@@ -122,14 +122,16 @@ def _serve(meter: Meter, opts: ServeSettings, carbon: Any) -> int:
         own_pod = parse_cgroup(_read(os.path.join(opts.proc_root, "self", "cgroup")))[2]
         resolver = CgroupResolver(opts.proc_root, PodDirectory(opts.pods_root, own_pod_uid=own_pod),
                                   sidecar=opts.sidecar)
-        layouts = [getattr(s, "mig_layout") for s in psensors if callable(getattr(s, "mig_layout", None))]
-        # Whole GPUs and MIG instances -> pods through the kubelet pod-resources API (no hostPID needed).
+        migs = [s for s in psensors if isinstance(s, MigSensor)]
+        # Whole GPUs and MIG instances (both ID forms) -> pods through the kubelet pod-resources
+        # API (no hostPID needed).
         lookup, read, warning = with_pod_resources(
             resolver.lookup, lambda now: [u for s in psensors for u in s.read_processes(now)],
-            {k: s.device.labels.get("uuid", "") for k, s in meter.snapshot().items()}, os.environ)
+            {k: s.device.labels.get("uuid", "") for k, s in meter.snapshot().items()}, os.environ,
+            mig_uuids=(lambda: {u: at for s in migs for u, at in s.mig_uuids().items()}) if migs else None)
         if warning:
             sys.stderr.write(f"wattmeter: warning: {warning}\n")
-        attributor = Attributor(read, lookup, opts.attribution, layouts[0] if layouts else None)
+        attributor = Attributor(read, lookup, opts.attribution, migs[0].mig_layout if migs else None)
         sources.attribution = attributor
         _task(meter, health, "processes", opts.process_interval_s,
               lambda now: attributor.tick(now, meter.snapshot()))
