@@ -10,8 +10,9 @@ Nothing measured is lost and the child's exit code always wins:
   On Linux the signals are taken synchronously with their sender's details: one the terminal
   sent (Ctrl-C, a hangup) went to the whole foreground group, the child included, so it is not
   sent twice; one sent with kill(2) is forwarded;
-- the child dies with the agent (``PR_SET_PDEATHSIG`` on Linux, else a watchdog process), so an
-  agent killed by the OOM killer never leaves an orphan job holding a GPU.
+- the child dies with the agent (``PR_SET_PDEATHSIG`` on Linux), and a watchdog process kills
+  what it started too (its whole process tree), so an agent killed by the OOM killer never
+  leaves an orphan job holding a GPU.
 """
 from __future__ import annotations
 
@@ -69,26 +70,78 @@ _PRCTL = _libc_prctl()
 
 WATCHDOG = """\
 import os, signal, sys, time
-agent, child, group = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+agent, child = int(sys.argv[1]), int(sys.argv[2])
+for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+    signal.signal(sig, signal.SIG_IGN)      # the terminal's signals are the agent's to forward
+
+
+def started(pid):
+    # A process's start time tells it from a later one that reused its pid.
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            s = f.read()
+        return s[s.rindex(b")") + 2:].split()[19]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def children(pid):
+    out = []
+    try:
+        tids = os.listdir("/proc/%d/task" % pid)
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
+                out += [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+have_proc = started(child) is not None
+tree = {child: started(child)}
 while True:
     time.sleep(0.2)
-    try:
-        os.kill(child, 0)
-    except OSError:
-        break                               # the child is gone: nothing to guard
     if os.getppid() != agent:               # the agent died: we were re-parented
-        try:
-            (os.killpg if group else os.kill)(child, signal.SIGKILL)
-        except OSError:
-            pass
+        for pid, st in tree.items():
+            if (st is not None and started(pid) == st) or (pid == child and not have_proc):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
         break
+    if not have_proc:                       # no /proc: guard the child alone
+        try:
+            os.kill(child, 0)
+        except OSError:
+            break
+        continue
+    # The job's whole tree, kept across re-parenting: a grandchild whose parent exited is
+    # still the job's (torchrun workers, the python under a shell script).
+    seen, stack = {}, [child]
+    while stack:
+        pid = stack.pop()
+        st = started(pid)
+        if st is None or pid in seen:
+            continue
+        seen[pid] = st
+        stack += children(pid)
+    for pid, st in tree.items():
+        if pid not in seen and st is not None and started(pid) == st:
+            seen[pid] = st
+    if not seen:
+        break                               # the job is gone: nothing to guard
+    tree = seen
 """
 
 
-def start_watchdog(agent_pid: int, child_pid: int, group: bool) -> subprocess.Popen:
-    """A tiny process, child of the agent, that kills the job when the agent disappears.
-    The fallback where PR_SET_PDEATHSIG does not exist."""
-    return subprocess.Popen([sys.executable, "-c", WATCHDOG, str(agent_pid), str(child_pid), "1" if group else "0"],
+def start_watchdog(agent_pid: int, child_pid: int) -> subprocess.Popen:
+    """A tiny process, child of the agent, that kills the job's whole process tree when the
+    agent disappears (SIGKILL, the OOM killer). PR_SET_PDEATHSIG covers only the direct child;
+    this also reaches the processes it started, which would otherwise run on unmetered."""
+    return subprocess.Popen([sys.executable, "-S", "-c", WATCHDOG, str(agent_pid), str(child_pid)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             close_fds=True)
 
@@ -236,8 +289,8 @@ class JobRunner:
 
     def _spawn(self, cmd: Sequence[str]) -> subprocess.Popen:
         child = subprocess.Popen(list(cmd), env=self.env, stdout=self.child_stdout, preexec_fn=self._preexec())
-        if self.die_with_agent and _PRCTL is None:
-            self._watchdog = start_watchdog(os.getpid(), child.pid, False)
+        if self.die_with_agent:
+            self._watchdog = start_watchdog(os.getpid(), child.pid)
         return child
 
     # -- carbon ------------------------------------------------------------------

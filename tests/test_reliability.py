@@ -432,7 +432,7 @@ def test_watchdog_kills_the_child_when_the_agent_dies(tmp_path):
     script = ("import subprocess, sys, os, time\n"
               "from wattmeter.jobrun import start_watchdog\n"
               "job = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
-              "dog = start_watchdog(os.getpid(), job.pid, False)\n"
+              "dog = start_watchdog(os.getpid(), job.pid)\n"
               "print(job.pid, dog.pid, flush=True)\n"
               "time.sleep(120)\n")
     agent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=ENV)
@@ -442,6 +442,42 @@ def test_watchdog_kills_the_child_when_the_agent_dies(tmp_path):
     agent.wait(timeout=10)
     assert _gone_within(job_pid, 2.0)
     assert _gone_within(dog_pid, 2.0)
+
+
+@case("Agent SIGKILLed while the job runs under a shell script", records="-", exit_code="-", energy="-",
+      metrics="the watchdog kills the job's whole process tree, grandchildren included")
+def test_agent_sigkill_takes_the_jobs_grandchildren_with_it(tmp_path):
+    # `run -- sh -c "python train.py & wait"`: PR_SET_PDEATHSIG kills only sh; the python under
+    # it would run on, unmetered, holding the GPU.
+    pidfile = tmp_path / "grandchild.pid"
+    grandchild = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    script = f"{sys.executable} -c \"{grandchild}\" & wait"
+    proc = subprocess.Popen([*WM, "run", "--fake-gpus", "1", "--records", str(tmp_path / "r.jsonl"), "--",
+                             "sh", "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env_for(tmp_path))
+    _wait_for(pidfile)
+    pid = int(pidfile.read_text())
+    time.sleep(0.5)                # the watchdog has seen the tree
+    proc.kill()                    # the agent only
+    proc.wait(timeout=10)
+    assert _gone_within(pid, 2.0), "the job's grandchild outlived the agent"
+
+
+def test_a_normal_run_leaves_the_jobs_background_processes_alone(tmp_path):
+    # The watchdog acts only when the agent dies; a job that leaves a daemon behind on purpose
+    # (and exits) keeps it.
+    pidfile = tmp_path / "daemon.pid"
+    daemon = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(30)"
+    script = f"{sys.executable} -c \"{daemon}\" > /dev/null 2>&1 & sleep 0.5"
+    out = subprocess.run([*WM, "run", "--fake-gpus", "1", "--records", str(tmp_path / "r.jsonl"), "--",
+                          "sh", "-c", script], capture_output=True, env=env_for(tmp_path), timeout=60)
+    assert out.returncode == 0
+    pid = int(pidfile.read_text())
+    time.sleep(0.6)
+    try:
+        assert _alive(pid), "a normal run's end killed the job's daemon"
+    finally:
+        os.kill(pid, 9)
 
 
 # -- SIGINT at a terminal --------------------------------------------------------------------
