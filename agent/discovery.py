@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .clock import Clock, SystemClock
 from .sensors.base import Sensor, SensorUnavailable
@@ -38,6 +38,14 @@ class Discovered:
     # ``gpus_appeared_at`` is the clock time they appeared (None: not yet, or not late).
     gpus_pending: bool = False
     gpus_appeared_at: float | None = None
+
+    def record_fields(self, wall: Callable[[float], float]) -> dict[str, Any]:
+        """What a run record says about GPUs that were not ready at start: when they appeared
+        (Unix seconds, null while still pending). Nothing when they were there from the start."""
+        if not self.gpus_pending:
+            return {}
+        at = self.gpus_appeared_at
+        return {"gpus_appeared_unix": None if at is None else round(wall(at), 3)}
 
 
 def fake_requested(plan: SensorPlan, env: dict[str, str] | None = None) -> bool:

@@ -480,6 +480,32 @@ def test_a_normal_run_leaves_the_jobs_background_processes_alone(tmp_path):
         os.kill(pid, 9)
 
 
+@case("NVML init fails for the first 3 s (driver still loading)", records="the record says when the GPUs appeared",
+      exit_code="the child's", energy="GPU metered from then on", metrics="-")
+def test_a_late_driver_is_metered_from_when_it_appears_and_the_record_says_when(tmp_path):
+    scen = tmp_path / "late.json"
+    scen.write_text(json.dumps({"gpu": [{"model": "NVIDIA H100 80GB HBM3", "trace": {"kind": "constant", "power_w": 300.0}}],
+                                "fault": [{"kind": "driver_not_loaded", "for_s": 3.0}]}))
+    rec = tmp_path / "r.jsonl"
+    t0 = time.time()
+    p = run_wm(tmp_path, "run", "--fake-nvml", str(scen), "--records", str(rec), "--",
+               sys.executable, "-c", "import time; time.sleep(7); raise SystemExit(3)")
+    assert p.returncode == 3
+    [r] = [x for x in lines(rec) if not x["checkpoint"]]
+    appeared = r["gpus_appeared_unix"]
+    assert appeared is not None and t0 + 2.5 <= appeared <= r["end_unix"] - 1.0
+    metered_s = r["end_unix"] - appeared
+    assert r["energy_j"]["gpu"] == pytest.approx(300.0 * metered_s, rel=0.15)
+    assert "GPU metering pending" in p.stderr
+
+
+def test_gpus_there_from_the_start_add_no_late_field(tmp_path):
+    rec = tmp_path / "r.jsonl"
+    p = run_wm(tmp_path, "run", "--fake-gpus", "1", "--records", str(rec), "--", sys.executable, "-c", "pass")
+    assert p.returncode == 0
+    assert "gpus_appeared_unix" not in lines(rec)[-1]
+
+
 # -- SIGINT at a terminal --------------------------------------------------------------------
 SIGINT_CHILD = """\
 import os, signal, sys, time

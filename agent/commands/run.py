@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any, Mapping
 
 from .. import compose
 from ..decisions import DecisionWriter, add_run_arguments, before_run, run_summary, run_values
@@ -93,7 +94,15 @@ def run_command(args: argparse.Namespace) -> int:
     # decisions: --value is checked here (exit 2 before the job); value and projection fields are
     # added to every record through the sink's enrich hook, which can never cost the record.
     decisions = DecisionWriter(run_values(args), args.value_file, args.progress_file)
-    sink = compose.record_sink(records, settings, enrich=decisions.extra_fields)
+    late: list = []                 # the discovery, once made: GPUs that came late are in the record
+
+    def enrich(record: Mapping[str, Any]) -> Mapping[str, Any]:
+        extra = dict(decisions.extra_fields(record))
+        if late:
+            found, wall = late[0]
+            extra.update(found.record_fields(wall))
+        return extra
+    sink = compose.record_sink(records, settings, enrich=enrich)
     if json_to not in (None, "-"):
         try:
             check_writable(json_to)
@@ -111,6 +120,7 @@ def run_command(args: argparse.Namespace) -> int:
     hold_signals()
     carbon = compose.carbon_accountant(carbon_config)
     meter, found = compose.cli_meter(plan)
+    late.append((found, meter.clock.wall))
     decisions.follow(meter)          # the projection follows --progress-file between checkpoints
     assert records.job is not None
     ident = compose.run_identity(records.job, os.path.basename(cmd[0]), records.labels)
