@@ -16,6 +16,7 @@ STALL_SHORTFALL = 0.8     # ...holding less than this share of what power says, 
 SUSPECT_SHORTFALL = 0.95  # (the share right after a bridged span)
 BRIDGE_ERROR_S = 0.6      # (and by more than the power's range over this long: a bursty load)
 STALL_MIN_J = 5.0         # (and short by at least this much: idle noise is not a stall)
+NEIGHBOUR_S = 0.15        # samples this close outside a span shape its bridge too (10 Hz reads)
 CATCH_UP_SHARE = 0.2      # a span holding this much more than power shows repays a stall...
 OWED_TTL_S = 60.0         # ...within this long of it
 
@@ -58,8 +59,10 @@ def counter_delta(d: DeviceHistory, r: Reading) -> float:
     after_bridge = bool(d.approx_spans and d.approx_spans[-1][1] >= d.last_t)
     share = SUSPECT_SHORTFALL if after_bridge else STALL_SHORTFALL
     # The bridge itself is uncertain where the load is bursty: sparse instant samples of the
-    # last half second can be off by the power's range over about that long.
-    watts = [w for _, w in d.samples.between(d.last_t, r.t)]
+    # last half second can be off by the power's range over about that long. The neighbours
+    # just outside the span count too: a step at its end is integrated from them (a clean
+    # counter at 90 W, with the load stepping to 610 W right after, read as a stall).
+    watts = [w for _, w in d.samples.between(d.last_t - NEIGHBOUR_S, r.t + NEIGHBOUR_S)]
     uncertainty_j = (max(watts) - min(watts)) * BRIDGE_ERROR_S if watts else 0.0
     stalled = not reset and (span >= STALL_SPAN_S or after_bridge) and delta < share * bridged \
         and bridged - delta > max(STALL_MIN_J, uncertainty_j)

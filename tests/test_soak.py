@@ -42,3 +42,4 @@ def test_soak_shortened():
     assert res.max_process_series == 6 and res.dropped_series > 0      # the cap was reached and held
     assert res.mem_growth_bytes < 1_000_000
     assert res.worst_conservation_error < 1e-9 and res.worst_job_error <= 0.02
+    assert res.clear_jobs_flagged == 0     # edges away from faults resolve exactly, unflagged

@@ -211,11 +211,11 @@ class NvmlSensor:
                 refresh = None
                 if g.instant_ok and g.field_stamps.read_stamped:
                     refresh = g.field_stamps.tight_refresh_s
-                    if refresh is None or refresh > COARSE_REFRESH_S:
+                    if refresh is not None and refresh > COARSE_REFRESH_S:
                         # Lagging point samples alias with bursty loads: a wrong split is worse
                         # than the counter's own steps.
                         shape = ("counter steps (field 186 is a read-stamped sample refreshed every "
-                                 f"{'?' if refresh is None else f'{refresh * 1000:.0f}'} ms: too coarse to split a counter span)")
+                                 f"{refresh * 1000:.0f} ms: too coarse to split a counter span)")
                     else:
                         shape = "field 186 (read-stamped)"
                 out[g.device.key] = PowerReference("counter", "energy counter",
@@ -305,26 +305,27 @@ class NvmlSensor:
         """A counter GPU's field-186 value as a shaping sample, or None when it is not new.
 
         Refresh-stamped values are dated by their stamps. Where the data shows the stamps are
-        read times (``StampEvidence``), a value is new only when it changes, and it refreshed
-        somewhere since the previous read (dated at the read: where reads happen to land on
-        refreshes, refresh stamps look like read times). If it also refreshes no faster than a
-        short box (a ~100 ms point sample), it is flagged coarse: such samples alias with
-        bursty loads and lag by up to a refresh, so they must not split a counter span."""
+        read times (``StampEvidence``; reads that land on refreshes look the same), each read is
+        a sample dated at the read. If the value also refreshes no faster than a short box (a
+        ~100 ms point sample), it is flagged coarse: such samples alias with bursty loads and
+        lag by up to a refresh, so they must not split a counter span (they still bridge faults)."""
         w, t_s, ts_us = sample
         g.instant_w = w
         stamps = g.field_stamps
-        changed = stamps.observe(now - t_s if t_s is not None and ts_us else None, w, now)
+        stamps.observe(now - t_s if t_s is not None and ts_us else None, w, now)
         coarse = False
         if stamps.read_stamped:
+            # Coarse only on evidence: reads a few ms apart (calibration bursts, edges) saw the
+            # value change no faster than this.
             refresh = stamps.tight_refresh_s
-            coarse = refresh is None or refresh > COARSE_REFRESH_S
+            coarse = refresh is not None and refresh > COARSE_REFRESH_S
         if g.counter is not None:
             # The counter is read sparsely only because instant power shapes its spans; where
             # it cannot, the counter is read at every cadence tick instead (~100 ms spans).
             g.counter.shaped = not coarse
         if stamps.read_stamped:
-            if not changed:
-                return None
+            # Every read is a sample (a steady load's value never changes, and faults are
+            # bridged from these), dated at the read.
             return Reading(g.device.key, t_s or now, power_w=w, instant_coarse=coarse)
         if t_s is not None and ts_us:
             if ts_us == g.field_last_us:
