@@ -316,16 +316,18 @@ class RecordValues:
         self._priced = set(price_zones())
 
     def __call__(self, record: Mapping[str, Any]) -> Any:
+        # Parsed JSON: objects are dicts (isinstance(x, dict) is ~10x cheaper than the Mapping
+        # ABC check, per record of 200k).
         value, run_id = record.get("value"), str(record.get("run_id"))
-        if isinstance(value, Mapping) and value:
+        if isinstance(value, dict) and value:
             self.by_run[run_id] = dict(value)
             self.any_figure = True
         else:
             self.by_run.pop(run_id, None)
         if not self.any_figure:
             tokens, carbon = record.get("tokens"), record.get("carbon")
-            self.any_figure = (isinstance(tokens, Mapping) and any(tokens.values())) or \
-                (isinstance(carbon, Mapping) and carbon.get("zone") in self._priced)
+            self.any_figure = (isinstance(tokens, dict) and any(tokens.values())) or \
+                (isinstance(carbon, dict) and carbon.get("zone") in self._priced)
         return self.inner(record)
 
     def units(self) -> list[str]:

@@ -55,12 +55,16 @@ def _timestamp(record: Mapping[str, Any]) -> str:
 def codecarbon_row(record: Mapping[str, Any], places: dict[str | None, dict[str, str]] | None = None) -> dict[str, Any]:
     """One CodeCarbon row; ``places`` caches the location columns per zone across rows."""
     energy = record.get("energy_j") or {}
-    carbon = record.get("carbon") if isinstance(record.get("carbon"), Mapping) else {}
+    carbon = record.get("carbon")
+    if not (isinstance(carbon, dict) or isinstance(carbon, Mapping)):   # dict first: typing's check is slow
+        carbon = {}
     pue = _num(carbon.get("pue")) or 1.0
     duration = _num(record.get("duration_s"))
     kwh = {c: _num(energy.get(c)) / J_PER_KWH * pue for c in ("cpu", "gpu", "ram")}
     total_kwh = _num(energy.get("total")) / J_PER_KWH * pue
-    em = carbon.get("emissions_g") if isinstance(carbon.get("emissions_g"), Mapping) else {}
+    em = carbon.get("emissions_g")
+    if not (isinstance(em, dict) or isinstance(em, Mapping)):
+        em = {}
     kg = _num(em.get("location")) / 1000.0 if "location" in em else None
     models = [str(m) for m in record.get("gpu_models") or ()]
     gpus = int(_num(record.get("gpu_count")))
