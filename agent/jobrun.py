@@ -10,13 +10,11 @@ Nothing measured is lost and the child's exit code always wins:
   On Linux the signals are taken synchronously with their sender's details: one the terminal
   sent (Ctrl-C, a hangup) went to the whole foreground group, the child included, so it is not
   sent twice; one sent with kill(2) is forwarded;
-- the child dies with the agent (``PR_SET_PDEATHSIG`` on Linux), and a watchdog process kills
-  what it started too (its whole process tree), so an agent killed by the OOM killer never
-  leaves an orphan job holding a GPU.
+- the child dies with the agent, and so does what it started (``orphans.py``): an agent
+  killed by the OOM killer never leaves an orphan job holding a GPU.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -27,6 +25,7 @@ from typing import Any, Callable, Sequence
 
 from .meter import Meter
 from .model import WindowResult
+from .orphans import CAN_DIE_WITH_PARENT, die_with_parent, start_watchdog
 from .runsink import RunFacts, RunIdentity, RunSink, SinkClose
 from .timeline import Timeline
 from .windows import Window
@@ -38,7 +37,6 @@ TIMELINE_PERIOD_S = 1.0
 # from the final E(t). So a run up to TIMELINE_LAG_S long is read entirely at its end.
 TIMELINE_LAG_S = 30.0
 WAIT_POLL_S = 0.1         # how often the child's state is polled
-PR_SET_PDEATHSIG = 1
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 SI_KERNEL = 0x80          # si_code of a signal the kernel sent (a terminal's Ctrl-C or hangup)
 # Linux: signals are blocked and taken with sigtimedwait, which says who sent them.
@@ -54,96 +52,6 @@ class RunOutcome:
     message: str = ""
     sink: SinkClose = field(default_factory=SinkClose)
     hook_errors: list[str] = field(default_factory=list)   # failed pushes etc., each said once
-
-
-def _libc_prctl() -> Callable[..., int] | None:
-    """libc's prctl, from the symbols already loaded (no library search: run start-up stays fast)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _libc_prctl()
-
-WATCHDOG = """\
-import os, signal, sys, time
-agent, child = int(sys.argv[1]), int(sys.argv[2])
-for sig in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-    signal.signal(sig, signal.SIG_IGN)      # the terminal's signals are the agent's to forward
-
-
-def started(pid):
-    # A process's start time tells it from a later one that reused its pid.
-    try:
-        with open("/proc/%d/stat" % pid, "rb") as f:
-            s = f.read()
-        return s[s.rindex(b")") + 2:].split()[19]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def children(pid):
-    out = []
-    try:
-        tids = os.listdir("/proc/%d/task" % pid)
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open("/proc/%d/task/%s/children" % (pid, tid)) as f:
-                out += [int(x) for x in f.read().split()]
-        except (OSError, ValueError):
-            pass
-    return out
-
-
-have_proc = started(child) is not None
-tree = {child: started(child)}
-while True:
-    time.sleep(0.2)
-    if os.getppid() != agent:               # the agent died: we were re-parented
-        for pid, st in tree.items():
-            if (st is not None and started(pid) == st) or (pid == child and not have_proc):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-        break
-    if not have_proc:                       # no /proc: guard the child alone
-        try:
-            os.kill(child, 0)
-        except OSError:
-            break
-        continue
-    # The job's whole tree, kept across re-parenting: a grandchild whose parent exited is
-    # still the job's (torchrun workers, the python under a shell script).
-    seen, stack = {}, [child]
-    while stack:
-        pid = stack.pop()
-        st = started(pid)
-        if st is None or pid in seen:
-            continue
-        seen[pid] = st
-        stack += children(pid)
-    for pid, st in tree.items():
-        if pid not in seen and st is not None and started(pid) == st:
-            seen[pid] = st
-    if not seen:
-        break                               # the job is gone: nothing to guard
-    tree = seen
-"""
-
-
-def start_watchdog(agent_pid: int, child_pid: int) -> subprocess.Popen:
-    """A tiny process, child of the agent, that kills the job's whole process tree when the
-    agent disappears (SIGKILL, the OOM killer). PR_SET_PDEATHSIG covers only the direct child;
-    this also reaches the processes it started, which would otherwise run on unmetered."""
-    return subprocess.Popen([sys.executable, "-S", "-c", WATCHDOG, str(agent_pid), str(child_pid)],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            close_fds=True)
 
 
 def _foreground_at_terminal() -> bool:
@@ -276,16 +184,14 @@ class JobRunner:
     # -- the child -------------------------------------------------------------
     def _preexec(self) -> Callable[[], None] | None:
         parent = os.getpid()
-        prctl = _PRCTL if self.die_with_agent else None
+        die = self.die_with_agent and CAN_DIE_WITH_PARENT
 
         def setup() -> None:   # in the child, between fork and exec
             if SIGWAIT:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)   # exec keeps the mask
-            if prctl is not None:
-                prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-                if os.getppid() != parent:       # the agent died before the prctl took hold
-                    os._exit(128 + signal.SIGKILL)
-        return setup if (SIGWAIT or prctl is not None) else None
+            if die:
+                die_with_parent(parent)
+        return setup if (SIGWAIT or die) else None
 
     def _spawn(self, cmd: Sequence[str]) -> subprocess.Popen:
         child = subprocess.Popen(list(cmd), env=self.env, stdout=self.child_stdout, preexec_fn=self._preexec())

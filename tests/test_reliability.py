@@ -430,7 +430,7 @@ def test_agent_sigkill_at_5s_leaves_a_record_and_no_orphan(tmp_path):
 def test_watchdog_kills_the_child_when_the_agent_dies(tmp_path):
     # A stand-in agent: it starts the job and the watchdog, reports their pids, then waits.
     script = ("import subprocess, sys, os, time\n"
-              "from wattmeter.jobrun import start_watchdog\n"
+              "from wattmeter.orphans import start_watchdog\n"
               "job = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
               "dog = start_watchdog(os.getpid(), job.pid)\n"
               "print(job.pid, dog.pid, flush=True)\n"
