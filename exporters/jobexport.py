@@ -43,6 +43,7 @@ class JobExportOptions:
 JOB_POWER_METRIC = "wattmeter_job_power_watts"
 JOB_EMISSIONS_METRIC = "wattmeter_job_emissions_grams_total"
 JOB_PROJECTED_METRIC = "wattmeter_job_projected_energy_joules"
+JOB_HTTP_ERRORS_METRIC = "wattmeter_job_http_errors_total"
 
 
 def job_power(snapshot: Mapping[str, DeviceSnapshot]) -> dict[str, float]:
@@ -71,6 +72,8 @@ class JobCollector(Collector):
         self.job, self.hostname, self.meter, self.carbon = job, hostname, meter, carbon
         self.projection = projection
         self.final: list[JobEnergy] | None = None
+        # ``--metrics-port``: the job's own server's refused or cut-off connections, by kind
+        self.http_health: Callable[[], list[Health]] | None = None
 
     def describe(self) -> list[Metric]:
         return []
@@ -99,6 +102,18 @@ class JobCollector(Collector):
             yield power
             if self.projection is not None:     # a forecast of a running job; an ended job has its total
                 yield self._projected()
+            if self.http_health is not None:
+                yield self._http_errors(self.http_health())
+
+    def _http_errors(self, health: list[Health]) -> Metric:
+        # Every kind from 0, so an alert sees the first refusal (as serve's sensor="http" series).
+        fam = CounterMetricFamily(JOB_HTTP_ERRORS_METRIC[:-len("_total")],
+                                  "Connections the job's metrics server refused or cut off, by kind.",
+                                  labels=("job", "hostname", "error"))
+        for h in health:
+            for kind, n in sorted(h.errors.items()):
+                fam.add_metric([self.job, self.hostname, kind], n)
+        return fam
 
     def _projected(self) -> Metric:
         fam = GaugeMetricFamily(JOB_PROJECTED_METRIC,
@@ -156,6 +171,7 @@ def start_job_exporter(options: JobExportOptions, meter: Any, ident: Any, carbon
     registry.register(out.collector)
     if options.address is not None:
         out.server = MetricsServer(registry, options.address, options.web, flag="--metrics-port").start()
+        out.collector.http_health = out.server.health
         out.notes.append(f"serving the job's metrics at {out.server.url}/metrics")
     if options.pushgateway is not None:
         out.pusher = Pusher(options.pushgateway, ident.job, {"run_id": ident.run_id, "instance": ident.hostname},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -156,6 +157,20 @@ def test_run_metrics_port_serves_the_job_while_it_runs(tmp_path: Path) -> None:
                        and s.labels["component"] == "gpu") if status == 200 else 0.0
 
         assert wait_until(lambda: job_energy() > 0, 60, "job energy to grow") > 0
+
+        def http_errors() -> dict[str, float]:
+            body = http_get(f"{url}/metrics")[1].decode()
+            return {s.labels["error"]: s.value for f in text_string_to_metric_families(body) for s in f.samples
+                    if s.name == "wattmeter_job_http_errors_total" and s.labels["job"] == "served"}
+
+        # Refusals are counted from 0 (an alert sees the first); a request with an oversized body
+        # is refused and counted.
+        assert http_errors() == {"read_timeout": 0, "connection_limit": 0, "body_too_large": 0}
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=10) as conn:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n")
+            assert conn.recv(200).startswith(b"HTTP/1.")
+        assert wait_until(lambda: http_errors().get("body_too_large", 0) >= 1, 30, "the refusal to be counted")
     finally:
         proc.terminate()
         proc.wait(60)
