@@ -178,3 +178,24 @@ class WattmeterServe(_Process):
 
         self.url = wait_until(serving, START_TIMEOUT_S, "wattmeter serve to listen")
         self.port = int(self.url.rsplit(":", 1)[1])
+
+
+# A fleet host for the fleet-report tests (`serve --fake-nvml`): one busy H100 at 300 W with one
+# process, one idle H100 at 90 W (its idle energy is known exactly).
+FLEET_NODE_A = """
+description = "node-a: one busy H100 at 300 W and one idle H100 at 90 W"
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+[gpu.trace]
+kind = "constant"
+power_w = 300.0
+[[gpu.process]]
+pid = 101
+sm_util = 60
+
+[[gpu]]
+model = "NVIDIA H100 80GB HBM3"
+[gpu.trace]
+kind = "constant"
+power_w = 90.0
+"""

@@ -12,26 +12,9 @@ import pytest
 
 from wattmeter.cli import main
 
-from e2e_servers import PROMETHEUS_NAMES, Prometheus, WattmeterServe, require_binary, wait_until
+from e2e_servers import FLEET_NODE_A as HOST_A, PROMETHEUS_NAMES, Prometheus, WattmeterServe, require_binary, wait_until
 
 WINDOW_S = 30
-HOST_A = """
-description = "node-a: one busy H100 and one idle H100"
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-[gpu.trace]
-kind = "constant"
-power_w = 300.0
-[[gpu.process]]
-pid = 101
-sm_util = 60
-
-[[gpu]]
-model = "NVIDIA H100 80GB HBM3"
-[gpu.trace]
-kind = "constant"
-power_w = 90.0
-"""
 HOST_B = """
 description = "node-b: an L4 whose only process exits at t = 40 s"
 [[gpu]]

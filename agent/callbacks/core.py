@@ -248,3 +248,22 @@ class Tracker:
             self.total.energy_j += self.reconciled_j
             self._interval.energy_j += self.reconciled_j
         return self.result
+
+
+class TrackerAccess:
+    """What the HF and Lightning callbacks share on top of their ``tracker``."""
+
+    tracker: Tracker
+
+    def value_from_logs(self, **keys: str) -> "TrackerAccess":
+        """Count logged metrics as value, e.g. ``value_from_logs(eval_accuracy="accuracy")``: the
+        logs then carry ``accuracy_per_kwh`` (decisions; see docs/decisions.md)."""
+        self.tracker.logged.keys.update(keys)
+        return self
+
+    @property
+    def result(self) -> "WindowResult | None":
+        return self.tracker.result
+
+    def figures(self) -> dict[str, float]:
+        return self.tracker.figures() if self.tracker.window is not None else {}

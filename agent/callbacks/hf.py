@@ -4,11 +4,10 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING, Any
 
-from .core import Tracker
+from .core import Tracker, TrackerAccess
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..meter import Meter
-    from ..model import WindowResult
 
 _HF_EVENTS = ("on_init_end", "on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
               "on_step_begin", "on_pre_optimizer_step", "on_optimizer_step", "on_substep_end",
@@ -32,7 +31,7 @@ def _hf_handler_class() -> type | None:
     return CallbackHandler
 
 
-class _HFHooks:
+class _HFHooks(TrackerAccess):
     """Meters a ``transformers.Trainer`` run.
 
     on_train_begin opens a window and the first step's request; on_step_end counts
@@ -61,19 +60,6 @@ class _HFHooks:
         self._seen = 0
         self._in_eval = False
         self._done = False
-
-    def value_from_logs(self, **keys: str) -> Any:
-        """Count logged metrics as value, e.g. ``value_from_logs(eval_accuracy="accuracy")``: the
-        logs then carry ``accuracy_per_kwh`` (decisions; see docs/decisions.md)."""
-        self.tracker.logged.keys.update(keys)
-        return self
-
-    @property
-    def result(self) -> "WindowResult | None":
-        return self.tracker.result
-
-    def figures(self) -> dict[str, float]:
-        return self.tracker.figures() if self.tracker.window is not None else {}
 
     def install(self, trainer: Any) -> "_HFHooks":
         self._first_in(trainer.callback_handler.callbacks)

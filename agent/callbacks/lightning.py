@@ -5,13 +5,13 @@ import importlib
 import sys
 from typing import TYPE_CHECKING, Any, Callable
 
-from .core import Tracker
+from .core import Tracker, TrackerAccess
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..meter import Meter
-    from ..model import WindowResult
 
-class _LightningHooks:
+
+class _LightningHooks(TrackerAccess):
     """Meters a Lightning ``Trainer.fit``.
 
     on_train_start opens a window; on_train_batch_end counts ``tokens_per_batch(batch)``
@@ -33,19 +33,6 @@ class _LightningHooks:
         self._active = False
         self._step: int = 0
         self._logged_step: int | None = None
-
-    def value_from_logs(self, **keys: str) -> Any:
-        """Count logged metrics as value, e.g. ``value_from_logs(eval_accuracy="accuracy")``: the
-        logs then carry ``accuracy_per_kwh`` (decisions; see docs/decisions.md)."""
-        self.tracker.logged.keys.update(keys)
-        return self
-
-    @property
-    def result(self) -> "WindowResult | None":
-        return self.tracker.result
-
-    def figures(self) -> dict[str, float]:
-        return self.tracker.figures() if self.tracker.window is not None else {}
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         self._active = int(getattr(trainer, "local_rank", 0) or 0) == 0
