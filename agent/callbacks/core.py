@@ -16,31 +16,20 @@ from __future__ import annotations
 import logging
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
-from ..model import Component, Scope
-from ..projection import StepProgress
+from ..model import Component
+from ..projection import StepProgress, energy_so_far_j
 from ..requests import ALL, Request, RequestAccountant, RequestResult
 from ..value import LoggedValue
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..ledger import DeviceSnapshot
     from ..meter import Meter
     from ..model import WindowResult
     from ..windows import Window
 
 TRAINING = "training"     # the token kind training callbacks count under
 log = logging.getLogger("wattmeter.callbacks")
-
-
-def _energy_j(snapshot: Mapping[str, "DeviceSnapshot"]) -> float:
-    """Total energy now, choosing devices as WindowResult does (for the projection's fit only)."""
-    total = 0.0
-    for comp in Component:
-        parts = [s for s in snapshot.values() if s.device.component == comp]
-        scoped = [s for s in parts if s.device.scope == Scope.PROCESS]
-        total += sum(s.energy_j for s in scoped or parts)
-    return total
 
 
 def gpu_notice(meter: "Meter") -> str | None:
@@ -123,7 +112,7 @@ class Tracker:
         self.total, self._interval, self._last_step = Span(), Span(), None
         self.reconciled_j = 0.0
         self._open = self._next_request(self.window.start_t)
-        self._start_energy_j = _energy_j(m.snapshot())
+        self._start_energy_j = energy_so_far_j(m.snapshot())
         self.progress = StepProgress()     # a new window: the fit starts over from its energy
         self.notice = gpu_notice(m)
         if self.notice:
@@ -191,7 +180,7 @@ class Tracker:
     def step(self, step: object, total: object) -> None:
         """Progress ``step`` of ``total`` (ignored when the total is unknown), for the projection:
         the ledger's running energy, so the fit does not lag by the steps not yet final."""
-        energy = _energy_j(self.meter.snapshot())
+        energy = energy_so_far_j(self.meter.snapshot())
         self.progress.step(self.meter.clock.now(), step, total, max(0.0, energy - self._start_energy_j))
 
     def _interval_figures(self) -> dict[str, float]:
