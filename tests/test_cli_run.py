@@ -200,6 +200,20 @@ def test_malformed_scenario_names_the_field(tmp_path):
     assert len(p.stderr.strip().splitlines()) == 1
 
 
+def test_doctor_says_what_each_gpus_energy_comes_from_judged_from_its_data(tmp_path):
+    # A counter GPU whose field 186 is a 100 ms point sample stamped with the read time: doctor
+    # reads it for a while, and says edges go on the counter's own steps, and why.
+    scen = tmp_path / "coarse.toml"
+    scen.write_text('[[gpu]]\nmodel = "NVIDIA H100 80GB HBM3"\n[gpu.sensor]\nenergy_counter = true\n'
+                    'instant_kind = "sample"\ninstant_refresh_s = 0.1\nfield_timestamp = "read"\n'
+                    '[gpu.trace]\nkind = "square"\nhigh_w = 650.0\nlow_w = 90.0\nhigh_s = 0.05\nlow_s = 0.07\n')
+    p = wm("doctor", "--fake-nvml", str(scen))
+    assert p.returncode == 0, p.stderr
+    assert "counter from energy counter" in p.stdout and "too coarse to split a counter span" in p.stdout
+    p = wm("doctor", "--fake-gpus", "1")       # the default H100: 20 ms boxes stamped at refresh
+    assert "edges shaped by field 186" in p.stdout and "too coarse" not in p.stdout
+
+
 def test_doctor_reports_each_sensor():
     p = wm("doctor", "--fake-gpus", "1")
     assert p.returncode == 0, p.stderr

@@ -12,13 +12,17 @@ from ..sensors.nvml import NvmlSensor
 from .common import add_sensor_arguments, sensor_plan, settings_from_cwd
 
 _ALL = ("nvml", "rapl", "cpu_model", "ram_model")
+EVIDENCE_S = 1.5          # GPUs are read this long before saying what each one's energy comes from...
+EVIDENCE_READ_S = 0.005   # ...every few ms, as near a window edge: what a value is shows in its data
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="check which sensors work here and how to fix the rest",
                        description="Probe every sensor wattmeter could use on this machine (NVML GPUs, RAPL, "
-                                   "the CPU and RAM models), read each once, and print which work, on which "
-                                   "devices, and for each that does not, why and how to fix it. Takes the same "
+                                   "the CPU and RAM models), read each (GPUs for 1.5 s, to judge what each power "
+                                   "reading is), and print which work, on which devices, what each GPU's energy is "
+                                   "measured from and why, and for each sensor that does not work, why and how to "
+                                   "fix it. Takes the same "
                                    "sensor flags and settings as 'run'. Exits 0; --json for scripts.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_sensor_arguments(p)
@@ -38,7 +42,12 @@ def doctor(args: argparse.Namespace) -> int:
         if isinstance(s, LateNvmlSensor) and nvml is None:
             entry.update(ok=False, reason=f"pending: {s.pending_reason or 'NVML not ready yet'}")
         if isinstance(nvml, NvmlSensor):
-            # which reading each GPU's energy comes from, and why (decided from the data)
+            # Which reading each GPU's energy comes from, and why: decided from the data (field
+            # stamps, refresh periods, trailing means), so read for a while first.
+            until = time.monotonic() + EVIDENCE_S
+            while time.monotonic() < until:
+                nvml.read(time.monotonic(), fast=True)
+                time.sleep(EVIDENCE_READ_S)
             entry["references"] = {k: r.describe() for k, r in nvml.references().items()}
         report.append(entry)
     seen = {r["sensor"] for r in report}

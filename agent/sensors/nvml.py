@@ -214,8 +214,8 @@ class NvmlSensor:
                     if refresh is not None and refresh > COARSE_REFRESH_S:
                         # Lagging point samples alias with bursty loads: a wrong split is worse
                         # than the counter's own steps.
-                        shape = ("counter steps (field 186 is a read-stamped sample refreshed every "
-                                 f"{refresh * 1000:.0f} ms: too coarse to split a counter span)")
+                        shape = ("counter steps (field 186 is stamped with the read time and changed at "
+                                 f"most every {refresh * 1000:.0f} ms: too coarse to split a counter span)")
                     else:
                         shape = "field 186 (read-stamped)"
                 out[g.device.key] = PowerReference("counter", "energy counter",
