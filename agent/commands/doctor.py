@@ -19,10 +19,9 @@ EVIDENCE_READ_S = 0.005   # ...every few ms, as near a window edge: what a value
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("doctor", help="check which sensors work here and how to fix the rest",
                        description="Probe every sensor wattmeter could use on this machine (NVML GPUs, RAPL, "
-                                   "the CPU and RAM models), read each (GPUs for 1.5 s, to judge what each power "
-                                   "reading is), and print which work, on which devices, what each GPU's energy is "
-                                   "measured from and why, and for each sensor that does not work, why and how to "
-                                   "fix it. Takes the same "
+                                   "the CPU and RAM models), read each, and print which work, on which devices, and "
+                                   "for each that does not, why and how to fix it. GPUs are read for 1.5 s first, "
+                                   "to say what each one's energy is measured from, and why. Takes the same "
                                    "sensor flags and settings as 'run'. Exits 0; --json for scripts.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_sensor_arguments(p)
