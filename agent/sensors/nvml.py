@@ -17,7 +17,7 @@ from ..clock import Clock, SystemClock
 from ..model import Batch, Component, Device, ProcessUsage, Reading, SensorError, Source
 from .base import SensorUnavailable
 from .nvml_power import FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, PowerOnlyReader, Stream as _Stream
-from .power_evidence import COARSE_REFRESH_S, MEAN_WINDOW_S, PowerReference, StampEvidence
+from .power_evidence import MEAN_WINDOW_S, PowerReference, StampEvidence
 from .gpu_selection import GpuSelection
 from .nvml_processes import ProcessReader
 from .counter_timing import DENSE_START_S, Calibration, CounterTiming
@@ -208,16 +208,14 @@ class NvmlSensor:
                 out[g.device.key] = g.power.reference
             else:
                 shape = "field 186" if g.instant_ok else ("nvmlDeviceGetPowerUsage" if g.shape_usage else "")
-                refresh = None
-                if g.instant_ok and g.field_stamps.read_stamped:
-                    refresh = g.field_stamps.tight_refresh_s
-                    if refresh is not None and refresh > COARSE_REFRESH_S:
-                        # Lagging point samples alias with bursty loads: a wrong split is worse
-                        # than the counter's own steps.
-                        shape = ("counter steps (field 186 is stamped with the read time and changed at "
-                                 f"most every {refresh * 1000:.0f} ms: too coarse to split a counter span)")
-                    else:
-                        shape = "field 186 (read-stamped)"
+                stamps, refresh = g.field_stamps, None
+                if g.instant_ok and stamps.read_stamped:
+                    refresh = stamps.tight_refresh_s
+                    # Lagging point samples alias with bursty loads: a wrong split is worse than
+                    # the counter's own steps.
+                    shape = ("counter steps (field 186 is stamped with the read time and changed at "
+                             f"most every {refresh * 1000:.0f} ms: too coarse to split a counter span)"
+                             if stamps.coarse and refresh is not None else "field 186 (read-stamped)")
                 out[g.device.key] = PowerReference("counter", "energy counter",
                                                    "the GPU has a total-energy counter (exact over any span)", shape, refresh)
         return out
@@ -313,12 +311,7 @@ class NvmlSensor:
         g.instant_w = w
         stamps = g.field_stamps
         stamps.observe(now - t_s if t_s is not None and ts_us else None, w, now)
-        coarse = False
-        if stamps.read_stamped:
-            # Coarse only on evidence: reads a few ms apart (calibration bursts, edges) saw the
-            # value change no faster than this.
-            refresh = stamps.tight_refresh_s
-            coarse = refresh is not None and refresh > COARSE_REFRESH_S
+        coarse = stamps.coarse     # on evidence only: reads a few ms apart saw the changes
         if g.counter is not None:
             # The counter is read sparsely only because instant power shapes its spans; where
             # it cannot, the counter is read at every cadence tick instead (~100 ms spans).

@@ -95,6 +95,13 @@ class StampEvidence:
         early, makes a 100 ms refresh look like 20 ms. None until two such intervals."""
         return min(self.tight_changes) if len(self.tight_changes) >= 2 else None
 
+    @property
+    def coarse(self) -> bool:
+        """Read-stamped and, on evidence from tight reads, changing no faster than
+        COARSE_REFRESH_S: a point sample that cannot place an edge inside a counter span."""
+        refresh = self.tight_refresh_s
+        return bool(self.read_stamped) and refresh is not None and refresh > COARSE_REFRESH_S
+
 
 class MeanEvidence:
     """Does a candidate power reading behave like a trailing mean of the instant samples?"""
