@@ -30,6 +30,7 @@ from .errors import UsageError
 from .proxy_http import BadMessage, Upstream, UpstreamClosed, UpstreamResponse, read_headers
 from .proxy_usage import UsageCounter, usage_from_body, usage_of
 from .requests import GENERATION, PROMPT, RequestAccountant
+from .tokens.scrape import split_http_url
 
 log = logging.getLogger("wattmeter.proxy")
 USAGE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
@@ -43,18 +44,11 @@ PROGRESS_S = 0.2          # how often a stream's progress is booked into its req
 
 def normalise_upstream(url: str) -> urllib.parse.SplitResult:
     """``127.0.0.1:8000`` or ``http://host:8000/`` -> a split URL; a bad one is a UsageError."""
-    raw = url
-    if not url or any(c.isspace() for c in url):
-        raise UsageError(f"--proxy-to {raw!r} contains spaces or is empty; give e.g. http://127.0.0.1:8000")
-    if "://" not in url:
-        url = "http://" + url
-    parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == 0:
-        raise UsageError(f"--proxy-to {raw!r}: give http(s)://HOST[:PORT] with a port in 1-65535")
+    parts, problem = split_http_url(url)
+    if problem == "blank":
+        raise UsageError(f"--proxy-to {url!r} contains spaces or is empty; give e.g. http://127.0.0.1:8000")
+    if problem is not None or parts is None:
+        raise UsageError(f"--proxy-to {url!r}: give http(s)://HOST[:PORT] with a port in 1-65535")
     return parts
 
 

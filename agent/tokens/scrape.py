@@ -45,24 +45,34 @@ class TokenSource(Protocol):
     def models(self) -> frozenset[str]: ...
 
 
-def normalise_url(url: str) -> str:
-    """``127.0.0.1:8000`` -> ``http://127.0.0.1:8000/metrics``; a bad URL is a UsageError."""
-    raw = url
+def split_http_url(url: str) -> tuple[urllib.parse.SplitResult | None, str | None]:
+    """An inference server's address (``127.0.0.1:8000`` means ``http://``) as split parts, and
+    what is wrong with it: None, "blank" (empty or spaces), "scheme" (not http/https) or
+    "address" (no host, or a port outside 1-65535). Callers word the error for their flag."""
     if not url or any(c.isspace() for c in url):
-        raise UsageError(f"server URL {raw!r} contains spaces or is empty; give e.g. http://127.0.0.1:8000/metrics")
-    if "://" not in url:
-        url = "http://" + url
-    parts = urllib.parse.urlsplit(url)
+        return None, "blank"
+    parts = urllib.parse.urlsplit(url if "://" in url else "http://" + url)
     if parts.scheme not in ("http", "https"):
-        raise UsageError(f"server URL {raw!r}: use http:// or https://")
+        return parts, "scheme"
     try:
         port = parts.port
     except ValueError:
-        port = -1
-    if port == -1 or port == 0 or not parts.hostname:
-        raise UsageError(f"server URL {raw!r}: the port must be 1-65535 and a host is needed "
+        port = 0
+    return parts, ("address" if port == 0 or not parts.hostname else None)
+
+
+def normalise_url(url: str) -> str:
+    """``127.0.0.1:8000`` -> ``http://127.0.0.1:8000/metrics``; a bad URL is a UsageError."""
+    parts, problem = split_http_url(url)
+    if problem == "blank":
+        raise UsageError(f"server URL {url!r} contains spaces or is empty; give e.g. http://127.0.0.1:8000/metrics")
+    if problem == "scheme":
+        raise UsageError(f"server URL {url!r}: use http:// or https://")
+    if problem == "address" or parts is None:
+        raise UsageError(f"server URL {url!r}: the port must be 1-65535 and a host is needed "
                          f"(e.g. http://127.0.0.1:8000/metrics)")
-    return url if parts.path not in ("", "/") else url.rstrip("/") + "/metrics"
+    full = url if "://" in url else "http://" + url
+    return full if parts.path not in ("", "/") else full.rstrip("/") + "/metrics"
 
 
 class TokenTotals:
