@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 
 import pytest
@@ -108,12 +107,7 @@ def test_group_by_model_puts_tokens_with_the_served_model() -> None:
 
 
 # -- bad input: one line, exit 2 ----------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.lower().endswith("_proxy") or name.startswith("WATTMETER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_env")   # conftest.py
 
 
 def test_prometheus_that_does_not_answer(capsys) -> None:

@@ -3,7 +3,6 @@ drawn from a real Prometheus scraping two `wattmeter serve` fake-GPU hosts; then
 from __future__ import annotations
 
 import json
-import os
 import socket
 import statistics
 import sys
@@ -30,12 +29,7 @@ sm_util = 50
 """
 
 
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch, tmp_path):
-    for name in list(os.environ):
-        if name.lower().endswith("_proxy") or name.startswith("WATTMETER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("isolated_env")   # conftest.py
 
 
 @pytest.fixture

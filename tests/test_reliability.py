@@ -398,13 +398,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while _alive(pid):
+def _until(cond: Callable[[], bool], timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not cond():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
     return True
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    return _until(lambda: not _alive(pid), seconds)
 
 
 @case("Agent SIGKILLed at 5 s (default 30 s checkpoints)", records="the first checkpoint (at 2 s)",
@@ -581,15 +585,6 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0]
     except (OSError, IndexError):
         return "?"
-
-
-def _until(cond: Callable[[], bool], timeout: float = 10) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 @case("SIGINT during start-up, before the command runs", records="final record, `killed`",
