@@ -118,7 +118,7 @@ class PowerOnlyReader:
                 if inst is not None:
                     verdict = self.mean_evidence.add_candidate(t, cand[0])
                 else:
-                    verdict = self.self_evidence.add(cand[0])
+                    verdict = self.self_evidence.add(t, cand[0])
                 # Field 185 is documented as averaged power: trusted as a 1 s mean unless the
                 # data says otherwise. GetPowerUsage must show it first.
                 is_mean = verdict if verdict is not None else self.average_ok

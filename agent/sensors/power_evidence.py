@@ -28,6 +28,12 @@ RECHECK_EVERY = 10           # once decided, candidates checked
 VERDICT_RATIO = 0.5          # the better model must fit with half the other's error
 COARSE_REFRESH_S = 0.05      # a read-stamped sample refreshing slower than this cannot place an edge
 TIGHT_READ_GAP_S = 0.01      # reads this close date a value change to within a hundredth of a second
+STEP_SHARE = 0.3             # a load step this large (share of the mean power) tells a mean from a sample
+STEP_SPAN_S = 1.5            # ...when a trailing mean walks it within about its window
+MIN_STEP_MOVES = 4           # ...over this many reads at least
+JUMP_GAP_S = 0.5             # a jump between reads further apart than this proves nothing
+JUMP_SPAN_S = 0.5            # ...and a jump is the whole change this long either side of it
+SELF_KEEP_S = 3.0            # values kept to judge a power stream by its own motion
 
 
 @dataclass(frozen=True)
@@ -152,27 +158,67 @@ class MeanEvidence:
 
 
 class SelfEvidence:
-    """With no instant reading to compare against, judge a power stream by its own motion. A
-    1 s trailing mean read every 100 ms never moves by more than a tenth of its range per
-    refresh at a step, and a bursty load barely moves it at all; a point sample of the same
-    load jumps across its whole range."""
+    """With no instant reading to compare against, judge a power stream by its own motion.
+
+    - A point sample jumps: one move between two reads is a large share of the mean power and
+      the whole of the change around it (within half a second either way). A 1 s trailing mean
+      read every 100 ms walks a load step in about ten moves, and a short spike moves it by a
+      few %. One jump settles it: instant, for good (no mean can fake one).
+    - A mean shows itself by a load step it walks across within about a second, in small moves.
+      A slow drift over many seconds (a ramp) fits both models and teaches nothing: an instant
+      sample of a slow ramp must not pass for a mean, or each spike it catches would be spread
+      over a second by the mean's edge kernel.
+    """
 
     def __init__(self) -> None:
-        self.values: deque[float] = deque(maxlen=30)
+        self.values: deque[tuple[float, float]] = deque()
         self.verdict: bool | None = None
+        self._judged = 0          # moves judged so far, counted from the oldest value kept
+        self._sum_w = 0.0
 
-    def add(self, w: float) -> bool | None:
-        self.values.append(w)
-        if len(self.values) < self.values.maxlen:  # type: ignore[operator]
+    def add(self, t: float, w: float) -> bool | None:
+        vals = self.values
+        vals.append((t, w))
+        self._sum_w += w
+        while t - vals[0][0] > SELF_KEEP_S:
+            self._sum_w -= vals.popleft()[1]
+            self._judged = max(0, self._judged - 1)
+        if self.verdict is False:
+            return False
+        mean = self._sum_w / len(vals)
+        if mean <= 0:
             return self.verdict
-        vals = list(self.values)
-        lo, hi = min(vals), max(vals)
-        mean = sum(vals) / len(vals)
-        if mean <= 0 or hi - lo < 0.05 * mean:
-            return self.verdict                     # steady: nothing learnt
-        jump = max(abs(b - a) for a, b in zip(vals, vals[1:])) / (hi - lo)
-        if (hi - lo) > 0.3 * mean and jump > 0.5:
-            self.verdict = False
-        elif jump < 0.25:
+        # Moves whose half second after has been read are judged once each.
+        while self._judged + 1 < len(vals) and vals[self._judged + 1][0] <= t - JUMP_SPAN_S:
+            if self._is_jump(self._judged, mean):
+                self.verdict = False
+                return False
+            self._judged += 1
+        if self.verdict is None and self._walked_step(mean):
             self.verdict = True
         return self.verdict
+
+    def _is_jump(self, i: int, mean: float) -> bool:
+        vals = self.values
+        (ta, wa), (tb, wb) = vals[i], vals[i + 1]
+        move = abs(wb - wa)
+        if tb - ta > JUMP_GAP_S or move < STEP_SHARE * mean:
+            return False
+        around = [w for t, w in vals if ta - JUMP_SPAN_S <= t <= tb + JUMP_SPAN_S]
+        return max(around) - min(around) < 1.5 * move
+
+    def _walked_step(self, mean: float) -> bool:
+        """The newest value ends a change of STEP_SHARE of the mean made within STEP_SPAN_S,
+        in at least MIN_STEP_MOVES reads of under a quarter of it each."""
+        vals = self.values
+        t_new, w_new = vals[-1]
+        biggest = 0.0
+        for k in range(len(vals) - 2, -1, -1):
+            t, w = vals[k]
+            if t_new - t > STEP_SPAN_S:
+                break
+            biggest = max(biggest, abs(vals[k + 1][1] - w))
+            change = abs(w_new - w)
+            if len(vals) - 1 - k >= MIN_STEP_MOVES and change > STEP_SHARE * mean and biggest < 0.25 * change:
+                return True
+        return False
