@@ -21,6 +21,8 @@ RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
 HOLD_MAX_S = 5.0          # E(t) past the last sample holds the last power this long at most
 BACKDATE_EXACT_S = 0.5    # an edge measured back this far from a device's first point is not flagged
 MEANS_KEPT = 1200          # trailing-mean samples kept (~2 min at 10 Hz)
+ANCHOR_SPACING_S = 1.0    # counter points kept as anchors of the live tail at most this often...
+ANCHORS_KEPT = 12         # ...and this many (the tail's offset to the mean averages over them)
 SPANS_KEPT = 64           # approximate (bridged) spans remembered per device
 
 
@@ -28,7 +30,7 @@ class DeviceHistory:
     __slots__ = ("device", "t", "e", "p", "n", "total_j", "last_counter", "last_power", "last_t",
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
                  "cur_t0", "cur_count", "anchor_t", "anchor_e", "samples", "last_read_t", "bridges",
-                 "approx_spans", "floor_j", "floor_t", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "mean_cache", "mean_memo", "owed_j", "owed_t")
+                 "approx_spans", "floor_j", "floor_t", "means", "mean_window_s", "mean_base", "mean_active", "mean_from_t", "mean_cache", "mean_memo", "owed_j", "owed_t", "anchors", "anchor_era", "fit_memo")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -69,6 +71,11 @@ class DeviceHistory:
         self.mean_from_t = math.inf      # the anchor: E is on the mean reference from here on
         self.floor_t = -math.inf        # ...from this instant on (when it was shown)
         self.floor_j = 0.0              # the exported total never goes below this again
+        # Counter points [t, E, reference at t once settled]: the live tail is the reference
+        # fitted to several of them, not re-anchored on each (``tail_fit``).
+        self.anchors: deque[list] = deque(maxlen=ANCHORS_KEPT)
+        self.anchor_era = (0, 0)         # (resets, bridges) the anchors belong to
+        self.fit_memo: tuple[tuple, tuple[float, float] | None] | None = None
 
     # -- history -------------------------------------------------------------
     def point(self, k: int) -> tuple[float, float, float]:
@@ -215,9 +222,19 @@ class DeviceHistory:
             return 0.0, True
         t_from = self.last_t
         if self.device.source == Source.COUNTER and self.means:
+            fit = self.tail_fit()
+            t_ref = min(t, self.means[-1][0])
+            ref_t = self.reference_at(t_ref) if fit is not None and t_ref > t_from else None
+            if fit is not None and ref_t is not None:
+                return max(self.total_j, fit[0] + fit[1] * ref_t) + self._recent_energy(t_ref, t), True
             ref = self.reference_energy(t_from, t)
             if ref is not None:
                 return self.total_j + ref, True
+        if self.mean_active and self.means:
+            t_ref = min(t, self.means[-1][0])
+            ref = self.reference_at(t_ref) if t_ref > t_from else None
+            if ref is not None:
+                return max(self.total_j, self.mean_base + ref) + self._recent_energy(t_ref, t), True
         if self.samples and (self.device.source == Source.COUNTER or self.mean_active):
             # From the counter's (dated) refresh: the value holds the energy up to it.
             t_shape = min(t, self.samples.last[0])
@@ -320,10 +337,13 @@ class DeviceHistory:
 
     def energy(self, t: float) -> float:
         """E(t), the one value every figure reads. Inside the history it is settled. Past the
-        last point (the live tail a scrape sees) it is the best estimate, carried forward by
-        instant power, and never below what was shown before a counter read or a filled hole
-        corrected the estimate downwards: the total holds until the estimate catches up, so it
-        neither steps back nor goes backwards."""
+        last point (the live tail a scrape sees) it is the best estimate (the trailing mean
+        fitted to recent counter points, ``tail_fit``), and never below what was shown before
+        a reading corrected the estimate downwards: the total holds until the estimate catches
+        up, so it never goes backwards. Upward corrections are not spread over the following
+        seconds: a spread tail lags the estimate, and measured worse against the truth (5 s
+        differences of /metrics, p90 4.4 % held, 5.3 % spread over 0.3 s, 9.3 % over 1 s;
+        ``bench/bench_exported.py``)."""
         value, _ = self.estimate_at(t)
         if self.last_t is None or t < self.last_t:
             return max(0.0, value)
@@ -363,17 +383,97 @@ class DeviceHistory:
     def reference_energy(self, a: float, b: float) -> float | None:
         """Energy from a to b on the 1 s trailing mean where one was read with instant power
         (a counter GPU's field 185): over seconds it beats sparse instant samples of a bursty
-        load by several %; instant power covers the last half second the mean cannot vouch
-        for yet. None where the means do not cover a."""
+        load by several %. Up to the newest mean it is ``reference_at``; instant power covers
+        only the moments since. None where the means do not cover a."""
         if not self.means or b <= a:
             return None
-        t_ref = min(b, self.means[-1][0] - 0.5 * self.mean_window_s)
+        t_ref = min(b, self.means[-1][0])
         if t_ref <= a:
             return None
-        e_a, e_ref = self._settled_mean_energy(a), self.mean_energy(t_ref)
+        e_a, e_ref = self._settled_mean_energy(a), self.reference_at(t_ref)
+        if e_a is None:
+            e_a = self.reference_at(a)     # a counter read within the newest half window
         if e_a is None or e_ref is None:
             return None
         return max(0.0, e_ref - e_a) + self._recent_energy(t_ref, b)
+
+    def add_anchor(self, t: float, e: float) -> None:
+        """A counter point (t, E) for ``tail_fit``; a reset or a bridged fault starts afresh."""
+        era = (self.resets, self.bridges)
+        if era != self.anchor_era:
+            self.anchors.clear()
+            self.anchor_era = era
+        if not self.anchors or t - self.anchors[-1][0] >= ANCHOR_SPACING_S:
+            self.anchors.append([t, e, None])
+
+    def tail_fit(self) -> tuple[float, float] | None:
+        """(a, s) with E = a + s * reference over the recent counter points whose reference has
+        settled. Re-anchoring the live tail on the newest counter point alone put the edge
+        kernel's error at that one instant (sparse instant samples of a bursty load: tens of
+        joules) into every scrape until the next read; over several anchors it averages out.
+        The scale s absorbs a mean that reads a little off the counter (0.1-1 % on an H100),
+        which a fixed offset would carry as a drift; it is 1 until ~4 s of anchors exist."""
+        if (self.resets, self.bridges) != self.anchor_era or not self.means or not self.samples:
+            return None
+        half = 0.5 * self.mean_window_s
+        ready_t = min(self.means[-1][0] - half - 0.2, self.samples.last[0] - half - 1.0)
+        for a in self.anchors:
+            if a[2] is None and a[0] < ready_t:
+                a[2] = self.mean_energy(a[0])
+        pts = [(a[1], a[2]) for a in self.anchors if a[2] is not None]
+        key = (len(pts), self.anchors[-1][0] if self.anchors else None)
+        if self.fit_memo is not None and self.fit_memo[0] == key:
+            return self.fit_memo[1]
+        fit: tuple[float, float] | None = None
+        if pts:
+            scale = 1.0
+            r_mean = sum(r for _, r in pts) / len(pts)
+            e_mean = sum(e for e, _ in pts) / len(pts)
+            var = sum((r - r_mean) ** 2 for _, r in pts)
+            if len(pts) >= 3 and pts[-1][1] - pts[0][1] > 0.0 and var > 0.0:
+                s_fit = sum((r - r_mean) * (e - e_mean) for e, r in pts) / var
+                if 0.95 <= s_fit <= 1.05:
+                    scale = s_fit
+            fit = (e_mean - scale * r_mean, scale)
+        self.fit_memo = (key, fit)
+        return fit
+
+    def reference_at(self, x: float) -> float | None:
+        """E(x) on the trailing-mean reference, less its base, as far as the means reach. Up to
+        half a window before the newest mean it is ``mean_energy``. In that last half window
+        the integral is not there yet, and the identity E(x) = E(x - w) + w M(x) carries it
+        (M, the mean over (x - w, x], read at x): it costs only the edge kernel's error one
+        window back, where sparse instant samples of a bursty load over that half second were
+        off by tens of joules (the live tail a scrape reads)."""
+        m = self.means
+        if not m or x > m[-1][0]:
+            return None
+        w = self.mean_window_s
+        if x <= m[-1][0] - 0.5 * w:
+            return self.mean_energy(x)
+        back = self.mean_energy(x - w)
+        mean_x = self.mean_w_at(x)
+        if back is None or mean_x is None:
+            return None
+        return back + w * mean_x
+
+    def mean_w_at(self, x: float) -> float | None:
+        """The trailing mean at x, linear between its reads (None outside them)."""
+        m = self.means
+        if not m or x < m[0][0] or x > m[-1][0]:
+            return None
+        lo, hi = 0, len(m) - 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if m[mid][0] <= x:
+                lo = mid
+            else:
+                hi = mid
+        t0, w0, _ = m[lo]
+        t1, w1, _ = m[hi]
+        if t1 <= t0 or x <= t0:
+            return w0
+        return w0 + (w1 - w0) * (x - t0) / (t1 - t0)
 
     def _settled_mean_energy(self, t: float) -> float | None:
         """``mean_energy(t)``, cached once its inputs can no longer change (the means and the

@@ -115,6 +115,8 @@ class Ledger:
     def _fault(self, d: DeviceHistory, t: float) -> None:
         if d.last_t is None:
             return
+        # What a snapshot showed (at the newest reading) stays the floor: the bridge re-estimates it.
+        d.hold(max(d.last_t, d.samples.last[0]) if d.samples else d.last_t)
         flag_bridged(d, d.last_t, t)
         while (m := self._next_mark(d)) is not None and m.t <= t:
             self._pin(m, d, d.energy(m.t), d.last_power or 0.0, True)
@@ -180,6 +182,7 @@ class Ledger:
         d.last_t = r.t
         d.push(r.t, d.total_j, power)
         if r.energy_j is not None and d.device.source == Source.COUNTER:
+            d.add_anchor(r.t, d.total_j)
             self._resolve_counter(d)
         else:
             # Sampled and modelled streams (even cumulative ones, like a process-tree share)
@@ -394,7 +397,8 @@ class Ledger:
     def snapshot(self, t: float | None = None) -> dict[str, DeviceSnapshot]:
         """Monotonic totals per device at time t (default: the newest reading), safe to export
         as Prometheus counters. A pure read: between counter reads the total advances with
-        instant power, and a counter's correction is spread over the following seconds."""
+        the trailing mean fitted to recent counter points (else instant power), and holds
+        where a reading corrected it downwards (``DeviceHistory.energy``)."""
         with self._lock:
             out = {}
             for k, d in self._devs.items():
