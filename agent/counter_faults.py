@@ -47,7 +47,7 @@ def counter_delta(d: DeviceHistory, r: Reading) -> float:
         d.resets += 1
         delta, reset = value, True
     span = r.t - d.last_t
-    bridged = d.reference_energy(d.last_t, r.t)      # on the trailing mean, where there is one
+    bridged = d.mean.between(d.last_t, r.t)      # on the trailing mean, where there is one
     if bridged is None:
         bridged = d.samples.bridge(d.last_t, r.t)
     if bridged is None and reset:

@@ -132,7 +132,7 @@ class Ledger:
         if d.device.source == Source.SAMPLED and r.power_w is not None:
             d.samples.add(r.t, r.power_w)          # kept to shape edges, should a mean arrive
             if d.mean_active:
-                if d.means and r.t - d.means[-1][0] <= MEAN_STALE_S:
+                if d.mean and r.t - d.mean.newest_t <= MEAN_STALE_S:
                     return                         # the mean has the energy
                 d.mean_active = False   # the trailing mean stopped coming: integrate instant power
         if r.energy_j is None and d.device.source == Source.COUNTER:
@@ -182,7 +182,7 @@ class Ledger:
         d.last_t = r.t
         d.push(r.t, d.total_j, power)
         if r.energy_j is not None and d.device.source == Source.COUNTER:
-            d.add_anchor(r.t, d.total_j)
+            d.counter_fit.add(r.t, d.total_j, d.fit_era())
             self._resolve_counter(d)
         else:
             # Sampled and modelled streams (even cumulative ones, like a process-tree share)
@@ -196,18 +196,18 @@ class Ledger:
         window = r.mean_window_s or 1.0
         if d.device.source == Source.COUNTER and d.last_t is not None:
             self._hold(d, r.t)
-        d.add_mean(r.t, max(0.0, r.mean_w), window)
+        d.mean.add(r.t, max(0.0, r.mean_w), window)
         if d.device.source == Source.COUNTER:
             # The counter has the energy; the mean carries E between its reads (a new mean
             # moves the tail from instant power onto it: the floor above keeps what was shown).
             return
         t_k = r.t - 0.5 * window
         if not d.mean_active:
-            if d.means[0][0] > r.t - window:
+            if d.mean.first_t > r.t - window:
                 return        # one window of means first: the reference starts half a window back
             self._activate_mean(d)
             return
-        raw = d.mean_energy(t_k)
+        raw = d.mean.energy(t_k)
         if raw is None or (d.last_t is not None and t_k <= d.last_t):
             return
         self._push_mean_point(d, t_k, d.mean_base + raw)
@@ -218,10 +218,10 @@ class Ledger:
         if not anchor_on_means(d):
             return
         assert d.last_t is not None
-        for t_m, _, _ in list(d.means):
-            t_k = t_m - 0.5 * d.mean_window_s
+        for t_m, _, _ in list(d.mean.means):
+            t_k = t_m - 0.5 * d.mean.window_s
             if t_k > d.last_t:
-                raw_k = d.mean_energy(t_k)
+                raw_k = d.mean.energy(t_k)
                 if raw_k is not None:
                     self._push_mean_point(d, t_k, d.mean_base + raw_k)
 
@@ -234,7 +234,7 @@ class Ledger:
         d.push(t, e, power)
         # Edges inside the new segment get the exact kernel value, not a straight line.
         while (m := self._next_mark(d)) is not None and m.t < t:
-            exact = d.mean_energy(m.t)
+            exact = d.mean.energy(m.t)
             if m.t >= t_prev and exact is not None:
                 value = min(max(d.mean_base + exact, e_prev), e)
                 self._pin(m, d, value, power, False)

@@ -1,16 +1,8 @@
-"""The trailing-mean reference of a GPU with no energy counter.
+"""Switching a GPU with no energy counter onto its trailing-mean reference.
 
-NVML's averaged power (field 185, or GetPowerUsage where the data shows it averages) is the
-mean M(u) over (u - w, u]. Its integral up to t + w/2 equals the energy up to t plus an edge
-kernel that only depends on the power within w/2 of t and is zero for constant power:
-
-    E(t) = base + integral of M up to (t + w/2) - integral of P(s) k(s - t) ds,
-    k(x) = -(w/2 + x)/w on (-w/2, 0], (w/2 - x)/w on (0, w/2].
-
-So the mean is the energy reference over spans of seconds, and instant power (field 186) only
-shapes the edges: aliasing of a 10 Hz instant sample with a periodic load cannot bias a
-window by more than its two edges' kernels. The maths lives on ``DeviceHistory``
-(``mean_energy``); this module switches a device onto the reference without a jump in E.
+The reference itself (E(t) = base + integral of the mean up to t + w/2, less an edge kernel
+shaped by instant power) lives in ``trailing_mean.TrailingMean``. This module moves a device
+onto it at an anchor instant the means cover, without a jump in E.
 """
 from __future__ import annotations
 
@@ -23,8 +15,8 @@ def anchor_on_means(d: DeviceHistory) -> bool:
     """Put a device on its trailing-mean reference at an anchor instant the means cover: E up
     to the anchor stays as integrated from instant power, newer points are dropped (the caller
     re-derives them from the means), so E stays continuous. False: not possible yet."""
-    half = 0.5 * d.mean_window_s
-    first, newest = d.means[0][0] + half, d.means[-1][0] - half
+    half = 0.5 * d.mean.window_s
+    first, newest = d.mean.first_t + half, d.mean.newest_t - half
     if newest < first:
         return False
     keep = d.n
@@ -38,7 +30,7 @@ def anchor_on_means(d: DeviceHistory) -> bool:
         e_anchor = found[0] if found is not None else d.total_j
     else:
         e_anchor = d.total_j + (d.last_power or 0.0) * (anchor - d.last_t)
-    raw = d.mean_energy(anchor)
+    raw = d.mean.energy(anchor)
     if raw is None:
         return False
     while keep > d.oldest() and d.point(keep - 1)[0] > anchor:

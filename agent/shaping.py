@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections import deque
 
 MIN_BOX_S, MAX_BOX_S = 0.005, 0.05   # a short-window power field's refresh box (H100: 20 ms)
+HOLD_MAX_S = 5.0          # E past the last sample holds the last power this long at most
 HOLE_S = 0.3                         # a hole this wide between samples is filled...
 HOLE_CONTEXT_S = 1.0                 # ...from the samples this close to it
 SHAPE_GAP_S = 0.15        # samples this dense (20 Hz, jittered) shape a counter segment
