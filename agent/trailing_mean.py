@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from .mean_boxes import BoxPattern
 from .shaping import HOLD_MAX_S, InstantSamples
 
 MEANS_KEPT = 1200          # trailing-mean reads kept (~2 min at 10 Hz)
@@ -33,7 +34,7 @@ class TrailingMean:
     """The reads (t, mean power over (t - w, t], integral of the mean since the first read) and
     the reference E(t) they give, with the kernel shaped by the device's instant samples."""
 
-    __slots__ = ("samples", "means", "window_s", "cache", "memo")
+    __slots__ = ("samples", "means", "window_s", "cache", "memo", "boxes")
 
     def __init__(self, samples: InstantSamples) -> None:
         self.samples = samples
@@ -41,6 +42,7 @@ class TrailingMean:
         self.window_s = 1.0
         self.cache: tuple[float, float] | None = None     # (t, energy(t)) once settled
         self.memo: dict[tuple, float | None] = {}
+        self.boxes = BoxPattern(samples)     # shapes the kernel where samples are coarse
 
     def __bool__(self) -> bool:
         return bool(self.means)
@@ -62,6 +64,7 @@ class TrailingMean:
             self.means.append((t, mean_w, i0 + 0.5 * (m0 + mean_w) * (t - t0)))
         else:
             self.means.append((t, mean_w, 0.0))
+        self.boxes.add_mean(t, mean_w, window_s)
 
     def integral(self, x: float) -> float | None:
         """The integral of the mean from its first read to x (None: not covered)."""
@@ -105,13 +108,13 @@ class TrailingMean:
     def energy(self, t: float) -> float | None:
         """E(t) on the reference, less its base: the integral up to t + w/2 less the edge kernel.
         Memoised on what it depends on (the first instant sample and the first mean past
-        t + w/2): the live tail asks for the same t on every sample."""
+        t + w/2, and the boxes closed): the live tail asks for the same t on every sample."""
         half = 0.5 * self.window_s
         x = t + half
         nxt_sample = next((ts for ts, _ in self.samples.between(x, x + 0.5)), None)
         nxt_mean = self.means[-1][0] if self.means else None
         key = (t, nxt_sample, nxt_mean if nxt_mean is None or nxt_mean <= x else -1.0,
-               len(self.samples) if nxt_sample is None else 0)
+               len(self.samples) if nxt_sample is None else 0, self.boxes.key(t, half))
         memo = self.memo
         if key in memo:
             return memo[key]
@@ -150,6 +153,14 @@ class TrailingMean:
         w = self.window_s
         if x <= m[-1][0] - 0.5 * w:
             return self.energy(x)
+        dated = self.boxes.refresh_before(x)
+        if dated is not None:
+            # On the mean's refresh grid: M is the mean over (r - w, r], r up to a refresh
+            # before its read; the moments since r come from instant power.
+            r, mean_r = dated
+            back = self.energy(r - w)
+            if back is not None:
+                return back + w * mean_r + self.recent(r, x)
         back = self.energy(x - w)
         mean_x = self.mean_w_at(x)
         if back is None or mean_x is None:
@@ -183,8 +194,12 @@ class TrailingMean:
         return (self.samples.last[1] if self.samples else 0.0) * min(b - a, HOLD_MAX_S)
 
     def _edge_kernel(self, t: float, half: float) -> float:
-        """The integral of P(s) k(s - t), with P piecewise constant from the instant samples
+        """The integral of P(s) k(s - t): from the fitted boxes where the samples are coarse
+        point samples (``mean_boxes``), else with P piecewise constant from the instant samples
         (each the mean since the one before; the ends held)."""
+        boxed = self.boxes.kernel(t, half)
+        if boxed is not None:
+            return boxed
         w = 2.0 * half
         # Samples before t - h add nothing (the first one inside covers the time since the
         # kernel's start); the first one past t + h covers the end. Only with none inside is
