@@ -113,3 +113,79 @@ def model_text(models: list[str], gpus: int) -> str:
 
 def codecarbon_rows(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return [codecarbon_row(r) for r in records]
+
+
+class CodeCarbonCells:
+    """:func:`codecarbon_row` straight from a report row's stored fields (``rowstore.FLOATS``,
+    ``INTS``, ``OBJS``), as a list in :data:`CODECARBON_COLUMNS` order: a 200k-run report
+    formats each run once, without rebuilding a record and a dict per run. The location columns,
+    the model text and the project are worked out once per zone, model list and label set; the
+    timestamp once per day plus integer arithmetic."""
+
+    def __init__(self) -> None:
+        self._places: dict[str | None, list[str]] = {}
+        self._models: dict[tuple[Any, int, bool], str] = {}
+        self._projects: dict[Any, Any] = {}
+        self._days: dict[int, str] = {}
+
+    def _place(self, zone: str | None) -> list[str]:
+        got = self._places.get(zone)
+        if got is None:
+            where = _where(zone)
+            got = self._places[zone] = [where[k] for k in _PLACE_COLUMNS]
+        return got
+
+    def _timestamp(self, end_unix: float) -> str:
+        whole = int(end_unix)
+        if end_unix - whole >= 0.999:      # rounding to microseconds could carry into the next second
+            return dt.datetime.fromtimestamp(end_unix, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        day, second = divmod(whole, 86400)
+        text = self._days.get(day)
+        if text is None:
+            text = self._days[day] = dt.datetime.fromtimestamp(day * 86400, dt.timezone.utc).strftime("%Y-%m-%dT")
+        hours, second = divmod(second, 3600)
+        return "%s%02d:%02d:%02d" % (text, hours, second // 60, second % 60)
+
+    def __call__(self, floats: Any, ints: Any, objs: Any) -> list[Any]:
+        (duration, gpu_j, cpu_j, ram_j, total_j, loc, _mkt, _emb, water, _gpu_h, _inten, pue, end_unix, _kwh,
+         _share) = floats
+        _tokens, _prompt, _gen, gpus, flags = ints
+        run_id, job, _host, _day, start, _status, labels, zone, _source, models, end = objs
+        # the stored rows hold NaN for "none" (rowstore); codecarbon_row reads the same fields
+        # from the record a row stands for (JobRow.as_record)
+        if not (pue == pue and pue != 0.0):
+            pue = 1.0
+        cpu_kwh, gpu_kwh, ram_kwh = cpu_j / J_PER_KWH * pue, gpu_j / J_PER_KWH * pue, ram_j / J_PER_KWH * pue
+        total_kwh = total_j / J_PER_KWH * pue
+        project = self._projects.get(labels)
+        if project is None:
+            project = self._projects[labels] = dict(labels).get("project") or ""
+        simulated = bool(flags & 2)
+        model = self._models.get((models, gpus, simulated))
+        if model is None:
+            text = model_text(list(models), gpus)
+            model = self._models[(models, gpus, simulated)] = (
+                f"{text} (SIMULATED: fake NVML)" if simulated else text if models else "")
+        if loc == loc:
+            kg: Any = loc / 1000.0
+            rate: Any = kg / duration if duration > 0 else 0.0
+        else:
+            kg = rate = ""
+        if duration > 0:
+            powers = [cpu_kwh * J_PER_KWH / duration, gpu_kwh * J_PER_KWH / duration,
+                      ram_kwh * J_PER_KWH / duration]
+        else:
+            powers = [0.0, 0.0, 0.0]
+        has_water = water == water
+        country, iso, region, provider, cloud_region, on_cloud = self._place(zone)
+        return [
+            self._timestamp(end_unix) if end_unix == end_unix else (end or start or "")[:19],
+            project or job or "", run_id, job or "", duration, kg, rate, *powers,
+            cpu_kwh, gpu_kwh, ram_kwh, total_kwh, water if has_water else 0.0,
+            country, iso, region, provider, cloud_region, "", "", "", "", "", gpus, model, "", "", "",
+            "process", "", "", "", "", on_cloud, pue,
+            water / (total_kwh / pue) if has_water and total_kwh else "",
+        ]
+
+
+_PLACE_COLUMNS = ("country_name", "country_iso_code", "region", "cloud_provider", "cloud_region", "on_cloud")

@@ -8,9 +8,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
-from .codecarbon_csv import CODECARBON_COLUMNS, codecarbon_row
+from .accounting import J_PER_KWH
+from .codecarbon_csv import CODECARBON_COLUMNS, CodeCarbonCells
 from .report import COMPONENTS, SCOPES, Figures, JobRow, Report
-from .rowstore import SortedRows
+from .rowstore import SortedRows, sorted_rows
 
 FORMATS = ("table", "csv", "json", "markdown", "codecarbon")
 
@@ -78,6 +79,48 @@ def _status(row: JobRow) -> str:
     return f"{status} SIMULATED" if row.simulated else status
 
 
+def _job_cells(rows: SortedRows, scopes: Sequence[str], water: bool) -> Iterator[list[str]]:
+    """The Jobs section's cells, run by run, straight from the stored fields: the same cells as
+    ``[job, run_id, host, day, _status(row), zone or "-"] + _figure_cells(row.figures, ...)``
+    without building a row object per run (NaN stands for None in the stored floats)."""
+    f = _f
+    at = [5 + SCOPES.index(s) for s in scopes]      # location, market, embodied are floats 5-7
+    statuses: dict[tuple[str, int], str] = {}
+    for fl, it, ob in rows.fields():
+        dur, gpu, cpu, ram, total, loc, _mkt, _emb, water_l, gpu_h, _i, _p, _e, _k, _s = fl
+        tokens, _prompt, _gen, _gpus, flags = it
+        run_id, job, host, day, _start, status, _labels, zone, _source, _models, _end = ob
+        key = (status, flags & 3)
+        shown = statuses.get(key)
+        if shown is None:
+            shown = f"{status} (checkpoint)" if flags & 1 else status
+            shown = statuses[key] = f"{shown} SIMULATED" if flags & 2 else shown
+        cells = [job, run_id, host, day, shown, zone or "-", _duration(dur), f(gpu / 3600.0), f(cpu / 3600.0),
+                 f(ram / 3600.0), f(total / J_PER_KWH)]
+        for k in at:
+            v = fl[k]
+            cells.append(f(v) if v == v else "-")
+        if water:
+            cells.append(f(water_l) if water_l == water_l else "-")
+        if tokens:
+            cells += (f"{tokens:,}", f(total / tokens), f(total / 3600.0 / tokens * 1000.0))
+        else:
+            cells += ("-", "-", "-")
+        if loc == loc:
+            cells += (f(loc / gpu_h) if gpu_h else "-", f(loc / tokens * 1000.0) if tokens else "-")
+        else:
+            cells += ("-", "-")
+        yield cells
+
+
+def _batches(rows: Iterable[Any], size: int = 1000) -> Iterator[list[Any]]:
+    """``rows`` a thousand at a time: the output is written in chunks of many lines, not one
+    write per run."""
+    it = iter(rows)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
+
+
 @dataclass
 class _Section:
     title: str
@@ -124,8 +167,7 @@ def _sections(report: Report) -> list[_Section]:
     groups.append(["TOTAL", str(report.total.runs)] + _figure_cells(report.total, scopes, water))
     texts = [_column(rows, "job"), _column(rows, "run_id"), _column(rows, "host"), _column(rows, "day"),
              [_status(r) for r in rows] if len(rows) < 1000 else _status_bound(report), _column(rows, "zone")]
-    jobs = ([r.job, r.run_id, r.host, r.day, _status(r), r.zone or "-"] + _figure_cells(r.figures, scopes, water)
-            for r in rows)
+    jobs = _job_cells(sorted_rows(rows), scopes, water)
     out = [_Section("Jobs", heads, jobs, 6, _job_widths(heads, texts, [g[2:] for g in groups]))]
     out.append(_Section(f"Totals by {report.group_by}", [report.group_by.upper(), "RUNS"]
                         + _figure_headers(scopes, water), groups, 1))
@@ -183,8 +225,8 @@ def _text_table(section: _Section) -> Iterator[str]:
     fmt = "  ".join(f"{{:{'<' if i < n_text else '>'}{w}}}" for i, w in enumerate(widths)).format
 
     yield fmt(*section.headers).rstrip() + "\n"
-    for r in rows:
-        yield fmt(*r).rstrip() + "\n"
+    for batch in _batches(rows):
+        yield "\n".join([fmt(*r).rstrip() for r in batch]) + "\n"
 
 
 def render_table(report: Report) -> Iterator[str]:
@@ -204,8 +246,15 @@ def render_markdown(report: Report) -> Iterator[str]:
         heads = sec.headers
         yield (f"\n## {sec.title}\n\n| " + " | ".join(heads) + " |\n|"
                + "|".join("---" if i < sec.n_text else "---:" for i in range(len(heads))) + "|\n")
-        for r in sec.rows:
-            yield "| " + " | ".join(esc(c) for c in r) + " |\n"
+        lines = []
+        for batch in _batches(sec.rows):
+            lines.clear()
+            for r in batch:
+                line = " | ".join(r)
+                if line.count("|") != len(r) - 1:      # a cell holds a "|": escape cell by cell
+                    line = " | ".join([esc(c) for c in r])
+                lines.append(line)
+            yield "| " + " |\n| ".join(lines) + " |\n"
     yield "\n" + "\n".join(f"- {n}" for n in _footnotes(report)) + "\n"
 
 
@@ -246,11 +295,14 @@ class _Lines:
 
 class ExtraColumns(Protocol):
     """Columns another feature adds after a CSV format's own (decisions: value and cost).
-    ``run`` sees every run before ``group`` and ``total`` are asked."""
+    ``run`` sees every run, in report order, before ``group`` and ``total`` are asked; it gets
+    the figures it reads, not a row object (200k runs are formatted straight from the stored
+    fields), and answers a cell per column ("" where empty)."""
 
     columns: list[str]
 
-    def run(self, row: JobRow) -> Mapping[str, Any]: ...
+    def run(self, run_id: str, group: str, zone: str | None, pue: float | None, energy_j: float, tokens: int,
+            location_g: float | None) -> list[Any]: ...
 
     def group(self, key: str) -> Mapping[str, Any]: ...
 
@@ -260,42 +312,116 @@ class ExtraColumns(Protocol):
 def render_csv(report: Report, more: ExtraColumns | None = None) -> Iterator[str]:
     wi = report.what_if
     extra = [f"whatif_{z.key}_g" for z in wi.zones] if wi else []
+    columns = CSV_COLUMNS + extra + (more.columns if more else [])
     buf = _Lines()
-    writer = csv.DictWriter(buf, CSV_COLUMNS + extra + (more.columns if more else []), lineterminator="\n",
-                            extrasaction="ignore")
-    writer.writeheader()
-    for r in report.rows:
-        row = {"level": "job", "run_id": r.run_id, "job": r.job, "host": r.host, "day": r.day, "start": r.start,
-               "status": r.status, "checkpoint": r.checkpoint, "simulated": r.simulated, "zone": r.zone,
-               "labels": ";".join(f"{k}={v}" for k, v in r.labels),
-               "intensity_g_per_kwh": r.intensity_g_per_kwh, "intensity_source": r.intensity_source,
-               "pue": r.pue, "tokens_prompt": r.tokens_prompt, "tokens_generation": r.tokens_generation,
-               "gpu_count": r.gpu_count, **_figure_fields(r.figures)}
-        if wi:
-            row.update({f"whatif_{z.key}_g": wi.per_run[r.run_id][z.key] for z in wi.zones})
-        if more:
-            row.update(more.run(r))
-        writer.writerow(row)
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    rows = sorted_rows(report.rows)
+    keys = rows.group_keys(report.group_by) if more else itertools.repeat("")
+    labels_text: dict[Any, str] = {}
+    # the job rows straight from the stored fields, in CSV_COLUMNS order: the csv module writes
+    # None as "" and floats as repr, as the DictWriter of the group rows below does
+    for batch in _batches(zip(rows.fields(), keys)):
+        lines = []
+        for (fl, it, ob), key in batch:
+            dur, gpu, cpu, ram, total, loc, mkt, emb, water, gpu_h, inten, pue, _end, _kwh, _share = fl
+            tokens, prompt, gen, gpus, flags = it
+            run_id, job, host, day, start, status, labels, zone, source, _models, _end_text = ob
+            text = labels_text.get(labels)
+            if text is None:
+                text = labels_text[labels] = ";".join(f"{k}={v}" for k, v in labels)
+            loc_g = loc if loc == loc else None
+            pue_or_none = pue if pue == pue else None
+            line = ["job", "", run_id, job, host, day, start, status, bool(flags & 1), bool(flags & 2), text, zone,
+                    inten if inten == inten else None, source, pue_or_none, 1, dur, gpu, cpu, ram, total,
+                    total / J_PER_KWH, loc_g, mkt if mkt == mkt else None, emb if emb == emb else None,
+                    water if water == water else None, prompt, gen, tokens, gpus, gpu_h,
+                    total / tokens if tokens else None, total / 3600.0 / tokens * 1000.0 if tokens else None,
+                    loc_g / gpu_h if loc_g is not None and gpu_h else None,
+                    loc_g / tokens * 1000.0 if loc_g is not None and tokens else None]
+            if wi:
+                line += [wi.per_run[run_id][z.key] for z in wi.zones]
+            if more:
+                line += more.run(run_id, key, zone, pue_or_none, total, tokens, loc_g)
+            lines.append(line)
+        writer.writerows(lines)
         yield buf.drain()
+    sums = csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore")
     for key, f in report.groups:
-        writer.writerow({"level": f"group:{report.group_by}", "group": key, **_figure_fields(f),
-                         **(more.group(key) if more else {})})
-    total = {"level": "total", **_figure_fields(report.total)}
+        sums.writerow({"level": f"group:{report.group_by}", "group": key, **_figure_fields(f),
+                       **(more.group(key) if more else {})})
+    total_row = {"level": "total", **_figure_fields(report.total)}
     if wi:
-        total.update({f"whatif_{z.key}_g": wi.totals[z.key] for z in wi.zones})
+        total_row.update({f"whatif_{z.key}_g": wi.totals[z.key] for z in wi.zones})
     if more:
-        total.update(more.total())
-    writer.writerow(total)
+        total_row.update(more.total())
+    sums.writerow(total_row)
     yield buf.drain()
 
 
+def _json_text(value: Any, cache: dict[Any, str]) -> str:
+    """``json.dumps`` of a value shared by many rows (job, host, zone, label set), once per value."""
+    got = cache.get(value)
+    if got is None:
+        got = cache[value] = json.dumps(dict(value) if isinstance(value, tuple) and value and
+                                        isinstance(value[0], tuple) else
+                                        list(value) if isinstance(value, tuple) else value)
+    return got
+
+
+# One job of render_json: json.dumps(JobRow.as_dict()) with its separators and key order.
+_JOB_JSON = ('{"run_id": %s, "job": %s, "host": %s, "day": %s, "start": %s, "status": %s, "checkpoint": %s, '
+             '"simulated": %s, "zone": %s, "intensity_g_per_kwh": %s, "intensity_source": %s, "pue": %s, '
+             '"tokens_prompt": %d, "tokens_generation": %d, "gpu_count": %d, "labels": %s, "gpu_models": %s, '
+             '"runs": 1, "duration_s": %r, "energy_j": {"gpu": %r, "cpu": %r, "ram": %r, "total": %r}, '
+             '"energy_kwh": %r, "emissions_g": %s, "water_l": %s, "tokens": %d, "gpu_hours": %r, '
+             '"j_per_token": %s, "wh_per_1k_tokens": %s, "g_per_gpu_hour": %s, "g_per_1k_tokens": %s, '
+             '"runs_without_carbon": %d}')
+
+
+def _json_jobs(rows: SortedRows) -> Iterator[str]:
+    """Each job of the JSON document, formatted straight from the stored fields: the same text
+    as ``json.dumps(row.as_dict())`` (a dict and an encoder pass per run cost a third of a 200k-run
+    JSON report). Floats are ``repr``, as the json module writes finite ones; a run with an
+    infinite figure (possible only in absurd records) goes through ``json.dumps``."""
+    shared: dict[Any, str] = {}
+    dumps = json.dumps
+    for fields in rows.fields():
+        fl, it, ob = fields
+        dur, gpu, cpu, ram, total, loc, mkt, emb, water, gpu_h, inten, pue, _end, _kwh, _share = fl
+        tokens, prompt, gen, gpus, flags = it
+        run_id, job, host, day, start, status, labels, zone, source, models, _end_text = ob
+        if mkt != mkt and emb != emb:
+            em = '{"location": %r}' % loc if loc == loc else "{}"
+        else:
+            em = dumps({s: v for s, v in (("location", loc), ("market", mkt), ("embodied", emb)) if v == v})
+        text = _JOB_JSON % (
+            dumps(run_id), _json_text(job, shared), _json_text(host, shared), _json_text(day, shared),
+            dumps(start), _json_text(status, shared), "true" if flags & 1 else "false",
+            "true" if flags & 2 else "false", _json_text(zone, shared), repr(inten) if inten == inten else "null",
+            _json_text(source, shared), repr(pue) if pue == pue else "null", prompt, gen, gpus,
+            _json_text(labels, shared) if labels else "{}", _json_text(models, shared) if models else "[]",
+            dur, gpu, cpu, ram, total, total / J_PER_KWH, em, repr(water) if water == water else "null", tokens,
+            gpu_h, repr(total / tokens) if tokens else "null",
+            repr(total / 3600.0 / tokens * 1000.0) if tokens else "null",
+            repr(loc / gpu_h) if loc == loc and gpu_h else "null",
+            repr(loc / tokens * 1000.0) if loc == loc and tokens else "null", 1 if flags & 4 else 0)
+        if "inf" in text:       # 'inf' is no JSON: the json module writes Infinity
+            from .rowstore import decode
+
+            text = dumps(decode(*fields).as_dict())
+        yield text
+
+
 def render_json(report: Report) -> Iterator[str]:
-    """The document of ``report.as_dict()``, written a job at a time: one compact job object per
-    line (the C encoder; an indented 200k-job document took 5 s more), the rest indented."""
+    """The document of ``report.as_dict()``, written a thousand jobs at a time: one compact job
+    object per line (an indented 200k-job document took 5 s more), the rest indented."""
     head = report.as_dict(jobs=False)
     yield '{\n  "simulated_runs": ' + json.dumps(head.pop("simulated_runs")) + ',\n  "jobs": ['
-    for i, row in enumerate(report.rows):
-        yield ("," if i else "") + "\n    " + json.dumps(row.as_dict())
+    first = True
+    for batch in _batches(_json_jobs(sorted_rows(report.rows))):
+        yield ("" if first else ",") + "\n    " + ",\n    ".join(batch)
+        first = False
     yield "\n  ]" if report.rows else "]"
     for key, value in head.items():
         yield ",\n  " + json.dumps(key) + ": " + json.dumps(value, indent=2).replace("\n", "\n  ")
@@ -305,17 +431,22 @@ def render_json(report: Report) -> Iterator[str]:
 def render_codecarbon(report: Report, more: ExtraColumns | None = None) -> Iterator[str]:
     """CodeCarbon's columns first, in its order, then ``more`` (trailing: its readers still parse)."""
     buf = _Lines()
-    writer = csv.DictWriter(buf, CODECARBON_COLUMNS + (more.columns if more else []), lineterminator="\n",
-                            extrasaction="ignore")
-    writer.writeheader()
-    places: dict = {}      # zone -> location columns, looked up once per zone
-    for r in report.rows:
-        row = codecarbon_row(r.as_record(), places)
-        if more:
-            row.update(more.run(r))
-        writer.writerow(row)
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CODECARBON_COLUMNS + (more.columns if more else []))
+    rows = sorted_rows(report.rows)
+    keys = rows.group_keys(report.group_by) if more else itertools.repeat("")
+    cells = CodeCarbonCells()     # codecarbon_row, from the stored fields
+    for batch in _batches(zip(rows.fields(), keys)):
+        lines = []
+        for (fl, it, ob), key in batch:
+            line = cells(fl, it, ob)
+            if more:
+                loc, pue = fl[5], fl[11]
+                line += more.run(ob[0], key, ob[7], pue if pue == pue else None, fl[4], it[0],
+                                 loc if loc == loc else None)
+            lines.append(line)
+        writer.writerows(lines)
         yield buf.drain()
-    yield buf.drain()
 
 
 RENDERERS: dict[str, Callable[[Report], Iterator[str]]] = {
