@@ -385,6 +385,7 @@ def _json_jobs(rows: SortedRows) -> Iterator[str]:
     JSON report). Floats are ``repr``, as the json module writes finite ones; a run with an
     infinite figure (possible only in absurd records) goes through ``json.dumps``."""
     shared: dict[Any, str] = {}
+    known = shared.get          # the cached text of a value shared by many rows (never empty)
     dumps = json.dumps
     for fields in rows.fields():
         fl, it, ob = fields
@@ -396,11 +397,13 @@ def _json_jobs(rows: SortedRows) -> Iterator[str]:
         else:
             em = dumps({s: v for s, v in (("location", loc), ("market", mkt), ("embodied", emb)) if v == v})
         text = _JOB_JSON % (
-            dumps(run_id), _json_text(job, shared), _json_text(host, shared), _json_text(day, shared),
-            dumps(start), _json_text(status, shared), "true" if flags & 1 else "false",
-            "true" if flags & 2 else "false", _json_text(zone, shared), repr(inten) if inten == inten else "null",
-            _json_text(source, shared), repr(pue) if pue == pue else "null", prompt, gen, gpus,
-            _json_text(labels, shared) if labels else "{}", _json_text(models, shared) if models else "[]",
+            dumps(run_id), known(job) or _json_text(job, shared), known(host) or _json_text(host, shared),
+            known(day) or _json_text(day, shared), dumps(start), known(status) or _json_text(status, shared),
+            "true" if flags & 1 else "false", "true" if flags & 2 else "false",
+            known(zone) or _json_text(zone, shared), repr(inten) if inten == inten else "null",
+            known(source) or _json_text(source, shared), repr(pue) if pue == pue else "null", prompt, gen, gpus,
+            known(labels) or _json_text(labels, shared) if labels else "{}",
+            known(models) or _json_text(models, shared) if models else "[]",
             dur, gpu, cpu, ram, total, total / J_PER_KWH, em, repr(water) if water == water else "null", tokens,
             gpu_h, repr(total / tokens) if tokens else "null",
             repr(total / 3600.0 / tokens * 1000.0) if tokens else "null",
