@@ -236,8 +236,16 @@ def encode_record(record: Mapping[str, Any], _shared: Callable[[Any], Any] = lam
     if carbon:
         cget = carbon.get
         em = cget("emissions_g")
-        if isinstance(em, dict):
-            loc, mkt, emb = [_num(em[s]) if em.get(s) is not None else _NAN for s in SCOPES]
+        if isinstance(em, dict):      # SCOPES, written out
+            v = em.get("location")
+            if v is not None:
+                loc = float(v) if type(v) in _NUMBER else 0.0
+            v = em.get("market")
+            if v is not None:
+                mkt = float(v) if type(v) in _NUMBER else 0.0
+            v = em.get("embodied")
+            if v is not None:
+                emb = float(v) if type(v) in _NUMBER else 0.0
         v = cget("water_l")
         if v is not None:
             water = float(v) if type(v) in _NUMBER else 0.0
@@ -250,7 +258,12 @@ def encode_record(record: Mapping[str, Any], _shared: Callable[[Any], Any] = lam
         if type(v) in _NUMBER:
             share = float(v)
         zone, source = _shared(cget("zone")), _shared(cget("intensity_source"))
-    day, start = _day(record, _day_of)
+    v = get("start_unix")
+    start = get("start")
+    if type(v) in _NUMBER and isinstance(start, str) and start:     # _day's common case
+        day = _day_of(v)
+    else:
+        day, start = _day(record, _day_of)
     labels = get("labels") or {}
     end_unix = get("end_unix")
     has_end = type(end_unix) in _NUMBER

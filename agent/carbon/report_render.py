@@ -6,10 +6,11 @@ import itertools
 import json
 import math
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from .accounting import J_PER_KWH
-from .codecarbon_csv import CODECARBON_COLUMNS, CodeCarbonCells
+from .codecarbon_csv import CODECARBON_COLUMNS, CodeCarbonLines, csv_cell, csv_cells
 from .report import COMPONENTS, SCOPES, Figures, JobRow, Report
 from .rowstore import SortedRows, sorted_rows
 
@@ -309,43 +310,53 @@ class ExtraColumns(Protocol):
     def total(self) -> Mapping[str, Any]: ...
 
 
+# One job row of render_csv, CSV_COLUMNS in order, as csv.writer writes it: level "job", an empty
+# group, runs 1; floats by %r (the csv module writes repr); text and optional cells come formatted.
+_CSV_JOB = "job,,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,1,%r,%r,%r,%r,%r,%r,%s,%s,%s,%s,%d,%d,%d,%d,%r,%s,%s,%s,%s"
+
+
 def render_csv(report: Report, more: ExtraColumns | None = None) -> Iterator[str]:
     wi = report.what_if
     extra = [f"whatif_{z.key}_g" for z in wi.zones] if wi else []
     columns = CSV_COLUMNS + extra + (more.columns if more else [])
     buf = _Lines()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
+    csv.writer(buf, lineterminator="\n").writerow(columns)
+    yield buf.drain()
     rows = sorted_rows(report.rows)
     keys = rows.group_keys(report.group_by) if more else itertools.repeat("")
-    labels_text: dict[Any, str] = {}
-    # the job rows straight from the stored fields, in CSV_COLUMNS order: the csv module writes
-    # None as "" and floats as repr, as the DictWriter of the group rows below does
+    shared: dict[Any, str] = {}      # the cell of a value many rows share (job, host, zone, labels...)
+    known = shared.get
+
+    def cell(value: Any) -> str:
+        text = ";".join(f"{k}={v}" for k, v in value) if isinstance(value, tuple) else value   # labels
+        got = shared[value] = "" if value is None else csv_cell(text)
+        return got
+
+    # the job rows straight from the stored fields (NaN stands for None: an empty cell)
     for batch in _batches(zip(rows.fields(), keys)):
         lines = []
         for (fl, it, ob), key in batch:
             dur, gpu, cpu, ram, total, loc, mkt, emb, water, gpu_h, inten, pue, _end, _kwh, _share = fl
             tokens, prompt, gen, gpus, flags = it
             run_id, job, host, day, start, status, labels, zone, source, _models, _end_text = ob
-            text = labels_text.get(labels)
-            if text is None:
-                text = labels_text[labels] = ";".join(f"{k}={v}" for k, v in labels)
-            loc_g = loc if loc == loc else None
-            pue_or_none = pue if pue == pue else None
-            line = ["job", "", run_id, job, host, day, start, status, bool(flags & 1), bool(flags & 2), text, zone,
-                    inten if inten == inten else None, source, pue_or_none, 1, dur, gpu, cpu, ram, total,
-                    total / J_PER_KWH, loc_g, mkt if mkt == mkt else None, emb if emb == emb else None,
-                    water if water == water else None, prompt, gen, tokens, gpus, gpu_h,
-                    total / tokens if tokens else None, total / 3600.0 / tokens * 1000.0 if tokens else None,
-                    loc_g / gpu_h if loc_g is not None and gpu_h else None,
-                    loc_g / tokens * 1000.0 if loc_g is not None and tokens else None]
+            line = _CSV_JOB % (
+                csv_cell(run_id), known(job) or cell(job), known(host) or cell(host), known(day) or cell(day),
+                csv_cell(start), known(status) or cell(status), "True" if flags & 1 else "False",
+                "True" if flags & 2 else "False", known(labels) or cell(labels), known(zone) or cell(zone),
+                repr(inten) if inten == inten else "", known(source) or cell(source),
+                repr(pue) if pue == pue else "", dur, gpu, cpu, ram, total, total / J_PER_KWH,
+                repr(loc) if loc == loc else "", repr(mkt) if mkt == mkt else "", repr(emb) if emb == emb else "",
+                repr(water) if water == water else "", prompt, gen, tokens, gpus, gpu_h,
+                repr(total / tokens) if tokens else "", repr(total / 3600.0 / tokens * 1000.0) if tokens else "",
+                repr(loc / gpu_h) if loc == loc and gpu_h else "",
+                repr(loc / tokens * 1000.0) if loc == loc and tokens else "")
             if wi:
-                line += [wi.per_run[run_id][z.key] for z in wi.zones]
+                line += "," + csv_cells([wi.per_run[run_id][z.key] for z in wi.zones])
             if more:
-                line += more.run(run_id, key, zone, pue_or_none, total, tokens, loc_g)
+                line += "," + csv_cells(more.run(run_id, key, zone, pue if pue == pue else None, total, tokens,
+                                                 loc if loc == loc else None))
             lines.append(line)
-        writer.writerows(lines)
-        yield buf.drain()
+        yield "\n".join(lines) + "\n"
     sums = csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore")
     for key, f in report.groups:
         sums.writerow({"level": f"group:{report.group_by}", "group": key, **_figure_fields(f),
@@ -387,6 +398,7 @@ def _json_jobs(rows: SortedRows) -> Iterator[str]:
     shared: dict[Any, str] = {}
     known = shared.get          # the cached text of a value shared by many rows (never empty)
     dumps = json.dumps
+    text_of = encode_basestring_ascii      # what json.dumps does with a str, without its checks
     for fields in rows.fields():
         fl, it, ob = fields
         dur, gpu, cpu, ram, total, loc, mkt, emb, water, gpu_h, inten, pue, _end, _kwh, _share = fl
@@ -397,8 +409,8 @@ def _json_jobs(rows: SortedRows) -> Iterator[str]:
         else:
             em = dumps({s: v for s, v in (("location", loc), ("market", mkt), ("embodied", emb)) if v == v})
         text = _JOB_JSON % (
-            dumps(run_id), known(job) or _json_text(job, shared), known(host) or _json_text(host, shared),
-            known(day) or _json_text(day, shared), dumps(start), known(status) or _json_text(status, shared),
+            text_of(run_id), known(job) or _json_text(job, shared), known(host) or _json_text(host, shared),
+            known(day) or _json_text(day, shared), text_of(start), known(status) or _json_text(status, shared),
             "true" if flags & 1 else "false", "true" if flags & 2 else "false",
             known(zone) or _json_text(zone, shared), repr(inten) if inten == inten else "null",
             known(source) or _json_text(source, shared), repr(pue) if pue == pue else "null", prompt, gen, gpus,
@@ -434,22 +446,21 @@ def render_json(report: Report) -> Iterator[str]:
 def render_codecarbon(report: Report, more: ExtraColumns | None = None) -> Iterator[str]:
     """CodeCarbon's columns first, in its order, then ``more`` (trailing: its readers still parse)."""
     buf = _Lines()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(CODECARBON_COLUMNS + (more.columns if more else []))
+    csv.writer(buf, lineterminator="\n").writerow(CODECARBON_COLUMNS + (more.columns if more else []))
+    yield buf.drain()
     rows = sorted_rows(report.rows)
     keys = rows.group_keys(report.group_by) if more else itertools.repeat("")
-    cells = CodeCarbonCells()     # codecarbon_row, from the stored fields
+    line = CodeCarbonLines()     # codecarbon_row, from the stored fields, as csv.writer writes it
     for batch in _batches(zip(rows.fields(), keys)):
-        lines = []
-        for (fl, it, ob), key in batch:
-            line = cells(fl, it, ob)
-            if more:
+        if more:
+            lines = []
+            for (fl, it, ob), key in batch:
                 loc, pue = fl[5], fl[11]
-                line += more.run(ob[0], key, ob[7], pue if pue == pue else None, fl[4], it[0],
-                                 loc if loc == loc else None)
-            lines.append(line)
-        writer.writerows(lines)
-        yield buf.drain()
+                lines.append(line(fl, it, ob) + "," + csv_cells(more.run(
+                    ob[0], key, ob[7], pue if pue == pue else None, fl[4], it[0], loc if loc == loc else None)))
+        else:
+            lines = [line(fl, it, ob) for (fl, it, ob), _ in batch]
+        yield "\n".join(lines) + "\n"
 
 
 RENDERERS: dict[str, Callable[[Report], Iterator[str]]] = {
