@@ -14,6 +14,11 @@ import io
 from typing import Any, Iterable, Mapping
 
 from .accounting import J_PER_KWH
+
+try:  # formats floats ~3x faster than repr (float_reprs); optional, as for reading records
+    from orjson import dumps as _dumps
+except ImportError:  # pragma: no cover - repr gives the same text
+    _dumps = None
 from .tables import load_table, zone_index
 
 CODECARBON_COLUMNS = [
@@ -131,6 +136,20 @@ def csv_cells(cells: Iterable[Any]) -> str:
     """Cells as ``csv.writer`` joins them: None empty, text by :func:`csv_cell`, numbers by str()
     (repr for floats, True/False for bools)."""
     return ",".join(["" if c is None else csv_cell(c) if isinstance(c, str) else str(c) for c in cells])
+
+
+def float_reprs(values: list[float]) -> list[str]:
+    """``[repr(v) for v in values]``, from one orjson call where that gives the same text: orjson
+    writes the same shortest digits, but fixed-point below 1e-4 ("0.00001") and exponents without
+    Python's padding ("1e-7"), and null for NaN and infinities; those values go through repr. A
+    third of a float's cost when a report writes 200k runs x 7 floats."""
+    if _dumps is None or not values:
+        return [repr(v) for v in values]
+    text = _dumps(values).decode()
+    texts = text[1:-1].split(",")
+    if "e" in text or "0.0000" in text or "n" in text:        # n: null
+        return [repr(v) if "e" in t or "0.0000" in t or "n" in t else t for v, t in zip(values, texts)]
+    return texts
 
 
 # one CodeCarbon row, CODECARBON_COLUMNS in order: the constant cells are written in (os,

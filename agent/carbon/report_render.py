@@ -10,11 +10,14 @@ from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 from .accounting import J_PER_KWH
-from .codecarbon_csv import CODECARBON_COLUMNS, CodeCarbonLines, csv_cell, csv_cells
+from .codecarbon_csv import CODECARBON_COLUMNS, CodeCarbonLines, csv_cell, csv_cells, float_reprs
 from .report import COMPONENTS, SCOPES, Figures, JobRow, Report
 from .rowstore import SortedRows, sorted_rows
 
 FORMATS = ("table", "csv", "json", "markdown", "codecarbon")
+
+
+_NEXT_DECADE = {3: "1.000", 4: "0.1000", 5: "0.01000", 6: "0.001000"}   # a decimal count's round-up
 
 
 def _f(value: float | None, digits: int = 3) -> str:
@@ -36,6 +39,11 @@ def _f(value: float | None, digits: int = 3) -> str:
             if not text.endswith("100.0"):
                 return text
         return "%.0f" % value
+    if 1e-4 <= a < 1.0:      # 0.000123 .. 0.999 (kWh and grams of short runs): decimals by magnitude
+        places = 3 if a >= 0.1 else 4 if a >= 0.01 else 5 if a >= 0.001 else 6
+        text = "%.*f" % (places, value)
+        if not text.endswith(_NEXT_DECADE[places]):    # 0.09996 rounds up to 0.1000: the general path
+            return text
     rounded = float("%.3g" % value)   # the rounding, then the digits it left (99.96 -> 100, not 100.0)
     places = 2 - math.floor(math.log10(abs(rounded)))
     if places <= 0:
@@ -312,7 +320,7 @@ class ExtraColumns(Protocol):
 
 # One job row of render_csv, CSV_COLUMNS in order, as csv.writer writes it: level "job", an empty
 # group, runs 1; floats by %r (the csv module writes repr); text and optional cells come formatted.
-_CSV_JOB = "job,,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,1,%r,%r,%r,%r,%r,%r,%s,%s,%s,%s,%d,%d,%d,%d,%r,%s,%s,%s,%s"
+_CSV_JOB = "job,,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,1,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%d,%d,%d,%d,%s,%s,%s,%s,%s"
 
 
 def render_csv(report: Report, more: ExtraColumns | None = None) -> Iterator[str]:
@@ -326,6 +334,7 @@ def render_csv(report: Report, more: ExtraColumns | None = None) -> Iterator[str
     keys = rows.group_keys(report.group_by) if more else itertools.repeat("")
     shared: dict[Any, str] = {}      # the cell of a value many rows share (job, host, zone, labels...)
     known = shared.get
+    reprs = float_reprs
 
     def cell(value: Any) -> str:
         text = ";".join(f"{k}={v}" for k, v in value) if isinstance(value, tuple) else value   # labels
@@ -344,9 +353,9 @@ def render_csv(report: Report, more: ExtraColumns | None = None) -> Iterator[str
                 csv_cell(start), known(status) or cell(status), "True" if flags & 1 else "False",
                 "True" if flags & 2 else "False", known(labels) or cell(labels), known(zone) or cell(zone),
                 repr(inten) if inten == inten else "", known(source) or cell(source),
-                repr(pue) if pue == pue else "", dur, gpu, cpu, ram, total, total / J_PER_KWH,
+                repr(pue) if pue == pue else "", *reprs([dur, gpu, cpu, ram, total, total / J_PER_KWH]),
                 repr(loc) if loc == loc else "", repr(mkt) if mkt == mkt else "", repr(emb) if emb == emb else "",
-                repr(water) if water == water else "", prompt, gen, tokens, gpus, gpu_h,
+                repr(water) if water == water else "", prompt, gen, tokens, gpus, repr(gpu_h),
                 repr(total / tokens) if tokens else "", repr(total / 3600.0 / tokens * 1000.0) if tokens else "",
                 repr(loc / gpu_h) if loc == loc and gpu_h else "",
                 repr(loc / tokens * 1000.0) if loc == loc and tokens else "")
@@ -384,8 +393,8 @@ def _json_text(value: Any, cache: dict[Any, str]) -> str:
 _JOB_JSON = ('{"run_id": %s, "job": %s, "host": %s, "day": %s, "start": %s, "status": %s, "checkpoint": %s, '
              '"simulated": %s, "zone": %s, "intensity_g_per_kwh": %s, "intensity_source": %s, "pue": %s, '
              '"tokens_prompt": %d, "tokens_generation": %d, "gpu_count": %d, "labels": %s, "gpu_models": %s, '
-             '"runs": 1, "duration_s": %r, "energy_j": {"gpu": %r, "cpu": %r, "ram": %r, "total": %r}, '
-             '"energy_kwh": %r, "emissions_g": %s, "water_l": %s, "tokens": %d, "gpu_hours": %r, '
+             '"runs": 1, "duration_s": %s, "energy_j": {"gpu": %s, "cpu": %s, "ram": %s, "total": %s}, '
+             '"energy_kwh": %s, "emissions_g": %s, "water_l": %s, "tokens": %d, "gpu_hours": %s, '
              '"j_per_token": %s, "wh_per_1k_tokens": %s, "g_per_gpu_hour": %s, "g_per_1k_tokens": %s, '
              '"runs_without_carbon": %d}')
 
@@ -399,11 +408,13 @@ def _json_jobs(rows: SortedRows) -> Iterator[str]:
     known = shared.get          # the cached text of a value shared by many rows (never empty)
     dumps = json.dumps
     text_of = encode_basestring_ascii      # what json.dumps does with a str, without its checks
+    reprs = float_reprs
     for fields in rows.fields():
         fl, it, ob = fields
         dur, gpu, cpu, ram, total, loc, mkt, emb, water, gpu_h, inten, pue, _end, _kwh, _share = fl
         tokens, prompt, gen, gpus, flags = it
         run_id, job, host, day, start, status, labels, zone, source, models, _end_text = ob
+        d, g, c, r, t, kwh, h = reprs([dur, gpu, cpu, ram, total, total / J_PER_KWH, gpu_h])
         if mkt != mkt and emb != emb:
             em = '{"location": %r}' % loc if loc == loc else "{}"
         else:
@@ -416,8 +427,8 @@ def _json_jobs(rows: SortedRows) -> Iterator[str]:
             known(source) or _json_text(source, shared), repr(pue) if pue == pue else "null", prompt, gen, gpus,
             known(labels) or _json_text(labels, shared) if labels else "{}",
             known(models) or _json_text(models, shared) if models else "[]",
-            dur, gpu, cpu, ram, total, total / J_PER_KWH, em, repr(water) if water == water else "null", tokens,
-            gpu_h, repr(total / tokens) if tokens else "null",
+            d, g, c, r, t, kwh, em, repr(water) if water == water else "null", tokens,
+            h, repr(total / tokens) if tokens else "null",
             repr(total / 3600.0 / tokens * 1000.0) if tokens else "null",
             repr(loc / gpu_h) if loc == loc and gpu_h else "null",
             repr(loc / tokens * 1000.0) if loc == loc and tokens else "null", 1 if flags & 4 else 0)
