@@ -6,8 +6,12 @@ carbon included, ~2.4 kB a line like the issue's 470 MB / 200k), each with its o
 team label and start; one run in 20 also has an earlier checkpoint line that the final line
 supersedes, and one line in 10,000 is broken (NaN energy, 1e300 W, or not JSON).
 
-    python bench/bench_report.py               # 200,000 records
+    python bench/bench_report.py               # 200,000 records, every format, twice each
+    python bench/bench_report.py --formats json --repeat 1
     python bench/bench_report.py --records 20000 --out /tmp/report.json
+
+Each format is measured --repeat times on the same file, the runs of one format back to back;
+CPU time is the figure to compare (the machine is shared: wall time moves with its load).
 """
 from __future__ import annotations
 
@@ -76,7 +80,8 @@ def measure(path: str, fmt: str) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=200_000)
-    ap.add_argument("--formats", default="table,json")
+    ap.add_argument("--formats", default="table,markdown,csv,json,codecarbon")
+    ap.add_argument("--repeat", type=int, default=2, help="runs per format (default 2)")
     ap.add_argument("--out", default=os.path.join(RESULTS_DIR, "report.json"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -84,7 +89,7 @@ def main() -> int:
         path = os.path.join(tmp, "records.jsonl")
         n, broken = write_records(path, base, args.records)
         size_mb = os.path.getsize(path) / 1e6
-        results = [measure(path, fmt) for fmt in args.formats.split(",")]
+        results = [dict(measure(path, fmt), run=k + 1) for fmt in args.formats.split(",") for k in range(args.repeat)]
     out = {"machine": machine_info(), "records": n, "broken_lines": broken, "file_mb": round(size_mb, 1),
            "results": results}
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -168,3 +168,33 @@ def test_three_significant_figures_at_the_decade_edges(value, text):
     from wattmeter.carbon.report_render import _f
 
     assert _f(value) == text
+
+
+@pytest.mark.parametrize("value, text", [
+    (0.09996, "0.100"), (0.0999, "0.0999"), (0.9996, "1.00"), (0.99949, "0.999"), (0.000123456, "0.000123"),
+    (0.00099951, "0.00100"), (-0.0123456, "-0.0123"), (0.00009999, "0.000100"), (0.00001234, "0.0000123"),
+])
+def test_three_significant_figures_below_one(value, text):
+    from wattmeter.carbon.report_render import _f
+
+    assert _f(value) == text
+
+
+def test_the_shortcuts_give_what_the_general_rule_gives():
+    """_f takes shortcuts for 1e-4 <= |x| < 999.5; the general rule is: round to three significant
+    figures, then print as many decimals as that rounded value needs (none, with thousands
+    separators, from 100 up)."""
+    import math
+    import random
+
+    from wattmeter.carbon.report_render import _f
+
+    def general(value: float) -> str:
+        rounded = float("%.3g" % value)
+        places = 2 - math.floor(math.log10(abs(rounded)))
+        return f"{rounded:,.0f}" if places <= 0 else "%.*f" % (places, rounded)
+
+    rng = random.Random(8)
+    edges = [s * m * 10.0 ** k for k in range(-6, 4) for m in (1.0, 0.9995, 0.99949, 0.999951, 0.5) for s in (1, -1)]
+    values = edges + [rng.uniform(-1, 1) * 10 ** rng.uniform(-6, 4) for _ in range(20_000)]
+    assert [v for v in values if _f(v) != general(v)] == []

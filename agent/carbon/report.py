@@ -26,7 +26,11 @@ def _num(value: Any) -> float:
     return float(value) if type(value) in _NUMBER else 0.0   # type(), not isinstance: bool is no number
 
 
-@dataclass(frozen=True, slots=True)
+# Figures and JobRow are read-only values, but not frozen: a frozen dataclass's __init__ sets each
+# field through object.__setattr__, ~10x the cost of a plain one (2.1 against 0.23 us for 22
+# fields), and a 200k-run report builds a row per run for each pass that reads rows (decisions,
+# what-if). unsafe_hash keeps them hashable, as frozen did.
+@dataclass(slots=True, unsafe_hash=True)
 class Figures:
     """Sums shared by a job row and a group row, with the per-unit figures derived from them."""
 
@@ -86,7 +90,7 @@ class Figures:
         }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class JobRow:
     run_id: str
     job: str
@@ -160,19 +164,27 @@ def _day(record: Mapping[str, Any], day_of: Callable[[float], str] = _utc_day) -
     return (text[:10] if len(text) >= 10 else "(unknown)"), text
 
 
+class _Shared(dict):
+    """value -> the first equal value seen: a lookup that stays in C when the value is known."""
+
+    def __missing__(self, value: Any) -> Any:
+        self[value] = value
+        return value
+
+
 class RowMaker:
     """:func:`job_row` for a stream of records, with one shared object per distinct label set,
     model list, job and host name: 200k rows then cost ~0.3 kB each (docs/performance.md)."""
 
     def __init__(self, limit: int = 100_000) -> None:
-        self._shared: dict[Any, Any] = {}
+        self._shared: _Shared = _Shared()
         self._limit = limit     # a flood of unique values is simply not shared
         self._days: dict[int, str] = {}
 
     def share(self, value: Any) -> Any:
         if len(self._shared) >= self._limit:
             return self._shared.get(value, value)
-        return self._shared.setdefault(value, value)
+        return self._shared[value]
 
     def day(self, unix_s: float) -> str:
         """The UTC date, formatted once per day rather than once per run."""
@@ -183,7 +195,9 @@ class RowMaker:
         return got
 
     def __call__(self, record: Mapping[str, Any]) -> "Encoded":
-        return encode_record(record, self.share, self.day)
+        # the dict's own lookup while under the limit (a run adds at most 8): 8 shares a run, 200k runs
+        share = self._shared.__getitem__ if len(self._shared) <= self._limit - 8 else self.share
+        return encode_record(record, share, self.day)
 
 
 _NAN = float("nan")
@@ -194,47 +208,78 @@ def encode_record(record: Mapping[str, Any], _shared: Callable[[Any], Any] = lam
                   _day_of: Callable[[float], str] = _utc_day) -> Encoded:
     """A run record as one row of :class:`~wattmeter.carbon.rowstore.RowStore` columns (floats
     with NaN for "none", ints, objects), built without intermediate objects: the report's
-    per-run cost. :func:`job_row` is the same row as a :class:`JobRow`."""
-    energy = record.get("energy_j") or {}
-    gpu_j, cpu_j, ram_j = _num(energy.get("gpu")), _num(energy.get("cpu")), _num(energy.get("ram"))
-    total = _num(energy.get("total")) if energy.get("total") is not None else gpu_j + cpu_j + ram_j
-    tokens = record.get("tokens") or {}
-    prompt, generation = int(_num(tokens.get("prompt"))), int(_num(tokens.get("generation")))
-    duration = _num(record.get("duration_s"))
-    gpu_count = int(_num(record.get("gpu_count")))
-    carbon = record.get("carbon")
+    per-run cost, so the number tests are written out (``type(v) in _NUMBER`` is :func:`_num`).
+    :func:`job_row` is the same row as a :class:`JobRow`."""
+    get = record.get
+    energy = get("energy_j") or {}
+    v = energy.get("gpu")
+    gpu_j = float(v) if type(v) in _NUMBER else 0.0
+    v = energy.get("cpu")
+    cpu_j = float(v) if type(v) in _NUMBER else 0.0
+    v = energy.get("ram")
+    ram_j = float(v) if type(v) in _NUMBER else 0.0
+    v = energy.get("total")
+    total = gpu_j + cpu_j + ram_j if v is None else float(v) if type(v) in _NUMBER else 0.0
+    tokens = get("tokens") or {}
+    v = tokens.get("prompt")
+    prompt = int(float(v)) if type(v) in _NUMBER else 0
+    v = tokens.get("generation")
+    generation = int(float(v)) if type(v) in _NUMBER else 0
+    v = get("duration_s")
+    duration = float(v) if type(v) in _NUMBER else 0.0
+    v = get("gpu_count")
+    gpu_count = int(float(v)) if type(v) in _NUMBER else 0
+    carbon = get("carbon")
     carbon = carbon if isinstance(carbon, dict) else None   # dict, not Mapping: JSON objects, and 10x cheaper
     loc = mkt = emb = water = intensity = pue = share = _NAN
     zone = source = None
     if carbon:
-        em = carbon.get("emissions_g")
-        if isinstance(em, dict):
-            loc, mkt, emb = [_num(em[s]) if em.get(s) is not None else _NAN for s in SCOPES]
-        if carbon.get("water_l") is not None:
-            water = _num(carbon["water_l"])
-        intensity = _num(carbon.get("intensity_g_per_kwh"))
-        if carbon.get("pue") is not None:
-            pue = _num(carbon["pue"])
-        value = carbon.get("renewable_share")
-        if type(value) in _NUMBER:
-            share = float(value)
-        zone, source = _shared(carbon.get("zone")), _shared(carbon.get("intensity_source"))
-    day, start = _day(record, _day_of)
-    labels = record.get("labels") or {}
-    end_unix = record.get("end_unix")
+        cget = carbon.get
+        em = cget("emissions_g")
+        if isinstance(em, dict):      # SCOPES, written out
+            v = em.get("location")
+            if v is not None:
+                loc = float(v) if type(v) in _NUMBER else 0.0
+            v = em.get("market")
+            if v is not None:
+                mkt = float(v) if type(v) in _NUMBER else 0.0
+            v = em.get("embodied")
+            if v is not None:
+                emb = float(v) if type(v) in _NUMBER else 0.0
+        v = cget("water_l")
+        if v is not None:
+            water = float(v) if type(v) in _NUMBER else 0.0
+        v = cget("intensity_g_per_kwh")
+        intensity = float(v) if type(v) in _NUMBER else 0.0
+        v = cget("pue")
+        if v is not None:
+            pue = float(v) if type(v) in _NUMBER else 0.0
+        v = cget("renewable_share")
+        if type(v) in _NUMBER:
+            share = float(v)
+        zone, source = _shared(cget("zone")), _shared(cget("intensity_source"))
+    v = get("start_unix")
+    start = get("start")
+    if type(v) in _NUMBER and isinstance(start, str) and start:     # _day's common case
+        day = _day_of(v)
+    else:
+        day, start = _day(record, _day_of)
+    labels = get("labels") or {}
+    end_unix = get("end_unix")
     has_end = type(end_unix) in _NUMBER
-    kwh = record.get("energy_kwh")
-    flags = (1 if record.get("checkpoint") else 0) | (2 if record.get("simulated") else 0) | (0 if carbon else 4)
+    kwh = get("energy_kwh")
+    flags = (1 if get("checkpoint") else 0) | (2 if get("simulated") else 0) | (0 if carbon else 4)
     floats = [duration, gpu_j, cpu_j, ram_j, total, loc, mkt, emb, water, gpu_count * duration / 3600.0,
               intensity, pue, float(end_unix) if has_end else _NAN, float(kwh) if type(kwh) in _NUMBER else _NAN,
               share]
     ints = [generation or prompt + generation, prompt, generation, gpu_count, flags]
-    objs = [str(record["run_id"]), _shared(str(record.get("job") or "(unnamed)")),
-            _shared(str(record.get("hostname") or "(unknown)")), _shared(day), start,
-            _shared(str(record.get("status") or "unknown")),
-            _shared(tuple(sorted((str(k), str(v)) for k, v in labels.items()))), zone, source,
-            _shared(tuple(str(m) for m in record.get("gpu_models") or ())),
-            "" if has_end else str(record.get("end") or "")]       # end_unix suffices
+    models = get("gpu_models") or ()
+    objs = [str(record["run_id"]), _shared(str(get("job") or "(unnamed)")),
+            _shared(str(get("hostname") or "(unknown)")), _shared(day), start,
+            _shared(str(get("status") or "unknown")),
+            _shared(tuple(sorted([(str(k), str(v)) for k, v in labels.items()])) if labels else ()), zone, source,
+            _shared(tuple([str(m) for m in models]) if models else ()),
+            "" if has_end else str(get("end") or "")]       # end_unix suffices
     return floats, ints, objs
 
 

@@ -20,7 +20,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 from .accounting import J_PER_KWH
 from .prices import Price, table_price
-from .report import JobRow
 
 COST_COLUMNS = ["price_per_kwh", "currency", "price_source", "cost"]
 
@@ -52,7 +51,7 @@ class _Sums:
 
 
 class DecisionColumns:
-    """The extra columns of one report. ``run(row)`` is called for every run before ``group()``
+    """The extra columns of one report. ``run(...)`` is called for every run before ``group()``
     and ``total()`` are read (the CSV writes runs first), so the sums build in the same pass."""
 
     def __init__(self, units: Sequence[str], value_of: Callable[[str], Mapping[str, Any] | None], group_by: str,
@@ -65,6 +64,7 @@ class DecisionColumns:
         self._zone_prices: dict[str | None, Price | None] = {}
         self._groups: dict[str, _Sums] = {}
         self._total = _Sums()
+        self._no_value = [""] * (3 * len(self.units))
 
     def _price_for(self, zone: str | None) -> Price | None:
         if self._price is not None:
@@ -73,24 +73,39 @@ class DecisionColumns:
             self._zone_prices[zone] = table_price(zone) if zone else None
         return self._zone_prices[zone]
 
-    def run(self, row: JobRow) -> dict[str, Any]:
-        # the figures of value.record_value/record_kwh/record_kg_co2e, read off the row directly:
-        # this runs once per run of a 200k-run report
-        f = row.figures
-        value = {str(u): float(n) for u, n in (self._value_of(row.run_id) or {}).items()
-                 if type(n) in (int, float)}
-        if f.tokens and "tokens" not in value:
-            value["tokens"] = float(f.tokens)           # tokens count as value automatically
-        kwh = f.energy[3] / J_PER_KWH
-        grams = None if f.runs_without_carbon else dict(f.emissions).get("location")
-        kg = grams / 1000.0 if grams is not None else None
-        price = self._price_for(row.zone)
-        cost = price.cost(kwh * (row.pue or 1.0)) if price is not None else None
-        for sums in (self._groups.setdefault(row.group_key(self._group_by), _Sums()), self._total):
-            sums.add(value, kwh, kg, price, cost)
-        out = self._value_cells(value, kwh, kg)
+    def run(self, run_id: str, group: str, zone: str | None, pue: float | None, energy_j: float, tokens: int,
+            location_g: float | None) -> list[Any]:
+        """One run's cells, in :attr:`columns` order ("" where empty), from the row's stored
+        fields: the figures of value.record_value/record_kwh/record_kg_co2e. This runs once per
+        run of a 200k-run report, so the common case (no value field) builds no dict."""
+        found = self._value_of(run_id)
+        value = {str(u): float(n) for u, n in found.items() if type(n) in (int, float)} if found else {}
+        if tokens and "tokens" not in value:
+            value["tokens"] = float(tokens)           # tokens count as value automatically
+        kwh = energy_j / J_PER_KWH
+        kg = location_g / 1000.0 if location_g is not None else None
+        price = self._price_for(zone)
+        cost = price.cost(kwh * (pue or 1.0)) if price is not None else None
+        sums = self._groups.get(group)
+        if sums is None:
+            sums = self._groups[group] = _Sums()
+        sums.add(value, kwh, kg, price, cost)
+        self._total.add(value, kwh, kg, price, cost)
+        cells = self._value_list(value, kwh, kg) if value else list(self._no_value)
         if price is not None:
-            out.update(price_per_kwh=price.per_kwh, currency=price.currency, price_source=price.source, cost=cost)
+            cells += (price.per_kwh, price.currency, price.source, cost)
+        else:
+            cells += ("", "", "", "")
+        return cells
+
+    def _value_list(self, value: Mapping[str, float], kwh: float, kg: float | None) -> list[Any]:
+        out: list[Any] = []
+        for unit in self.units:
+            n = value.get(unit)
+            if n is None:
+                out += ("", "", "")
+            else:
+                out += (n, n / kwh if kwh > 0 else None, n / kg if kg else None)
         return out
 
     def group(self, key: str) -> dict[str, Any]:

@@ -6,13 +6,18 @@ import itertools
 import json
 import math
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
-from .codecarbon_csv import CODECARBON_COLUMNS, codecarbon_row
+from .accounting import J_PER_KWH
+from .codecarbon_csv import CODECARBON_COLUMNS, CodeCarbonLines, csv_cell, csv_cells, float_reprs
 from .report import COMPONENTS, SCOPES, Figures, JobRow, Report
-from .rowstore import SortedRows
+from .rowstore import SortedRows, sorted_rows
 
 FORMATS = ("table", "csv", "json", "markdown", "codecarbon")
+
+
+_NEXT_DECADE = {3: "1.000", 4: "0.1000", 5: "0.01000", 6: "0.001000"}   # a decimal count's round-up
 
 
 def _f(value: float | None, digits: int = 3) -> str:
@@ -34,6 +39,11 @@ def _f(value: float | None, digits: int = 3) -> str:
             if not text.endswith("100.0"):
                 return text
         return "%.0f" % value
+    if 1e-4 <= a < 1.0:      # 0.000123 .. 0.999 (kWh and grams of short runs): decimals by magnitude
+        places = 3 if a >= 0.1 else 4 if a >= 0.01 else 5 if a >= 0.001 else 6
+        text = "%.*f" % (places, value)
+        if not text.endswith(_NEXT_DECADE[places]):    # 0.09996 rounds up to 0.1000: the general path
+            return text
     rounded = float("%.3g" % value)   # the rounding, then the digits it left (99.96 -> 100, not 100.0)
     places = 2 - math.floor(math.log10(abs(rounded)))
     if places <= 0:
@@ -76,6 +86,48 @@ def _figure_headers(scopes: Sequence[str], water: bool) -> list[str]:
 def _status(row: JobRow) -> str:
     status = f"{row.status} (checkpoint)" if row.checkpoint else row.status
     return f"{status} SIMULATED" if row.simulated else status
+
+
+def _job_cells(rows: SortedRows, scopes: Sequence[str], water: bool) -> Iterator[list[str]]:
+    """The Jobs section's cells, run by run, straight from the stored fields: the same cells as
+    ``[job, run_id, host, day, _status(row), zone or "-"] + _figure_cells(row.figures, ...)``
+    without building a row object per run (NaN stands for None in the stored floats)."""
+    f = _f
+    at = [5 + SCOPES.index(s) for s in scopes]      # location, market, embodied are floats 5-7
+    statuses: dict[tuple[str, int], str] = {}
+    for fl, it, ob in rows.fields():
+        dur, gpu, cpu, ram, total, loc, _mkt, _emb, water_l, gpu_h, _i, _p, _e, _k, _s = fl
+        tokens, _prompt, _gen, _gpus, flags = it
+        run_id, job, host, day, _start, status, _labels, zone, _source, _models, _end = ob
+        key = (status, flags & 3)
+        shown = statuses.get(key)
+        if shown is None:
+            shown = f"{status} (checkpoint)" if flags & 1 else status
+            shown = statuses[key] = f"{shown} SIMULATED" if flags & 2 else shown
+        cells = [job, run_id, host, day, shown, zone or "-", _duration(dur), f(gpu / 3600.0), f(cpu / 3600.0),
+                 f(ram / 3600.0), f(total / J_PER_KWH)]
+        for k in at:
+            v = fl[k]
+            cells.append(f(v) if v == v else "-")
+        if water:
+            cells.append(f(water_l) if water_l == water_l else "-")
+        if tokens:
+            cells += (f"{tokens:,}", f(total / tokens), f(total / 3600.0 / tokens * 1000.0))
+        else:
+            cells += ("-", "-", "-")
+        if loc == loc:
+            cells += (f(loc / gpu_h) if gpu_h else "-", f(loc / tokens * 1000.0) if tokens else "-")
+        else:
+            cells += ("-", "-")
+        yield cells
+
+
+def _batches(rows: Iterable[Any], size: int = 1000) -> Iterator[list[Any]]:
+    """``rows`` a thousand at a time: the output is written in chunks of many lines, not one
+    write per run."""
+    it = iter(rows)
+    while batch := list(itertools.islice(it, size)):
+        yield batch
 
 
 @dataclass
@@ -124,8 +176,7 @@ def _sections(report: Report) -> list[_Section]:
     groups.append(["TOTAL", str(report.total.runs)] + _figure_cells(report.total, scopes, water))
     texts = [_column(rows, "job"), _column(rows, "run_id"), _column(rows, "host"), _column(rows, "day"),
              [_status(r) for r in rows] if len(rows) < 1000 else _status_bound(report), _column(rows, "zone")]
-    jobs = ([r.job, r.run_id, r.host, r.day, _status(r), r.zone or "-"] + _figure_cells(r.figures, scopes, water)
-            for r in rows)
+    jobs = _job_cells(sorted_rows(rows), scopes, water)
     out = [_Section("Jobs", heads, jobs, 6, _job_widths(heads, texts, [g[2:] for g in groups]))]
     out.append(_Section(f"Totals by {report.group_by}", [report.group_by.upper(), "RUNS"]
                         + _figure_headers(scopes, water), groups, 1))
@@ -183,8 +234,8 @@ def _text_table(section: _Section) -> Iterator[str]:
     fmt = "  ".join(f"{{:{'<' if i < n_text else '>'}{w}}}" for i, w in enumerate(widths)).format
 
     yield fmt(*section.headers).rstrip() + "\n"
-    for r in rows:
-        yield fmt(*r).rstrip() + "\n"
+    for batch in _batches(rows):
+        yield "\n".join([fmt(*r).rstrip() for r in batch]) + "\n"
 
 
 def render_table(report: Report) -> Iterator[str]:
@@ -204,8 +255,15 @@ def render_markdown(report: Report) -> Iterator[str]:
         heads = sec.headers
         yield (f"\n## {sec.title}\n\n| " + " | ".join(heads) + " |\n|"
                + "|".join("---" if i < sec.n_text else "---:" for i in range(len(heads))) + "|\n")
-        for r in sec.rows:
-            yield "| " + " | ".join(esc(c) for c in r) + " |\n"
+        lines = []
+        for batch in _batches(sec.rows):
+            lines.clear()
+            for r in batch:
+                line = " | ".join(r)
+                if line.count("|") != len(r) - 1:      # a cell holds a "|": escape cell by cell
+                    line = " | ".join([esc(c) for c in r])
+                lines.append(line)
+            yield "| " + " |\n| ".join(lines) + " |\n"
     yield "\n" + "\n".join(f"- {n}" for n in _footnotes(report)) + "\n"
 
 
@@ -246,56 +304,150 @@ class _Lines:
 
 class ExtraColumns(Protocol):
     """Columns another feature adds after a CSV format's own (decisions: value and cost).
-    ``run`` sees every run before ``group`` and ``total`` are asked."""
+    ``run`` sees every run, in report order, before ``group`` and ``total`` are asked; it gets
+    the figures it reads, not a row object (200k runs are formatted straight from the stored
+    fields), and answers a cell per column ("" where empty)."""
 
     columns: list[str]
 
-    def run(self, row: JobRow) -> Mapping[str, Any]: ...
+    def run(self, run_id: str, group: str, zone: str | None, pue: float | None, energy_j: float, tokens: int,
+            location_g: float | None) -> list[Any]: ...
 
     def group(self, key: str) -> Mapping[str, Any]: ...
 
     def total(self) -> Mapping[str, Any]: ...
 
 
+# One job row of render_csv, CSV_COLUMNS in order, as csv.writer writes it: level "job", an empty
+# group, runs 1; floats by %r (the csv module writes repr); text and optional cells come formatted.
+_CSV_JOB = "job,,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,1,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%d,%d,%d,%d,%s,%s,%s,%s,%s"
+
+
 def render_csv(report: Report, more: ExtraColumns | None = None) -> Iterator[str]:
     wi = report.what_if
     extra = [f"whatif_{z.key}_g" for z in wi.zones] if wi else []
+    columns = CSV_COLUMNS + extra + (more.columns if more else [])
     buf = _Lines()
-    writer = csv.DictWriter(buf, CSV_COLUMNS + extra + (more.columns if more else []), lineterminator="\n",
-                            extrasaction="ignore")
-    writer.writeheader()
-    for r in report.rows:
-        row = {"level": "job", "run_id": r.run_id, "job": r.job, "host": r.host, "day": r.day, "start": r.start,
-               "status": r.status, "checkpoint": r.checkpoint, "simulated": r.simulated, "zone": r.zone,
-               "labels": ";".join(f"{k}={v}" for k, v in r.labels),
-               "intensity_g_per_kwh": r.intensity_g_per_kwh, "intensity_source": r.intensity_source,
-               "pue": r.pue, "tokens_prompt": r.tokens_prompt, "tokens_generation": r.tokens_generation,
-               "gpu_count": r.gpu_count, **_figure_fields(r.figures)}
-        if wi:
-            row.update({f"whatif_{z.key}_g": wi.per_run[r.run_id][z.key] for z in wi.zones})
-        if more:
-            row.update(more.run(r))
-        writer.writerow(row)
-        yield buf.drain()
+    csv.writer(buf, lineterminator="\n").writerow(columns)
+    yield buf.drain()
+    rows = sorted_rows(report.rows)
+    keys = rows.group_keys(report.group_by) if more else itertools.repeat("")
+    shared: dict[Any, str] = {}      # the cell of a value many rows share (job, host, zone, labels...)
+    known = shared.get
+    reprs = float_reprs
+
+    def cell(value: Any) -> str:
+        text = ";".join(f"{k}={v}" for k, v in value) if isinstance(value, tuple) else value   # labels
+        got = shared[value] = "" if value is None else csv_cell(text)
+        return got
+
+    # the job rows straight from the stored fields (NaN stands for None: an empty cell)
+    for batch in _batches(zip(rows.fields(), keys)):
+        lines = []
+        for (fl, it, ob), key in batch:
+            dur, gpu, cpu, ram, total, loc, mkt, emb, water, gpu_h, inten, pue, _end, _kwh, _share = fl
+            tokens, prompt, gen, gpus, flags = it
+            run_id, job, host, day, start, status, labels, zone, source, _models, _end_text = ob
+            line = _CSV_JOB % (
+                csv_cell(run_id), known(job) or cell(job), known(host) or cell(host), known(day) or cell(day),
+                csv_cell(start), known(status) or cell(status), "True" if flags & 1 else "False",
+                "True" if flags & 2 else "False", known(labels) or cell(labels), known(zone) or cell(zone),
+                repr(inten) if inten == inten else "", known(source) or cell(source),
+                repr(pue) if pue == pue else "", *reprs([dur, gpu, cpu, ram, total, total / J_PER_KWH]),
+                repr(loc) if loc == loc else "", repr(mkt) if mkt == mkt else "", repr(emb) if emb == emb else "",
+                repr(water) if water == water else "", prompt, gen, tokens, gpus, repr(gpu_h),
+                repr(total / tokens) if tokens else "", repr(total / 3600.0 / tokens * 1000.0) if tokens else "",
+                repr(loc / gpu_h) if loc == loc and gpu_h else "",
+                repr(loc / tokens * 1000.0) if loc == loc and tokens else "")
+            if wi:
+                line += "," + csv_cells([wi.per_run[run_id][z.key] for z in wi.zones])
+            if more:
+                line += "," + csv_cells(more.run(run_id, key, zone, pue if pue == pue else None, total, tokens,
+                                                 loc if loc == loc else None))
+            lines.append(line)
+        yield "\n".join(lines) + "\n"
+    sums = csv.DictWriter(buf, columns, lineterminator="\n", extrasaction="ignore")
     for key, f in report.groups:
-        writer.writerow({"level": f"group:{report.group_by}", "group": key, **_figure_fields(f),
-                         **(more.group(key) if more else {})})
-    total = {"level": "total", **_figure_fields(report.total)}
+        sums.writerow({"level": f"group:{report.group_by}", "group": key, **_figure_fields(f),
+                       **(more.group(key) if more else {})})
+    total_row = {"level": "total", **_figure_fields(report.total)}
     if wi:
-        total.update({f"whatif_{z.key}_g": wi.totals[z.key] for z in wi.zones})
+        total_row.update({f"whatif_{z.key}_g": wi.totals[z.key] for z in wi.zones})
     if more:
-        total.update(more.total())
-    writer.writerow(total)
+        total_row.update(more.total())
+    sums.writerow(total_row)
     yield buf.drain()
 
 
+def _json_text(value: Any, cache: dict[Any, str]) -> str:
+    """``json.dumps`` of a value shared by many rows (job, host, zone, label set), once per value."""
+    got = cache.get(value)
+    if got is None:
+        got = cache[value] = json.dumps(dict(value) if isinstance(value, tuple) and value and
+                                        isinstance(value[0], tuple) else
+                                        list(value) if isinstance(value, tuple) else value)
+    return got
+
+
+# One job of render_json: json.dumps(JobRow.as_dict()) with its separators and key order.
+_JOB_JSON = ('{"run_id": %s, "job": %s, "host": %s, "day": %s, "start": %s, "status": %s, "checkpoint": %s, '
+             '"simulated": %s, "zone": %s, "intensity_g_per_kwh": %s, "intensity_source": %s, "pue": %s, '
+             '"tokens_prompt": %d, "tokens_generation": %d, "gpu_count": %d, "labels": %s, "gpu_models": %s, '
+             '"runs": 1, "duration_s": %s, "energy_j": {"gpu": %s, "cpu": %s, "ram": %s, "total": %s}, '
+             '"energy_kwh": %s, "emissions_g": %s, "water_l": %s, "tokens": %d, "gpu_hours": %s, '
+             '"j_per_token": %s, "wh_per_1k_tokens": %s, "g_per_gpu_hour": %s, "g_per_1k_tokens": %s, '
+             '"runs_without_carbon": %d}')
+
+
+def _json_jobs(rows: SortedRows) -> Iterator[str]:
+    """Each job of the JSON document, formatted straight from the stored fields: the same text
+    as ``json.dumps(row.as_dict())`` (a dict and an encoder pass per run cost a third of a 200k-run
+    JSON report). Floats are ``repr``, as the json module writes finite ones; a run with an
+    infinite figure (possible only in absurd records) goes through ``json.dumps``."""
+    shared: dict[Any, str] = {}
+    known = shared.get          # the cached text of a value shared by many rows (never empty)
+    dumps = json.dumps
+    text_of = encode_basestring_ascii      # what json.dumps does with a str, without its checks
+    reprs = float_reprs
+    for fields in rows.fields():
+        fl, it, ob = fields
+        dur, gpu, cpu, ram, total, loc, mkt, emb, water, gpu_h, inten, pue, _end, _kwh, _share = fl
+        tokens, prompt, gen, gpus, flags = it
+        run_id, job, host, day, start, status, labels, zone, source, models, _end_text = ob
+        d, g, c, r, t, kwh, h = reprs([dur, gpu, cpu, ram, total, total / J_PER_KWH, gpu_h])
+        if mkt != mkt and emb != emb:
+            em = '{"location": %r}' % loc if loc == loc else "{}"
+        else:
+            em = dumps({s: v for s, v in (("location", loc), ("market", mkt), ("embodied", emb)) if v == v})
+        text = _JOB_JSON % (
+            text_of(run_id), known(job) or _json_text(job, shared), known(host) or _json_text(host, shared),
+            known(day) or _json_text(day, shared), text_of(start), known(status) or _json_text(status, shared),
+            "true" if flags & 1 else "false", "true" if flags & 2 else "false",
+            known(zone) or _json_text(zone, shared), repr(inten) if inten == inten else "null",
+            known(source) or _json_text(source, shared), repr(pue) if pue == pue else "null", prompt, gen, gpus,
+            known(labels) or _json_text(labels, shared) if labels else "{}",
+            known(models) or _json_text(models, shared) if models else "[]",
+            d, g, c, r, t, kwh, em, repr(water) if water == water else "null", tokens,
+            h, repr(total / tokens) if tokens else "null",
+            repr(total / 3600.0 / tokens * 1000.0) if tokens else "null",
+            repr(loc / gpu_h) if loc == loc and gpu_h else "null",
+            repr(loc / tokens * 1000.0) if loc == loc and tokens else "null", 1 if flags & 4 else 0)
+        if "inf" in text:       # 'inf' is no JSON: the json module writes Infinity
+            from .rowstore import decode
+
+            text = dumps(decode(*fields).as_dict())
+        yield text
+
+
 def render_json(report: Report) -> Iterator[str]:
-    """The document of ``report.as_dict()``, written a job at a time: one compact job object per
-    line (the C encoder; an indented 200k-job document took 5 s more), the rest indented."""
+    """The document of ``report.as_dict()``, written a thousand jobs at a time: one compact job
+    object per line (an indented 200k-job document took 5 s more), the rest indented."""
     head = report.as_dict(jobs=False)
     yield '{\n  "simulated_runs": ' + json.dumps(head.pop("simulated_runs")) + ',\n  "jobs": ['
-    for i, row in enumerate(report.rows):
-        yield ("," if i else "") + "\n    " + json.dumps(row.as_dict())
+    first = True
+    for batch in _batches(_json_jobs(sorted_rows(report.rows))):
+        yield ("" if first else ",") + "\n    " + ",\n    ".join(batch)
+        first = False
     yield "\n  ]" if report.rows else "]"
     for key, value in head.items():
         yield ",\n  " + json.dumps(key) + ": " + json.dumps(value, indent=2).replace("\n", "\n  ")
@@ -305,17 +457,21 @@ def render_json(report: Report) -> Iterator[str]:
 def render_codecarbon(report: Report, more: ExtraColumns | None = None) -> Iterator[str]:
     """CodeCarbon's columns first, in its order, then ``more`` (trailing: its readers still parse)."""
     buf = _Lines()
-    writer = csv.DictWriter(buf, CODECARBON_COLUMNS + (more.columns if more else []), lineterminator="\n",
-                            extrasaction="ignore")
-    writer.writeheader()
-    places: dict = {}      # zone -> location columns, looked up once per zone
-    for r in report.rows:
-        row = codecarbon_row(r.as_record(), places)
-        if more:
-            row.update(more.run(r))
-        writer.writerow(row)
-        yield buf.drain()
+    csv.writer(buf, lineterminator="\n").writerow(CODECARBON_COLUMNS + (more.columns if more else []))
     yield buf.drain()
+    rows = sorted_rows(report.rows)
+    keys = rows.group_keys(report.group_by) if more else itertools.repeat("")
+    line = CodeCarbonLines()     # codecarbon_row, from the stored fields, as csv.writer writes it
+    for batch in _batches(zip(rows.fields(), keys)):
+        if more:
+            lines = []
+            for (fl, it, ob), key in batch:
+                loc, pue = fl[5], fl[11]
+                lines.append(line(fl, it, ob) + "," + csv_cells(more.run(
+                    ob[0], key, ob[7], pue if pue == pue else None, fl[4], it[0], loc if loc == loc else None)))
+        else:
+            lines = [line(fl, it, ob) for (fl, it, ob), _ in batch]
+        yield "\n".join(lines) + "\n"
 
 
 RENDERERS: dict[str, Callable[[Report], Iterator[str]]] = {
