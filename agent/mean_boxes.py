@@ -113,7 +113,7 @@ class BoxPattern:
     """The boxes B_k of one GPU's trailing mean, fitted as described above."""
 
     __slots__ = ("samples", "mean_grid", "samples_on_grid", "window_s", "n", "means", "chain", "rings",
-                 "last_k", "last_w", "done_k", "seen", "order", "offset_j", "valid")
+                 "last_k", "last_w", "done_k", "seen", "order", "offset_j", "valid", "sampled", "cap_j")
 
     def __init__(self, samples: InstantSamples) -> None:
         self.samples = samples
@@ -131,6 +131,8 @@ class BoxPattern:
         self.order: deque[int] = deque()       # indices kept, oldest first (to forget them)
         self.offset_j = 0.0                    # spread evenly: the boxes add up to w M
         self.valid = False
+        self.sampled: deque[float] = deque()   # the samples' own box energies, recent
+        self.cap_j = 0.0                       # no fitted box holds more than the samples ever showed
 
     def add_mean(self, t: float, mean_w: float, window_s: float) -> None:
         """A read of the mean (read-stamped streams repeat a value until it refreshes)."""
@@ -212,7 +214,8 @@ class BoxPattern:
     def box(self, k: int) -> float | None:
         if k in self.chain and self.rings[k % self.n]:
             ring = self.rings[k % self.n]
-            return self.chain[k] + sum(ring) / len(ring) + self.offset_j
+            fitted = self.chain[k] + sum(ring) / len(ring) + self.offset_j
+            return min(max(fitted, 0.0), self.cap_j)    # a broken chain never invents power
         sampled = self._sampled_box(k)
         if sampled is None and self.last_k is not None and k > self.last_k and self.samples:
             assert self.mean_grid.period_s is not None
@@ -247,6 +250,7 @@ class BoxPattern:
         self.last_k = self.done_k = None
         self.seen.clear()
         self.order.clear()
+        self.sampled.clear()
         self.offset_j = 0.0
 
     def _close(self, k: int) -> None:
@@ -262,6 +266,11 @@ class BoxPattern:
         sampled = self._sampled_box(k)
         if sampled is not None:
             ring.append(sampled - self.chain[k])
+            self.sampled.append(sampled)
+            if len(self.sampled) > PATTERN_WINDOWS * self.n:
+                self.sampled.popleft()
+            if k % self.n == 0:
+                self.cap_j = 1.1 * max(self.sampled)
         self._check_sum(k)
 
     def _check_sum(self, k: int) -> None:

@@ -124,3 +124,21 @@ def test_samples_off_the_means_grid_leave_the_kernel_to_them():
         boxes.add_mean(t, mean_w, 1.0)
     assert boxes.mean_grid.period_s == pytest.approx(PERIOD_S, rel=1e-3)
     assert boxes.kernel(25.0, 0.5) is None
+
+
+def test_a_glitch_in_the_mean_never_invents_power():
+    # One refresh of the mean reads 3 kW too high: the chain of differences carries it for the
+    # pattern's span, but no fitted box holds more than the samples ever showed, or less than 0.
+    load = JitteredSquare(6, 27.0)
+    samples = InstantSamples(4096)
+    boxes = BoxPattern(samples)
+    glitch_r = PHASE_S + 250 * PERIOD_S
+    for t, sample_w, mean_w in read_stream(load, 27.0, random.Random(6)):
+        if glitch_r <= t < glitch_r + PERIOD_S:
+            mean_w += 3000.0
+        samples.add(t, sample_w)
+        boxes.add_mean(t, mean_w, 1.0)
+    glitch_k = boxes.mean_grid.index(glitch_r + 0.05)
+    assert glitch_k is not None and boxes.last_k is not None and boxes.last_k - glitch_k >= 15
+    fitted = [boxes.box(k) for k in range(glitch_k, boxes.last_k)]
+    assert all(b is not None and 0.0 <= b <= 1.2 * 650.0 * PERIOD_S for b in fitted)
