@@ -17,7 +17,7 @@ the time of each read is passed in, and a sensor that must time a call takes the
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from ..model import Batch, Device, ProcessUsage
 
@@ -121,4 +121,17 @@ class MigSensor(Protocol):
 
     def mig_uuids(self) -> dict[str, tuple[str, str]]:
         """MIG device UUID -> (parent GPU UUID, GPU instance id)."""
+        ...
+
+
+@runtime_checkable
+class DeadlineLanes(Protocol):
+    """Driver calls under a deadline, off the caller's thread (``sensors/guard.py``): what a
+    deadline-wrapped ``pynvml`` module carries as ``WATTMETER_DEADLINES``. A sensor that reads
+    several GPUs hands one read of each to ``run_each`` (one hand-off for all of them)."""
+
+    def run_each(self, calls: Sequence[tuple[Any, Callable[[], Any]]]) -> list[Any]:
+        """Run each ``(handle, fn)``'s ``fn()``; in order, its value or the exception it raised
+        (the vendor's timeout error where that GPU's call hung or is stale). A hung GPU never
+        holds back another's call, and the whole waits at most one deadline."""
         ...

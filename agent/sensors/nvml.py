@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 
 from ..clock import Clock, SystemClock
 from ..model import Batch, Component, Device, ProcessUsage, Reading, SensorError, Source
-from .base import SensorUnavailable
+from .base import DeadlineLanes, SensorUnavailable
 from .nvml_power import FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, PowerOnlyReader, Stream as _Stream
 from .power_evidence import MEAN_WINDOW_S, PowerReference, StampEvidence
 from .gpu_selection import GpuSelection
@@ -103,9 +103,10 @@ class NvmlSensor:
         self._calibration = Calibration()
         self._first_read: float | None = None
         self._edges_pending = False
-        # Where every NVML call has a deadline (sensors/guard.py), each GPU's calls for one read
-        # go to its lane as one batch: one hand-off per GPU instead of one per call.
-        self._lanes = vars(self.nvml).get("WATTMETER_DEADLINES") if isinstance(self.nvml, ModuleType) else None
+        # Where every NVML call has a deadline (sensors/guard.py), one read of every GPU is
+        # handed to the lanes at once: one hand-off per read instead of one per call.
+        lanes = vars(self.nvml).get("WATTMETER_DEADLINES") if isinstance(self.nvml, ModuleType) else None
+        self._lanes: DeadlineLanes | None = lanes if isinstance(lanes, DeadlineLanes) else None
         self._processes = ProcessReader(self.nvml, [(g.device, g.handle) for g in self._gpus])
 
     @staticmethod
@@ -342,25 +343,20 @@ class NvmlSensor:
                 except n.NVMLError as exc:
                     batch.errors.append(SensorError(self.name, _error_kind(n, exc), g.device.key, _decode(str(exc))))
         else:
-            # Each GPU's read is one job on its own lane, all started before any is waited on:
-            # a hung GPU costs its own deadline and never delays the others' values.
-            jobs: list[tuple[_Gpu, Batch, Any]] = []
-            for g in self._gpus:
-                part = Batch()
-                try:
-                    jobs.append((g, part, lanes.submit(g.handle, lambda g=g, part=part: self._read_gpu(g, now, part))))
-                except n.NVMLError as exc:   # its lane is still hung: refused at once
-                    jobs.append((g, part, exc))
-            for g, part, job in jobs:
-                try:
-                    if isinstance(job, BaseException):
-                        raise job
-                    lanes.wait(job)
-                except n.NVMLError as exc:
-                    if _error_kind(n, exc) == "timeout" and g.counter is not None:
+            # One read of each GPU, handed over at once: a hung GPU costs its own deadline
+            # and never delays the others' values (sensors/guard.py).
+            parts = [Batch() for _ in self._gpus]
+            outcomes = lanes.run_each([(g.handle, lambda g=g, part=part: self._read_gpu(g, now, part))
+                                       for g, part in zip(self._gpus, parts)])
+            for g, part, outcome in zip(self._gpus, parts, outcomes):
+                if isinstance(outcome, n.NVMLError):
+                    kind = _error_kind(n, outcome)
+                    if kind == "timeout" and g.counter is not None:
                         g.counter.failed()     # as a counter call that timed out: bridge its gap
-                    batch.errors.append(SensorError(self.name, _error_kind(n, exc), g.device.key, _decode(str(exc))))
+                    batch.errors.append(SensorError(self.name, kind, g.device.key, _decode(str(outcome))))
                     continue
+                if isinstance(outcome, BaseException):
+                    raise outcome
                 batch.readings.extend(part.readings)
                 batch.errors.extend(part.errors)
         self._edges_pending = False
