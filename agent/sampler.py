@@ -46,7 +46,10 @@ class _Loop:
                  next_at: Callable[[float], float | None] | None = None) -> None:
         self.name, self.period_s, self.fn, self.clock = name, period_s, fn, clock
         self.rng, self.fast, self.next_at = rng, fast, next_at
-        self.wake = threading.Event()
+        # A poke releases this lock; the reader's timed acquire is its sleep. (An Event's wait
+        # is a Condition in Python: ~15 us more per wake-up, ~11 wake-ups a second.)
+        self._poked = threading.Lock()
+        self._poked.acquire()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"wattmeter-{name}", daemon=True)
         self.last_read = -1e18
@@ -67,8 +70,7 @@ class _Loop:
             if poke_owed:
                 target = min(target, self.last_read + MIN_POKE_GAP_S)
             if now < target:
-                poked = self.wake.wait(target - now)
-                self.wake.clear()
+                poked = self._poked.acquire(timeout=target - now)
                 if self.stopping.is_set():
                     break
                 now = clock.now()
@@ -90,6 +92,13 @@ class _Loop:
                     slot = clock.now()
                     due = slot + self.rng.random() * period
         self.fn(clock.now(), False)   # final read, so the ledger covers the stop instant
+
+    def poke(self) -> None:
+        """Wake the reader now (several pokes before it wakes count as one)."""
+        try:
+            self._poked.release()
+        except RuntimeError:          # already poked
+            pass
 
 
 def _fast_policy(cadence: ScheduledSensor, ledger: Ledger) -> Callable[[float], bool]:
@@ -211,14 +220,14 @@ class Sampler:
     def poke(self) -> None:
         """Ask every reader for a prompt read (a window edge is waiting)."""
         for loop in self._loops:
-            loop.wake.set()
+            loop.poke()
 
     def stop(self, timeout_s: float = 2.0) -> None:
         with self._lock:
             loops, self._loops = self._loops, []
         for loop in loops:
             loop.stopping.set()
-            loop.wake.set()
+            loop.poke()
         for loop in loops:
             loop.thread.join(timeout_s)
             if loop.thread.is_alive():
