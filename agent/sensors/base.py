@@ -17,6 +17,7 @@ the time of each read is passed in, and a sensor that must time a call takes the
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from ..model import Batch, Device, ProcessUsage
@@ -135,3 +136,41 @@ class DeadlineLanes(Protocol):
         (the vendor's timeout error where that GPU's call hung or is stale). A hung GPU never
         holds back another's call, and the whole waits at most one deadline."""
         ...
+
+
+class ReaderAbandoned(BaseException):
+    """Raised on a reader thread that was replaced while one of its driver calls hung: the
+    thread ends once that call returns, and nothing it read is recorded (its replacement has
+    read on meanwhile). A BaseException, so no sensor's ``except Exception`` swallows it."""
+
+
+class Reader:
+    """A sampler reader thread that another thread may replace. Driver calls made on it may run
+    on it directly, without a hand-off to a worker thread (``DeadlineLanes``): a call that hangs
+    past its deadline gets ``abandon()`` called from elsewhere, which starts a fresh reader
+    (``replace``); the hung thread ends once its call returns (``ReaderAbandoned``)."""
+
+    def __init__(self, replace: Callable[[], None]) -> None:
+        self.abandoned = False
+        self._replace = replace
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self._replace()
+
+
+class _ThreadReader(threading.local):
+    reader: Reader | None = None
+
+
+_thread_reader = _ThreadReader()
+
+
+def declare_reader(reader: Reader | None) -> None:
+    """The sampler says that the calling thread is ``reader`` (None: an ordinary thread)."""
+    _thread_reader.reader = reader
+
+
+def current_reader() -> Reader | None:
+    """The replaceable reader running on this thread, if the sampler declared one."""
+    return _thread_reader.reader

@@ -8,18 +8,28 @@ A caller waits at most its deadline; past it, the call raises the vendor's own t
 handle fail at once with the same error instead of queueing behind it, and it recovers by itself
 when the hung call returns. Other GPUs, other sensors, window ends and scrapes never wait on it.
 
-The sampler's read of every GPU (``run_each``, the ``DeadlineLanes`` contract in base.py) runs
-on one *shared* lane instead: one hand-off per read rather than one per GPU (a hand-off costs
-~100 us of CPU on a VM, a GPU's read ~20 us). Its caller watches the call in progress: a call
-that runs past ``SHARED_SLOW_S`` (hung, or just slow) leaves its thread to it -- that thread
-ends once the call returns -- its GPU moves to a lane of its own for good, and the GPUs not yet
-read go on at once on a fresh shared lane. So a hung GPU delays the others' values once, by
-``SHARED_SLOW_S``, and never again.
+A sensor's read of every GPU (``run_each``, the ``DeadlineLanes`` contract in base.py) needs
+no thread of its own per GPU:
+
+- On a sampler reader thread (a replaceable ``Reader``, base.py) the calls run on that thread
+  itself: no hand-off at all (each costs two thread wake-ups, ~0.1 ms of CPU each on a VM, 8
+  GPUs x 10 Hz). A watchdog thread looks every ``deadline / 2`` (at most ``WATCH_MAX_S``) at
+  each reader's call in progress; one past its deadline is left to hang (a timeout, its GPU
+  stale until it returns) and the reader is abandoned: the sampler reads on from a fresh
+  thread, and the hung one ends, recording nothing, once its call returns. The other GPUs miss
+  at most the deadline plus one look of reads, once.
+- From any other thread (``Meter.poll()``, a first read in ``start()``) they run on one
+  *shared* lane: one hand-off per read. The caller watches the call in progress: one that runs
+  past ``SHARED_SLOW_S`` (hung, or just slow) is left to its thread -- which ends once the
+  call returns -- and the GPUs not yet read go on at once on a fresh shared lane.
+
+Either way a GPU whose call hung or ran slow gets a lane of its own from then on (slow GPUs are
+read side by side). A caller that is not a reader waits at most one deadline in all.
 
 Threads are bounded: a lane is one daemon thread, lanes are capped (``max_lanes``; extra
 handles share one overflow lane), a hung lane never spawns another thread, a GPU leaves the
-shared lane at most once (so at most one thread per GPU is left behind with its call), and an
-idle lane ends its thread after ``IDLE_EXIT_S``.
+shared lane or a reader at most once (so at most one thread per GPU is left behind with its
+call), and an idle lane or watchdog ends its thread after ``IDLE_EXIT_S``.
 
 Deadlines are real-time waits (``threading`` lock timeouts): they bound how long a thread is
 really blocked, which no virtual clock can shorten. A fake's ``clock.sleep`` on a VirtualClock
@@ -33,9 +43,12 @@ import ctypes
 import threading
 import time
 import types
+import weakref
 from dataclasses import dataclass
 from queue import Empty, SimpleQueue
 from typing import Any, Callable, Hashable, Iterator, Mapping, Sequence
+
+from .base import Reader, ReaderAbandoned, current_reader
 
 DEFAULT_DEADLINE_S = 1.0
 # nvmlInit can take seconds on a board without persistence mode (the driver loads on demand).
@@ -44,6 +57,7 @@ SLOW_CALL_DEADLINES_S: Mapping[str, float] = {"nvmlInit": 10.0, "nvmlInitWithFla
 MAX_LANES = 65                 # 64 GPUs (or MIG handles) plus the library lane
 IDLE_EXIT_S = 10.0             # a lane with no call for this long ends its thread
 SHARED_SLOW_S = 0.02           # a call on the shared lane running longer moves its GPU to a lane of its own
+WATCH_MAX_S = 0.5              # a reader's calls are checked at least this often (deadline / 2 if sooner)
 _PURE = frozenset({"nvmlExceptionClass", "nvmlStructToFriendlyObject", "nvmlFriendlyObjectToStruct",
                    "nvmlErrorString"})   # pure Python helpers: no driver, nothing to hang
 _LIB: Hashable = "lib"
@@ -61,6 +75,7 @@ class GuardStats:
     fast_fails: int = 0      # calls refused at once because their lane was stale
     hung_now: int = 0        # lanes whose call has run past its deadline and not returned yet
     lanes: int = 0
+    handoffs: int = 0        # jobs handed to a lane thread (a sampler's reader runs its own calls)
 
 
 class _Job:
@@ -186,6 +201,11 @@ class NvmlDeadlines:
         self._on_lane = _OnLane()
         self._own: set[Hashable] = set()              # GPUs that left the shared lane (a call ran slow)
         self._left: dict[Hashable, _Part] = {}        # per GPU: the slow call it left behind, while it runs
+        # Readers (sensors/base.py) running calls themselves: each one's call in progress, which
+        # the watchdog thread checks against the deadline.
+        self._readers: weakref.WeakKeyDictionary[Reader, list[Any]] = weakref.WeakKeyDictionary()
+        self._watchdog: threading.Thread | None = None
+        self._last_inline = 0.0
 
     @contextlib.contextmanager
     def inline(self) -> Iterator[None]:
@@ -204,7 +224,7 @@ class NvmlDeadlines:
             hung = sum(1 for lane in self._lanes.values() if lane.stale(now))
             hung += sum(1 for key in list(self._left) if self._left_hung(key, now))
             s = self._stats
-            return GuardStats(s.calls, s.timeouts, s.fast_fails, hung, len(self._lanes))
+            return GuardStats(s.calls, s.timeouts, s.fast_fails, hung, len(self._lanes), s.handoffs)
 
     def stale(self, handle: Any) -> bool:
         """Whether calls on ``handle`` fail fast right now (a call on it is hung)."""
@@ -262,6 +282,9 @@ class NvmlDeadlines:
         Waits at most one deadline in all."""
         if self._on_lane.inline:
             raise RuntimeError("run_each() from a lane's own thread would wait on itself")
+        reader = current_reader()
+        if reader is not None:
+            return self._run_on_reader(reader, calls)
         out: list[Any] = [None] * len(calls)
         jobs: list[tuple[int, _Job]] = []
         parts: list[tuple[int, _Part]] = []
@@ -291,8 +314,99 @@ class NvmlDeadlines:
                 out[i] = exc
         return out
 
+    def _run_on_reader(self, reader: Reader, calls: Sequence[tuple[Any, Callable[[], Any]]]) -> list[Any]:
+        """``run_each`` on a replaceable reader thread: the calls run right here, no hand-off.
+        The watchdog abandons the reader if one hangs past the deadline (its GPU then fails
+        fast until the call returns, and has a lane of its own from then on); a GPU whose call
+        ran slow gets its own lane too, so slow GPUs are read side by side."""
+        out: list[Any] = [None] * len(calls)
+        jobs: list[tuple[int, _Job]] = []
+        here: list[tuple[int, Hashable, Callable[[], Any]]] = []
+        now = time.monotonic()
+        with self._lock:
+            slot = self._readers.get(reader)
+            if slot is None:     # [GPU key of the call in progress, its start, the call left to hang]
+                slot = self._readers[reader] = [None, 0.0, None]
+            self._last_inline = now
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch, name="wattmeter-nvml-watchdog", daemon=True)
+                self._watchdog.start()
+            for i, (handle, fn) in enumerate(calls):
+                key = _lane_key(handle)
+                self._stats.calls += 1
+                lane = self._lanes.get(key)
+                if self._left_hung(key, now) or (lane is not None and lane.stale(now)):
+                    self._stats.fast_fails += 1
+                    out[i] = self._timeout()
+                elif key in self._own:
+                    jobs.append((i, self._queue_locked(key, _Job(fn, (), {}, self.deadline_s), now)))
+                else:
+                    here.append((i, key, fn))
+        slow: list[Hashable] = []
+        clock, lock = time.monotonic, self._lock
+        self._on_lane.inline = True      # their NVML calls run here, under the watchdog
+        try:
+            for i, key, fn in here:
+                slot[1] = started = clock()
+                slot[0] = key
+                try:
+                    value = fn()
+                except Exception as exc:     # handed to the caller, as from a lane
+                    value = exc
+                with lock:                   # the watchdog either saw the call return or left it
+                    slot[0] = None
+                    left = slot[2]
+                if left is not None:         # it was left to hang: this thread was replaced
+                    left.finished = True     # its GPU recovers, the call has returned
+                    raise ReaderAbandoned()
+                if clock() - started > SHARED_SLOW_S:
+                    slow.append(key)
+                out[i] = value
+        finally:
+            self._on_lane.inline = False
+        if slow:
+            with self._lock:
+                self._own.update(slow)
+        for i, job in jobs:
+            try:
+                out[i] = self.wait(job)
+            except BaseException as exc:
+                out[i] = exc
+        return out
+
+    def _watch(self) -> None:
+        """The watchdog of readers' own calls: one that runs past the deadline is left to hang
+        (a timeout; its GPU is stale until it returns) and its reader is abandoned, so the
+        sampler reads on from a fresh thread. Ends after IDLE_EXIT_S without reader calls."""
+        interval = min(WATCH_MAX_S, self.deadline_s / 2)
+        while True:
+            time.sleep(interval)
+            now = time.monotonic()
+            hung: list[Reader] = []
+            with self._lock:
+                for reader, slot in list(self._readers.items()):
+                    key, started = slot[0], slot[1]
+                    if key is not None and now - started > self.deadline_s:
+                        part = _Part(key, _never)
+                        part.started_at, part.abandoned = started, True
+                        slot[2] = part   # its reader marks it finished once the call returns
+                        self._own.add(key)
+                        self._left[key] = part
+                        self._stats.timeouts += 1
+                        del self._readers[reader]
+                        hung.append(reader)
+                idle = not hung and now - self._last_inline > IDLE_EXIT_S and \
+                    not any(slot[0] is not None for slot in self._readers.values())
+                if idle:
+                    self._watchdog = None
+            for reader in hung:
+                reader.abandon()         # the sampler starts a fresh reader thread
+            if idle:
+                return
+
     def _queue_batch_locked(self, parts: list[_Part], deadline_s: float, now: float) -> _Batch:
         batch = _Batch(parts, deadline_s)
+        self._stats.handoffs += 1
         lane = self._lane_locked(_SHARED)
         batch.lane = lane
         batch.queued_at = now
@@ -383,6 +497,7 @@ class NvmlDeadlines:
 
     def _queue_locked(self, key: Hashable, job: _Job, now: float) -> _Job:
         job.queued_at = now
+        self._stats.handoffs += 1
         self._lane_locked(key).queue.put(job)
         return job
 
@@ -398,6 +513,10 @@ class NvmlDeadlines:
         if job.error is not None:
             raise job.error
         return job.value
+
+
+def _never() -> None:   # the call of a part made only to mark a hung reader call
+    raise AssertionError("not run")
 
 
 def _lane_key(arg: Any) -> Hashable:
