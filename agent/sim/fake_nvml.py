@@ -44,6 +44,7 @@ _INIT_ERRORS = {"init_failure": nv.NVML_ERROR_UNKNOWN, "driver_not_loaded": nv.N
 _PURE_HELPERS = {"nvmlExceptionClass", "nvmlStructToFriendlyObject", "nvmlFriendlyObjectToStruct"}
 _FIELD_POWER = (nv.NVML_FI_DEV_POWER_AVERAGE, nv.NVML_FI_DEV_POWER_INSTANT)
 _set_field = ctypes.Structure.__setattr__   # skips pynvml's per-attribute str/bytes wrapper
+_get_field = ctypes.Structure.__getattribute__
 _INSTANT, _AVERAGE = nv.NVML_FI_DEV_POWER_INSTANT, nv.NVML_FI_DEV_POWER_AVERAGE
 _UINT = nv.NVML_VALUE_TYPE_UNSIGNED_INT
 _FIELD_ARRAYS: dict[int, Any] = {}   # array types by length (pynvml builds one per call)
@@ -288,7 +289,12 @@ class FakeNVML(InfoCalls):
         return int(round(gpu.power_usage(t)[0] * 1000))
 
     def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: Sequence[Any]) -> Any:
-        if type(handle) is MigHandle and handle.owner is self:
+        if type(handle) is FakeHandle and handle.owner is self:   # as _dev, inlined: the sampler's hot call
+            if self._refs <= 0:
+                raise _err(nv.NVML_ERROR_UNINITIALIZED)
+            gpu, mig = handle.gpu, False
+            t = self._gpu_call("nvmlDeviceGetFieldValues", gpu, False)
+        elif type(handle) is MigHandle and handle.owner is self:
             self._require_init()
             gpu, t, mig = handle.gpu, self._gpu_call("nvmlDeviceGetFieldValues", handle.gpu, False), True
         else:
@@ -297,27 +303,22 @@ class FakeNVML(InfoCalls):
         n = len(fieldIds)
         values = (_FIELD_ARRAYS.get(n) or _field_array(n))()
         s = gpu.spec.sensor
+        power = s.instant_field and not off
         for i, fid in enumerate(fieldIds):
-            if fid.__class__ is int and not off:
+            if power and fid.__class__ is int and (fid == _INSTANT or fid == _AVERAGE):
+                # The sampler's read: fields 186/185 of a GPU that has them, filled in one step.
+                w, r = gpu.power_instant(t) if fid == _INSTANT else gpu.power_average_1s(t)
                 v = values[i]
-                if fid == _INSTANT and s.instant_field:   # the sampler's read: the short path
-                    self._fill_power(v, fid, gpu, s, t, *gpu.power_instant(t))
-                    continue
-                if fid == _AVERAGE and s.instant_field:
-                    self._fill_power(v, fid, gpu, s, t, *gpu.power_average_1s(t))
-                    continue
+                put = _set_field
+                put(v, "fieldId", fid)
+                _get_field(v, "value").uiVal = int(round(w * 1000))
+                put(v, "valueType", _UINT)
+                put(v, "timestamp", int(round(self.clock.wall(self.t0 + (t if s.field_timestamp == "read" else r)) * 1e6)))
+                put(v, "latencyUsec", int(gpu.latency_s("nvmlDeviceGetFieldValues") * 1e6))
+                continue
             fid, scope = fid if isinstance(fid, tuple) else (fid, 0)
             self._fill_field(values[i], int(fid), int(scope), gpu, t, off)
         return values
-
-    def _fill_power(self, v: Any, fid: int, gpu: SimGpu, s: Any, t: float, w: float, r: float) -> None:
-        """Field 185 or 186 of a GPU that has them (scope 0): what ``_fill_field`` would store."""
-        put = _set_field
-        put(v, "fieldId", fid)
-        v.value.uiVal = int(round(w * 1000))
-        put(v, "valueType", _UINT)
-        put(v, "timestamp", self._wall_us(t if s.field_timestamp == "read" else r))
-        put(v, "latencyUsec", int(gpu.latency_s("nvmlDeviceGetFieldValues") * 1e6))
 
     def _fill_field(self, v: Any, fid: int, scope: int, gpu: SimGpu, t: float, off: bool) -> None:
         # Plain ctypes stores: pynvml's struct wrapper costs more per attribute than a real
