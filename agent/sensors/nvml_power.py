@@ -40,7 +40,7 @@ class Stream:
     last_ts_us: int = 0
     last_read_t: float | None = None
     last_t: float | None = None          # clock time of the newest value
-    steps: list[float] = field(default_factory=list)   # recent timestamp steps (refresh period)
+    steps: deque[float] = field(default_factory=lambda: deque(maxlen=32))   # recent timestamp steps (refresh period)
 
     def date(self, value: float, ts_us: int, now: float, wall: Callable[[float], float]) -> float | None:
         """Clock time of ``value`` if it is new, else None."""
@@ -55,7 +55,7 @@ class Stream:
             if ts_us == self.last_ts_us:
                 return None           # the same refresh again
             if self.last_ts_us:
-                self.steps = (self.steps + [(ts_us - self.last_ts_us) / 1e6])[-32:]
+                self.steps.append((ts_us - self.last_ts_us) / 1e6)
             self.last_ts_us = ts_us
             t = now - (age or 0.0)
         else:
