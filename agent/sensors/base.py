@@ -98,6 +98,17 @@ class SteadyCadence:
         self.sensor.close()
 
 
+@runtime_checkable
+class CadenceFloor(Protocol):
+    """Optional capability of a ``ScheduledSensor``: until when a steady-cadence read would do
+    nothing (it read what such a read would, too recently), so the sampler skips those slots
+    instead of waking up for them. Fast reads and ``next_read_at`` wishes are never skipped."""
+
+    def cadence_floor(self, now: float) -> float:
+        """Steady reads before this clock time are no-ops (-inf: every read counts)."""
+        ...
+
+
 def scheduled(sensor: Sensor) -> ScheduledSensor:
     """The sensor itself where it declares a cadence, else a steady one around it."""
     return sensor if isinstance(sensor, ScheduledSensor) else SteadyCadence(sensor)

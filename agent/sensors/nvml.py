@@ -7,6 +7,7 @@ integrated by the ledger. NVML errors are translated to SensorError here and now
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import random
 from collections import deque
@@ -259,6 +260,21 @@ class NvmlSensor:
         times += [t for g in self._gpus if g.power is not None and (t := g.power.next_read_at()) is not None]
         due = [t for t in times if t > now - 0.5]     # long-past wishes are not a reason to spin
         return min(due) if due else None
+
+    def cadence_floor(self, now: float) -> float:
+        """Steady reads sooner than 0.8 periods after a GPU's last instant-power read skip it
+        (``_read_shape``), and a counter's own reads come as ``next_read_at`` wishes: before
+        this time a steady read reads nothing (``CadenceFloor``, sensors/base.py). -inf where
+        some GPU is read at every tick: power-only, an unshaped or faulted counter, or one
+        whose first change is not dated yet."""
+        floor = math.inf
+        gap = 0.8 * self.period_s
+        for g in self._gpus:
+            c = g.counter
+            if c is None or c.fault or not c.shaped or not c.tracker.dated:
+                return -math.inf
+            floor = min(floor, g.last_shape_t + gap)
+        return floor
 
     @staticmethod
     def _learn_field_refresh(g: _Gpu, t: float, ts_us: int) -> None:
