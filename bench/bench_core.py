@@ -362,6 +362,14 @@ def child_overhead(a: argparse.Namespace) -> None:
         sensor = NvmlSensor(mod, GpuSelection(None))
         meter = Meter([sensor]).start()
         handle = meter.window("steady")
+    elif a.meter == "wattmeter-discover":
+        # As Meter() and `wattmeter run` wire it: discovery, every NVML call under a deadline
+        # (sensors/guard.py). GPU sensor only, so the row compares with the one above.
+        from wattmeter.discovery import SensorPlan, discover
+        from wattmeter.meter import Meter
+        found = discover(SensorPlan(fake_gpus=a.ngpus, cpu="none", ram="none"))
+        meter = Meter(found.sensors).start()
+        handle = meter.window("steady")
     elif a.meter == "zeus":
         from zeus.monitor import ZeusMonitor
         zm = ZeusMonitor(gpu_indices=list(range(a.ngpus)), cpu_indices=[])
@@ -373,7 +381,7 @@ def child_overhead(a: argparse.Namespace) -> None:
         tr.start()
     C.wait_for_go()
     threads = C.proc_status().get("Threads")
-    reads0 = meter.status["nvml"].reads if a.meter == "wattmeter" else 0
+    reads0 = meter.status["nvml"].reads if a.meter.startswith("wattmeter") else 0
     ru0, c0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.monotonic()
     time.sleep(a.seconds)
     ru1, c1, w1 = resource.getrusage(resource.RUSAGE_SELF), time.process_time(), time.monotonic()
@@ -396,6 +404,11 @@ def child_overhead(a: argparse.Namespace) -> None:
             mod.nvmlDeviceGetTotalEnergyConsumption(h)
         extra["counter_call_wall_us"] = round((time.perf_counter() - t) / n * 1e6, 2)
         extra["counter_call_cpu_us"] = round((time.process_time() - c) / n * 1e6, 2)
+        meter.close()
+    elif a.meter == "wattmeter-discover":
+        extra["sampler_reads"] = meter.status["nvml"].reads - reads0
+        handle.end()
+        extra["window_gpu_j"] = round(sum(d.energy_j for d in handle.result().devices), 1)
         meter.close()
     elif a.meter == "zeus":
         zm.end_window("steady", sync_execution=False)
@@ -714,7 +727,7 @@ def phase_accuracy(kind: str, n: int, n_cold: int, tmp: str, have: dict, log_dir
 
 def phase_overhead(seconds: float, have: dict, tmp: str, log_dir: str, real: bool = False) -> dict:
     argvs, envs = {}, {}
-    for meter in ("baseline", "wattmeter") if real else ("baseline", "wattmeter", "zeus", "codecarbon"):
+    for meter in ("baseline", "wattmeter") if real else ("baseline", "wattmeter", "wattmeter-discover", "zeus", "codecarbon"):
         if meter in ("zeus", "codecarbon") and have[meter] is not None:
             continue
         argvs[meter] = [sys.executable, HERE, "--case", "overhead", "--meter", meter, "--ngpus", "8",
@@ -907,6 +920,10 @@ def build_table(res: dict) -> list[dict]:
     ov = res.get("overhead", {}).get("meters", {}).get("wattmeter", {})
     v = ov.get("cpu_pct_of_core")
     rows.append({"what": "Sampler CPU, 8 fake GPUs at 10 Hz", "target": "<= 0.5 % of one core",
+                 "value": None if v is None else f"{v:.3f} % of one core", "status": _ok(v, TARGETS["sampler_cpu_pct"])})
+    v = res.get("overhead", {}).get("meters", {}).get("wattmeter-discover", {}).get("cpu_pct_of_core")
+    rows.append({"what": "Sampler CPU, 8 fake GPUs at 10 Hz, as discover() wires it (NVML deadlines)",
+                 "target": "<= 0.5 % of one core",
                  "value": None if v is None else f"{v:.3f} % of one core", "status": _ok(v, TARGETS["sampler_cpu_pct"])})
     wl = res.get("window_latency", {}).get("wattmeter-1gpu", {})
     v = wl.get("median_us")

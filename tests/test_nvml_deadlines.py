@@ -106,6 +106,85 @@ def test_a_hung_counter_read_costs_the_sensor_at_most_one_deadline_and_is_counte
     assert snap["gpu1"].energy_j >= 300.0 * 1.0      # the other GPU kept metering (1.5 s at 300 W)
 
 
+def test_one_read_of_every_gpu_is_one_hand_off_and_a_hung_gpu_leaves_the_shared_lane_at_once(fakes):
+    fake = fake_of(3, [{"kind": "hang", "function": "nvmlDeviceGetPowerUsage", "gpu": 0}])
+    fakes.append(fake)
+    n = with_deadlines(build_module(fake), deadline_s=0.3)
+    guard = n.WATTMETER_DEADLINES
+    with guard.inline():
+        n.nvmlInit()
+        hs = [n.nvmlDeviceGetHandleByIndex(i) for i in range(3)]
+    read_at = {}
+
+    def read(i, h):
+        w = n.nvmlDeviceGetPowerUsage(h)
+        read_at[i] = time.monotonic()
+        return w
+
+    def reads(gpus):
+        return [(hs[i], lambda i=i: read(i, hs[i])) for i in gpus]
+
+    assert guard.run_each(reads([1, 2])) == [300_000, 300_000]
+    assert guard.stats().lanes == 1                  # both GPUs' reads ran on one lane
+    t = time.monotonic()
+    out = guard.run_each(reads([0, 1, 2]))           # GPU 0, read first, hangs
+    waited = time.monotonic() - t
+    assert isinstance(out[0], nv.NVMLError_Timeout) and out[1:] == [300_000, 300_000]
+    assert 0.3 <= waited < 0.7                       # its deadline, not the hang
+    assert read_at[1] - t < 0.15 and read_at[2] - t < 0.15   # the others were read at once, not after it
+    assert guard.stale(hs[0]) and not guard.stale(hs[1])
+    t = time.monotonic()
+    out = guard.run_each(reads([0, 1, 2]))
+    assert time.monotonic() - t < 0.15               # GPU 0 fails fast, the others answer
+    assert isinstance(out[0], nv.NVMLError_Timeout) and out[1:] == [300_000, 300_000]
+    stats = guard.stats()
+    assert (stats.timeouts, stats.fast_fails, stats.hung_now) == (1, 1, 1)
+    threads = threading.active_count()
+    fake.release_hangs()                             # the hung call returns: GPU 0 recovers, on a lane of its own
+    deadline = time.monotonic() + 5
+    while guard.stale(hs[0]) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert guard.run_each(reads([0, 1, 2])) == [300_000] * 3
+    assert guard.stats().hung_now == 0
+    assert threading.active_count() <= threads + 1   # GPU 0's own lane; the thread it hung on ends when idle
+
+
+def test_the_sampler_reads_on_its_own_thread_and_a_hung_call_there_hands_reading_to_a_new_thread(fakes):
+    # Field 186 is read at every cadence tick; on GPU 0 it hangs from 0.8 s, for good.
+    fake = fake_of(3, [{"kind": "hang", "function": "nvmlDeviceGetFieldValues", "gpu": 0, "at_s": 0.8}])
+    fakes.append(fake)
+    n = with_deadlines(build_module(fake), deadline_s=0.3)
+    guard = n.WATTMETER_DEADLINES
+    with guard.inline():                             # as discover() builds it
+        sensor = NvmlSensor(n, GpuSelection(None), wall=fake.clock.wall)
+    meter = Meter([sensor], clock=fake.clock).start()
+    try:
+        handoffs, reads = guard.stats().handoffs, meter.status["nvml"].reads   # start()'s first read
+        time.sleep(max(0.0, 0.6 - fake.scenario_time()))
+        assert meter.status["nvml"].reads > reads
+        assert guard.stats().handoffs == handoffs    # no hand-offs since: the reads ran on the reader itself
+        threads = threading.active_count()
+        while fake.hung_now == 0 and fake.scenario_time() < 3.0:
+            time.sleep(0.01)
+        time.sleep(0.3 + 0.15 + 0.3)                 # the deadline, the watchdog's look, a few reads
+        reads = meter.status["nvml"].reads
+        before = meter.snapshot()
+        time.sleep(1.0)
+        after = meter.snapshot()
+        assert meter.status["nvml"].reads >= reads + 5   # a new reader thread reads on
+        status = meter.status["nvml"]
+        assert status.errors["timeout"] >= 2         # the hang, then its GPU failing fast, each counted
+        stats = guard.stats()
+        assert stats.timeouts == 1 and stats.hung_now == 1 and stats.fast_fails >= 1
+        for key in ("gpu1", "gpu2"):                 # the other GPUs kept metering: ~1 s at 300 W
+            assert 300.0 * 0.8 <= after[key].energy_j - before[key].energy_j <= 300.0 * 1.2
+        assert threading.active_count() <= threads + 1   # the hung thread and its replacement
+    finally:
+        t = time.monotonic()
+        meter.close()
+        assert time.monotonic() - t < 2.0            # stopping waits on the live reader, not the hung one
+
+
 # -- GPUs that come late ---------------------------------------------------------------------------
 
 def _scenario_file(tmp_path, faults):

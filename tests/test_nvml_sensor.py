@@ -317,3 +317,86 @@ def test_refresh_period_of_read_stamped_values_is_judged_from_tight_reads_only()
     for k in range(200):
         fine.observe(0.0, value_at(0.002 * k, 0.02), 0.002 * k)
     assert fine.tight_refresh_s == pytest.approx(0.02, abs=0.004)
+
+
+def test_steady_reads_before_the_cadence_floor_read_nothing_and_the_floor_is_off_where_every_read_counts():
+    import math
+    clock, fake, s = sensor_for({"gpu": [
+        {"model": H100, "trace": {"kind": "constant", "power_w": 300.0}, "sensor": {"counter_phase_s": 0.05}},
+        {"model": H100, "trace": {"kind": "constant", "power_w": 200.0}, "sensor": {"counter_phase_s": 0.02}}]})
+    assert s.cadence_floor(clock.now()) == -math.inf           # first changes not dated yet: every read counts
+    while clock.now() - fake.t0 < 1.0:                         # dense start and the calibration burst
+        s.read(clock.now())
+        clock.advance(0.004)
+    clock.advance(0.3)                                         # no edge waits, no burst: steady reads
+    calls = []
+    mod = s.nvml
+    for name in ("nvmlDeviceGetFieldValues", "nvmlDeviceGetTotalEnergyConsumption"):
+        real = getattr(mod, name)
+        setattr(mod, name, lambda *a, real=real: (calls.append(clock.now()), real(*a))[1])
+    skipped = 0
+    for _ in range(60):                                        # 6 s: a read every 100 ms, one 30 ms after it
+        t = clock.now()
+        s.read(t)
+        assert calls and calls[-1] == t                        # field 186 read at the cadence
+        assert s.cadence_floor(t) == pytest.approx(t + 0.08)   # 0.8 periods on
+        clock.advance(0.03)
+        probe = clock.now()
+        wish = s.next_read_at(probe)
+        if wish is None or wish > probe:                       # no counter read due: the read is a no-op
+            before = len(calls)
+            assert not s.read(probe).readings and len(calls) == before
+            skipped += 1
+        clock.advance(0.07)
+    assert skipped >= 50
+    s._gpus[1].counter.failed()                                # a faulted counter is bridged at every read
+    assert s.cadence_floor(clock.now()) == -math.inf
+
+
+def test_the_sampler_skips_slots_before_a_sensors_cadence_floor_instead_of_waking_for_them():
+    import time as _time
+    from wattmeter.clock import SystemClock
+    from wattmeter.ledger import Ledger
+    from wattmeter.model import Batch
+    from wattmeter.sampler import Sampler
+
+    class Steady:
+        name, period_s, min_period_s, fast_edges = "steady", 0.01, 0.01, False
+
+        def __init__(self, floor_gap_s):
+            self.reads, self.gap = [], floor_gap_s
+
+        def devices(self):
+            return []
+
+        def set_period(self, period_s):
+            self.period_s = period_s
+
+        def next_read_at(self, now):
+            return None
+
+        def wants_fast(self, now):
+            return False
+
+        def read(self, now, fast=False):
+            self.reads.append(now)
+            return Batch()
+
+        def close(self):
+            pass
+
+    class Floored(Steady):
+        def cadence_floor(self, now):
+            return (self.reads[-1] + self.gap) if self.reads else -float("inf")
+
+    plain, floored = Steady(0.0), Floored(0.05)
+    clock = SystemClock()
+    samplers = [Sampler([s], Ledger(), clock, seed=1) for s in (plain, floored)]
+    for sm in samplers:
+        sm.start()
+    _time.sleep(0.6)
+    for sm in samplers:
+        sm.stop()
+    assert len(plain.reads) >= 25                              # a slot every 10 ms
+    gaps = [b - a for a, b in zip(floored.reads, floored.reads[1:-1])]   # (the last: the final read at stop)
+    assert 5 <= len(floored.reads) <= 15 and min(gaps) >= 0.05 - 0.002   # none sooner than its floor

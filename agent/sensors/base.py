@@ -17,7 +17,8 @@ the time of each read is passed in, and a sensor that must time a call takes the
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+import threading
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 from ..model import Batch, Device, ProcessUsage
 
@@ -97,6 +98,17 @@ class SteadyCadence:
         self.sensor.close()
 
 
+@runtime_checkable
+class CadenceFloor(Protocol):
+    """Optional capability of a ``ScheduledSensor``: until when a steady-cadence read would do
+    nothing (it read what such a read would, too recently), so the sampler skips those slots
+    instead of waking up for them. Fast reads and ``next_read_at`` wishes are never skipped."""
+
+    def cadence_floor(self, now: float) -> float:
+        """Steady reads before this clock time are no-ops (-inf: every read counts)."""
+        ...
+
+
 def scheduled(sensor: Sensor) -> ScheduledSensor:
     """The sensor itself where it declares a cadence, else a steady one around it."""
     return sensor if isinstance(sensor, ScheduledSensor) else SteadyCadence(sensor)
@@ -122,3 +134,54 @@ class MigSensor(Protocol):
     def mig_uuids(self) -> dict[str, tuple[str, str]]:
         """MIG device UUID -> (parent GPU UUID, GPU instance id)."""
         ...
+
+
+@runtime_checkable
+class DeadlineLanes(Protocol):
+    """Driver calls under a deadline, off the caller's thread (``sensors/guard.py``): what a
+    deadline-wrapped ``pynvml`` module carries as ``WATTMETER_DEADLINES``. A sensor that reads
+    several GPUs hands one read of each to ``run_each`` (one hand-off for all of them)."""
+
+    def run_each(self, calls: Sequence[tuple[Any, Callable[[], Any]]]) -> list[Any]:
+        """Run each ``(handle, fn)``'s ``fn()``; in order, its value or the exception it raised
+        (the vendor's timeout error where that GPU's call hung or is stale). A hung GPU never
+        holds back another's call, and the whole waits at most one deadline."""
+        ...
+
+
+class ReaderAbandoned(BaseException):
+    """Raised on a reader thread that was replaced while one of its driver calls hung: the
+    thread ends once that call returns, and nothing it read is recorded (its replacement has
+    read on meanwhile). A BaseException, so no sensor's ``except Exception`` swallows it."""
+
+
+class Reader:
+    """A sampler reader thread that another thread may replace. Driver calls made on it may run
+    on it directly, without a hand-off to a worker thread (``DeadlineLanes``): a call that hangs
+    past its deadline gets ``abandon()`` called from elsewhere, which starts a fresh reader
+    (``replace``); the hung thread ends once its call returns (``ReaderAbandoned``)."""
+
+    def __init__(self, replace: Callable[[], None]) -> None:
+        self.abandoned = False
+        self._replace = replace
+
+    def abandon(self) -> None:
+        self.abandoned = True
+        self._replace()
+
+
+class _ThreadReader(threading.local):
+    reader: Reader | None = None
+
+
+_thread_reader = _ThreadReader()
+
+
+def declare_reader(reader: Reader | None) -> None:
+    """The sampler says that the calling thread is ``reader`` (None: an ordinary thread)."""
+    _thread_reader.reader = reader
+
+
+def current_reader() -> Reader | None:
+    """The replaceable reader running on this thread, if the sampler declared one."""
+    return _thread_reader.reader

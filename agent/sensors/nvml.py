@@ -6,6 +6,8 @@ integrated by the ledger. NVML errors are translated to SensorError here and now
 """
 from __future__ import annotations
 
+import ctypes
+import math
 import os
 import random
 from collections import deque
@@ -15,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 from ..clock import Clock, SystemClock
 from ..model import Batch, Component, Device, ProcessUsage, Reading, SensorError, Source
-from .base import SensorUnavailable
+from .base import DeadlineLanes, SensorUnavailable
 from .nvml_power import FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, PowerOnlyReader, Stream as _Stream
 from .power_evidence import MEAN_WINDOW_S, PowerReference, StampEvidence
 from .gpu_selection import GpuSelection
@@ -29,6 +31,7 @@ FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was st
 _FIELDS_INSTANT = (FIELD_POWER_INSTANT,)
 _FIELDS_BOTH = (FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE)   # one call: instant power and the 1 s mean
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
+_struct_get = ctypes.Structure.__getattribute__   # a field value's attributes, without pynvml's wrapper
 
 
 def load_pynvml() -> ModuleType:
@@ -101,11 +104,13 @@ class NvmlSensor:
         self.set_period(period_s)
         self.fast_edges = any(g.has_counter for g in self._gpus)
         self._calibration = Calibration()
+        self._calibrating = False
         self._first_read: float | None = None
         self._edges_pending = False
-        # Where every NVML call has a deadline (sensors/guard.py), each GPU's calls for one read
-        # go to its lane as one batch: one hand-off per GPU instead of one per call.
-        self._lanes = vars(self.nvml).get("WATTMETER_DEADLINES") if isinstance(self.nvml, ModuleType) else None
+        # Where every NVML call has a deadline (sensors/guard.py), one read of every GPU is
+        # handed to the lanes at once: one hand-off per read instead of one per call.
+        lanes = vars(self.nvml).get("WATTMETER_DEADLINES") if isinstance(self.nvml, ModuleType) else None
+        self._lanes: DeadlineLanes | None = lanes if isinstance(lanes, DeadlineLanes) else None
         self._processes = ProcessReader(self.nvml, [(g.device, g.handle) for g in self._gpus])
 
     @staticmethod
@@ -177,21 +182,22 @@ class NvmlSensor:
             if strict:
                 raise
             return None, None
-        # Each attribute of pynvml's field struct goes through a Python __getattribute__: read
-        # each once (~1 us apiece, 8 GPUs x 10 Hz).
+        # pynvml's field struct wraps each attribute in a Python __getattribute__ (to decode
+        # bytes; these are numbers): read them through ctypes' own (~1 us apiece, 8 GPUs x 10 Hz).
+        get = _struct_get
         if average and len(values) > 1:
             second = values[1]
-            if second.nvmlReturn == 0:
-                mean = (second.value.uiVal / 1000.0, int(second.timestamp or 0))
+            if get(second, "nvmlReturn") == 0:
+                mean = (get(second, "value").uiVal / 1000.0, int(get(second, "timestamp") or 0))
         entry = values[0]
-        if entry.nvmlReturn != 0:   # the call succeeds while a field fails: check each entry
+        if get(entry, "nvmlReturn") != 0:   # the call succeeds while a field fails: check each entry
             return None, mean
-        ts_us = int(entry.timestamp or 0)
+        ts_us = int(get(entry, "timestamp") or 0)
         t = None
         if now is not None and ts_us:
             age = self.wall(now) - ts_us / 1e6
             t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
-        return (entry.value.uiVal / 1000.0, t, ts_us), mean
+        return (get(entry, "value").uiVal / 1000.0, t, ts_us), mean
 
     def wants_fast(self, now: float) -> bool:
         """Calibration bursts while some counter's refresh phase is not locked
@@ -254,6 +260,21 @@ class NvmlSensor:
         times += [t for g in self._gpus if g.power is not None and (t := g.power.next_read_at()) is not None]
         due = [t for t in times if t > now - 0.5]     # long-past wishes are not a reason to spin
         return min(due) if due else None
+
+    def cadence_floor(self, now: float) -> float:
+        """Steady reads sooner than 0.8 periods after a GPU's last instant-power read skip it
+        (``_read_shape``), and a counter's own reads come as ``next_read_at`` wishes: before
+        this time a steady read reads nothing (``CadenceFloor``, sensors/base.py). -inf where
+        some GPU is read at every tick: power-only, an unshaped or faulted counter, or one
+        whose first change is not dated yet."""
+        floor = math.inf
+        gap = 0.8 * self.period_s
+        for g in self._gpus:
+            c = g.counter
+            if c is None or c.fault or not c.shaped or not c.tracker.dated:
+                return -math.inf
+            floor = min(floor, g.last_shape_t + gap)
+        return floor
 
     @staticmethod
     def _learn_field_refresh(g: _Gpu, t: float, ts_us: int) -> None:
@@ -332,6 +353,7 @@ class NvmlSensor:
         the next refresh, so the edge resolves within ~0.1 s instead of at the next steady pair."""
         if fast:
             self._edges_pending = True
+        self._calibrating = self._calibration.calibrating(now)   # once per read, for every GPU
         batch = Batch()
         n = self.nvml
         lanes = self._lanes
@@ -342,25 +364,20 @@ class NvmlSensor:
                 except n.NVMLError as exc:
                     batch.errors.append(SensorError(self.name, _error_kind(n, exc), g.device.key, _decode(str(exc))))
         else:
-            # Each GPU's read is one job on its own lane, all started before any is waited on:
-            # a hung GPU costs its own deadline and never delays the others' values.
-            jobs: list[tuple[_Gpu, Batch, Any]] = []
-            for g in self._gpus:
-                part = Batch()
-                try:
-                    jobs.append((g, part, lanes.submit(g.handle, lambda g=g, part=part: self._read_gpu(g, now, part))))
-                except n.NVMLError as exc:   # its lane is still hung: refused at once
-                    jobs.append((g, part, exc))
-            for g, part, job in jobs:
-                try:
-                    if isinstance(job, BaseException):
-                        raise job
-                    lanes.wait(job)
-                except n.NVMLError as exc:
-                    if _error_kind(n, exc) == "timeout" and g.counter is not None:
+            # One read of each GPU, handed over at once: a hung GPU costs its own deadline
+            # and never delays the others' values (sensors/guard.py).
+            parts = [Batch() for _ in self._gpus]
+            outcomes = lanes.run_each([(g.handle, lambda g=g, part=part: self._read_gpu(g, now, part))
+                                       for g, part in zip(self._gpus, parts)])
+            for g, part, outcome in zip(self._gpus, parts, outcomes):
+                if isinstance(outcome, n.NVMLError):
+                    kind = _error_kind(n, outcome)
+                    if kind == "timeout" and g.counter is not None:
                         g.counter.failed()     # as a counter call that timed out: bridge its gap
-                    batch.errors.append(SensorError(self.name, _error_kind(n, exc), g.device.key, _decode(str(exc))))
+                    batch.errors.append(SensorError(self.name, kind, g.device.key, _decode(str(outcome))))
                     continue
+                if isinstance(outcome, BaseException):
+                    raise outcome
                 batch.readings.extend(part.readings)
                 batch.errors.extend(part.errors)
         self._edges_pending = False
@@ -377,7 +394,7 @@ class NvmlSensor:
         timing = g.counter
         assert timing is not None
         cadence = self._read_shape(g, now, batch)
-        if not timing.due(now, cadence, self._calibration.calibrating(now), self._edges_pending):
+        if not timing.due(now, cadence, self._calibrating, self._edges_pending):
             return
         try:
             mj = self.nvml.nvmlDeviceGetTotalEnergyConsumption(g.handle)

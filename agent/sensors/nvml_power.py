@@ -13,6 +13,7 @@ is, and how to date it, is learnt from the data (``power_evidence``):
 """
 from __future__ import annotations
 
+import ctypes
 from collections import deque
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -26,6 +27,9 @@ FIELD_POWER_INSTANT = 186
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
 FIELD_READ_DELAY_S = 0.002    # read a new field value this long after it is expected
+# A field value's attributes through ctypes' own __getattribute__: pynvml's wrapper only decodes
+# bytes, and costs ~1 us per attribute.
+_struct_get = ctypes.Structure.__getattribute__
 
 
 @dataclass
@@ -36,7 +40,7 @@ class Stream:
     last_ts_us: int = 0
     last_read_t: float | None = None
     last_t: float | None = None          # clock time of the newest value
-    steps: list[float] = field(default_factory=list)   # recent timestamp steps (refresh period)
+    steps: deque[float] = field(default_factory=lambda: deque(maxlen=32))   # recent timestamp steps (refresh period)
 
     def date(self, value: float, ts_us: int, now: float, wall: Callable[[float], float]) -> float | None:
         """Clock time of ``value`` if it is new, else None."""
@@ -51,7 +55,7 @@ class Stream:
             if ts_us == self.last_ts_us:
                 return None           # the same refresh again
             if self.last_ts_us:
-                self.steps = (self.steps + [(ts_us - self.last_ts_us) / 1e6])[-32:]
+                self.steps.append((ts_us - self.last_ts_us) / 1e6)
             self.last_ts_us = ts_us
             t = now - (age or 0.0)
         else:
@@ -95,10 +99,11 @@ class PowerOnlyReader:
         cand: tuple[float, int] | None = None
         if self._fields:
             values = n.nvmlDeviceGetFieldValues(self.handle, self._fields)
+            get = _struct_get
             for fid, entry in zip(self._fields, values):
-                if entry.nvmlReturn != 0:     # the call succeeds while a field fails: check each
+                if get(entry, "nvmlReturn") != 0:     # the call succeeds while a field fails: check each
                     continue
-                got = (entry.value.uiVal / 1000.0, int(entry.timestamp or 0))
+                got = (get(entry, "value").uiVal / 1000.0, int(get(entry, "timestamp") or 0))
                 if fid == FIELD_POWER_INSTANT:
                     inst = got
                 else:

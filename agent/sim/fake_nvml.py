@@ -44,6 +44,17 @@ _INIT_ERRORS = {"init_failure": nv.NVML_ERROR_UNKNOWN, "driver_not_loaded": nv.N
 _PURE_HELPERS = {"nvmlExceptionClass", "nvmlStructToFriendlyObject", "nvmlFriendlyObjectToStruct"}
 _FIELD_POWER = (nv.NVML_FI_DEV_POWER_AVERAGE, nv.NVML_FI_DEV_POWER_INSTANT)
 _set_field = ctypes.Structure.__setattr__   # skips pynvml's per-attribute str/bytes wrapper
+_get_field = ctypes.Structure.__getattribute__
+_INSTANT, _AVERAGE = nv.NVML_FI_DEV_POWER_INSTANT, nv.NVML_FI_DEV_POWER_AVERAGE
+_UINT = nv.NVML_VALUE_TYPE_UNSIGNED_INT
+_FIELD_ARRAYS: dict[int, Any] = {}   # array types by length (pynvml builds one per call)
+
+
+def _field_array(n: int) -> Any:
+    t = _FIELD_ARRAYS[n] = nv.c_nvmlFieldValue_t * n
+    return t
+
+
 _FIELD_LIMITS = (nv.NVML_FI_DEV_POWER_MIN_LIMIT, nv.NVML_FI_DEV_POWER_MAX_LIMIT,
                  nv.NVML_FI_DEV_POWER_DEFAULT_LIMIT, nv.NVML_FI_DEV_POWER_CURRENT_LIMIT)
 
@@ -144,7 +155,7 @@ class FakeNVML(InfoCalls):
 
     def _gpu_call(self, function: str, gpu: SimGpu, check_supported: bool = True) -> float:
         """Delays, then lost / not-supported checks for one device call. Returns scenario t."""
-        latency = gpu.spec.sensor.latency_s(function)
+        latency = gpu.latency_s(function)
         if gpu.call_faults:
             now = self._now()
             slow = gpu.call_fault(function, now, "slow_call")
@@ -278,14 +289,33 @@ class FakeNVML(InfoCalls):
         return int(round(gpu.power_usage(t)[0] * 1000))
 
     def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: Sequence[Any]) -> Any:
-        if type(handle) is MigHandle and handle.owner is self:
+        if type(handle) is FakeHandle and handle.owner is self:   # as _dev, inlined: the sampler's hot call
+            if self._refs <= 0:
+                raise _err(nv.NVML_ERROR_UNINITIALIZED)
+            gpu, mig = handle.gpu, False
+            t = self._gpu_call("nvmlDeviceGetFieldValues", gpu, False)
+        elif type(handle) is MigHandle and handle.owner is self:
             self._require_init()
             gpu, t, mig = handle.gpu, self._gpu_call("nvmlDeviceGetFieldValues", handle.gpu, False), True
         else:
             (gpu, t), mig = self._dev("nvmlDeviceGetFieldValues", handle, check_supported=False), False
-        off = mig or gpu.call_fault("nvmlDeviceGetFieldValues", t, "not_supported") is not None
-        values = (nv.c_nvmlFieldValue_t * len(fieldIds))()
+        off = mig or (gpu.call_faults and gpu.call_fault("nvmlDeviceGetFieldValues", t, "not_supported") is not None)
+        n = len(fieldIds)
+        values = (_FIELD_ARRAYS.get(n) or _field_array(n))()
+        s = gpu.spec.sensor
+        power = s.instant_field and not off
         for i, fid in enumerate(fieldIds):
+            if power and fid.__class__ is int and (fid == _INSTANT or fid == _AVERAGE):
+                # The sampler's read: fields 186/185 of a GPU that has them, filled in one step.
+                w, r = gpu.power_instant(t) if fid == _INSTANT else gpu.power_average_1s(t)
+                v = values[i]
+                put = _set_field
+                put(v, "fieldId", fid)
+                _get_field(v, "value").uiVal = int(round(w * 1000))
+                put(v, "valueType", _UINT)
+                put(v, "timestamp", int(round(self.clock.wall(self.t0 + (t if s.field_timestamp == "read" else r)) * 1e6)))
+                put(v, "latencyUsec", int(gpu.latency_s("nvmlDeviceGetFieldValues") * 1e6))
+                continue
             fid, scope = fid if isinstance(fid, tuple) else (fid, 0)
             self._fill_field(values[i], int(fid), int(scope), gpu, t, off)
         return values
@@ -318,7 +348,7 @@ class FakeNVML(InfoCalls):
             return
         # Some drivers stamp a field with the time of the read, not of the value's refresh.
         put(v, "timestamp", self._wall_us(t if s.field_timestamp == "read" else r))
-        put(v, "latencyUsec", int(s.latency_s("nvmlDeviceGetFieldValues") * 1e6))
+        put(v, "latencyUsec", int(gpu.latency_s("nvmlDeviceGetFieldValues") * 1e6))
         put(v, "nvmlReturn", nv.NVML_SUCCESS)
 
     @staticmethod
