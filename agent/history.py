@@ -166,7 +166,9 @@ class DeviceHistory:
         if whole is not None and whole > 0:
             part = (self.samples.energy(t0, t) if strict else self.samples.bridge(t0, t)) or 0.0
             return e0 + (e1 - e0) * min(1.0, max(0.0, part / whole))
-        return self._step_value(k, t, allow_step)
+        stepped = self._step_value(k, t, allow_step)
+        # Within what is left below a measured tail (e1 here), or E would step back at d0.
+        return None if stepped is None else min(max(stepped, e0), e1)
 
     def _step_value(self, k: int, t: float, allow_step: bool) -> float | None:
         """Energy at t inside counter segment k on a step between its neighbours' slopes (None

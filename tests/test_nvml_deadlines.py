@@ -185,6 +185,32 @@ def test_the_sampler_reads_on_its_own_thread_and_a_hung_call_there_hands_reading
         assert time.monotonic() - t < 2.0            # stopping waits on the live reader, not the hung one
 
 
+@pytest.mark.parametrize("function", ["nvmlDeviceGetFieldValues", "nvmlDeviceGetTotalEnergyConsumption"])
+def test_a_window_open_across_a_hang_ends_at_once_flagged_approximate(fakes, function):
+    # A read of GPU 0 hangs from 0.8 s for good: the window's end must not wait out the
+    # result timeout (10 s) for a GPU that cannot answer; its edge is estimated and flagged.
+    fake = fake_of(3, [{"kind": "hang", "function": function, "gpu": 0, "at_s": 0.8}])
+    fakes.append(fake)
+    n = with_deadlines(build_module(fake), deadline_s=0.3)
+    with n.WATTMETER_DEADLINES.inline():
+        sensor = NvmlSensor(n, GpuSelection(None), wall=fake.clock.wall)
+    meter = Meter([sensor], clock=fake.clock).start()
+    try:
+        time.sleep(max(0.0, 0.5 - fake.scenario_time()))
+        w = meter.window("across the hang")
+        time.sleep(max(0.0, 1.8 - fake.scenario_time()))
+        w.end()
+        t = time.monotonic()
+        r = w.result()
+        assert time.monotonic() - t < 2.0             # ~0.7 s: a deadline and a few reads
+        assert r.approximate
+        per_gpu = {d.key: d.energy_j for d in r.devices}
+        for key in ("gpu1", "gpu2"):
+            assert per_gpu[key] == pytest.approx(300.0 * r.duration_s, rel=0.05)
+    finally:
+        meter.close()
+
+
 # -- GPUs that come late ---------------------------------------------------------------------------
 
 def _scenario_file(tmp_path, faults):
