@@ -34,7 +34,7 @@ class TrailingMean:
     """The reads (t, mean power over (t - w, t], integral of the mean since the first read) and
     the reference E(t) they give, with the kernel shaped by the device's instant samples."""
 
-    __slots__ = ("samples", "means", "window_s", "cache", "memo", "boxes")
+    __slots__ = ("samples", "means", "window_s", "cache", "memo", "boxes", "back_memo")
 
     def __init__(self, samples: InstantSamples) -> None:
         self.samples = samples
@@ -43,6 +43,7 @@ class TrailingMean:
         self.cache: tuple[float, float] | None = None     # (t, energy(t)) once settled
         self.memo: dict[tuple, float | None] = {}
         self.boxes = BoxPattern(samples)     # shapes the kernel where samples are coarse
+        self.back_memo: tuple[float, float | None] | None = None   # (r, energy(r - w)) for ``at``
 
     def __bool__(self) -> bool:
         return bool(self.means)
@@ -118,12 +119,15 @@ class TrailingMean:
         memo = self.memo
         if key in memo:
             return memo[key]
-        ref = self.integral(x)
-        value = None if ref is None else ref - self._edge_kernel(t, half)
+        value = self._energy(t, half)
         if len(memo) >= 16:
             memo.clear()
         memo[key] = value
         return value
+
+    def _energy(self, t: float, half: float) -> float | None:
+        ref = self.integral(t + half)
+        return None if ref is None else ref - self._edge_kernel(t, half)
 
     def settled_energy(self, t: float) -> float | None:
         """``energy(t)``, cached once its inputs can no longer change (the means and the instant
@@ -158,7 +162,13 @@ class TrailingMean:
             # On the mean's refresh grid: M is the mean over (r - w, r], r up to a refresh
             # before its read; the moments since r come from instant power.
             r, mean_r = dated
-            back = self.energy(r - w)
+            # Asked on every batch until the next mean comes; E one window before r is
+            # settled by then (instant samples reach r), so it is worked out once per mean.
+            if self.back_memo is not None and self.back_memo[0] == r:
+                back = self.back_memo[1]
+            else:
+                back = self._energy(r - w, 0.5 * w)
+                self.back_memo = (r, back)
             if back is not None:
                 return back + w * mean_r + self.recent(r, x)
         back = self.energy(x - w)
