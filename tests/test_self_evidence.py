@@ -2,6 +2,8 @@
 (a GPU with neither an energy counter nor power fields, e.g. A100: GetPowerUsage only)."""
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from wattmeter.sensors.power_evidence import SelfEvidence
@@ -118,3 +120,44 @@ def test_sensor_verdicts_on_gpus_with_only_getpowerusage():
     truth = fake.true_energy_j(0, w.start_t, 22.0)
     got = meter.ledger.energy_at("gpu0", 22.0) - meter.ledger.energy_at("gpu0", w.start_t)
     assert got == pytest.approx(truth, rel=0.01)
+
+
+def test_field_185_on_a_slow_ramp_with_caught_spikes_stays_a_mean():
+    # A 1 s mean of a slow ramp sits near the latest sample, and a sample that caught a 30 ms
+    # spike inflates the samples' own mean: where the two models predict about the same value,
+    # nothing is learnt (this had flipped field 185 to "instant" for seconds at a time).
+    from wattmeter.sensors.power_evidence import MeanEvidence
+
+    rng = random.Random(8)
+    spikes, t = [], 0.0
+    while t < 20.0:
+        t += rng.uniform(0.3, 1.2)
+        spikes.append(t)
+
+    def spiky(x: float) -> float:
+        return 950.0 if any(s <= x < s + 0.03 for s in spikes) else 150.0 + 25.0 * x
+
+    for seed in range(3):
+        ev = MeanEvidence()
+        verdicts, t = [], 0.0
+        jitter = random.Random(seed)
+        while t < 18.0:
+            refresh = 0.013 + int((t - 0.013) // 0.1) * 0.1
+            ev.add_instant(t, spiky(refresh))                   # a 100 ms point sample, read at t
+            if t >= 1.0:
+                verdicts.append(ev.add_candidate(t, trailing_mean_w(spiky, refresh, n=2000)))
+            t += 0.025 * jitter.uniform(0.6, 1.4)
+        assert False not in verdicts
+
+
+def test_an_instant_candidate_is_told_apart_by_a_step():
+    from wattmeter.sensors.power_evidence import MeanEvidence
+    ev = MeanEvidence()
+    verdicts = []
+    t = 0.0
+    while t < 20.0:
+        w = 100.0 if int(t // 2) % 2 == 0 else 500.0           # 2 s steps
+        ev.add_instant(t, w)
+        verdicts.append(ev.add_candidate(t, w))                 # GetPowerUsage instant: the same value
+        t = round(t + 0.025, 3)
+    assert verdicts[-1] is False

@@ -26,6 +26,10 @@ MEAN_SAMPLES = 12            # varying candidate samples before a verdict
 VARYING_SHARE = 0.03         # instant power varies by this share of its mean: a usable sample
 RECHECK_EVERY = 10           # once decided, candidates checked
 VERDICT_RATIO = 0.5          # the better model must fit with half the other's error
+DISCRIMINATING_SHARE = 0.1   # a value is evidence only where the latest sample is this far from the mean
+JUMP_LOOK_S = 0.15           # a jump of the instant value and the candidate's move, over this long
+JUMP_SHARE = 0.25            # ...counted where the instant value moved by this share of its level
+JUMP_VERDICT = 4             # a mean, once it stayed put at this many jumps (and 4x more than it followed)
 COARSE_REFRESH_S = 0.05      # a read-stamped sample refreshing slower than this cannot place an edge
 TIGHT_READ_GAP_S = 0.01      # reads this close date a value change to within a hundredth of a second
 STEP_SHARE = 0.3             # a load step this large (share of the mean power) tells a mean from a sample
@@ -120,15 +124,46 @@ class MeanEvidence:
         self.n = 0
         self.verdict: bool | None = None     # True: trailing mean; False: instant; None: unknown
         self._seen = 0
+        # Jumps: where the instant value jumped, did the candidate jump with it?
+        self.recent: deque[tuple[float, float, float]] = deque(maxlen=32)   # (t, instant, candidate)
+        self.jump_votes = [0, 0]             # [a mean's, an instant's]
 
     def add_instant(self, t: float, w: float) -> None:
         if not self.instant or t > self.instant[-1][0]:
             self.instant.append((t, w))
 
+    def _vote_on_jumps(self, t: float, w: float) -> None:
+        """A trailing mean moves by a fraction of a load step within a refresh or two; an
+        instant value jumps with it. Compared over JUMP_LOOK_S (one refresh of lag between the
+        two readings is allowed), only where the instant value jumped by JUMP_SHARE of its level."""
+        if not self.instant:
+            return
+        inst = self.instant[-1][1]
+        self.recent.append((t, inst, w))
+        old = None
+        for entry in self.recent:
+            if entry[0] <= t - JUMP_LOOK_S:
+                old = entry
+        if old is None:
+            return
+        d_inst, d_cand = inst - old[1], w - old[2]
+        level = max(abs(inst), abs(old[1]), 1e-9)
+        if abs(d_inst) < JUMP_SHARE * level:
+            return
+        ratio = d_cand / d_inst
+        if ratio < 0.4:
+            self.jump_votes[0] += 1
+        elif ratio > 0.8:
+            self.jump_votes[1] += 1
+
     def add_candidate(self, t: float, w: float) -> bool | None:
         """Feed one candidate value dated t; returns the verdict so far. Once decided, only
         every RECHECK_EVERY-th value is checked (the verdict can still flip, at a tenth the cost)."""
         self._seen += 1
+        self._vote_on_jumps(t, w)
+        mean_votes, inst_votes = self.jump_votes
+        if mean_votes >= JUMP_VERDICT and mean_votes >= 4 * inst_votes:
+            self.verdict = True                  # it stayed put where the load jumped, again and again
         if self.verdict is not None and self._seen % RECHECK_EVERY:
             return self.verdict
         pts = []
@@ -145,13 +180,21 @@ class MeanEvidence:
         spread = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals))
         if mean <= 0 or spread < VARYING_SHARE * mean:
             return self.verdict          # steady: both models fit, nothing learnt
+        if abs(pts[-1][1] - mean) < DISCRIMINATING_SHARE * mean:
+            # The two models predict about the same value: nothing to learn, and the noise of
+            # a slow ramp (a mean of it is close to its latest value; a sample that caught a
+            # spike inflates the samples' mean) would otherwise pile up against the mean.
+            return self.verdict
         self.err_mean += (w - mean) ** 2
         self.err_inst += (w - pts[-1][1]) ** 2
         self.n += 1
         if self.n >= MEAN_SAMPLES:
             if self.err_mean < VERDICT_RATIO * self.err_inst:
                 self.verdict = True
-            elif self.err_inst < VERDICT_RATIO * self.err_mean:
+            elif self.err_inst < VERDICT_RATIO * self.err_mean and self.jump_votes[1] > self.jump_votes[0]:
+                # Not on the errors alone: where a spike was caught, the samples' own mean is
+                # off and a mean of a slow ramp is close to its latest value. Only if the jumps
+                # agree (the candidate jumped with the instant value at least as often as not).
                 self.verdict = False
             self.n, self.err_mean, self.err_inst = 0, 0.0, 0.0   # keep checking, in fresh rounds
         return self.verdict
