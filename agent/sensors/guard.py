@@ -290,29 +290,34 @@ class NvmlDeadlines:
         parts: list[tuple[int, _Part]] = []
         now = time.monotonic()
         with self._lock:
-            for i, (handle, fn) in enumerate(calls):
-                key = _lane_key(handle)
-                self._stats.calls += 1
-                lane = self._lanes.get(key)
-                if self._left_hung(key, now) or (lane is not None and lane.stale(now)):
-                    self._stats.fast_fails += 1
-                    out[i] = self._timeout()
-                elif key in self._own:
-                    jobs.append((i, self._queue_locked(key, _Job(fn, (), {}, self.deadline_s), now)))
-                else:
-                    parts.append((i, _Part(key, fn)))
+            for i, key, fn in self._sort_calls_locked(calls, now, out, jobs):
+                parts.append((i, _Part(key, fn)))
             batch = self._queue_batch_locked([p for _, p in parts], self.deadline_s, now) if parts else None
         end = now + self.deadline_s
         if batch is not None:
             self._wait_batch(batch, end)
             for i, part in parts:
                 out[i] = part.error if part.error is not None else part.value
-        for i, job in jobs:
-            try:
-                out[i] = self.wait(job)
-            except BaseException as exc:
-                out[i] = exc
-        return out
+        return self._collect(jobs, out)
+
+    def _sort_calls_locked(self, calls: Sequence[tuple[Any, Callable[[], Any]]], now: float, out: list[Any],
+                           jobs: list[tuple[int, "_Job"]]) -> list[tuple[int, Hashable, Callable[[], Any]]]:
+        """Each call of a batch: failed at once where its GPU is hung or stale (into ``out``),
+        queued on the GPU's own lane where it has one (into ``jobs``), else returned as
+        (index, lane key, call) for the caller to run together with the others."""
+        rest = []
+        for i, (handle, fn) in enumerate(calls):
+            key = _lane_key(handle)
+            self._stats.calls += 1
+            lane = self._lanes.get(key)
+            if self._left_hung(key, now) or (lane is not None and lane.stale(now)):
+                self._stats.fast_fails += 1
+                out[i] = self._timeout()
+            elif key in self._own:
+                jobs.append((i, self._queue_locked(key, _Job(fn, (), {}, self.deadline_s), now)))
+            else:
+                rest.append((i, key, fn))
+        return rest
 
     def _run_on_reader(self, reader: Reader, calls: Sequence[tuple[Any, Callable[[], Any]]]) -> list[Any]:
         """``run_each`` on a replaceable reader thread: the calls run right here, no hand-off.
@@ -331,17 +336,7 @@ class NvmlDeadlines:
             if self._watchdog is None:
                 self._watchdog = threading.Thread(target=self._watch, name="wattmeter-nvml-watchdog", daemon=True)
                 self._watchdog.start()
-            for i, (handle, fn) in enumerate(calls):
-                key = _lane_key(handle)
-                self._stats.calls += 1
-                lane = self._lanes.get(key)
-                if self._left_hung(key, now) or (lane is not None and lane.stale(now)):
-                    self._stats.fast_fails += 1
-                    out[i] = self._timeout()
-                elif key in self._own:
-                    jobs.append((i, self._queue_locked(key, _Job(fn, (), {}, self.deadline_s), now)))
-                else:
-                    here.append((i, key, fn))
+            here.extend(self._sort_calls_locked(calls, now, out, jobs))
         slow: list[Hashable] = []
         clock, lock = time.monotonic, self._lock
         self._on_lane.inline = True      # their NVML calls run here, under the watchdog
@@ -367,6 +362,10 @@ class NvmlDeadlines:
         if slow:
             with self._lock:
                 self._own.update(slow)
+        return self._collect(jobs, out)
+
+    def _collect(self, jobs: list[tuple[int, "_Job"]], out: list[Any]) -> list[Any]:
+        """Wait for the calls queued on GPUs' own lanes: each answer, or its error, into ``out``."""
         for i, job in jobs:
             try:
                 out[i] = self.wait(job)
