@@ -281,6 +281,10 @@ class DeviceHistory:
             a, e_a = b, e_b
         return out
 
+    def newest_t(self) -> float:
+        """The newest reading's time: a counter point or an instant sample (0 before any)."""
+        return max(self.last_t or 0.0, self.samples.last[0] if self.samples else 0.0)
+
     def fit_era(self) -> tuple[int, int]:
         """Counter points fit one reference until a reset or a bridged fault."""
         return (self.resets, self.bridges)

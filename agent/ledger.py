@@ -116,7 +116,7 @@ class Ledger:
         if d.last_t is None:
             return
         # What a snapshot showed (at the newest reading) stays the floor: the bridge re-estimates it.
-        d.hold(max(d.last_t, d.samples.last[0]) if d.samples else d.last_t)
+        d.hold(d.newest_t())
         flag_bridged(d, d.last_t, t)
         while (m := self._next_mark(d)) is not None and m.t <= t:
             self._pin(m, d, d.energy(m.t), d.last_power or 0.0, True)
@@ -404,7 +404,7 @@ class Ledger:
             for k, d in self._devs.items():
                 at = t
                 if at is None:
-                    at = max(d.last_t or 0.0, d.samples.last[0] if d.samples else 0.0)
+                    at = d.newest_t()
                 power = d.samples.last[1] if d.samples else d.last_power
                 e = d.energy(at) if d.last_t is not None else 0.0
                 out[k] = DeviceSnapshot(d.device, e, power, d.last_t, d.resets, d.errors, d.bridges)
