@@ -311,7 +311,7 @@ def test_retries_back_off_on_the_injected_clock():
 
 
 def test_idle_lanes_end_their_threads_and_come_back_on_the_next_call(monkeypatch):
-    from wattmeter.sensors import guard as guard_mod
+    from wattmeter.sensors import guard_lanes as guard_mod
     monkeypatch.setattr(guard_mod, "IDLE_EXIT_S", 0.05)
     fake = fake_of(2)
     n = with_deadlines(build_module(fake), deadline_s=2.0)
