@@ -8,55 +8,33 @@ so that other meters (CodeCarbon, Zeus) imported afterwards read the same simula
 Functions of pynvml that the fake does not simulate raise ``NVMLError_NotSupported`` (or
 ``NVMLError_NoPermission`` for setters), never reaching a real driver. Scenario t=0 is ``t0``
 (default: the clock's time at construction); see docs/fake-nvml.md for the timing model.
+
+Here: init, call faults and hangs, discovery, energy and power calls. Identity, memory, process
+and MIG calls are in fake_nvml_info.py, what each field id answers in fake_nvml_fields.py, and
+the fake as a ``pynvml`` module (``build_module``, ``install``) in fake_nvml_module.py.
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import inspect
 import operator
-import sys
 import threading
-import types
-from typing import Any, Callable, Iterator, Sequence
-
-import pynvml as _pynvml_at_import
+from typing import Any, Callable, Sequence
 
 from ..clock import Clock, SystemClock
 from .fake_gpu import SimGpu
+from .fake_nvml_fields import field_values, limits_mw
 from .fake_nvml_info import InfoCalls, MigHandle
+from .fake_nvml_module import PURE_HELPERS, build_module, install, installed, real_pynvml, uninstall
 from .scenario import INIT_FAULT_KINDS, FaultSpec, Scenario
 
-__all__ = ["FakeNVML", "install", "uninstall", "installed", "real_pynvml", "FakeHandle", "MigHandle"]
-
-
-def real_pynvml() -> types.ModuleType:
-    """The genuine nvidia-ml-py module, even while a fake is installed."""
-    mod = sys.modules.get("pynvml")
-    if mod is not None and getattr(mod, "WATTMETER_FAKE", False):
-        return mod._WATTMETER_REAL
-    return mod if mod is not None else _pynvml_at_import
-
+# The public API of the simulator's NVML: the fake, its handles, and installing it as pynvml
+# (sim/fake_nvml_module.py, re-exported here: docs/fake-nvml.md imports them from this module).
+__all__ = ["FakeNVML", "install", "uninstall", "installed", "real_pynvml", "build_module", "FakeHandle",
+           "MigHandle"]
 
 nv = real_pynvml()
 _INIT_ERRORS = {"init_failure": nv.NVML_ERROR_UNKNOWN, "driver_not_loaded": nv.NVML_ERROR_DRIVER_NOT_LOADED,
                 "library_not_found": nv.NVML_ERROR_LIBRARY_NOT_FOUND}
-_PURE_HELPERS = {"nvmlExceptionClass", "nvmlStructToFriendlyObject", "nvmlFriendlyObjectToStruct"}
-_FIELD_POWER = (nv.NVML_FI_DEV_POWER_AVERAGE, nv.NVML_FI_DEV_POWER_INSTANT)
-_set_field = ctypes.Structure.__setattr__   # skips pynvml's per-attribute str/bytes wrapper
-_get_field = ctypes.Structure.__getattribute__
-_INSTANT, _AVERAGE = nv.NVML_FI_DEV_POWER_INSTANT, nv.NVML_FI_DEV_POWER_AVERAGE
-_UINT = nv.NVML_VALUE_TYPE_UNSIGNED_INT
-_FIELD_ARRAYS: dict[int, Any] = {}   # array types by length (pynvml builds one per call)
-
-
-def _field_array(n: int) -> Any:
-    t = _FIELD_ARRAYS[n] = nv.c_nvmlFieldValue_t * n
-    return t
-
-
-_FIELD_LIMITS = (nv.NVML_FI_DEV_POWER_MIN_LIMIT, nv.NVML_FI_DEV_POWER_MAX_LIMIT,
-                 nv.NVML_FI_DEV_POWER_DEFAULT_LIMIT, nv.NVML_FI_DEV_POWER_CURRENT_LIMIT)
 
 
 def _err(code: int) -> Exception:
@@ -189,9 +167,13 @@ class FakeNVML(InfoCalls):
     def _wall_us(self, scenario_t: float) -> int:
         return int(round(self.clock.wall(self.t0 + scenario_t) * 1e6))
 
-    def _stub(self, name: str) -> Callable[..., Any]:
-        setter = name.startswith(("nvmlDeviceSet", "nvmlDeviceReset", "nvmlDeviceClear"))
-        code = nv.NVML_ERROR_NO_PERMISSION if setter else nv.NVML_ERROR_NOT_SUPPORTED
+    def not_simulated(self, name: str, code: int | None = None) -> Callable[..., Any]:
+        """The stand-in for pynvml's function ``name``, which the fake does not simulate: it
+        checks init as a driver call does, then raises ``NVMLError(code)`` (default:
+        NoPermission for setters, NotSupported for the rest)."""
+        if code is None:
+            setter = name.startswith(("nvmlDeviceSet", "nvmlDeviceReset", "nvmlDeviceClear"))
+            code = nv.NVML_ERROR_NO_PERMISSION if setter else nv.NVML_ERROR_NOT_SUPPORTED
 
         def not_simulated(*args: Any, **kwargs: Any) -> Any:
             self._require_init()
@@ -207,8 +189,8 @@ class FakeNVML(InfoCalls):
         if name.startswith("__"):
             raise AttributeError(name)   # copy/pickle probes must not see the module's dunders
         value = getattr(real_pynvml(), name)
-        if name.startswith("nvml") and inspect.isfunction(value) and name not in _PURE_HELPERS:
-            value = self._stub(name)
+        if name.startswith("nvml") and inspect.isfunction(value) and name not in PURE_HELPERS:
+            value = self.not_simulated(name)
             self.__dict__[name] = value
         return value
 
@@ -300,73 +282,19 @@ class FakeNVML(InfoCalls):
         else:
             (gpu, t), mig = self._dev("nvmlDeviceGetFieldValues", handle, check_supported=False), False
         off = mig or (gpu.call_faults and gpu.call_fault("nvmlDeviceGetFieldValues", t, "not_supported") is not None)
-        n = len(fieldIds)
-        values = (_FIELD_ARRAYS.get(n) or _field_array(n))()
-        s = gpu.spec.sensor
-        power = s.instant_field and not off
-        for i, fid in enumerate(fieldIds):
-            if power and fid.__class__ is int and (fid == _INSTANT or fid == _AVERAGE):
-                # The sampler's read: fields 186/185 of a GPU that has them, filled in one step.
-                w, r = gpu.power_instant(t) if fid == _INSTANT else gpu.power_average_1s(t)
-                v = values[i]
-                put = _set_field
-                put(v, "fieldId", fid)
-                _get_field(v, "value").uiVal = int(round(w * 1000))
-                put(v, "valueType", _UINT)
-                put(v, "timestamp", int(round(self.clock.wall(self.t0 + (t if s.field_timestamp == "read" else r)) * 1e6)))
-                put(v, "latencyUsec", int(gpu.latency_s("nvmlDeviceGetFieldValues") * 1e6))
-                continue
-            fid, scope = fid if isinstance(fid, tuple) else (fid, 0)
-            self._fill_field(values[i], int(fid), int(scope), gpu, t, off)
-        return values
-
-    def _fill_field(self, v: Any, fid: int, scope: int, gpu: SimGpu, t: float, off: bool) -> None:
-        # Plain ctypes stores: pynvml's struct wrapper costs more per attribute than a real
-        # driver call takes (field 186: ~10 us on an H100), and the bench meters the readers.
-        put = _set_field
-        put(v, "fieldId", fid)
-        put(v, "scopeId", scope)
-        put(v, "nvmlReturn", nv.NVML_ERROR_NOT_SUPPORTED)
-        if off or scope != nv.NVML_POWER_SCOPE_GPU:
-            return   # no Grace-Hopper module or memory scope in the fake
-        s = gpu.spec.sensor
-        if fid in _FIELD_POWER and s.instant_field:
-            w, r = gpu.power_instant(t) if fid == nv.NVML_FI_DEV_POWER_INSTANT else gpu.power_average_1s(t)
-            v.value.uiVal = int(round(w * 1000))
-            put(v, "valueType", nv.NVML_VALUE_TYPE_UNSIGNED_INT)
-        elif fid == nv.NVML_FI_DEV_TOTAL_ENERGY_CONSUMPTION and s.energy_counter and \
-                gpu.call_fault("nvmlDeviceGetTotalEnergyConsumption", t, "not_supported") is None:
-            r = gpu.counter_grid.at(gpu.counter_grid.tick(gpu.stalled_at(t)))
-            v.value.ullVal = gpu.energy_mj(t)
-            put(v, "valueType", nv.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG)
-        elif fid in _FIELD_LIMITS:
-            lo, hi = self._limits_mw(gpu)
-            r = t
-            v.value.uiVal = {nv.NVML_FI_DEV_POWER_MIN_LIMIT: lo}.get(fid, hi)
-            put(v, "valueType", nv.NVML_VALUE_TYPE_UNSIGNED_INT)
-        else:
-            return
-        # Some drivers stamp a field with the time of the read, not of the value's refresh.
-        put(v, "timestamp", self._wall_us(t if s.field_timestamp == "read" else r))
-        put(v, "latencyUsec", int(gpu.latency_s("nvmlDeviceGetFieldValues") * 1e6))
-        put(v, "nvmlReturn", nv.NVML_SUCCESS)
-
-    @staticmethod
-    def _limits_mw(gpu: SimGpu) -> tuple[int, int]:
-        limit_w = gpu.spec.power_limit_w
-        return int(round(limit_w * 2 / 7)) * 1000, int(round(limit_w * 1000))   # H100: 200-700 W
+        return field_values(gpu, t, fieldIds, off, self.clock, self.t0)
 
     def nvmlDeviceGetPowerManagementLimit(self, handle: Any) -> int:
-        return self._limits_mw(self._dev("nvmlDeviceGetPowerManagementLimit", handle)[0])[1]
+        return limits_mw(self._dev("nvmlDeviceGetPowerManagementLimit", handle)[0])[1]
 
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any) -> int:
-        return self._limits_mw(self._dev("nvmlDeviceGetEnforcedPowerLimit", handle)[0])[1]
+        return limits_mw(self._dev("nvmlDeviceGetEnforcedPowerLimit", handle)[0])[1]
 
     def nvmlDeviceGetPowerManagementDefaultLimit(self, handle: Any) -> int:
-        return self._limits_mw(self._dev("nvmlDeviceGetPowerManagementDefaultLimit", handle)[0])[1]
+        return limits_mw(self._dev("nvmlDeviceGetPowerManagementDefaultLimit", handle)[0])[1]
 
     def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: Any) -> list[int]:
-        return list(self._limits_mw(self._dev("nvmlDeviceGetPowerManagementLimitConstraints", handle)[0]))
+        return list(limits_mw(self._dev("nvmlDeviceGetPowerManagementLimitConstraints", handle)[0]))
 
 
 def _bus_key(text: str) -> tuple[int, int, int, int] | None:
@@ -378,67 +306,3 @@ def _bus_key(text: str) -> tuple[int, int, int, int] | None:
         return domain, int(parts[-2], 16), int(parts[-1], 16), int(func, 16)
     except (ValueError, IndexError):
         return None
-
-
-# -- installing as the pynvml module ------------------------------------------------------------
-
-_installed: list[types.ModuleType | None] = []   # what sys.modules["pynvml"] held before each install
-
-
-def build_module(fake: FakeNVML) -> types.ModuleType:
-    """A ``pynvml`` module: every attribute of the real one, driver calls replaced by the fake's."""
-    real = real_pynvml()
-    mod = types.ModuleType("pynvml", real.__doc__)
-    skip = {"__name__", "__spec__", "__loader__", "__package__", "__builtins__", "__cached__", "__doc__"}
-    simulated = [name for name in dir(FakeNVML) if name.startswith("nvml")]
-    no_stub = _PURE_HELPERS.union(simulated)   # the simulated ones are set below
-    ns = mod.__dict__   # filled directly: ~2500 names, set on every simulated Meter's construction
-    for name, value in vars(real).items():
-        if name in skip:
-            continue
-        if name.startswith("nvml") and name not in no_stub and inspect.isfunction(value):
-            value = fake._stub(name)
-        ns[name] = value
-    for name in simulated:
-        ns[name] = getattr(fake, name)
-
-    def _nvmlGetFunctionPointer(name: str) -> Any:   # no shared library behind the fake
-        fake._require_init()
-        raise _err(nv.NVML_ERROR_FUNCTION_NOT_FOUND)
-
-    mod._nvmlGetFunctionPointer = _nvmlGetFunctionPointer
-    mod._LoadNvmlLibrary = lambda: None
-    mod.WATTMETER_FAKE = True
-    mod.WATTMETER_FAKE_NVML = fake
-    mod._WATTMETER_REAL = real
-    return mod
-
-
-def install(fake: FakeNVML) -> types.ModuleType:
-    """Put the fake in ``sys.modules["pynvml"]``. Code that imports pynvml afterwards gets it;
-    modules that imported pynvml before keep the real one (install first)."""
-    mod = build_module(fake)
-    _installed.append(sys.modules.get("pynvml"))
-    sys.modules["pynvml"] = mod
-    return mod
-
-
-def uninstall() -> None:
-    """Undo the latest ``install`` (a no-op when nothing is installed)."""
-    if not _installed:
-        return
-    previous = _installed.pop()
-    if previous is None:
-        sys.modules.pop("pynvml", None)
-    else:
-        sys.modules["pynvml"] = previous
-
-
-@contextlib.contextmanager
-def installed(fake: FakeNVML) -> Iterator[types.ModuleType]:
-    """``with installed(FakeNVML(scenario, clock)) as pynvml: ...``"""
-    mod = install(fake)
-    try:
-        yield mod
-    finally:
-        uninstall()
