@@ -126,10 +126,11 @@ def test_a_conflicting_bracket_resyncs_near_the_old_phase_instead_of_its_own_cen
         value = float((t - phase) // 0.1)
         tracker.observe(t, value)
         t += 0.0047
-    prev = 5.0 + phase - 0.085            # saw the old value
-    assert tracker.observe(prev, value) is None
+    prev = 5.0 + phase - 0.085            # saw the old value (the refresh before the one at 4.9)
+    value = float((prev - phase) // 0.1)
+    tracker.observe(prev, value)
     truth = 5.0 + phase - 0.006
-    est = tracker.observe(truth + 0.0016, value + 50.0)
+    est = tracker.observe(truth + 0.0016, value + 1.0)
     assert abs(est - truth) < 0.004                      # not the middle of the 88 ms bracket
     nxt = tracker.next_refresh_after(truth + 0.01)       # and the phase is still roughly known
     assert abs(nxt - (truth + 0.1)) < 0.015

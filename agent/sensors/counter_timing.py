@@ -27,6 +27,7 @@ PAIR_MARGIN_S = 0.003         # a pair started on a cadence read keeps the refre
 PIGGYBACK_S = 3.0             # how long a steady pair waits for such a read before its own wake-up
 STALL_S = 1.0                 # a counter unchanged this long while the GPU draws power has stalled
 STALL_MIN_W = 1.0
+MEASURE_S = 10.0              # after a value outlived the period: read at the cadence this long
 
 
 class Calibration:
@@ -73,7 +74,8 @@ class CounterTiming:
 
     @property
     def unlocked(self) -> bool:
-        return self.tracker.uncertainty_s > PHASE_LOCKED_S
+        tracker = self.tracker
+        return tracker.doubted or tracker.uncertainty_s > min(PHASE_LOCKED_S, 0.25 * tracker.period_s)
 
     def wish(self) -> float | None:
         """When the next counter read is due (shaped counters only)."""
@@ -100,16 +102,24 @@ class CounterTiming:
         self.fault = True
 
     def stalled(self, now: float, power_w: float | None) -> bool:
-        """A counter that holds one value for over STALL_S while instant power shows the GPU
-        busy has stalled (it moves by >= 1 mJ at every 100 ms refresh at any real power).
+        """A counter that holds one value for over ``stall_after_s`` while instant power shows
+        the GPU busy has stalled (it moves by >= 1 mJ at every refresh at any real power).
         True once per stall."""
         if self.changed_t is None:
             self.changed_t = now
             return False
-        if self.stall_reported or now - self.changed_t <= STALL_S or power_w is None or power_w < STALL_MIN_W:
+        if self.stall_reported or now - self.changed_t <= self.stall_after_s() or power_w is None or \
+                power_w < STALL_MIN_W:
             return False
         self.stall_reported = self.fault = True
         return True
+
+    def stall_after_s(self) -> float:
+        """How long an unchanged value means a stall: STALL_S, or two refreshes of a counter
+        that the reads show refreshing more slowly (a 1 s counter holds each value ~1 s)."""
+        tracker = self.tracker
+        provisional = tracker.periods.latest_s
+        return max(STALL_S, 2.0 * tracker.period_s, 2.0 * provisional if provisional is not None else 0.0)
 
     def due(self, now: float, cadence: bool, calibrating: bool, edges_pending: bool) -> bool:
         """Whether to pay for a counter read now. Unshaped counters are read every time; shaped
@@ -119,6 +129,12 @@ class CounterTiming:
         tracker = self.tracker
         if not tracker.dated:
             return True         # until the first change is seen, the ledger has no counter point
+        if tracker.doubted and now - tracker.doubted_t < MEASURE_S:
+            # The period is being measured: a slow counter's changes need reads at the
+            # cadence to bracket them (a burst's fast reads bracket a fast one's).
+            self.pair_second = None
+            self.next_counter_at = max(self.next_counter_at, now + COUNTER_PERIOD_S)   # no wake-ups of its own
+            return True
         if calibrating:
             # The whole burst, not just up to the first dated change: one 5 ms bracket leaves
             # the phase off by up to 2.5 ms; several at random offsets pin it to a fraction.
@@ -134,7 +150,9 @@ class CounterTiming:
             if now >= self.next_counter_at:      # unlocked between bursts: a plain read
                 self.next_counter_at = now + COUNTER_PERIOD_S
                 return True
-            return False
+            # A counter slower than a burst is long shows a burst one change at most: its
+            # phase is locked from the changes that reads at the cadence bracket.
+            return cadence and tracker.period_s > CALIBRATE_S
         if self.pair_second is not None:
             if now + 0.001 < self.pair_second:
                 return False

@@ -12,11 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .refresh_period import PeriodEstimate
+
 Arc = tuple[float, float]   # (start phase in [0, period), length in [0, period])
 RESYNC_SLACK_S = 0.008      # after a conflict, phases this far beyond the allowances stay possible
 FIRST_BRACKET_S = 0.02      # the first dated change needs a bracket this narrow...
 MAX_WIDE_SKIPS = 3          # ...unless this many changes have come in wider ones
 AMBIGUOUS_MARGIN_S = 0.003  # a refresh may come this much earlier than its allowed phases say
+PERIOD_CHANGE = 0.05        # a measured period this far from the one in use replaces it
+MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)
+DOUBT_PERIODS = 1.5         # one value read over this many periods apart doubts the period
 
 
 def _pieces(arcs: list[Arc], period: float) -> list[tuple[float, float]]:
@@ -79,6 +84,11 @@ class RefreshTracker:
     # refresh before, date if it is that one, the read, end of the window), settled next read.
     _pending: tuple[float, float, float, float, float] | None = None
     resolved: list[tuple[float, float]] = field(default_factory=list)
+    periods: PeriodEstimate = field(default_factory=PeriodEstimate)   # the period the reads show
+    measured: bool = False             # period_s was measured from the reads (not nominal)
+    doubted: bool = False              # a value outlived the period; none measured since
+    doubted_t: float = 0.0             # the read that doubted it
+    _changed_read: float | None = None  # the read that first saw the current value
     _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
     _drift: float = field(init=False)   # drift_per_period when brackets conflict)
 
@@ -101,11 +111,15 @@ class RefreshTracker:
         if value == self._last_value:
             self._prev_read = read_t
             self._fast_changes = 0
+            if not self.doubted and self._changed_read is not None and \
+                    read_t - self._changed_read > DOUBT_PERIODS * self.period_s + self.jitter_s:
+                self._doubt(read_t)
             return None
-        p = self.period_s
-        prev = self._prev_read if self._prev_read is not None else read_t - p
-        self._last_value, self._prev_read = value, read_t
+        prev = self._prev_read if self._prev_read is not None else read_t - self.period_s
+        self._last_value, self._prev_read, self._changed_read = value, read_t, read_t
         read_t = max(read_t, end_t if end_t is not None else read_t)
+        self._check_period(prev, read_t)
+        p = self.period_s
         if not self._arcs and read_t - prev > FIRST_BRACKET_S and self._wide_skips < MAX_WIDE_SKIPS:
             # No phase known yet and a wide bracket (a reader held up past a refresh right
             # after start): dating this value is a guess anywhere in the last period, up to
@@ -162,14 +176,46 @@ class RefreshTracker:
             return None
         return t
 
+    def _check_period(self, before_t: float, seen_t: float) -> None:
+        """Measure the period from this change and the one before; a period the reads
+        contradict is replaced, and the phases known on it are dropped (they were on the wrong
+        circle)."""
+        self.periods.change(before_t, seen_t)
+        measured = self.periods.period_s
+        if measured is None:
+            return
+        self.doubted = False
+        # Off by a few per cent is a clock's spread, which the drift allowance covers.
+        if abs(measured - self.period_s) > PERIOD_CHANGE * self.period_s:
+            self.period_s, self.measured = measured, True
+            # A measured period is good to a few parts in a thousand: allow that much drift.
+            self.drift_per_period = self._drift = max(self.drift_per_period, MEASURED_DRIFT)
+            self._arcs, self._pending, self._fast_changes = [], None, 0
+            self._measure()
+
+    def _doubt(self, read_t: float) -> None:
+        """One value held longer than the period allows: the counter refreshes more slowly
+        than assumed (or it stalled). The phases on the assumed period are dropped, so the
+        sensor reads densely again, and the period is measured afresh."""
+        self.doubted, self.doubted_t = True, read_t
+        self.periods = PeriodEstimate()
+        self._arcs, self._pending = [], None
+        self._measure()
+
     def _settle(self, read_t: float, value: float) -> None:
         """Date a value left pending (see observe) by the read after it. An unchanged value
         means the refresh had come before that first read: it is dated inside the part of the
         allowed window before it. A change means the first read saw the refresh before; this
-        read's change is then dated as usual by observe."""
-        pending_value, early, late, _, _ = self._pending  # type: ignore[misc]
+        read's change is then dated as usual by observe. An unchanged value read while the
+        predicted refresh may still be to come (a phase a little off, as on a measured period
+        a few parts in a thousand out) says neither: the value is left undated (its energy
+        comes with the next dated value) rather than dated a whole period off."""
+        pending_value, early, late, _, nxt = self._pending  # type: ignore[misc]
         self._pending = None
-        self.resolved.append((late if value == pending_value else early, pending_value))
+        if value != pending_value:
+            self.resolved.append((early, pending_value))
+        elif not self.measured or read_t > nxt + 0.5 * self._uncertainty + self.jitter_s:
+            self.resolved.append((late, pending_value))
 
     def take_resolved(self) -> list[tuple[float, float]]:
         """(time, value) of values left pending and dated since the last call, oldest first."""

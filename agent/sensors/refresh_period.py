@@ -1,0 +1,83 @@
+"""The refresh period a polled counter shows, learned from its reads.
+
+NVML's energy counter refreshes about every 100 ms on the GPUs measured so far (99.97 ms on an
+H100), but periods differ by GPU and driver, and a tracker that dates values on the wrong
+period misdates every window edge by up to a period. So the period is measured, not assumed.
+
+Two consecutive changes of a monotone counter, the first seen between reads p1 and r1, the
+second between p2 and r2, with every read from r1 to p2 unchanged, bracket two *consecutive*
+refreshes: no refresh lies in (r1, p2], whatever the read gaps (a refresh always moves the
+value of a GPU that draws power). So one period lies in [p2 - r1, r2 - p1]. Reads a period
+apart give an uninformative bracket (0 to two periods); the fast reads of a calibration burst
+or a pair give a narrow one. The period is where most recent narrow brackets overlap.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+KEPT = 16                  # recent period brackets kept
+MIN_VOTES = 3              # brackets that must agree before a period is believed...
+AGREEING = 0.6             # ...and this share of those kept (or two, with none against them)
+SPREAD = 4.0               # a bracket whose ends differ more than this many times says little
+JITTER_S = 0.001           # each of the two refreshes may land this early or late (a jittery
+                           # clock splits the brackets; the majority still finds the period)
+
+
+class PeriodEstimate:
+    """Period brackets from consecutive counter changes, and the period they agree on."""
+
+    __slots__ = ("brackets", "_last_change", "_period")
+
+    def __init__(self) -> None:
+        self.brackets: deque[tuple[float, float]] = deque(maxlen=KEPT)
+        self._last_change: tuple[float, float] | None = None   # (last read before it, read that saw it)
+        self._period: float | None = None
+
+    def change(self, before_t: float, seen_t: float) -> None:
+        """A change seen by the read at ``seen_t``; the read before it, at ``before_t``, still
+        saw the old value."""
+        last = self._last_change
+        self._last_change = (before_t, seen_t)
+        if last is None:
+            return
+        lo, hi = before_t - last[1] - 2 * JITTER_S, seen_t - last[0] + 2 * JITTER_S
+        # Reads a period apart bracket (0, two periods): every read sees a change, which says
+        # only that the period is shorter than the reads' gaps. Those would crowd out the
+        # fast reads' narrow brackets, so they are not kept.
+        if lo > 0 and hi <= SPREAD * lo:
+            self.brackets.append((lo, hi))
+            self._period = self._agreed()
+
+    def forget_last(self) -> None:
+        """The next change does not follow the last one (a fault, a reset, a stall between)."""
+        self._last_change = None
+
+    @property
+    def period_s(self) -> float | None:
+        """The period most brackets allow (None: too few agree yet)."""
+        return self._period
+
+    @property
+    def latest_s(self) -> float | None:
+        """The centre of the newest narrow bracket: a provisional period before one is agreed."""
+        if not self.brackets:
+            return None
+        lo, hi = self.brackets[-1]
+        return 0.5 * (lo + hi)
+
+    def _agreed(self) -> float | None:
+        # The deepest point of the brackets (a sweep over their ends), and the middle of the
+        # stretch where that depth holds.
+        ends = sorted([(lo, 1) for lo, _ in self.brackets] + [(hi, -1) for _, hi in self.brackets],
+                      key=lambda e: (e[0], -e[1]))
+        depth = best = 0
+        start = stop = 0.0
+        for i, (x, step) in enumerate(ends):
+            depth += step
+            if step > 0 and depth > best:
+                best, start = depth, x
+                stop = ends[i + 1][0] if i + 1 < len(ends) else x
+        n = len(self.brackets)
+        if not (best >= MIN_VOTES and best >= AGREEING * n) and not (best == n >= 2):
+            return None         # (two brackets and nothing against them: a slow counter's first)
+        return 0.5 * (start + stop)
