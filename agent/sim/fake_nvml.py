@@ -63,8 +63,10 @@ class FakeNVML(InfoCalls):
         self.clock: Clock = clock or SystemClock()
         self.t0 = self.clock.now() if t0 is None else float(t0)
         self._gpus = [SimGpu(spec, scenario.faults) for spec in scenario.gpus]
-        self._handles = [FakeHandle(self, g) for g in self._gpus]
-        self._migs = [[MigHandle(self, g, m) for m in g.spec.mig] for g in self._gpus]
+        # Handles of each GPU and of its MIG instances, by GPU index (the query functions'
+        # answers, here and in fake_nvml_info.py).
+        self.handles = [FakeHandle(self, g) for g in self._gpus]
+        self.mig_handles = [[MigHandle(self, g, m) for m in g.spec.mig] for g in self._gpus]
         self._init_faults = [f for f in scenario.faults if f.kind in INIT_FAULT_KINDS]
         self._lib_faults = [f for f in scenario.faults if f.function and f.gpu is None]
         self._refs = 0
@@ -85,27 +87,26 @@ class FakeNVML(InfoCalls):
     def true_power_w(self, index: int, t: float) -> float:
         return self._gpus[index].trace.power_w(t - self.t0)
 
-    # -- plumbing ------------------------------------------------------------------------------
-    def _now(self) -> float:
-        return self.clock.now() - self.t0
-
-    def _require_init(self) -> None:
+    # -- plumbing: the fake's checks behind its query functions (here and fake_nvml_info.py) ----
+    def require_init(self) -> None:
+        """Plumbing of the fake's query functions: Uninitialized unless nvmlInit has run."""
         if self._refs <= 0:
             raise _err(nv.NVML_ERROR_UNINITIALIZED)
 
-    def _lib_call(self, function: str, require_init: bool = True) -> float:
-        """Checks for calls without a handle: init state and library-wide call faults."""
+    def lib_call(self, function: str, require_init: bool = True) -> float:
+        """Plumbing of the fake's query functions, for calls without a handle: init state and
+        library-wide call faults. Returns scenario t."""
         if require_init:
-            self._require_init()
-        t = self._now()
+            self.require_init()
+        t = self.scenario_time()
         for f in self._lib_faults:
             if f.function == function and f.active(t):
                 if f.kind == "slow_call":
                     self.clock.sleep(f.delay_s)
-                    t = self._now()
+                    t = self.scenario_time()
                 elif f.kind == "hang":
                     self._hang(f)
-                    t = self._now()
+                    t = self.scenario_time()
                 elif f.kind == "not_supported":
                     raise _err(nv.NVML_ERROR_NOT_SUPPORTED)
         return t
@@ -131,11 +132,12 @@ class FakeNVML(InfoCalls):
         """Let every hung call return now, and stop later calls from hanging (test teardown)."""
         self._released.set()
 
-    def _gpu_call(self, function: str, gpu: SimGpu, check_supported: bool = True) -> float:
-        """Delays, then lost / not-supported checks for one device call. Returns scenario t."""
+    def gpu_call(self, function: str, gpu: SimGpu, check_supported: bool = True) -> float:
+        """Plumbing of the fake's query functions: delays, then lost / not-supported checks for
+        one device call. Returns scenario t."""
         latency = gpu.latency_s(function)
         if gpu.call_faults:
-            now = self._now()
+            now = self.scenario_time()
             slow = gpu.call_fault(function, now, "slow_call")
             if slow is not None:
                 latency += slow.delay_s
@@ -144,27 +146,29 @@ class FakeNVML(InfoCalls):
                 self._hang(hang)
         if latency > 0:
             self.clock.sleep(latency)   # outside any lock: other threads keep reading
-        t = self._now()
+        t = self.scenario_time()
         if gpu.lost_windows and gpu.is_lost(t):
             raise _err(nv.NVML_ERROR_GPU_IS_LOST)
         if check_supported and gpu.call_faults and gpu.call_fault(function, t, "not_supported"):
             raise _err(nv.NVML_ERROR_NOT_SUPPORTED)
         return t
 
-    def _dev(self, function: str, handle: Any, check_supported: bool = True) -> tuple[SimGpu, float]:
-        """Resolve a full-GPU handle for a device call (MIG handles: NotSupported)."""
+    def dev(self, function: str, handle: Any, check_supported: bool = True) -> tuple[SimGpu, float]:
+        """Plumbing of the fake's query functions: resolve a full-GPU handle for a device call
+        (MIG handles: NotSupported), then ``gpu_call``. Returns the GPU and scenario t."""
         if self._refs <= 0:
             raise _err(nv.NVML_ERROR_UNINITIALIZED)
         if type(handle) is FakeHandle and handle.owner is self:
             gpu = handle.gpu
         elif type(handle) is MigHandle and handle.owner is self:
-            self._gpu_call(function, handle.gpu, check_supported)
+            self.gpu_call(function, handle.gpu, check_supported)
             raise _err(nv.NVML_ERROR_NOT_SUPPORTED)   # no per-instance power, clocks, ...
         else:
             raise _err(nv.NVML_ERROR_INVALID_ARGUMENT)
-        return gpu, self._gpu_call(function, gpu, check_supported)
+        return gpu, self.gpu_call(function, gpu, check_supported)
 
-    def _wall_us(self, scenario_t: float) -> int:
+    def wall_us(self, scenario_t: float) -> int:
+        """Plumbing of the fake's query functions: scenario time as a wall-clock timestamp in µs."""
         return int(round(self.clock.wall(self.t0 + scenario_t) * 1e6))
 
     def not_simulated(self, name: str, code: int | None = None) -> Callable[..., Any]:
@@ -176,7 +180,7 @@ class FakeNVML(InfoCalls):
             code = nv.NVML_ERROR_NO_PERMISSION if setter else nv.NVML_ERROR_NOT_SUPPORTED
 
         def not_simulated(*args: Any, **kwargs: Any) -> Any:
-            self._require_init()
+            self.require_init()
             raise _err(code)
 
         not_simulated.__name__ = not_simulated.__qualname__ = name
@@ -197,7 +201,7 @@ class FakeNVML(InfoCalls):
     # -- lifecycle -----------------------------------------------------------------------------
     def nvmlInitWithFlags(self, flags: int) -> None:
         # slow_call / hang faults on nvmlInit model a driver that is still loading or stuck.
-        t = self._lib_call("nvmlInit", require_init=False)
+        t = self.lib_call("nvmlInit", require_init=False)
         for f in self._init_faults:
             if f.active(t):
                 raise _err(_INIT_ERRORS[f.kind])
@@ -221,80 +225,80 @@ class FakeNVML(InfoCalls):
 
     # -- discovery -----------------------------------------------------------------------------
     def nvmlDeviceGetCount(self) -> int:
-        self._lib_call("nvmlDeviceGetCount")
+        self.lib_call("nvmlDeviceGetCount")
         return len(self._gpus)
 
     def nvmlDeviceGetHandleByIndex(self, index: int) -> FakeHandle:
-        self._require_init()
+        self.require_init()
         try:
             index = operator.index(index)   # ints, numpy ints; not floats or strings
         except TypeError:
             raise _err(nv.NVML_ERROR_INVALID_ARGUMENT) from None
         if not 0 <= index < len(self._gpus):
             raise _err(nv.NVML_ERROR_INVALID_ARGUMENT)
-        self._gpu_call("nvmlDeviceGetHandleByIndex", self._gpus[index])
-        return self._handles[index]
+        self.gpu_call("nvmlDeviceGetHandleByIndex", self._gpus[index])
+        return self.handles[index]
 
     def nvmlDeviceGetHandleByUUID(self, uuid: str | bytes) -> FakeHandle | MigHandle:
-        self._require_init()   # call faults apply through the GPU found (_gpu_call)
+        self.require_init()   # call faults apply through the GPU found (gpu_call)
         text = uuid.decode() if isinstance(uuid, bytes) else str(uuid)
-        for h, migs in zip(self._handles, self._migs):
+        for h, migs in zip(self.handles, self.mig_handles):
             if h.gpu.spec.uuid.lower() == text.lower():
-                self._gpu_call("nvmlDeviceGetHandleByUUID", h.gpu)
+                self.gpu_call("nvmlDeviceGetHandleByUUID", h.gpu)
                 return h
             for m in migs:
                 if m.uuid.lower() == text.lower():
-                    self._gpu_call("nvmlDeviceGetHandleByUUID", h.gpu)
+                    self.gpu_call("nvmlDeviceGetHandleByUUID", h.gpu)
                     return m
         raise _err(nv.NVML_ERROR_NOT_FOUND)
 
     def nvmlDeviceGetHandleByPciBusId(self, pciBusId: str | bytes) -> FakeHandle:
-        self._require_init()
+        self.require_init()
         want = _bus_key(pciBusId.decode() if isinstance(pciBusId, bytes) else str(pciBusId))
         if want is None:
             raise _err(nv.NVML_ERROR_INVALID_ARGUMENT)
-        for h in self._handles:
+        for h in self.handles:
             if _bus_key(h.gpu.spec.pci_bus_id) == want:
-                self._gpu_call("nvmlDeviceGetHandleByPciBusId", h.gpu)
+                self.gpu_call("nvmlDeviceGetHandleByPciBusId", h.gpu)
                 return h
         raise _err(nv.NVML_ERROR_NOT_FOUND)
 
     # -- energy and power ----------------------------------------------------------------------
     def nvmlDeviceGetTotalEnergyConsumption(self, handle: Any) -> int:
-        gpu, t = self._dev("nvmlDeviceGetTotalEnergyConsumption", handle)
+        gpu, t = self.dev("nvmlDeviceGetTotalEnergyConsumption", handle)
         if not gpu.spec.sensor.energy_counter:
             raise _err(nv.NVML_ERROR_NOT_SUPPORTED)   # pre-Volta: integrate power instead
         return gpu.energy_mj(t)
 
     def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
-        gpu, t = self._dev("nvmlDeviceGetPowerUsage", handle)
+        gpu, t = self.dev("nvmlDeviceGetPowerUsage", handle)
         return int(round(gpu.power_usage(t)[0] * 1000))
 
     def nvmlDeviceGetFieldValues(self, handle: Any, fieldIds: Sequence[Any]) -> Any:
-        if type(handle) is FakeHandle and handle.owner is self:   # as _dev, inlined: the sampler's hot call
+        if type(handle) is FakeHandle and handle.owner is self:   # as dev, inlined: the sampler's hot call
             if self._refs <= 0:
                 raise _err(nv.NVML_ERROR_UNINITIALIZED)
             gpu, mig = handle.gpu, False
-            t = self._gpu_call("nvmlDeviceGetFieldValues", gpu, False)
+            t = self.gpu_call("nvmlDeviceGetFieldValues", gpu, False)
         elif type(handle) is MigHandle and handle.owner is self:
-            self._require_init()
-            gpu, t, mig = handle.gpu, self._gpu_call("nvmlDeviceGetFieldValues", handle.gpu, False), True
+            self.require_init()
+            gpu, t, mig = handle.gpu, self.gpu_call("nvmlDeviceGetFieldValues", handle.gpu, False), True
         else:
-            (gpu, t), mig = self._dev("nvmlDeviceGetFieldValues", handle, check_supported=False), False
+            (gpu, t), mig = self.dev("nvmlDeviceGetFieldValues", handle, check_supported=False), False
         off = mig or (gpu.call_faults and gpu.call_fault("nvmlDeviceGetFieldValues", t, "not_supported") is not None)
         return field_values(gpu, t, fieldIds, off, self.clock, self.t0)
 
     def nvmlDeviceGetPowerManagementLimit(self, handle: Any) -> int:
-        return limits_mw(self._dev("nvmlDeviceGetPowerManagementLimit", handle)[0])[1]
+        return limits_mw(self.dev("nvmlDeviceGetPowerManagementLimit", handle)[0])[1]
 
     def nvmlDeviceGetEnforcedPowerLimit(self, handle: Any) -> int:
-        return limits_mw(self._dev("nvmlDeviceGetEnforcedPowerLimit", handle)[0])[1]
+        return limits_mw(self.dev("nvmlDeviceGetEnforcedPowerLimit", handle)[0])[1]
 
     def nvmlDeviceGetPowerManagementDefaultLimit(self, handle: Any) -> int:
-        return limits_mw(self._dev("nvmlDeviceGetPowerManagementDefaultLimit", handle)[0])[1]
+        return limits_mw(self.dev("nvmlDeviceGetPowerManagementDefaultLimit", handle)[0])[1]
 
     def nvmlDeviceGetPowerManagementLimitConstraints(self, handle: Any) -> list[int]:
-        return list(limits_mw(self._dev("nvmlDeviceGetPowerManagementLimitConstraints", handle)[0]))
+        return list(limits_mw(self.dev("nvmlDeviceGetPowerManagementLimitConstraints", handle)[0]))
 
 
 def _bus_key(text: str) -> tuple[int, int, int, int] | None:

@@ -45,42 +45,44 @@ class MigHandle:
 
 
 class InfoCalls:
+    """Identity, memory, process and MIG queries of ``FakeNVML`` (a mixin), answered through its
+    public plumbing (``dev``, ``gpu_call``, ``lib_call``, ``require_init``, ``wall_us``)."""
+
     scenario: Scenario
-    _gpus: list[SimGpu]
-    _handles: list["FakeHandle"]
-    _migs: list[list[MigHandle]]
+    handles: list["FakeHandle"]
+    mig_handles: list[list[MigHandle]]
 
     if TYPE_CHECKING:  # provided by FakeNVML
-        def _dev(self, function: str, handle: Any, check_supported: bool = True) -> tuple[SimGpu, float]: ...
-        def _lib_call(self, function: str) -> float: ...
-        def _require_init(self) -> None: ...
-        def _gpu_call(self, function: str, gpu: SimGpu, check_supported: bool = True) -> float: ...
-        def _now(self) -> float: ...
-        def _wall_us(self, scenario_t: float) -> int: ...
+        def dev(self, function: str, handle: Any, check_supported: bool = True) -> tuple[SimGpu, float]: ...
+        def lib_call(self, function: str) -> float: ...
+        def require_init(self) -> None: ...
+        def gpu_call(self, function: str, gpu: SimGpu, check_supported: bool = True) -> float: ...
+        def scenario_time(self, t: float | None = None) -> float: ...
+        def wall_us(self, scenario_t: float) -> int: ...
 
     def _any(self, function: str, handle: Any) -> tuple[SimGpu, MigHandle | None]:
         """Resolve a handle for calls that also answer for MIG instances."""
         if type(handle) is MigHandle and handle.owner is self:
-            self._require_init()
-            self._gpu_call(function, handle.gpu)
+            self.require_init()
+            self.gpu_call(function, handle.gpu)
             return handle.gpu, handle
-        return self._dev(function, handle)[0], None
+        return self.dev(function, handle)[0], None
 
     # -- system --------------------------------------------------------------------------------
     def nvmlSystemGetDriverVersion(self) -> str:
-        self._lib_call("nvmlSystemGetDriverVersion")
+        self.lib_call("nvmlSystemGetDriverVersion")
         return self.scenario.driver_version
 
     def nvmlSystemGetNVMLVersion(self) -> str:
-        self._lib_call("nvmlSystemGetNVMLVersion")
+        self.lib_call("nvmlSystemGetNVMLVersion")
         return self.scenario.nvml_version
 
     def nvmlSystemGetCudaDriverVersion(self) -> int:
-        self._lib_call("nvmlSystemGetCudaDriverVersion")
+        self.lib_call("nvmlSystemGetCudaDriverVersion")
         return self.scenario.cuda_driver_version
 
     def nvmlSystemGetCudaDriverVersion_v2(self) -> int:
-        self._lib_call("nvmlSystemGetCudaDriverVersion_v2")
+        self.lib_call("nvmlSystemGetCudaDriverVersion_v2")
         return self.scenario.cuda_driver_version
 
     # -- identity ------------------------------------------------------------------------------
@@ -93,17 +95,17 @@ class InfoCalls:
         return mig.uuid if mig else gpu.spec.uuid
 
     def nvmlDeviceGetIndex(self, handle: Any) -> int:
-        return self._dev("nvmlDeviceGetIndex", handle)[0].spec.index
+        return self.dev("nvmlDeviceGetIndex", handle)[0].spec.index
 
     def nvmlDeviceGetMinorNumber(self, handle: Any) -> int:
-        return self._dev("nvmlDeviceGetMinorNumber", handle)[0].spec.index
+        return self.dev("nvmlDeviceGetMinorNumber", handle)[0].spec.index
 
     def nvmlDeviceGetSerial(self, handle: Any) -> str:
-        gpu = self._dev("nvmlDeviceGetSerial", handle)[0]
+        gpu = self.dev("nvmlDeviceGetSerial", handle)[0]
         return str(int(gpu.spec.uuid.replace("-", "")[4:16], 16) % 10**13).zfill(13)
 
     def nvmlDeviceGetPciInfo(self, handle: Any) -> Any:
-        gpu = self._dev("nvmlDeviceGetPciInfo", handle)[0]
+        gpu = self.dev("nvmlDeviceGetPciInfo", handle)[0]
         head, func = gpu.spec.pci_bus_id.rsplit(".", 1)
         parts = head.split(":")
         domain = int(parts[0], 16) if len(parts) == 3 else 0
@@ -120,7 +122,7 @@ class InfoCalls:
     nvmlDeviceGetPciInfo_v3 = nvmlDeviceGetPciInfo
 
     def nvmlDeviceGetBrand(self, handle: Any) -> int:
-        model = self._dev("nvmlDeviceGetBrand", handle)[0].spec.model.upper()
+        model = self.dev("nvmlDeviceGetBrand", handle)[0].spec.model.upper()
         if "GEFORCE" in model:
             return nv.NVML_BRAND_GEFORCE
         if "TESLA" in model or "V100" in model or "P100" in model or "T4" in model:
@@ -128,15 +130,15 @@ class InfoCalls:
         return nv.NVML_BRAND_NVIDIA
 
     def nvmlDeviceGetArchitecture(self, device: Any) -> int:
-        return _ARCH_CODES[self._dev("nvmlDeviceGetArchitecture", device)[0].spec.architecture]
+        return _ARCH_CODES[self.dev("nvmlDeviceGetArchitecture", device)[0].spec.architecture]
 
     def nvmlDeviceGetCudaComputeCapability(self, handle: Any) -> tuple[int, int]:
-        return _COMPUTE_CAP[self._dev("nvmlDeviceGetCudaComputeCapability", handle)[0].spec.architecture]
+        return _COMPUTE_CAP[self.dev("nvmlDeviceGetCudaComputeCapability", handle)[0].spec.architecture]
 
     # -- memory, utilisation, thermal, clocks --------------------------------------------------------
     def nvmlDeviceGetMemoryInfo(self, handle: Any, version: int | None = None) -> Any:
         gpu, mig = self._any("nvmlDeviceGetMemoryInfo", handle)
-        t = self._now()
+        t = self.scenario_time()
         share = mig.spec.sm_share if mig else 1.0
         total = int(gpu.spec.memory_total_mib * share) * _MIB
         reserved = min(total // 2, int(total * 0.006)) // _MIB * _MIB   # driver/firmware reservation
@@ -150,12 +152,12 @@ class InfoCalls:
         return mem
 
     def nvmlDeviceGetUtilizationRates(self, handle: Any) -> Any:
-        gpu, t = self._dev("nvmlDeviceGetUtilizationRates", handle)
+        gpu, t = self.dev("nvmlDeviceGetUtilizationRates", handle)
         g, m = gpu.utilization(t)
         return nv.c_nvmlUtilization_t(gpu=g, memory=m)
 
     def nvmlDeviceGetTemperature(self, handle: Any, sensor: int) -> int:
-        gpu, t = self._dev("nvmlDeviceGetTemperature", handle)
+        gpu, t = self.dev("nvmlDeviceGetTemperature", handle)
         if sensor != nv.NVML_TEMPERATURE_GPU:
             raise _err(nv.NVML_ERROR_INVALID_ARGUMENT)
         return gpu.temperature_c(t)
@@ -163,47 +165,47 @@ class InfoCalls:
     def nvmlDeviceGetTemperatureV(self, handle: Any, sensor: int, version: int = nv.nvmlTemperature_v1) -> int:
         if version != nv.nvmlTemperature_v1:
             raise _err(nv.NVML_ERROR_ARGUMENT_VERSION_MISMATCH)
-        gpu, t = self._dev("nvmlDeviceGetTemperatureV", handle)
+        gpu, t = self.dev("nvmlDeviceGetTemperatureV", handle)
         if sensor != nv.NVML_TEMPERATURE_GPU:
             raise _err(nv.NVML_ERROR_INVALID_ARGUMENT)
         return gpu.temperature_c(t)
 
     def nvmlDeviceGetClockInfo(self, handle: Any, type: int) -> int:
-        gpu, t = self._dev("nvmlDeviceGetClockInfo", handle)
+        gpu, t = self.dev("nvmlDeviceGetClockInfo", handle)
         if type not in (nv.NVML_CLOCK_GRAPHICS, nv.NVML_CLOCK_SM, nv.NVML_CLOCK_MEM, nv.NVML_CLOCK_VIDEO):
             raise _err(nv.NVML_ERROR_INVALID_ARGUMENT)
         return gpu.clock_mhz(type, t)
 
     def nvmlDeviceGetMaxClockInfo(self, handle: Any, type: int) -> int:
-        gpu, _ = self._dev("nvmlDeviceGetMaxClockInfo", handle)
+        gpu, _ = self.dev("nvmlDeviceGetMaxClockInfo", handle)
         if type not in (nv.NVML_CLOCK_GRAPHICS, nv.NVML_CLOCK_SM, nv.NVML_CLOCK_MEM, nv.NVML_CLOCK_VIDEO):
             raise _err(nv.NVML_ERROR_INVALID_ARGUMENT)
         return gpu.max_clock_mhz(type)
 
     def nvmlDeviceGetComputeMode(self, handle: Any) -> int:
-        self._dev("nvmlDeviceGetComputeMode", handle)
+        self.dev("nvmlDeviceGetComputeMode", handle)
         return nv.NVML_COMPUTEMODE_DEFAULT
 
     def nvmlDeviceGetPersistenceMode(self, handle: Any) -> int:
-        self._dev("nvmlDeviceGetPersistenceMode", handle)
+        self.dev("nvmlDeviceGetPersistenceMode", handle)
         return nv.NVML_FEATURE_ENABLED
 
     def nvmlDeviceGetPowerManagementMode(self, handle: Any) -> int:
-        self._dev("nvmlDeviceGetPowerManagementMode", handle)
+        self.dev("nvmlDeviceGetPowerManagementMode", handle)
         return nv.NVML_FEATURE_ENABLED
 
     def nvmlDeviceGetPerformanceState(self, handle: Any) -> int:
-        gpu, t = self._dev("nvmlDeviceGetPerformanceState", handle)
+        gpu, t = self.dev("nvmlDeviceGetPerformanceState", handle)
         return nv.NVML_PSTATE_0 if gpu.load_fraction(t) > 0.02 else nv.NVML_PSTATE_8
 
     # -- processes -----------------------------------------------------------------------------
     def nvmlDeviceGetComputeRunningProcesses(self, handle: Any) -> list[Any]:
         if type(handle) is MigHandle and handle.owner is self:
-            self._require_init()
-            t = self._gpu_call("nvmlDeviceGetComputeRunningProcesses", handle.gpu)
+            self.require_init()
+            t = self.gpu_call("nvmlDeviceGetComputeRunningProcesses", handle.gpu)
             procs = handle.gpu.processes(t, handle.spec.gi_id)
         else:
-            gpu, t = self._dev("nvmlDeviceGetComputeRunningProcesses", handle)
+            gpu, t = self.dev("nvmlDeviceGetComputeRunningProcesses", handle)
             procs = gpu.processes(t)
         out = []
         for p in procs:
@@ -219,10 +221,10 @@ class InfoCalls:
 
     def nvmlDeviceGetGraphicsRunningProcesses(self, handle: Any) -> list[Any]:
         if type(handle) is MigHandle and handle.owner is self:
-            self._require_init()
-            self._gpu_call("nvmlDeviceGetGraphicsRunningProcesses", handle.gpu)
+            self.require_init()
+            self.gpu_call("nvmlDeviceGetGraphicsRunningProcesses", handle.gpu)
         else:
-            self._dev("nvmlDeviceGetGraphicsRunningProcesses", handle)
+            self.dev("nvmlDeviceGetGraphicsRunningProcesses", handle)
         return []   # headless compute GPUs: no graphics contexts
 
     nvmlDeviceGetGraphicsRunningProcesses_v2 = nvmlDeviceGetGraphicsRunningProcesses
@@ -230,17 +232,17 @@ class InfoCalls:
 
     def nvmlDeviceGetProcessUtilization(self, handle: Any, timeStamp: int) -> list[Any]:
         """Latest sample per running process newer than ``timeStamp`` (µs); NotFound if none."""
-        gpu, t = self._dev("nvmlDeviceGetProcessUtilization", handle)
+        gpu, t = self.dev("nvmlDeviceGetProcessUtilization", handle)
         r, samples = gpu.process_samples(t)
-        ts = self._wall_us(r)
+        ts = self.wall_us(r)
         if ts <= int(timeStamp) or not samples:
             raise _err(nv.NVML_ERROR_NOT_FOUND)
         return [nv.c_nvmlProcessUtilizationSample_t(pid, ts, sm, mem, 0, 0) for pid, sm, mem in samples]
 
     def nvmlSystemGetProcessName(self, pid: int) -> str:
-        self._lib_call("nvmlSystemGetProcessName")
-        for g in self._gpus:
-            for p in g.spec.processes:
+        self.lib_call("nvmlSystemGetProcessName")
+        for g in self.scenario.gpus:
+            for p in g.processes:
                 if p.pid == pid:
                     return p.name
         raise _err(nv.NVML_ERROR_NOT_FOUND)
@@ -252,20 +254,20 @@ class InfoCalls:
             raise _err(nv.NVML_ERROR_NOT_SUPPORTED)
 
     def nvmlDeviceGetMigMode(self, device: Any) -> list[int]:
-        gpu = self._dev("nvmlDeviceGetMigMode", device)[0]
+        gpu = self.dev("nvmlDeviceGetMigMode", device)[0]
         self._mig_capable(gpu)
         mode = nv.NVML_DEVICE_MIG_ENABLE if gpu.spec.mig else nv.NVML_DEVICE_MIG_DISABLE
         return [mode, mode]
 
     def nvmlDeviceGetMaxMigDeviceCount(self, device: Any) -> int:
-        gpu = self._dev("nvmlDeviceGetMaxMigDeviceCount", device)[0]
+        gpu = self.dev("nvmlDeviceGetMaxMigDeviceCount", device)[0]
         self._mig_capable(gpu)
         return 4 if "A30" in gpu.spec.model.upper() else 7
 
     def nvmlDeviceGetMigDeviceHandleByIndex(self, device: Any, index: int) -> MigHandle:
-        gpu = self._dev("nvmlDeviceGetMigDeviceHandleByIndex", device)[0]
+        gpu = self.dev("nvmlDeviceGetMigDeviceHandleByIndex", device)[0]
         self._mig_capable(gpu)
-        migs = self._migs[gpu.spec.index]
+        migs = self.mig_handles[gpu.spec.index]
         if not isinstance(index, int) or not 0 <= index < len(migs):
             raise _err(nv.NVML_ERROR_NOT_FOUND)
         return migs[index]
@@ -284,5 +286,5 @@ class InfoCalls:
         gpu, mig = self._any("nvmlDeviceGetDeviceHandleFromMigDeviceHandle", migDevice)
         if mig is None:
             raise _err(nv.NVML_ERROR_INVALID_ARGUMENT)
-        return self._handles[gpu.spec.index]
+        return self.handles[gpu.spec.index]
 
