@@ -93,8 +93,11 @@ class MarkQueue:
                     pin(m, d, found[0], found[1], found[2])
         if m.pending <= 0:
             m.done.set()
-        else:
-            self._marks.append(m)
+        # Queued even when resolved at once: devices find their next mark by its place in the
+        # queue (seq - first seq), so a seq missing from it sent a device past the end
+        # (IndexError in record()). ``trim`` drops it once it reaches the head.
+        self._marks.append(m)
+        self.trim()
         return m
 
     def force(self, m: Mark, devs: Collection[DeviceHistory]) -> None:

@@ -224,3 +224,22 @@ def test_flat_or_missing_neighbours_keep_the_pro_rata_share():
     d = _DeviceLedger(Device("gpu0", Component.GPU, Source.COUNTER), 0)
     d.samples.pts.extend([(0.02, 70.0), (0.06, 335.0), (0.08, 600.0)])     # the box before is missing
     assert d.samples.energy(0.045, 0.08, 0.06) == pytest.approx(335.0 * 0.015 + 600.0 * 0.02)
+
+
+def test_a_mark_resolved_when_opened_does_not_send_a_device_past_the_queue():
+    # A mark every device could answer at once was never queued, yet it took a seq: a device
+    # that then resolved an earlier mark looked up the next one by position and raised
+    # IndexError inside record() (found by a side-by-side replay of random traffic).
+    a, b = (Device(k, Component.GPU, Source.COUNTER) for k in ("a", "b"))
+    led = Ledger([a, b])
+    for t in (0.0, 1.0, 2.0):
+        led.record([Reading("a", t, energy_j=100 * t), Reading("b", t, energy_j=100 * t)])
+    m0 = led.mark(2.5)                       # past both devices' last point: waits
+    led.record([Reading("a", 3.0, energy_j=300.0), Reading("b", 3.0, energy_j=300.0)])
+    m1 = led.mark(2.7)                       # both have a point past 2.7: pinned at once
+    assert m1.done.is_set() and m1.energy_j == {"a": pytest.approx(270.0), "b": pytest.approx(270.0)}
+    led.record([Reading("a", 4.0, energy_j=400.0)])
+    led.record([Reading("b", 4.0, energy_j=400.0)])
+    assert m0.done.is_set()
+    assert m0.energy_j == {"a": pytest.approx(250.0), "b": pytest.approx(250.0)}
+    assert led.pending_marks() == 0
