@@ -190,3 +190,45 @@ def test_a_change_seen_where_the_next_refresh_may_land_is_dated_by_the_read_afte
     ((t, v),) = tracker.take_resolved()
     assert v == 1000.0 and 15.615 <= t <= 15.621
     assert t_next is not None and 15.7175 <= t_next <= 15.7335
+
+
+def _tracker_after(period, seed, jitter=0.0):
+    from wattmeter.sensors import refresh as R
+    made = []
+    orig = R.RefreshTracker.__post_init__
+
+    def keep(self):
+        orig(self)
+        made.append(self)
+    R.RefreshTracker.__post_init__ = keep
+    try:
+        errors, outside = simulate(period, 0.007, seed, jitter=jitter)
+    finally:
+        R.RefreshTracker.__post_init__ = orig
+    return made[0], errors, outside
+
+
+def test_a_counter_refreshing_every_20_or_200_ms_is_measured_and_dated_on_its_own_period():
+    # NVML's counter refreshes ~every 100 ms on the GPUs measured so far; other GPUs and
+    # drivers differ. Dated on a 100 ms grid, a 20 ms counter's values were up to 80 ms off.
+    for period in (0.02, 0.05, 0.2):
+        tracker, errors, outside = _tracker_after(period, 1)
+        assert tracker.measured and abs(tracker.period_s - period) < 0.02 * period
+        assert outside == 0
+        assert errors[len(errors) // 2] < 0.35 * period       # reads 100 ms apart, no pairs here
+
+
+def test_the_nominal_period_stays_on_a_100_ms_counter_with_an_h100_clock():
+    tracker, errors, _ = _tracker_after(0.09997, 2, jitter=0.0025)
+    assert not tracker.measured and tracker.period_s == 0.1
+    assert errors[len(errors) // 2] < 0.006
+
+
+def test_a_value_held_longer_than_the_period_allows_doubts_it():
+    tracker = RefreshTracker(period_s=0.1)
+    for i, t in enumerate((0.0, 0.003, 0.006)):
+        tracker.observe(t, float(i))                      # changes 3 ms apart: current values
+    tracker.observe(0.1, 2.0)
+    assert not tracker.doubted
+    tracker.observe(0.2, 2.0)                             # one value over 1.5 periods: a slow counter?
+    assert tracker.doubted and tracker.uncertainty_s == tracker.period_s

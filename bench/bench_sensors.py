@@ -1,0 +1,140 @@
+"""Sensor behaviours beyond the robustness matrix (issue 11: numbers that hold on any GPU).
+
+    python bench/bench_sensors.py            # ~1 min on 2 cores, writes bench/results/sensors.{json,md}
+    python bench/bench_sensors.py --quick    # 3 loads, writes to /tmp
+
+The robustness matrix (``bench_robustness.py``) runs real time against wattmeter, Zeus and
+CodeCarbon on the sensor behaviours the issue names. This sweep asks a different question:
+does wattmeter hold when the simulated GPU differs in ways no test was written for -- counter
+refresh periods of 20, 50, 200 ms or 1 s, a trailing mean refreshed once a second or every
+250 ms, field 186 boxes stamped at read time, 50 ms boxes, 100 ms samples stamped at refresh?
+wattmeter only, in virtual time (``tests/vdrive.py``), so every cell is deterministic and the
+machine's load does not matter. Each cell: 12 jobs at random phases, |error| % over the true
+window; p90, the signed median and how many windows were flagged approximate.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import sys
+from dataclasses import replace
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+import bench_robustness as BR  # noqa: E402
+
+VARIANTS = {
+    # name: (label, sensor table on top of the grid phase)
+    "counter_box": ("counter 100 ms, field 186 20 ms boxes (the matrix's H100)", dict(BR.SENSORS["counter_box"][1])),
+    "counter_sample": ("counter 100 ms, field 186 100 ms samples stamped at read", dict(BR.SENSORS["counter_sample"][1])),
+    "counter_h100clock": ("counter 99.97 ms +-2.5 ms, 100 ms samples stamped at read",
+                          {"energy_counter": True, "counter_refresh_s": 0.09997, "counter_jitter_s": 0.0025,
+                           "instant_kind": "sample", "instant_refresh_s": 0.1, "field_timestamp": "read"}),
+    "counter_20ms": ("counter refreshing every 20 ms", {"energy_counter": True, "counter_refresh_s": 0.02}),
+    "counter_50ms": ("counter every 50 ms +-2.5 ms", {"energy_counter": True, "counter_refresh_s": 0.05,
+                                                      "counter_jitter_s": 0.0025}),
+    "counter_200ms": ("counter every 200 ms", {"energy_counter": True, "counter_refresh_s": 0.2}),
+    "counter_1s": ("counter every 1 s", {"energy_counter": True, "counter_refresh_s": 1.0}),
+    "nocounter_box": ("no counter, 20 ms boxes, mean every 100 ms", dict(BR.SENSORS["nocounter_box"][1])),
+    "nocounter_sample": ("no counter, 100 ms samples at read, mean every 100 ms", dict(BR.SENSORS["nocounter_sample"][1])),
+    "mean_1s_box": ("no counter, mean refreshed every 1 s, 20 ms boxes",
+                    {"energy_counter": False, "power_refresh_s": 1.0}),
+    "mean_1s_sample": ("no counter, mean refreshed every 1 s, 100 ms samples at read",
+                       {"energy_counter": False, "power_refresh_s": 1.0, "instant_kind": "sample",
+                        "instant_refresh_s": 0.1, "field_timestamp": "read"}),
+    "mean_250ms_sample": ("no counter, mean every 250 ms, 100 ms samples at read",
+                          {"energy_counter": False, "power_refresh_s": 0.25, "instant_kind": "sample",
+                           "instant_refresh_s": 0.1, "field_timestamp": "read"}),
+    "box_read_stamp": ("no counter, 20 ms boxes stamped at read", {"energy_counter": False, "field_timestamp": "read"}),
+    "box_50ms": ("no counter, 50 ms boxes", {"energy_counter": False, "instant_refresh_s": 0.05}),
+    "sample_refresh_stamp": ("no counter, 100 ms samples stamped at refresh",
+                             {"energy_counter": False, "instant_kind": "sample", "instant_refresh_s": 0.1}),
+    "instant_only": ("instant GetPowerUsage only (A100-like)", dict(BR.SENSORS["instant_only"][1])),
+}
+LOADS = ("steady", "sq100_jitter", "sq400_jitter", "sq1000_locked", "ramp_spikes")
+QUICK_LOADS = ("steady", "sq400_jitter", "ramp_spikes")
+DURATIONS_S = (1.5, 8.0)
+
+
+def run_cell(variant: str, load: str, duration_s: float, jobs: int = 12, seed: int = 1) -> dict:
+    from vdrive import VirtualDriver
+    from wattmeter.clock import VirtualClock
+    from wattmeter.meter import Meter
+    from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
+    from wattmeter.sim.fake_nvml import FakeNVML, build_module
+    from wattmeter.sim.scenario import Scenario
+
+    sensor = {"counter_phase_s": BR.GRID_PHASE_S, **VARIANTS[variant][1]}
+    scen = Scenario.from_dict({"seed": 3, "gpu": [{"model": BR.H100, "sensor": sensor, "energy_offset_j": 5e6}]})
+    t_end = 40 + jobs * (duration_s + 4.0)
+    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=BR._trace(load, t_end, f"sw-{seed}")),))
+    clock = VirtualClock(start=0.0)
+    fake = FakeNVML(scen, clock, t0=0.0)
+    meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)],
+                  clock=clock)
+    drive = VirtualDriver(meter, clock, seed=seed)
+    rng = random.Random(f"{variant}-{load}-{duration_s}-{seed}")
+    drive.run_until(6.0 + rng.random())
+    errors, approx = [], 0
+    for _ in range(jobs):
+        drive.run_until(clock.now() + rng.uniform(0.5, 2.5))
+        t0 = clock.now()
+        w = meter.window("job")
+        drive.run_until(t0 + duration_s)
+        t1 = clock.now()
+        w.end()
+        drive.run_until(t1 + 1.5)
+        r = w.result()
+        approx += bool(r.approximate)
+        errors.append(100.0 * (r.component_energy_j("gpu") / fake.true_energy_j(0, t0, t1) - 1.0))
+    meter.close()
+    a = sorted(abs(e) for e in errors)
+    return {"p50": round(statistics.median(a), 3), "p90": round(a[round(0.9 * (len(a) - 1))], 3),
+            "max": round(a[-1], 3), "signed_median": round(statistics.median(errors), 3), "approximate": approx,
+            "jobs": jobs}
+
+
+def markdown(res: dict) -> str:
+    loads = res["loads"]
+    out = ["| sensors | job | " + " | ".join(loads) + " |",
+           "|---|---|" + "---|" * len(loads)]
+    for v, by_d in res["cells"].items():
+        for d, cells in by_d.items():
+            row = [f"{c['p90']:.2f} ({c['signed_median']:+.2f}{', a' + str(c['approximate']) if c['approximate'] else ''})"
+                   for c in (cells[l] for l in loads)]
+            out.append(f"| {VARIANTS[v][0]} | {d} s | " + " | ".join(row) + " |")
+    out.append("")
+    out.append("Each cell: p90 of |error| % over 12 jobs (signed median; `a N`: N windows flagged approximate).")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="3 loads, writes to /tmp")
+    ap.add_argument("--variants", default=None, help=f"comma list (default all: {','.join(VARIANTS)})")
+    a = ap.parse_args()
+    loads = QUICK_LOADS if a.quick else LOADS
+    variants = a.variants.split(",") if a.variants else list(VARIANTS)
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    res = {"loads": list(loads), "cells": {}}
+    for v in variants:
+        res["cells"][v] = {}
+        for d in DURATIONS_S:
+            res["cells"][v][str(d)] = {l: run_cell(v, l, d) for l in loads}
+            print(v, d, {l: c["p90"] for l, c in res["cells"][v][str(d)].items()}, flush=True)
+    out_dir = "/tmp" if a.quick else os.path.join(HERE, "results")
+    with open(os.path.join(out_dir, "sensors.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    with open(os.path.join(out_dir, "sensors.md"), "w") as f:
+        f.write(markdown(res) + "\n")
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
