@@ -19,7 +19,8 @@ RESYNC_SLACK_S = 0.008      # after a conflict, phases this far beyond the allow
 FIRST_BRACKET_S = 0.02      # the first dated change needs a bracket this narrow...
 MAX_WIDE_SKIPS = 3          # ...unless this many changes have come in wider ones
 AMBIGUOUS_MARGIN_S = 0.003  # a refresh may come this much earlier than its allowed phases say
-PERIOD_CHANGE = 0.05        # a measured period this far from the one in use replaces it
+PERIOD_CHANGE = 0.05        # a measured period this far from the one in use replaces it...
+PERIOD_REFINE = 0.005       # ...and once one has, a measurement this far off refines it
 MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)
 DOUBT_PERIODS = 1.5         # one value read over this many periods apart doubts the period
 
@@ -87,6 +88,7 @@ class RefreshTracker:
     periods: PeriodEstimate = field(default_factory=PeriodEstimate)   # the period the reads show
     measured: bool = False             # period_s was measured from the reads (not nominal)
     doubted: bool = False              # a value outlived the period; none measured since
+    _precision_s: float = float("inf")  # how far off the measured period_s may be
     doubted_t: float = 0.0             # the read that doubted it
     _changed_read: float | None = None  # the read that first saw the current value
     _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
@@ -185,20 +187,29 @@ class RefreshTracker:
         if measured is None:
             return
         self.doubted = False
-        # Off by a few per cent is a clock's spread, which the drift allowance covers.
-        if abs(measured - self.period_s) > PERIOD_CHANGE * self.period_s:
-            self.period_s, self.measured = measured, True
-            # A measured period is good to a few parts in a thousand: allow that much drift.
-            self.drift_per_period = self._drift = max(self.drift_per_period, MEASURED_DRIFT)
-            self._arcs, self._pending, self._fast_changes = [], None, 0
-            self._measure()
+        # Off the nominal period by a few per cent is a clock's spread, which the drift
+        # allowance covers; once measured, a finer measurement refines it.
+        if self.measured:
+            # Refined only by a finer measurement (the deepest overlap of the brackets wanders
+            # by a few per cent as they come and go).
+            if self.periods.precision_s >= self._precision_s or \
+                    abs(measured - self.period_s) <= PERIOD_REFINE * self.period_s:
+                return
+        elif abs(measured - self.period_s) <= PERIOD_CHANGE * self.period_s:
+            return
+        self.period_s, self.measured = measured, True
+        self._precision_s = self.periods.precision_s
+        # A measured period is good to a few parts in a thousand: allow that much drift.
+        self.drift_per_period = self._drift = max(self.drift_per_period, MEASURED_DRIFT)
+        self._arcs, self._pending, self._fast_changes = [], None, 0
+        self._measure()
 
     def _doubt(self, read_t: float) -> None:
         """One value held longer than the period allows: the counter refreshes more slowly
         than assumed (or it stalled). The phases on the assumed period are dropped, so the
         sensor reads densely again, and the period is measured afresh."""
         self.doubted, self.doubted_t = True, read_t
-        self.periods = PeriodEstimate()
+        self.periods, self._precision_s = PeriodEstimate(), float("inf")
         self._arcs, self._pending = [], None
         self._measure()
 

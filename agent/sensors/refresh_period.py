@@ -18,26 +18,38 @@ from collections import deque
 KEPT = 16                  # recent period brackets kept
 MIN_VOTES = 3              # brackets that must agree before a period is believed...
 AGREEING = 0.6             # ...and this share of those kept (or two, with none against them)
+SINGLE = 0.25              # a change bracket this narrow against the period holds one refresh
+PLAIN = 0.2                # a gap this close to a whole number of periods counts them plainly
+FIT_MIN_PERIODS = 8        # the fit is used once its centres span this many periods
+CENTRES_KEPT = 24          # change centres kept for the fit
 SPREAD = 4.0               # a bracket whose ends differ more than this many times says little
 JITTER_S = 0.001           # each of the two refreshes may land this early or late (a jittery
                            # clock splits the brackets; the majority still finds the period)
 
 
 class PeriodEstimate:
-    """Period brackets from consecutive counter changes, and the period they agree on."""
+    """Period brackets from consecutive counter changes, and the period they agree on.
 
-    __slots__ = ("brackets", "_last_change", "_period")
+    A change seen in a bracket narrower than a quarter period holds one refresh. Where such
+    narrow brackets follow each other closely enough that the count of periods between them
+    is plain (fast reads, pairs a few seconds apart), the slope of their centres over that
+    count (least squares) measures the period finer than one bracket does."""
+
+    __slots__ = ("brackets", "_last_change", "_period", "_centres", "precision_s")
 
     def __init__(self) -> None:
         self.brackets: deque[tuple[float, float]] = deque(maxlen=KEPT)
         self._last_change: tuple[float, float] | None = None   # (last read before it, read that saw it)
         self._period: float | None = None
+        self.precision_s = float("inf")     # how far off the agreed period may be
+        self._centres: deque[tuple[float, float]] = deque(maxlen=CENTRES_KEPT)   # (centre, width)
 
     def change(self, before_t: float, seen_t: float) -> None:
         """A change seen by the read at ``seen_t``; the read before it, at ``before_t``, still
         saw the old value."""
         last = self._last_change
         self._last_change = (before_t, seen_t)
+        self._centres.append((0.5 * (before_t + seen_t), seen_t - before_t))
         if last is None:
             return
         lo, hi = before_t - last[1] - 2 * JITTER_S, seen_t - last[0] + 2 * JITTER_S
@@ -46,6 +58,7 @@ class PeriodEstimate:
         # fast reads' narrow brackets, so they are not kept.
         if lo > 0 and hi <= SPREAD * lo:
             self.brackets.append((lo, hi))
+        if self.brackets:
             self._period = self._agreed()
 
     def forget_last(self) -> None:
@@ -80,4 +93,43 @@ class PeriodEstimate:
         n = len(self.brackets)
         if not (best >= MIN_VOTES and best >= AGREEING * n) and not (best == n >= 2):
             return None         # (two brackets and nothing against them: a slow counter's first)
-        return 0.5 * (start + stop)
+        rough = 0.5 * (start + stop)
+        fitted = _fit(self._centres, rough, 0.5 * (stop - start) + JITTER_S)
+        if fitted is not None and start - 2 * JITTER_S <= fitted[0] <= stop + 2 * JITTER_S:
+            self.precision_s = fitted[1]
+            return fitted[0]
+        self.precision_s = 0.5 * (stop - start) + JITTER_S
+        return rough
+
+
+def _fit(centres: deque[tuple[float, float]], period: float, precision_s: float) -> tuple[float, float] | None:
+    """The period fitted to the newest single-refresh centres whose counts of periods between
+    them are plain: a gap of n periods is counted only while n times the yardstick's error
+    stays under PLAIN of a period (the yardstick refined as the run grows back). Returns the
+    period and how far off it may be (a centre's half width over the span); None where the
+    centres span under FIT_MIN_PERIODS."""
+    pts: list[tuple[int, float]] = []
+    p, err = period, precision_s
+    for c, width in reversed(centres):
+        if width > SINGLE * p:
+            continue                      # a wide bracket: no date, but the count goes on
+        if pts:
+            k_prev, c_prev = pts[-1]
+            steps = (c_prev - c) / p
+            n = round(steps)
+            if n < 1 or abs(steps - n) > PLAIN or n * err > PLAIN * p:
+                break
+            pts.append((k_prev - n, c))
+            span = pts[0][0] - pts[-1][0]
+            if span >= 2:
+                p = (pts[0][1] - c) / span
+                err = min(err, SINGLE * p / span)
+        else:
+            pts.append((0, c))
+    span = pts[0][0] - pts[-1][0] if pts else 0
+    if len(pts) < 3 or span < FIT_MIN_PERIODS:
+        return None
+    k_mean = sum(k for k, _ in pts) / len(pts)
+    c_mean = sum(c for _, c in pts) / len(pts)
+    slope = sum((k - k_mean) * (c - c_mean) for k, c in pts) / sum((k - k_mean) ** 2 for k, _ in pts)
+    return slope, 0.5 * SINGLE * p / span
