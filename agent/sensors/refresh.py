@@ -90,7 +90,7 @@ class RefreshTracker:
     doubted: bool = False              # a value outlived the period; none measured since
     _precision_s: float = float("inf")  # how far off the measured period_s may be
     doubted_t: float = 0.0             # the read that doubted it
-    _changed_read: float | None = None  # the read that first saw the current value
+    _changed_read: float | None = None  # the end of the call that first saw the current value
     _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
     _drift: float = field(init=False)   # drift_per_period when brackets conflict)
 
@@ -118,8 +118,12 @@ class RefreshTracker:
                 self._doubt(read_t)
             return None
         prev = self._prev_read if self._prev_read is not None else read_t - self.period_s
-        self._last_value, self._prev_read, self._changed_read = value, read_t, read_t
+        self._last_value, self._prev_read = value, read_t
         read_t = max(read_t, end_t if end_t is not None else read_t)
+        # From the end of the call that saw the change: a slow call (a starved reader) may
+        # have taken the value well after it began, and the span until a later read that
+        # still sees it is then no evidence of a slow counter.
+        self._changed_read = read_t
         self._check_period(prev, read_t)
         p = self.period_s
         if not self._arcs and read_t - prev > FIRST_BRACKET_S and self._wide_skips < MAX_WIDE_SKIPS:
