@@ -1,0 +1,203 @@
+"""Reading a GPU that has a total-energy counter: the counter at the times its timing plans, and
+instant power between counter reads to shape the energy inside each counter span.
+
+The counter (``nvmlDeviceGetTotalEnergyConsumption``, ~3.5 ms a call on an H100) is exact over
+any span, so it is read sparsely, when ``CounterTiming`` says (sensors/counter_timing.py).
+Field 186 (instant power, ~10 us), else ``nvmlDeviceGetPowerUsage``, is read at the sensor's
+cadence and shapes E(t) between counter reads; field 185 (the 1 s trailing mean) comes in the
+same call where it answers. Whether field 186's timestamps are refresh or read times is learnt
+from the data (``StampEvidence``).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+from collections import deque
+from types import ModuleType
+from typing import Any, Callable
+
+from ..clock import Clock
+from ..model import Reading
+from .counter_timing import CounterTiming
+from .nvml_power import (FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, FIELD_READ_DELAY_S, MAX_FIELD_AGE_S,
+                         MIN_FIELD_PERIOD_S, Stream)
+from .power_evidence import MEAN_WINDOW_S, PowerReference, StampEvidence
+
+FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
+_FIELDS_INSTANT = (FIELD_POWER_INSTANT,)
+_FIELDS_BOTH = (FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE)   # one call: instant power and the 1 s mean
+_struct_get = ctypes.Structure.__getattribute__   # a field value's attributes, without pynvml's wrapper
+
+
+class CounterReader:
+    """Reads one GPU with an energy counter; ``read`` appends its new readings to ``out``."""
+
+    def __init__(self, nvml: ModuleType, handle: Any, key: str, timing: CounterTiming, *,
+                 wall: Callable[[float], float], clock: Clock, instant_ok: bool, average_ok: bool) -> None:
+        self.nvml, self.handle, self.key = nvml, handle, key
+        self.wall = wall            # the meter's clock -> wall time, to date field timestamps
+        self.clock = clock          # times the end of each counter call
+        self.timing = timing        # when to read the counter, and its dating
+        self.instant_ok = instant_ok        # field 186 works (shapes energy between counter reads)
+        # Without field 186, GetPowerUsage shapes the counter's spans: instantaneous or a
+        # 1 s mean, the counter keeps the energy exact; only the spread inside differs.
+        self.shape_usage = not instant_ok
+        self.average_ok = average_ok        # field 185 (1 s trailing mean) answers
+        self._last_shape_t = -1e18
+        self._field_last_us = 0                   # NVML timestamp of the newest field value...
+        self._field_next: float | None = None     # ...and when the next one is expected
+        self._field_steps: deque[float] = deque(maxlen=32)
+        self._field_stamped = False         # the newest value's NVML stamp predates its read (a refresh time)
+        self._field_stamps = StampEvidence()     # what field 186 is
+        self._instant_w: float | None = None     # its newest value (the stall check's evidence)
+        self._mean_stream = Stream()
+
+    def read(self, now: float, out: list[Reading], *, period_s: float, calibrating: bool,
+             edges_pending: bool) -> bool:
+        """One read at the sensor's cadence ``period_s`` (raises NVMLError: the caller reports
+        it). False when the counter has stalled: unchanged while the GPU draws power."""
+        timing = self.timing
+        cadence = self._read_shape(now, out, period_s, edges_pending)
+        if not timing.due(now, cadence, calibrating, edges_pending):
+            return True
+        try:
+            mj = self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
+        except self.nvml.NVMLError:
+            timing.failed()
+            raise
+        # A read is taken somewhere inside the call (3.5 ms on an H100), and ``now`` predates
+        # it: a change seen here happened before the call ended.
+        dated = timing.observe(now, mj / 1000.0, self.clock.now())
+        out.extend(Reading(self.key, t, energy_j=v, read_t=now) for t, v in dated)
+        if dated:
+            return True
+        return not timing.stalled(now, self._instant_w)
+
+    def field_wish(self) -> float | None:
+        """While the counter is faulted, instant power bridges its gaps: read just after the
+        next field-186 value lands (so every value is read once). None: no wish."""
+        if self.timing.fault and self.instant_ok and self._field_next is not None:
+            return self._field_next + FIELD_READ_DELAY_S
+        return None
+
+    def steady_floor(self, gap_s: float) -> float:
+        """Before this time a steady read reads nothing of this GPU: its instant power was read
+        less than ``gap_s`` ago (``_read_shape``) and the counter's own reads come as wishes.
+        -inf where it is read at every tick: an unshaped or faulted counter, or one whose first
+        change is not dated yet."""
+        c = self.timing
+        if c.fault or not c.shaped or not c.tracker.dated:
+            return -math.inf
+        return self._last_shape_t + gap_s
+
+    @property
+    def reference(self) -> PowerReference:
+        """What this GPU's energy is measured from (the counter) and what shapes its spans."""
+        shape = "field 186" if self.instant_ok else ("nvmlDeviceGetPowerUsage" if self.shape_usage else "")
+        stamps, refresh = self._field_stamps, None
+        if self.instant_ok and stamps.read_stamped:
+            refresh = stamps.tight_refresh_s
+            # Lagging point samples alias with bursty loads: a wrong split is worse than
+            # the counter's own steps.
+            shape = ("counter steps (field 186 is stamped with the read time and changed at "
+                     f"most every {refresh * 1000:.0f} ms: too coarse to split a counter span)"
+                     if stamps.coarse and refresh is not None else "field 186 (read-stamped)")
+        return PowerReference("counter", "energy counter",
+                              "the GPU has a total-energy counter (exact over any span)", shape, refresh)
+
+    def _instant_sample(self, now: float, average: bool = False
+                        ) -> tuple[tuple[float, float | None, int] | None, tuple[float, int] | None]:
+        """(watts, clock time the value was sampled) from field 186. NVML stamps each field value
+        with the wall time it was taken; a value that is 20 ms old belongs 20 ms back.
+        NVML errors pass through (a lost GPU must show as an error, not silence).
+        The third item is NVML's raw timestamp (µs), which identifies the value. With
+        ``average``, field 185 comes in the same call, returned second as (watts, raw timestamp)."""
+        mean = None
+        fields = _FIELDS_BOTH if average else _FIELDS_INSTANT
+        values = self.nvml.nvmlDeviceGetFieldValues(self.handle, fields)
+        # pynvml's field struct wraps each attribute in a Python __getattribute__ (to decode
+        # bytes; these are numbers): read them through ctypes' own (~1 us apiece, 8 GPUs x 10 Hz).
+        get = _struct_get
+        if average and len(values) > 1:
+            second = values[1]
+            if get(second, "nvmlReturn") == 0:
+                mean = (get(second, "value").uiVal / 1000.0, int(get(second, "timestamp") or 0))
+        entry = values[0]
+        if get(entry, "nvmlReturn") != 0:   # the call succeeds while a field fails: check each entry
+            return None, mean
+        ts_us = int(get(entry, "timestamp") or 0)
+        t = None
+        if ts_us:
+            age = self.wall(now) - ts_us / 1e6
+            t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
+        return (get(entry, "value").uiVal / 1000.0, t, ts_us), mean
+
+    def _learn_field_refresh(self, t: float, ts_us: int) -> None:
+        """Field 186 refreshes on its own clock: its timestamps give the period (the shortest
+        recent step, as missed values show up as multiples) and when the next value lands."""
+        if self._field_last_us and ts_us > self._field_last_us:
+            self._field_steps.append((ts_us - self._field_last_us) / 1e6)
+            self._field_next = t + max(MIN_FIELD_PERIOD_S, min(self._field_steps))
+        self._field_last_us = ts_us
+
+    def _read_shape(self, now: float, out: list[Reading], period_s: float, edges_pending: bool) -> bool:
+        """Read instant power at the sensor's cadence, and at every read while an edge waits
+        (the extra wake-ups for scheduled counter reads need no power sample). True: read."""
+        dense = self.timing.fault and self.instant_ok
+        if not dense and not edges_pending and now - self._last_shape_t < 0.8 * period_s:
+            return False
+        if self.instant_ok and self._field_stamped and self._field_next is not None and now < self._field_next \
+                and now - self._last_shape_t < MIN_FIELD_PERIOD_S:
+            # Fast reads (every 1-5 ms near edges and while calibrating) come faster than field
+            # 186 refreshes: where its stamps are refresh times, they say when the next value
+            # lands, and a read before then returns the same one (~2/3 of a calibration
+            # burst's CPU). Skipped for MIN_FIELD_PERIOD_S at most: the refresh period is learnt
+            # from these reads, and skipping up to a period learnt too long (a refresh missed
+            # while the reader was late) would keep it too long. Read-stamped values are read
+            # every time: the read is what dates them.
+            return True
+        self._last_shape_t = now
+        if self.instant_ok:
+            sample, mean = self._instant_sample(now, average=self.average_ok)
+            if mean is not None:
+                # Field 185, the 1 s trailing mean, read in the same call: between counter
+                # reads it carries E(t) over seconds better than sparse instant samples.
+                w, ts = mean
+                t_mean = self._mean_stream.date(w, ts, now, self.wall)
+                if t_mean is not None:
+                    out.append(Reading(self.key, t_mean, mean_w=w, mean_window_s=MEAN_WINDOW_S))
+            if sample is not None:
+                reading = self._date_instant(now, sample)
+                if reading is not None:
+                    out.append(reading)
+        elif self.shape_usage:
+            self._instant_w = self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
+            out.append(Reading(self.key, now, power_w=self._instant_w))
+        return True
+
+    def _date_instant(self, now: float, sample: tuple[float, float | None, int]) -> Reading | None:
+        """A field-186 value as a shaping sample, or None when it is not new.
+
+        Refresh-stamped values are dated by their stamps. Where the data shows the stamps are
+        read times (``StampEvidence``; reads that land on refreshes look the same), each read is
+        a sample dated at the read. If the value also refreshes no faster than a short box (a
+        ~100 ms point sample), it is flagged coarse: such samples alias with bursty loads and
+        lag by up to a refresh, so they must not split a counter span (they still bridge faults)."""
+        w, t_s, ts_us = sample
+        self._instant_w = w
+        stamps = self._field_stamps
+        stamps.observe(now - t_s if t_s is not None and ts_us else None, w, now)
+        coarse = stamps.coarse     # on evidence only: reads a few ms apart saw the changes
+        # The counter is read sparsely only because instant power shapes its spans; where
+        # it cannot, the counter is read at every cadence tick instead (~100 ms spans).
+        self.timing.shaped = not coarse
+        if stamps.read_stamped:
+            # Every read is a sample (a steady load's value never changes, and faults are
+            # bridged from these), dated at the read.
+            return Reading(self.key, t_s or now, power_w=w, instant_coarse=coarse)
+        if t_s is not None and ts_us:
+            if ts_us == self._field_last_us:
+                return None          # the same value again
+            self._learn_field_refresh(t_s, ts_us)
+            self._field_stamped = now - t_s > FIELD_STAMPED_AGE_S
+        return Reading(self.key, t_s or now, power_w=w)
