@@ -20,7 +20,7 @@ if TYPE_CHECKING:     # types only: exporters import this module and must not lo
     from .sampler import SensorStatus
     from .sensors.base import Sensor
 
-# A counter GPU's energy is read every 4 s (sensors/nvml.py COUNTER_PERIOD_S); three missed
+# A counter GPU's energy is read every 4 s (sensors/counter_timing.py COUNTER_PERIOD_S); three missed
 # reads in a row is a device that stopped, not a slow one.
 DEVICE_STALE_S = 15.0
 
