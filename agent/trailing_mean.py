@@ -28,7 +28,6 @@ MEANS_KEPT = 1200          # trailing-mean reads kept (~2 min at 10 Hz)
 ANCHOR_SPACING_S = 1.0     # counter points kept as anchors of the live tail at most this often...
 ANCHORS_KEPT = 12          # ...and this many (the tail's offset to the mean averages over them)
 SCALE_LIMIT = 0.05         # a fitted scale further than this from 1 is not believed
-SLOW_REFRESH_S = 0.2       # means refreshing this slowly are dated on their refresh grid
 
 
 class TrailingMean:
@@ -61,30 +60,12 @@ class TrailingMean:
         if self.means and t <= self.means[-1][0]:
             return
         self.window_s = window_s
-        self.boxes.add_mean(t, mean_w, window_s)
-        dated = self._refresh_time(t)
-        if dated is None:
-            return
-        t = dated
         if self.means:
             t0, m0, i0 = self.means[-1]
             self.means.append((t, mean_w, i0 + 0.5 * (m0 + mean_w) * (t - t0)))
         else:
             self.means.append((t, mean_w, 0.0))
-
-    def _refresh_time(self, t: float) -> float | None:
-        """When the value read at t was taken. A mean that refreshes slowly (once a second)
-        and is stamped with its read time repeats each value until the next refresh: dated at
-        every read, the held value lagged the true mean by half a refresh, and E lagged with
-        it (-2 % on 8 s jobs on a ramp). Where the data shows such a refresh grid, each value is
-        dated at its refresh and re-reads of one refresh are dropped (None)."""
-        grid = self.boxes.mean_grid
-        if grid.period_s is None or grid.period_s < SLOW_REFRESH_S:
-            return t
-        r = grid.at(grid.index(t) or 0)
-        if self.means and r <= self.means[-1][0]:
-            return None
-        return r if r <= t else t
+        self.boxes.add_mean(t, mean_w, window_s)
 
     def integral(self, x: float) -> float | None:
         """The integral of the mean from its first read to x (None: not covered)."""

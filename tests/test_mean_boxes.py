@@ -142,27 +142,3 @@ def test_a_glitch_in_the_mean_never_invents_power():
     assert glitch_k is not None and boxes.last_k is not None and boxes.last_k - glitch_k >= 15
     fitted = [boxes.box(k) for k in range(glitch_k, boxes.last_k)]
     assert all(b is not None and 0.0 <= b <= 1.2 * 650.0 * PERIOD_S for b in fitted)
-
-
-def test_a_slow_read_stamped_mean_is_dated_at_its_refreshes_not_at_each_read():
-    # A 1 s trailing mean refreshed once a second and stamped with its read time repeats each
-    # value for ten 10 Hz reads. Dated at every read, the held value lagged the true mean by
-    # half a refresh (E lagged with it: -2 % on 8 s jobs on a ramp). On the refresh grid the
-    # data shows, each value is one point at its refresh, and re-reads add nothing.
-    samples = InstantSamples(4000)
-    mean = TrailingMean(samples)
-    rng = random.Random(3)
-    phase, t = 0.013, 0.0
-    while t < 60.0:
-        t += 0.1 * (0.5 + rng.random())
-        r = phase + int((t - phase) // 1.0)          # the refresh the read sees
-        samples.add(t, 300.0 + 10.0 * t)
-        mean.add(t, round(300.0 + 10.0 * (r - 0.5), 3), 1.0)   # the mean of a 10 W/s ramp over (r - 1, r]
-    assert mean.boxes.mean_grid.period_s == pytest.approx(1.0, abs=0.002)
-    late = [(tm, w) for tm, w, _ in mean.means if tm > 45.0]    # (the grid is fitted by ~35 s)
-    assert 14 <= len(late) <= 16                     # one point per refresh, not ten
-    for tm, w in late:
-        # At its refresh, to the grid's phase (the smallest read delay seen: a few ms late),
-        # where a read-time date is 50 ms late on average and up to a whole refresh.
-        assert (tm - phase + 0.5) % 1.0 - 0.5 == pytest.approx(0.0, abs=0.03)
-        assert w == pytest.approx(300.0 + 10.0 * (tm - 0.5), abs=0.4)   # M(r) at its own r
