@@ -20,7 +20,8 @@ FIRST_BRACKET_S = 0.02      # the first dated change needs a bracket this narrow
 MAX_WIDE_SKIPS = 3          # ...unless this many changes have come in wider ones
 AMBIGUOUS_MARGIN_S = 0.003  # a refresh may come this much earlier than its allowed phases say
 PERIOD_CHANGE = 0.05        # a measured period this far from the one in use replaces it...
-PERIOD_REFINE = 0.005       # ...and once one has, a measurement this far off refines it
+PERIOD_REFINE = 0.001       # ...and once one has, a finer one this far off (and past its own
+                            # precision) refines it
 MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)
 DOUBT_PERIODS = 1.5         # one value read over this many periods apart doubts the period
 
@@ -197,7 +198,7 @@ class RefreshTracker:
             # Refined only by a finer measurement (the deepest overlap of the brackets wanders
             # by a few per cent as they come and go).
             if self.periods.precision_s >= self._precision_s or \
-                    abs(measured - self.period_s) <= PERIOD_REFINE * self.period_s:
+                    abs(measured - self.period_s) <= max(PERIOD_REFINE * self.period_s, self.periods.precision_s):
                 return
         elif abs(measured - self.period_s) <= PERIOD_CHANGE * self.period_s:
             return
@@ -224,12 +225,16 @@ class RefreshTracker:
         read's change is then dated as usual by observe. An unchanged value read while the
         predicted refresh may still be to come (a phase a little off, as on a measured period
         a few parts in a thousand out) says neither: the value is left undated (its energy
-        comes with the next dated value) rather than dated a whole period off."""
+        comes with the next dated value) rather than dated a whole period off. Likewise a
+        change seen by a read late enough for the refresh after the predicted one to have come
+        as well."""
         pending_value, early, late, _, nxt = self._pending  # type: ignore[misc]
         self._pending = None
+        slack = 0.5 * self._uncertainty + self.jitter_s
         if value != pending_value:
-            self.resolved.append((early, pending_value))
-        elif not self.measured or read_t > nxt + 0.5 * self._uncertainty + self.jitter_s:
+            if not self.measured or read_t < nxt + self.period_s - slack:
+                self.resolved.append((early, pending_value))
+        elif not self.measured or read_t > nxt + slack:
             self.resolved.append((late, pending_value))
 
     def take_resolved(self) -> list[tuple[float, float]]:

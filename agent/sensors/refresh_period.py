@@ -106,10 +106,10 @@ def _fit(centres: deque[tuple[float, float]], period: float, precision_s: float)
     """The period fitted to the newest single-refresh centres whose counts of periods between
     them are plain: a gap of n periods is counted only while n times the yardstick's error
     stays under PLAIN of a period (the yardstick refined as the run grows back). Returns the
-    period and how far off it may be (a centre's half width over the span); None where the
-    centres span under FIT_MIN_PERIODS."""
+    period and how far off it may be (the widest bracket's half width, plus a refresh's
+    jitter, over the span); None where the centres span under FIT_MIN_PERIODS."""
     pts: list[tuple[int, float]] = []
-    p, err = period, precision_s
+    p, err, widest = period, precision_s, 0.0
     for c, width in reversed(centres):
         if width > SINGLE * p:
             continue                      # a wide bracket: no date, but the count goes on
@@ -120,16 +120,18 @@ def _fit(centres: deque[tuple[float, float]], period: float, precision_s: float)
             if n < 1 or abs(steps - n) > PLAIN or n * err > PLAIN * p:
                 break
             pts.append((k_prev - n, c))
+            widest = max(widest, width)
             span = pts[0][0] - pts[-1][0]
             if span >= 2:
                 p = (pts[0][1] - c) / span
-                err = min(err, SINGLE * p / span)
+                err = min(err, widest / span)
         else:
             pts.append((0, c))
+            widest = width
     span = pts[0][0] - pts[-1][0] if pts else 0
     if len(pts) < 3 or span < FIT_MIN_PERIODS:
         return None
     k_mean = sum(k for k, _ in pts) / len(pts)
     c_mean = sum(c for _, c in pts) / len(pts)
     slope = sum((k - k_mean) * (c - c_mean) for k, c in pts) / sum((k - k_mean) ** 2 for k, _ in pts)
-    return slope, 0.5 * SINGLE * p / span
+    return slope, (0.5 * widest + JITTER_S) / span
