@@ -20,7 +20,6 @@ import json
 import os
 import random
 import sys
-from dataclasses import replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -36,22 +35,8 @@ TARGETS = {"diff5_pct": 3.0, "rate30_pct": 1.0}
 
 
 def run_cell(group: str, load: str, scrapes: int, seed: int) -> dict:
-    from vdrive import VirtualDriver
-    from wattmeter.clock import VirtualClock
-    from wattmeter.meter import Meter
-    from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
-    from wattmeter.sim.fake_nvml import FakeNVML, build_module
-    from wattmeter.sim.scenario import Scenario
-
-    sensor = {"counter_phase_s": BR.GRID_PHASE_S, **BR.SENSORS[group][1]}
-    scen = Scenario.from_dict({"seed": 3, "gpu": [{"model": BR.H100, "sensor": sensor, "energy_offset_j": 5e6}]})
-    t_end = WARMUP_S + scrapes + 40.0
-    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=BR._trace(load, t_end, f"exported-{seed}")),))
-    clock = VirtualClock(start=0.0)
-    fake = FakeNVML(scen, clock, t0=0.0)
-    meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)],
-                  clock=clock)
-    drive = VirtualDriver(meter, clock, seed=seed)
+    clock, fake, meter, drive = BR.virtual_meter(BR.SENSORS[group][1], load, WARMUP_S + scrapes + 40.0,
+                                                 f"exported-{seed}", seed)
     rng = random.Random(f"scrapes-{group}-{load}-{seed}")
     drive.run_until(WARMUP_S + rng.random())
     pts: list[tuple[float, float]] = []

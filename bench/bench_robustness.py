@@ -140,6 +140,29 @@ def _trace(load: str, t_end: float, seed: str):
     return PiecewiseLinearTrace([x for x, _ in clean], [p for _, p in clean])
 
 
+def virtual_meter(sensor: dict, load: str, t_end: float, trace_seed: str, seed: int):
+    """One simulated H100 with this sensor table and load, a meter on it, and the driver that
+    reads it in virtual time the way the sampler's threads would (``tests/vdrive.py``): the
+    virtual-time benches' common set-up. Returns (clock, fake, meter, drive)."""
+    from dataclasses import replace
+
+    from vdrive import VirtualDriver
+    from wattmeter.clock import VirtualClock
+    from wattmeter.meter import Meter
+    from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
+    from wattmeter.sim.fake_nvml import FakeNVML, build_module
+    from wattmeter.sim.scenario import Scenario
+
+    table = {"counter_phase_s": GRID_PHASE_S, **sensor}
+    scen = Scenario.from_dict({"seed": 3, "gpu": [{"model": H100, "sensor": table, "energy_offset_j": 5e6}]})
+    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=_trace(load, t_end, trace_seed)),))
+    clock = VirtualClock(start=0.0)
+    fake = FakeNVML(scen, clock, t0=0.0)
+    meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)],
+                  clock=clock)
+    return clock, fake, meter, VirtualDriver(meter, clock, seed=seed)
+
+
 def group_gpus(phase: str, group: str, quick: bool) -> list[dict]:
     """[{index, load, sensor, fault}] of one group."""
     if phase == "matrix":

@@ -20,7 +20,6 @@ import os
 import random
 import statistics
 import sys
-from dataclasses import replace
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -66,22 +65,8 @@ DURATIONS_S = (1.5, 8.0)
 
 
 def run_cell(variant: str, load: str, duration_s: float, jobs: int = 12, seed: int = 1) -> dict:
-    from vdrive import VirtualDriver
-    from wattmeter.clock import VirtualClock
-    from wattmeter.meter import Meter
-    from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
-    from wattmeter.sim.fake_nvml import FakeNVML, build_module
-    from wattmeter.sim.scenario import Scenario
-
-    sensor = {"counter_phase_s": BR.GRID_PHASE_S, **VARIANTS[variant][1]}
-    scen = Scenario.from_dict({"seed": 3, "gpu": [{"model": BR.H100, "sensor": sensor, "energy_offset_j": 5e6}]})
-    t_end = 40 + jobs * (duration_s + 4.0)
-    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=BR._trace(load, t_end, f"sw-{seed}")),))
-    clock = VirtualClock(start=0.0)
-    fake = FakeNVML(scen, clock, t0=0.0)
-    meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)],
-                  clock=clock)
-    drive = VirtualDriver(meter, clock, seed=seed)
+    clock, fake, meter, drive = BR.virtual_meter(VARIANTS[variant][1], load, 40 + jobs * (duration_s + 4.0),
+                                                 f"sw-{seed}", seed)
     rng = random.Random(f"{variant}-{load}-{duration_s}-{seed}")
     drive.run_until(6.0 + rng.random())
     errors, approx = [], 0
