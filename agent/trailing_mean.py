@@ -69,28 +69,30 @@ class TrailingMean:
 
     def integral(self, x: float) -> float | None:
         """The integral of the mean from its first read to x (None: not covered)."""
-        m = self.means
-        if not m or x < m[0][0] or x > m[-1][0]:
+        found = self._locate(x)
+        if found is None:
             return None
-        lo = self._index(x)
-        t0, w0, i0 = m[lo]
-        if x <= t0 or lo == len(m) - 1:
-            return i0
-        t1, w1, _ = m[lo + 1]
-        wx = w0 + (w1 - w0) * (x - t0) / (t1 - t0)
+        lo, wx = found
+        t0, w0, i0 = self.means[lo]
         return i0 + 0.5 * (w0 + wx) * (x - t0)
 
     def mean_w_at(self, x: float) -> float | None:
         """The mean at x, linear between its reads (None outside them)."""
+        found = self._locate(x)
+        return None if found is None else found[1]
+
+    def _locate(self, x: float) -> tuple[int, float] | None:
+        """The last read at or before x, and the mean at x, linear between reads (reads are in
+        strictly increasing time); None outside them."""
         m = self.means
         if not m or x < m[0][0] or x > m[-1][0]:
             return None
         lo = self._index(x)
         t0, w0, _ = m[lo]
         if lo == len(m) - 1 or x <= t0:
-            return w0
+            return lo, w0
         t1, w1, _ = m[lo + 1]
-        return w0 + (w1 - w0) * (x - t0) / (t1 - t0) if t1 > t0 else w0
+        return lo, w0 + (w1 - w0) * (x - t0) / (t1 - t0)
 
     def _index(self, x: float) -> int:
         """The last read at or before x (x within the reads)."""

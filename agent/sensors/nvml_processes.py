@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import Any, Sequence
 
 from ..model import Device, ProcessUsage
+from .nvml_discovery import decode
 
 NO_INSTANCE = 0xFFFFFFFF      # gpuInstanceId of a process on a GPU not in MIG mode
 MIG_SLICES = 7                # compute slices of an A100/H100 in MIG mode
@@ -102,7 +103,7 @@ class ProcessReader:
                 except n.NVMLError:
                     continue        # an empty slot
                 try:
-                    uuid = _decode(n.nvmlDeviceGetUUID(mig))
+                    uuid = decode(n.nvmlDeviceGetUUID(mig))
                 except n.NVMLError:
                     uuid = ""
                 found.append(_Mig(uuid, gi, self._sm_fraction(g.handle, mig)))
@@ -118,9 +119,5 @@ class ProcessReader:
         except (n.NVMLError, AttributeError, ZeroDivisionError, TypeError):
             pass
         # The profile name says how many of the GPU's 7 compute slices the instance has: "MIG 3g.40gb".
-        match = re.search(r"(\d+)g\.\d+gb", _decode(n.nvmlDeviceGetName(mig)))
+        match = re.search(r"(\d+)g\.\d+gb", decode(n.nvmlDeviceGetName(mig)))
         return int(match.group(1)) / MIG_SLICES if match else None
-
-
-def _decode(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

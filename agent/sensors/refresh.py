@@ -193,10 +193,9 @@ class RefreshTracker:
             return
         self.doubted = False
         # Off the nominal period by a few per cent is a clock's spread, which the drift
-        # allowance covers; once measured, a finer measurement refines it.
+        # allowance covers. A measured period is refined only by a finer measurement (the
+        # deepest overlap of the brackets wanders by a few per cent as they come and go).
         if self.measured:
-            # Refined only by a finer measurement (the deepest overlap of the brackets wanders
-            # by a few per cent as they come and go).
             if self.periods.precision_s >= self._precision_s or \
                     abs(measured - self.period_s) <= max(PERIOD_REFINE * self.period_s, self.periods.precision_s):
                 return

@@ -61,10 +61,6 @@ class PeriodEstimate:
         if self.brackets:
             self._period = self._agreed()
 
-    def forget_last(self) -> None:
-        """The next change does not follow the last one (a fault, a reset, a stall between)."""
-        self._last_change = None
-
     @property
     def period_s(self) -> float | None:
         """The period most brackets allow (None: too few agree yet)."""
