@@ -319,6 +319,39 @@ def test_refresh_period_of_read_stamped_values_is_judged_from_tight_reads_only()
     assert fine.tight_refresh_s == pytest.approx(0.02, abs=0.004)
 
 
+def test_coarse_point_samples_are_judged_from_the_short_bursts_at_window_edges():
+    # Fast reads come only near window edges, until the next counter refresh (< 100 ms): a
+    # burst rarely sees two changes of a 100 ms sample, so tight intervals never form. That
+    # each value held for longer than a short box refreshes (and that no two changes were
+    # ever seen closer) is the evidence; a 20 ms box read the same way shows two close changes.
+    import random
+
+    from wattmeter.sensors.power_evidence import StampEvidence
+
+    def value_at(t, period):             # a bursty load: a new value at every refresh
+        return float(int(t / period + 1e-9) % 7)
+
+    def reads(rng):
+        t = 0.0
+        for k in range(120):             # 10 Hz jittered, with an edge burst every 1.5 s
+            t = 0.1 * k + rng.uniform(0.0, 0.1)
+            yield t
+            if k % 15 == 7:
+                for _ in range(int(rng.uniform(0.03, 0.09) / 0.005)):
+                    t += rng.uniform(0.0025, 0.0075)
+                    yield t
+
+    for period, coarse in ((0.1, True), (0.02, False)):
+        ev, last = StampEvidence(), -1.0
+        for t in reads(random.Random(4)):
+            if t > last:
+                ev.observe(0.0, value_at(t, period), t)
+                last = t
+        assert ev.read_stamped and ev.coarse is coarse, (period, ev.holds, ev.fast_seen)
+        if coarse:
+            assert ev.tight_refresh_s is None and 0.05 < ev.held_s <= 0.1
+
+
 def test_steady_reads_before_the_cadence_floor_read_nothing_and_the_floor_is_off_where_every_read_counts():
     import math
     clock, fake, s = sensor_for({"gpu": [

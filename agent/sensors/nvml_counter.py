@@ -96,7 +96,7 @@ class CounterReader:
         shape = "field 186" if self.instant_ok else ("nvmlDeviceGetPowerUsage" if self.shape_usage else "")
         stamps, refresh = self._field_stamps, None
         if self.instant_ok and stamps.read_stamped:
-            refresh = stamps.tight_refresh_s
+            refresh = stamps.held_s
             # Lagging point samples alias with bursty loads: a wrong split is worse than
             # the counter's own steps.
             shape = ("counter steps (field 186 is stamped with the read time and changed at "

@@ -67,6 +67,11 @@ class StampEvidence:
         self._last_change_t: float | None = None
         self._last_change_gap = math.inf
         self._last_read_t: float | None = None
+        # Bounds from the reads around consecutive changes, seen at r1 then r2 (p: the read
+        # before each): the value held at least p2 - r1, and changed again within r2 - p1.
+        self.fast_seen = False       # two changes within COARSE_REFRESH_S (tight reads saw them)
+        self.holds: deque[float] = deque(maxlen=8)   # held at least this long (> COARSE_REFRESH_S)
+        self._last_change_before: float | None = None
 
     def observe(self, age_s: float | None, value: float, read_t: float) -> bool:
         """Feed one read (``age_s``: how old its timestamp says it is, None: no stamp).
@@ -90,6 +95,12 @@ class StampEvidence:
                 self.changes.append(interval)
                 if max(gap, self._last_change_gap) <= TIGHT_READ_GAP_S:
                     self.tight_changes.append(interval)
+                held = read_t - gap - self._last_change_t
+                if held > COARSE_REFRESH_S:
+                    self.holds.append(held)
+                if self._last_change_before is not None and read_t - self._last_change_before <= COARSE_REFRESH_S:
+                    self.fast_seen = True
+            self._last_change_before = read_t - gap if self._last_read_t is not None and gap < math.inf else None
             self._last_value, self._last_change_t, self._last_change_gap = value, read_t, gap
         return changed
 
@@ -107,10 +118,19 @@ class StampEvidence:
 
     @property
     def coarse(self) -> bool:
-        """Read-stamped and, on evidence from tight reads, changing no faster than
-        COARSE_REFRESH_S: a point sample that cannot place an edge inside a counter span."""
+        """Read-stamped and changing no faster than COARSE_REFRESH_S: a point sample that
+        cannot place an edge inside a counter span. Evidence: tight reads timed two changes
+        apart, or (the edges' short bursts of fast reads rarely see two changes) each value
+        held longer than that, twice, and no two changes were ever seen closer."""
+        if not self.read_stamped or self.fast_seen:
+            return False
         refresh = self.tight_refresh_s
-        return bool(self.read_stamped) and refresh is not None and refresh > COARSE_REFRESH_S
+        return refresh > COARSE_REFRESH_S if refresh is not None else len(self.holds) >= 2
+
+    @property
+    def held_s(self) -> float | None:
+        """How long a value was seen to hold at least: the refresh period's lower bound."""
+        return self.tight_refresh_s or (max(self.holds) if self.holds else None)
 
 
 class MeanEvidence:
