@@ -120,6 +120,7 @@ class RefreshTracker:
             return None
         prev = self._prev_read if self._prev_read is not None else read_t - self.period_s
         self._last_value, self._prev_read = value, read_t
+        call_t = read_t
         read_t = max(read_t, end_t if end_t is not None else read_t)
         # From the end of the call that saw the change: a slow call (a starved reader) may
         # have taken the value well after it began, and the span until a later read that
@@ -180,6 +181,12 @@ class RefreshTracker:
             # refresh (it came early) or the one before. A pair's first read is in this spot
             # by design; the next read tells which (see _settle).
             self._pending = (value, t, 0.5 * (max(early, lo) + hi), hi, nxt)
+            return None
+        if end_t is not None and t > call_t and t - p > lo - (0.5 * length + j):
+            # The refresh at t may have landed while the call ran (a read held up, a slow
+            # call): after the moment the value was taken, then the value is the refresh
+            # before, a whole period earlier. The next read tells which (see _settle).
+            self._pending = (value, t - p, t, hi, t)
             return None
         return t
 
