@@ -137,6 +137,24 @@ class MigSensor(Protocol):
 
 
 @runtime_checkable
+class CpuCoverage(Protocol):
+    """Optional capability of a modelled CPU sensor: the CPU counters its utilisation comes
+    from and its idle floor, so a process's share is taken of the CPUs the model covers (RAPL,
+    which has neither, covers the host)."""
+
+    cpu_counters: Any        # sensors.cpu.CpuCounters
+    idle_frac: float
+
+
+@runtime_checkable
+class MemCoverage(Protocol):
+    """Optional capability of a modelled RAM sensor: the memory its model covers (a cgroup's
+    limit, else the host's), so a process's share is taken of that."""
+
+    mem_bytes: int
+
+
+@runtime_checkable
 class DeadlineLanes(Protocol):
     """Driver calls under a deadline, off the caller's thread (``sensors/guard.py``): what a
     deadline-wrapped ``pynvml`` module carries as ``WATTMETER_DEADLINES``. A sensor that reads

@@ -125,8 +125,8 @@ def peak_power(topo: CpuTopology, n_visible: float, tdp_w: float | None, spec: T
 class CpuModelSensor:
     """Host CPU power from a TDP × utilisation model (source ``modelled``).
 
-    Optional capabilities read by ProcessShareSensor: ``cpu_counters`` (the counters this
-    model's utilisation comes from) and ``idle_frac``.
+    Declares ``base.CpuCoverage`` (``cpu_counters``, the counters this model's utilisation
+    comes from, and ``idle_frac``): a process share is taken of the same CPUs.
     """
 
     name = "cpu_model"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, Sequence
 
 from ..model import Batch, Component, Device, Reading, Scope, SensorError
-from .base import Sensor, SensorUnavailable
+from .base import CpuCoverage, MemCoverage, Sensor, SensorUnavailable
 from .cpu import IDLE_FRAC, MIN_INTERVAL_CPU_S, CpuCounters, PerCpuCounters
 
 JOB_SUFFIX = ".job"
@@ -201,10 +201,9 @@ def cpu_share(tree_cpu_s: float, busy_s: float, cap_s: float, idle_frac: float) 
 class ProcessShareSensor:
     """A host sensor plus process-scope ``<key>.job`` devices for its CPU and RAM devices.
 
-    Optional capabilities of the inner sensor, used when present: ``cpu_counters`` and
-    ``idle_frac`` (CpuModelSensor: the CPUs its model covers), ``mem_bytes`` (RamModelSensor:
-    the memory its model covers). Otherwise the host's CPUs and total memory are used,
-    which is what RAPL measures.
+    The inner sensor's declared coverage is used where it has one (``base.CpuCoverage``: the
+    CPUs a CPU model covers; ``base.MemCoverage``: the memory a RAM model covers). Otherwise
+    the host's CPUs and total memory are used, which is what RAPL measures.
     """
 
     def __init__(
@@ -226,13 +225,15 @@ class ProcessShareSensor:
                        for d in inner_devices if d.key in self._component]
         self._devices = tuple(inner_devices + job_devices)
         comps = set(self._component.values())
+        cpu_cover = inner if isinstance(inner, CpuCoverage) else None
         self._cpu = None
         if Component.CPU in comps:
-            self._cpu = cpu_counters or getattr(inner, "cpu_counters", None) or PerCpuCounters()
-        self.idle_frac = idle_frac if idle_frac is not None else getattr(inner, "idle_frac", IDLE_FRAC)
+            self._cpu = cpu_counters or (cpu_cover.cpu_counters if cpu_cover else None) or PerCpuCounters()
+        self.idle_frac = idle_frac if idle_frac is not None else (cpu_cover.idle_frac if cpu_cover else IDLE_FRAC)
         self._mem = 0
         if Component.RAM in comps:
-            self._mem = mem_total_bytes or getattr(inner, "mem_bytes", None) or _host_mem_bytes()
+            self._mem = mem_total_bytes or (inner.mem_bytes if isinstance(inner, MemCoverage) else None) \
+                or _host_mem_bytes()
         self._state: dict[str, _JobState] = {}
 
     def devices(self) -> Sequence[Device]:

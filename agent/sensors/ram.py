@@ -23,7 +23,7 @@ DEFAULT_PERIOD_S = 1.0
 class RamModelSensor:
     """Host RAM power from capacity (source ``modelled``).
 
-    Optional capability read by ProcessShareSensor: ``mem_bytes`` (the memory this model covers).
+    Declares ``base.MemCoverage`` (``mem_bytes``, the memory this model covers).
     """
 
     name = "ram_model"
