@@ -1276,11 +1276,13 @@ def test_prometheus_evaluates_rules_and_dashboards(tmp_path):
         assert not failures, "\n".join(failures)
         assert not empty, "queries with no data against a complete fake exporter:\n" + "\n".join(empty)
 
-        # Spot-check values: GPU power per node = 300 + 80 W, CPU = 60 + 40 W.
+        # Spot-check values: GPU power per node = 300 + 80 W, CPU = 60 + 40 W. Within 2 %:
+        # Prometheus stamps a sample at the scrape's start, the fake computes it when it
+        # answers, and on a loaded machine that lag varies by a few hundred ms (378.2 W seen).
         node_w = _query(base, "hostname:wattmeter_gpu_energy_joules:sum_rate1m")["data"]["result"][0]
-        assert abs(float(node_w["value"][1]) - 380) < 1
+        assert abs(float(node_w["value"][1]) - 380) < 0.02 * 380
         cpu_w = _query(base, "hostname:wattmeter_cpu_energy_joules:sum_rate1m")["data"]["result"][0]
-        assert abs(float(cpu_w["value"][1]) - 100) < 1
+        assert abs(float(cpu_w["value"][1]) - 100) < 0.02 * 100
         jpt = _query(base, "model:wattmeter_energy_per_token_joules:weighted5m")["data"]["result"][0]
         assert abs(float(jpt["value"][1]) - 0.3) < 1e-6
         # honor_labels keeps wattmeter's own job label on job series.
