@@ -8,6 +8,7 @@ samples.
 """
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 
 MIN_BOX_S, MAX_BOX_S = 0.005, 0.05   # a short-window power field's refresh box (H100: 20 ms)
@@ -19,18 +20,26 @@ TAIL_MAX_S = 0.5          # an edge this close to the next counter read uses the
 TAIL_GAP_S = 0.06         # ...when instant power was read at least this often
 SAME_VALUE_S = 0.0005     # samples closer than this are one value read twice
 BRIDGE_REACH_S = 1.0      # a bridge needs instant power this close to both of its ends
+REBASE_S = 600.0          # the integrals' time origin moves up this often
 
 
 class InstantSamples:
     """A device's recent instant-power samples (t, power_w), oldest first. ``coarse``: the
     sensor says they cannot split a counter span (read-stamped ~100 ms point samples); they
-    still bridge its faults."""
+    still bridge its faults.
 
-    __slots__ = ("pts", "coarse")
+    Each value counts as the power since the sample before it (the last one held on). Beside
+    each sample, ``cum`` keeps that power's integrals up to it, F = integral of P and
+    G = integral of (u - base) P: any weighted integral with a piecewise-linear weight (the
+    trailing mean's edge kernel) is then a few lookups, not a loop over the samples."""
+
+    __slots__ = ("pts", "coarse", "cum", "base")
 
     def __init__(self, maxlen: int) -> None:
         self.pts: deque[tuple[float, float]] = deque(maxlen=maxlen)
         self.coarse = False
+        self.cum: deque[tuple[float, float]] = deque(maxlen=maxlen)   # (F, G) at each sample
+        self.base = 0.0
 
     def __bool__(self) -> bool:
         return bool(self.pts)
@@ -44,10 +53,54 @@ class InstantSamples:
 
     def add(self, t: float, w: float) -> bool:
         """Keep a sample newer than the last one; False (dropped) otherwise."""
-        if self.pts and t <= self.pts[-1][0]:
-            return False
-        self.pts.append((t, w))
+        pts = self.pts
+        if not pts:
+            self.base = t
+            self.cum.append((0.0, 0.0))
+        else:
+            t0 = pts[-1][0]
+            if t <= t0:
+                return False
+            if t - self.base > REBASE_S:        # keeps G's terms small (float precision)
+                self._rebase(t0)
+            f0, g0 = self.cum[-1]
+            b = self.base
+            self.cum.append((f0 + w * (t - t0), g0 + 0.5 * w * ((t - b) ** 2 - (t0 - b) ** 2)))
+        pts.append((t, w))
         return True
+
+    def _rebase(self, base: float) -> None:
+        shift = base - self.base
+        self.cum = deque(((f, g - shift * f) for f, g in self.cum), maxlen=self.cum.maxlen)
+        self.base = base
+
+    def _integrals_at(self, x: float, reach: float) -> tuple[float, float]:
+        """(F(x), G(x)), where P is the value of the next sample up to ``reach``, else the last
+        one before held on (a sample past ``reach`` says nothing of the power at x)."""
+        pts, cum, b = self.pts, self.cum, self.base
+        i = bisect_left(pts, x, key=_time)
+        if i < len(pts) and pts[i][0] <= reach:
+            (ti, v), (f, g) = pts[i], cum[i]
+            return f - v * (ti - x), g - 0.5 * v * ((ti - b) ** 2 - (x - b) ** 2)
+        (t1, v), (f, g) = pts[i - 1], cum[i - 1]
+        return f + v * (x - t1), g + 0.5 * v * ((x - b) ** 2 - (t1 - b) ** 2)
+
+    def edge_kernel(self, t: float, half: float) -> float:
+        """The integral of P(s) k(s - t), k the trailing mean's edge kernel (``trailing_mean``):
+        -(half + x)/w on (-half, 0], (half - x)/w on (0, half], w = 2 half. P: each sample's
+        value since the one before, the last one before t + half + 1 s held on; with no sample
+        from t - half to there, P is flat and the kernel zero (it vanishes on constant power)."""
+        pts, reach = self.pts, t + half + 1.0
+        i = bisect_left(pts, t - half, key=_time)
+        if i == len(pts) or pts[i][0] > reach:
+            return 0.0
+        f_a, g_a = self._integrals_at(t - half, reach)
+        f_t, g_t = self._integrals_at(t, reach)
+        f_b, g_b = self._integrals_at(t + half, reach)
+        tb = t - self.base
+        before = (half - tb) * (f_t - f_a) + (g_t - g_a)     # integral of P(s) (half + s - t)
+        after = (half + tb) * (f_b - f_t) - (g_b - g_t)      # integral of P(s) (half - s + t)
+        return (after - before) / (2.0 * half)
 
     def between(self, a: float, b: float) -> list[tuple[float, float]]:
         """Instant samples dated in [a, b], oldest first. Scans back from the newest (queries
@@ -113,6 +166,10 @@ class InstantSamples:
         vals = [w for _, w in self.between(t0, t1)]
         return max(vals) if vals else None
 
+
+
+def _time(p: tuple[float, float]) -> float:
+    return p[0]
 
 
 def integrate_samples(pts: list[tuple[float, float]], a: float, b: float) -> float:

@@ -121,3 +121,48 @@ def test_power_timeline_integrates_to_the_energy(segs, step, counter_step, reset
         if b > a and expect > 0:
             peak = ledger.peak_power_w(key, a, b)
             assert expect / (b - a) - 1e-6 <= peak <= 800.0 + 1e-6 or peak <= expect / (b - a) + 1e-6
+
+
+def _edge_kernel_by_loop(samples, t, half):
+    """The trailing mean's edge kernel summed over the samples one by one (the way it was
+    computed before the running integrals): the reference the fast form must equal."""
+    w = 2.0 * half
+    pts = samples.between(t - half, t + half + 1.0) or samples.between(t - half - 1.0, t + half + 1.0)
+    if not pts:
+        return 0.0
+
+    def prim(x):
+        if x <= 0.0:
+            return -(half * (x + half) + 0.5 * (x * x - half * half)) / w
+        return -(half * half * 0.5) / w + (half * x - 0.5 * x * x) / w
+    total, lo, prev_t = 0.0, -half, None
+    for ts, v in pts:
+        hi = min(ts - t, half)
+        start = lo if prev_t is None else max(lo, prev_t - t)
+        if hi > start:
+            total += v * (prim(hi) - prim(start))
+            lo = hi
+        prev_t = ts
+        if ts - t >= half:
+            break
+    if lo < half:
+        total += pts[-1][1] * (prim(half) - prim(lo))
+    return total
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.floats(0.0, 3e5), st.lists(st.tuples(st.sampled_from([0.002, 0.02, 0.1, 0.3, 1.2, 2.5]),
+                                              st.floats(0.0, 1000.0)), min_size=1, max_size=400),
+       st.sampled_from([8, 64, 512]), st.lists(st.floats(-0.1, 1.1), min_size=1, max_size=8))
+def test_the_edge_kernel_from_running_integrals_equals_the_sum_over_samples(t0, steps, keep, fracs):
+    # Gaps of up to 2.5 s (a sample past t + half + 1 s says nothing of the power at t), a
+    # ring that drops old samples, and clock values large enough to need the integrals' rebase.
+    from wattmeter.shaping import InstantSamples
+    s, t = InstantSamples(keep), t0
+    for dt, w in steps:
+        t += dt
+        s.add(t, w)
+    first, last = s.pts[0][0], s.pts[-1][0]
+    for f in fracs:
+        q = first - 2.0 + f * (last - first + 4.0)
+        assert math.isclose(s.edge_kernel(q, 0.5), _edge_kernel_by_loop(s, q, 0.5), abs_tol=1e-6)
