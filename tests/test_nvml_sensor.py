@@ -351,6 +351,16 @@ def test_coarse_point_samples_are_judged_from_the_short_bursts_at_window_edges()
         if coarse:
             assert ev.tight_refresh_s is None and 0.05 < ev.held_s <= 0.1
 
+    # An idle GPU whose quantised power moves once every couple of seconds, read at 10 Hz with
+    # no window open (no fast reads): long holds say the load is steady, not that the sensor
+    # is slow (judged coarse, its counter would be read at every tick: 3.5 ms of CPU each on
+    # an H100).
+    idle, rng = StampEvidence(), random.Random(5)
+    for k in range(300):
+        t = 0.1 * k + rng.uniform(0.0, 0.1)
+        idle.observe(0.0, 61.0 + int(t / 2.1) % 2, t)
+    assert idle.read_stamped and not idle.coarse and not idle.holds
+
 
 def test_steady_reads_before_the_cadence_floor_read_nothing_and_the_floor_is_off_where_every_read_counts():
     import math

@@ -32,6 +32,8 @@ JUMP_SHARE = 0.25            # ...counted where the instant value moved by this 
 JUMP_VERDICT = 4             # a mean, once it stayed put at this many jumps (and 4x more than it followed)
 COARSE_REFRESH_S = 0.05      # a read-stamped sample refreshing slower than this cannot place an edge
 TIGHT_READ_GAP_S = 0.01      # reads this close date a value change to within a hundredth of a second
+HOLD_EVIDENCE_MAX_S = 0.25   # a value held longer says the load was steady (an idle GPU's quantised
+                             # power), not that the sensor refreshes slowly
 STEP_SHARE = 0.3             # a load step this large (share of the mean power) tells a mean from a sample
 STEP_SPAN_S = 1.5            # ...when a trailing mean walks it within about its window
 MIN_STEP_MOVES = 4           # ...over this many reads at least
@@ -96,7 +98,7 @@ class StampEvidence:
                 if max(gap, self._last_change_gap) <= TIGHT_READ_GAP_S:
                     self.tight_changes.append(interval)
                 held = read_t - gap - self._last_change_t
-                if held > COARSE_REFRESH_S:
+                if COARSE_REFRESH_S < held <= HOLD_EVIDENCE_MAX_S:
                     self.holds.append(held)
                 if self._last_change_before is not None and read_t - self._last_change_before <= COARSE_REFRESH_S:
                     self.fast_seen = True
