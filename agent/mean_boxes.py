@@ -34,6 +34,7 @@ from .shaping import InstantSamples
 GRID_TIMES = 64            # new-value times a refresh grid is fitted to
 GRID_REFIT = 16            # ...refitted after this many new values
 GRID_MARGIN_S = 0.002      # a read this close after the fitted refresh instant is still its
+GRID_EARLY_SHARE = 0.25    # ...or this share of the read delays' spread, whichever is more
 GRID_SPREAD = 0.6          # read delays spread over more than this share of T: not one grid
 COARSE_MIN_S = 0.05        # samples refreshing faster than this shape the kernel well by themselves
 PATTERN_WINDOWS = 8        # windows of samples the box pattern is fitted to
@@ -239,8 +240,12 @@ class BoxPattern:
         changes = _change_times(self.samples.between(t - GRID_TIMES * grid.period_s, t))
         if len(changes) < 4:
             return False
-        delays = [(c - grid.ref_t + GRID_MARGIN_S) % grid.period_s - GRID_MARGIN_S for c in changes]  # ref_t is a refresh
-        return max(delays) <= max(grid.spread_s, COARSE_MIN_S * 0.1) + GRID_MARGIN_S
+        # The fitted refresh instant is itself off by up to a fraction of the read delays'
+        # spread: a value read a little before it is still on the grid (2 ms alone flagged one
+        # such read in 30 and took the model out of force for seconds).
+        margin = max(GRID_MARGIN_S, GRID_EARLY_SHARE * grid.spread_s)
+        delays = [(c - grid.ref_t + margin) % grid.period_s - margin for c in changes]  # ref_t is a refresh
+        return max(delays) <= max(grid.spread_s, COARSE_MIN_S * 0.1) + margin
 
     def _restart(self, n: int, window_s: float) -> None:
         self.n, self.window_s = n, window_s
