@@ -271,3 +271,40 @@ def test_a_refresh_inside_a_held_up_call_is_dated_by_the_next_read():
             assert resolved[0][0] == pytest.approx(c - p, abs=0.01) and after is not None
         else:                                # unchanged after c: the value was c's
             assert resolved[0][0] == pytest.approx(c, abs=0.01) and after is None
+
+
+def test_a_read_just_after_a_predicted_refresh_that_came_late_is_dated_by_the_next_read():
+    # The phase is known to a few ms; this refresh comes 5 ms late (a jittery clock) and a read
+    # lands 2 ms after the predicted instant. The value is still the refresh before's: dated at
+    # the prediction, a period's energy moved across any edge there (one job's windows on every
+    # bursty load of a GPU read at 10 Hz, -1.5 to -13 %, in the real-time matrix).
+    phase, p = 0.037, 0.1
+    late_k, late_s = 20, 0.005
+
+    def refresh(k):
+        return phase + k * p + (late_s if k == late_k else 0.0)
+
+    def value_at(t):
+        k = int((t - phase) // p)
+        return float(k - 1 if k == late_k and t < refresh(k) else k)
+
+    tracker = RefreshTracker(period_s=p)
+    t = 0.0
+    while t < 0.5:
+        t += 0.005
+        tracker.observe(t, value_at(t))
+    rng = random.Random(3)
+    for k in range(1, 19):
+        r = phase + k * p + rng.uniform(0.01, 0.09)
+        tracker.observe(r, value_at(r))
+    tracker.observe(refresh(late_k) - p - 0.02, value_at(refresh(late_k) - p - 0.02))
+    tracker.take_resolved()
+    predicted = tracker.next_refresh_after(phase + (late_k - 1) * p + 0.01)
+    assert abs(predicted - (phase + late_k * p)) < 0.003
+    r = predicted + 0.002                      # before the late refresh: the value is k - 1's
+    assert value_at(r) == late_k - 1
+    assert tracker.observe(r, value_at(r)) is None
+    nxt = refresh(late_k) + 0.03
+    tracker.observe(nxt, value_at(nxt))
+    [(when, v)] = tracker.take_resolved()
+    assert v == late_k - 1 and when == pytest.approx(phase + (late_k - 1) * p, abs=0.01)

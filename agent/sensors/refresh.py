@@ -18,6 +18,7 @@ Arc = tuple[float, float]   # (start phase in [0, period), length in [0, period]
 RESYNC_SLACK_S = 0.008      # after a conflict, phases this far beyond the allowances stay possible
 FIRST_BRACKET_S = 0.02      # the first dated change needs a bracket this narrow...
 MAX_WIDE_SKIPS = 3          # ...unless this many changes have come in wider ones
+LATE_UNSURE_SHARE = 0.25    # a phase known no better than this share of a period dates no value pending
 AMBIGUOUS_MARGIN_S = 0.003  # a refresh may come this much earlier than its allowed phases say
 PERIOD_CHANGE = 0.05        # a measured period this far from the one in use replaces it...
 PERIOD_REFINE = 0.001       # ...and once one has, a finer one this far off (and past its own
@@ -182,10 +183,13 @@ class RefreshTracker:
             # by design; the next read tells which (see _settle).
             self._pending = (value, t, 0.5 * (max(early, lo) + hi), hi, nxt)
             return None
-        if end_t is not None and t > call_t and t - p > lo - (0.5 * length + j):
+        unsure = 0.5 * length + j
+        if t - p > lo - unsure and (
+                (end_t is not None and t > call_t) or (t > call_t - unsure and unsure < LATE_UNSURE_SHARE * p)):
             # The refresh at t may have landed while the call ran (a read held up, a slow
-            # call): after the moment the value was taken, then the value is the refresh
-            # before, a whole period earlier. The next read tells which (see _settle).
+            # call), or, the phase being known only to +-unsure, just after the read began:
+            # after the moment the value was taken, then the value is the refresh before, a
+            # whole period earlier. The next read tells which (see _settle).
             self._pending = (value, t - p, t, hi, t)
             return None
         return t
