@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import deque
+from operator import itemgetter
 
 MIN_BOX_S, MAX_BOX_S = 0.005, 0.05   # a short-window power field's refresh box (H100: 20 ms)
 HOLD_MAX_S = 5.0          # E past the last sample holds the last power this long at most
@@ -21,6 +22,8 @@ TAIL_GAP_S = 0.06         # ...when instant power was read at least this often
 SAME_VALUE_S = 0.0005     # samples closer than this are one value read twice
 BRIDGE_REACH_S = 1.0      # a bridge needs instant power this close to both of its ends
 REBASE_S = 600.0          # the integrals' time origin moves up this often
+
+_time = itemgetter(0)     # a sample's time: the key the ring is searched by
 
 
 class InstantSamples:
@@ -74,11 +77,13 @@ class InstantSamples:
         self.cum = deque(((f, g - shift * f) for f, g in self.cum), maxlen=self.cum.maxlen)
         self.base = base
 
-    def _integrals_at(self, x: float, reach: float) -> tuple[float, float]:
+    def _integrals_at(self, x: float, reach: float, i: int | None = None) -> tuple[float, float]:
         """(F(x), G(x)), where P is the value of the next sample up to ``reach``, else the last
-        one before held on (a sample past ``reach`` says nothing of the power at x)."""
+        one before held on (a sample past ``reach`` says nothing of the power at x). ``i``: the
+        first sample at or after x, where the caller has it."""
         pts, cum, b = self.pts, self.cum, self.base
-        i = bisect_left(pts, x, key=_time)
+        if i is None:
+            i = bisect_left(pts, x, key=_time)
         if i < len(pts) and pts[i][0] <= reach:
             (ti, v), (f, g) = pts[i], cum[i]
             return f - v * (ti - x), g - 0.5 * v * ((ti - b) ** 2 - (x - b) ** 2)
@@ -94,7 +99,7 @@ class InstantSamples:
         i = bisect_left(pts, t - half, key=_time)
         if i == len(pts) or pts[i][0] > reach:
             return 0.0
-        f_a, g_a = self._integrals_at(t - half, reach)
+        f_a, g_a = self._integrals_at(t - half, reach, i)
         f_t, g_t = self._integrals_at(t, reach)
         f_b, g_b = self._integrals_at(t + half, reach)
         tb = t - self.base
@@ -166,10 +171,6 @@ class InstantSamples:
         vals = [w for _, w in self.between(t0, t1)]
         return max(vals) if vals else None
 
-
-
-def _time(p: tuple[float, float]) -> float:
-    return p[0]
 
 
 def integrate_samples(pts: list[tuple[float, float]], a: float, b: float) -> float:

@@ -73,7 +73,6 @@ class StampEvidence:
         # before each): the value held at least p2 - r1, and changed again within r2 - p1.
         self.fast_seen = False       # two changes within COARSE_REFRESH_S (tight reads saw them)
         self.holds: deque[float] = deque(maxlen=8)   # held at least this long (> COARSE_REFRESH_S)
-        self._last_change_before: float | None = None
 
     def observe(self, age_s: float | None, value: float, read_t: float) -> bool:
         """Feed one read (``age_s``: how old its timestamp says it is, None: no stamp).
@@ -100,9 +99,8 @@ class StampEvidence:
                 held = read_t - gap - self._last_change_t
                 if COARSE_REFRESH_S < held <= HOLD_EVIDENCE_MAX_S:
                     self.holds.append(held)
-                if self._last_change_before is not None and read_t - self._last_change_before <= COARSE_REFRESH_S:
-                    self.fast_seen = True
-            self._last_change_before = read_t - gap if self._last_read_t is not None and gap < math.inf else None
+                if read_t - (self._last_change_t - self._last_change_gap) <= COARSE_REFRESH_S:
+                    self.fast_seen = True      # r2 - p1 (an infinite gap: no read before p1)
             self._last_value, self._last_change_t, self._last_change_gap = value, read_t, gap
         return changed
 
