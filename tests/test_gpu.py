@@ -7,11 +7,13 @@ import pytest
 
 pynvml = pytest.importorskip("pynvml")
 
+from wattmeter.sensors.base import SimulatedNvml  # noqa: E402
+
 pytestmark = pytest.mark.gpu
 
 
 def _real_gpu() -> bool:
-    if getattr(pynvml, "WATTMETER_FAKE", False):
+    if isinstance(pynvml, SimulatedNvml):
         return False
     try:
         pynvml.nvmlInit()

@@ -10,6 +10,7 @@ import pytest
 from wattmeter.clock import SystemClock, VirtualClock
 from wattmeter.discovery import SensorPlan, discover
 from wattmeter.meter import Meter
+from wattmeter.sensors.base import SimulatedNvml
 from wattmeter.sensors.guard import with_deadlines
 from wattmeter.sensors.late import LateNvmlSensor
 from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
@@ -74,6 +75,9 @@ def test_the_wrapped_module_keeps_pynvml_names_errors_constants_and_signatures()
     n = with_deadlines(build_module(fake))
     assert n.NVML_FI_DEV_POWER_INSTANT == nv.NVML_FI_DEV_POWER_INSTANT
     assert n.NVMLError is nv.NVMLError and n.WATTMETER_FAKE_NVML is fake
+    # still a declared stand-in: readings labelled simulated, counter calls timed on its clock
+    assert isinstance(n, SimulatedNvml) and n.clock is fake.clock
+    assert not isinstance(with_deadlines(nv), SimulatedNvml)
     assert list(inspect.signature(n.nvmlDeviceGetFieldValues).parameters) == ["handle", "fieldIds"]
     with pytest.raises(nv.NVMLError_Uninitialized):   # errors of the call itself pass through
         n.nvmlDeviceGetCount()

@@ -18,8 +18,10 @@ the time of each read is passed in, and a sensor that must time a call takes the
 from __future__ import annotations
 
 import threading
+import types
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
+from ..clock import Clock
 from ..model import Batch, Device, ProcessUsage
 
 
@@ -152,6 +154,14 @@ class MemCoverage(Protocol):
     limit, else the host's), so a process's share is taken of that."""
 
     mem_bytes: int
+
+
+class SimulatedNvml(types.ModuleType):
+    """A ``pynvml`` stand-in declares itself by this type (the fake NVML, ``wattmeter.sim``):
+    its readings are labelled simulated, and its GPUs run on ``clock``, which times counter calls
+    unless the caller passes one. A deadline wrapper of one is one too (``sensors/guard.py``)."""
+
+    clock: Clock
 
 
 @runtime_checkable

@@ -55,11 +55,14 @@ _PURE = frozenset({"nvmlExceptionClass", "nvmlStructToFriendlyObject", "nvmlFrie
 def with_deadlines(nvml: Any, deadline_s: float = DEFAULT_DEADLINE_S,
                    deadlines: Mapping[str, float] | None = None, max_lanes: int = MAX_LANES) -> types.ModuleType:
     """A ``pynvml`` module (or the fake's) whose driver calls have deadlines. Every other name
-    (constants, error classes, structs, ``WATTMETER_FAKE``) is the wrapped module's own.
+    (constants, error classes, structs, a fake's clock) is the wrapped module's own.
     ``module.WATTMETER_DEADLINES`` is the ``NvmlDeadlines`` (stats, stale handles)."""
     guard = NvmlDeadlines(nvml, deadline_s, deadlines, max_lanes)
-    mod = types.ModuleType(getattr(nvml, "__name__", "pynvml"), getattr(nvml, "__doc__", None))
-    source = vars(nvml) if isinstance(nvml, types.ModuleType) else {n: getattr(nvml, n) for n in dir(nvml)}
+    if isinstance(nvml, types.ModuleType):
+        # type(nvml): a wrapped fake stays a ``SimulatedNvml`` (its clock is copied below)
+        mod, source = type(nvml)(nvml.__name__, nvml.__doc__), vars(nvml)
+    else:
+        mod, source = types.ModuleType("pynvml"), {n: getattr(nvml, n) for n in dir(nvml)}
     skip = {"__name__", "__spec__", "__loader__", "__package__", "__builtins__", "__cached__", "__doc__"}
     ns = mod.__dict__
     for name, value in source.items():

@@ -13,11 +13,11 @@ from __future__ import annotations
 import math
 import random
 from types import ModuleType
-from typing import Callable
+from typing import Any, Callable
 
 from ..clock import Clock, SystemClock
 from ..model import Batch, Device, ProcessUsage, SensorError
-from .base import DeadlineLanes, SensorUnavailable
+from .base import DeadlineLanes, SensorUnavailable, SimulatedNvml
 from .counter_timing import DENSE_START_S, Calibration
 from .gpu_selection import GpuSelection
 from .nvml_discovery import NvmlGpu, decode, discover_gpus
@@ -47,10 +47,9 @@ class NvmlSensor:
         self.nvml = nvml or self._import()
         # Maps the meter's clock to wall time, to date NVML's field timestamps.
         self.wall = wall or SystemClock().wall
-        self.simulated = bool(getattr(self.nvml, "WATTMETER_FAKE", False))
-        fake = getattr(self.nvml, "WATTMETER_FAKE_NVML", None)
+        self.simulated = isinstance(self.nvml, SimulatedNvml)
         # Times the end of each counter call; the fake's own clock keeps virtual-time tests exact.
-        self._clock: Clock = clock or (fake.clock if fake is not None else SystemClock())
+        self._clock: Clock = clock or (self.nvml.clock if isinstance(self.nvml, SimulatedNvml) else SystemClock())
         self.power_period_s = power_period_s
         self._rng = random.Random(seed)     # shifts counter pairs (sensors/counter_timing.py)
         err = self.nvml.NVMLError
@@ -222,14 +221,10 @@ class NvmlSensor:
             pass
 
 
-def _error_kind(n: ModuleType, exc: Exception) -> str:
-    names = {
-        "NVML_ERROR_GPU_IS_LOST": "gpu_lost", "NVML_ERROR_NOT_SUPPORTED": "not_supported",
-        "NVML_ERROR_TIMEOUT": "timeout", "NVML_ERROR_NO_PERMISSION": "permission",
-        "NVML_ERROR_UNINITIALIZED": "uninitialized", "NVML_ERROR_NOT_FOUND": "not_found",
+def _error_kind(n: ModuleType, exc: Any) -> str:
+    kinds = {
+        n.NVML_ERROR_GPU_IS_LOST: "gpu_lost", n.NVML_ERROR_NOT_SUPPORTED: "not_supported",
+        n.NVML_ERROR_TIMEOUT: "timeout", n.NVML_ERROR_NO_PERMISSION: "permission",
+        n.NVML_ERROR_UNINITIALIZED: "uninitialized", n.NVML_ERROR_NOT_FOUND: "not_found",
     }
-    value = getattr(exc, "value", None)
-    for const, kind in names.items():
-        if value is not None and value == getattr(n, const, object()):
-            return kind
-    return "nvml_error"
+    return kinds.get(exc.value, "nvml_error")

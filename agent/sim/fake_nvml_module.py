@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Iterator
 
 import pynvml as _pynvml_at_import
 
+from ..sensors.base import SimulatedNvml
+
 if TYPE_CHECKING:  # pragma: no cover
     from .fake_nvml import FakeNVML
 
@@ -26,7 +28,7 @@ PURE_HELPERS = frozenset({"nvmlExceptionClass", "nvmlStructToFriendlyObject", "n
 def real_pynvml() -> types.ModuleType:
     """The genuine nvidia-ml-py module, even while a fake is installed."""
     mod = sys.modules.get("pynvml")
-    if mod is not None and getattr(mod, "WATTMETER_FAKE", False):
+    if isinstance(mod, SimulatedNvml):
         return mod._WATTMETER_REAL
     return mod if mod is not None else _pynvml_at_import
 
@@ -37,7 +39,7 @@ _installed: list[types.ModuleType | None] = []   # what sys.modules["pynvml"] he
 def build_module(fake: "FakeNVML") -> types.ModuleType:
     """A ``pynvml`` module: every attribute of the real one, driver calls replaced by the fake's."""
     real = real_pynvml()
-    mod = types.ModuleType("pynvml", real.__doc__)
+    mod = SimulatedNvml("pynvml", real.__doc__)
     skip = {"__name__", "__spec__", "__loader__", "__package__", "__builtins__", "__cached__", "__doc__"}
     simulated = [name for name in dir(type(fake)) if name.startswith("nvml")]
     no_stub = PURE_HELPERS.union(simulated)   # the simulated ones are set below
@@ -53,7 +55,8 @@ def build_module(fake: "FakeNVML") -> types.ModuleType:
     # No shared library behind the fake: every function pointer lookup fails.
     mod._nvmlGetFunctionPointer = fake.not_simulated("_nvmlGetFunctionPointer", real.NVML_ERROR_FUNCTION_NOT_FOUND)
     mod._LoadNvmlLibrary = lambda: None
-    mod.WATTMETER_FAKE = True
+    mod.clock = fake.clock
+    mod.WATTMETER_FAKE = True          # for other code that asks (a declared type is for ours)
     mod.WATTMETER_FAKE_NVML = fake
     mod._WATTMETER_REAL = real
     return mod
