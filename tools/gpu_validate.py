@@ -1,6 +1,7 @@
 """Real-GPU validation (run on a machine with an NVIDIA GPU; results go to docs/gpu-validation.md).
 
-1. Counter refresh: poll nvmlDeviceGetTotalEnergyConsumption at ~1 kHz and record change times.
+1. Counter refresh: poll nvmlDeviceGetTotalEnergyConsumption at ~1 kHz and record change times;
+   then for 30 s, whether its refresh phase drifts away from a grid fitted to the first 5 s.
 2. Counter vs integrated power: during idle -> matmul burst -> idle, integrate field 186 (instant)
    and nvmlDeviceGetPowerUsage sampled at ~100 Hz, compare with the counter delta.
 3. wattmeter windows vs the counter delta read around the same calls.
@@ -32,6 +33,41 @@ def refresh_period(h, seconds=2.0):
     return {"changes": len(changes), "median_gap_ms": 1000 * statistics.median(gaps) if gaps else None,
             "min_gap_ms": 1000 * min(gaps) if gaps else None, "max_gap_ms": 1000 * max(gaps) if gaps else None,
             "call_latency_us_median": 1e6 * statistics.median(lat)}
+
+
+def refresh_drift(h, seconds=30.0):
+    """Whether the counter's refresh phase wanders (a random walk) or jitters around a fixed
+    grid: decides how far apart the pairs that keep it locked may be (docs/performance.md).
+    Each change is dated at the middle of the gap between the read that still saw the old value
+    and the one that saw the new; a grid is fitted to the first 5 s and its predictions are
+    compared with the refreshes seen later."""
+    changes, last = [], pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+    prev_end = time.monotonic()
+    end = prev_end + seconds
+    while prev_end < end:
+        start = time.monotonic()
+        v = pynvml.nvmlDeviceGetTotalEnergyConsumption(h)
+        now = time.monotonic()
+        if v != last:
+            changes.append((0.5 * (prev_end + now), now - prev_end))
+            last = v
+        prev_end = now
+    ts = [t for t, width in changes if width < 0.01]   # only changes bracketed to 10 ms
+    if len(ts) < 20:
+        return {"changes": len(changes), "narrow": len(ts)}
+    gap = statistics.median(b - a for a, b in zip(ts, ts[1:]))
+    first = [t for t in ts if t - ts[0] < 5.0]
+    ks = [round((t - ts[0]) / gap) for t in first]
+    km, tm = statistics.fmean(ks), statistics.fmean(first)
+    period = sum((k - km) * (t - tm) for k, t in zip(ks, first)) / sum((k - km) ** 2 for k in ks)
+    zero = tm - km * period          # refresh 0 on the fitted grid
+    out = {"changes": len(changes), "narrow": len(ts), "period_ms_fitted_5s": round(1000 * period, 4)}
+    for after in (5, 10, 20, seconds - 5):
+        near = [t for t in ts if after <= t - ts[0] < after + 2.0]
+        misses = [abs((t - zero) - round((t - zero) / period) * period) for t in near]
+        if misses:
+            out[f"miss_ms_median_after_{int(after)}s"] = round(1000 * statistics.median(misses), 3)
+    return out
 
 
 def burst(seconds):
@@ -108,6 +144,7 @@ def main():
     res = {"gpu": pynvml.nvmlDeviceGetName(h), "driver": pynvml.nvmlSystemGetDriverVersion()}
     res["nvml_call_cost"] = nvml_cost(h)
     res["refresh_idle"] = refresh_period(h, 1.0)
+    res["refresh_drift"] = refresh_drift(h, 30.0)
     ref = Reference(h)
     ref.start()
     sensor = NvmlSensor()
