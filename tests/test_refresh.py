@@ -308,3 +308,30 @@ def test_a_read_just_after_a_predicted_refresh_that_came_late_is_dated_by_the_ne
     tracker.observe(nxt, value_at(nxt))
     [(when, v)] = tracker.take_resolved()
     assert v == late_k - 1 and when == pytest.approx(phase + (late_k - 1) * p, abs=0.01)
+
+
+@pytest.mark.parametrize("period", [0.0005, 0.001, 0.003])
+def test_a_counter_refreshing_every_few_ms_is_dated_at_its_reads_not_on_a_100_ms_grid(period):
+    # A counter computed at each call, or refreshed every millisecond, changes on every read of
+    # a calibration burst; consecutive changes then put two refreshes within 10 ms, which no
+    # 100 ms grid allows. Dated on that grid anyway, its values were ~45 ms off (median) and
+    # steady 1.5 s jobs read 5-6 % off; now each is dated inside the span the reads proved.
+    errors, outside = simulate(period, 0.0002, 1)
+    assert outside == 0
+    assert errors[len(errors) // 2] < 0.006 and errors[-1] <= 0.0051, errors[-5:]
+
+
+def test_a_100_ms_counter_is_never_taken_for_a_fast_one():
+    for jitter in (0.0, 0.0025):
+        tracker, errors, _ = _tracker_after(0.09997, 2, jitter=jitter)
+        assert tracker.current_within_s is None and errors[len(errors) // 2] < 0.006
+
+
+def test_a_fast_counter_that_then_holds_its_value_is_dated_on_a_grid_again():
+    tracker = RefreshTracker(period_s=0.1)
+    for i, t in enumerate((0.0, 0.002, 0.004, 0.006)):
+        tracker.observe(t, float(i))                      # a change on every read 2 ms apart
+    assert tracker.current_within_s == pytest.approx(0.004)
+    assert tracker.observe(0.050, 4.0) == pytest.approx(0.048)   # inside the 4 ms before the read
+    tracker.observe(0.070, 4.0)                           # held 20 ms: not a 4 ms counter after all
+    assert tracker.current_within_s is None

@@ -25,6 +25,7 @@ PERIOD_REFINE = 0.001       # ...and once one has, a finer one this far off (and
                             # precision) refines it
 MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)
 DOUBT_PERIODS = 1.5         # one value read over this many periods apart doubts the period
+CURRENT_MAX_S = 0.010       # a counter shown to refresh at least this often is dated at its reads
 
 
 def _pieces(arcs: list[Arc], period: float) -> list[tuple[float, float]]:
@@ -80,6 +81,12 @@ class RefreshTracker:
     _arcs: list[Arc] = field(default_factory=list)
     _arcs_t: float = 0.0               # when the arcs were last narrowed
     _fast_changes: int = 0             # consecutive fast reads that all saw a change
+    # Two consecutive changes, the first after the read at p1 and the second seen by the read
+    # ending at r2, put two refreshes inside (p1, r2]: the counter refreshes at least that
+    # often. Where reads show that it does within CURRENT_MAX_S, every value is current to
+    # within this (None: no such evidence, or a later value held longer than that).
+    current_within_s: float | None = None
+    _changed_after: float | None = None  # the last read before the latest change
     dated: bool = False                # some value has been dated (the first change was seen)
     _uncertainty: float = 0.1          # cached: read on every sampler wake-up
     _wide_skips: int = 0               # first changes left undated for a wide bracket
@@ -115,6 +122,12 @@ class RefreshTracker:
         if value == self._last_value:
             self._prev_read = read_t
             self._fast_changes = 0
+            within = self.current_within_s
+            if within is not None and self._changed_read is not None and \
+                    read_t - self._changed_read > 2.0 * within + AMBIGUOUS_MARGIN_S:
+                # Held longer than a counter that fast would: it is not (or no longer) that fast.
+                self.current_within_s = None
+                self._measure()
             if not self.doubted and self._changed_read is not None and \
                     read_t - self._changed_read > DOUBT_PERIODS * self.period_s + self.jitter_s:
                 self._doubt(read_t)
@@ -129,6 +142,22 @@ class RefreshTracker:
         self._changed_read = read_t
         self._check_period(prev, read_t)
         p = self.period_s
+        # A counter that refreshes every few ms (or is computed at each call) contradicts any
+        # refresh grid a period apart: dated on one, steady 1.5 s jobs read 5-6 % off. Where
+        # two consecutive changes show two refreshes within CURRENT_MAX_S, every change from
+        # then on is dated inside that span before its read.
+        if self._changed_after is not None:
+            bound = read_t - self._changed_after
+            if 0.0 < bound < min(0.25 * p, CURRENT_MAX_S):
+                within = self.current_within_s
+                self.current_within_s = bound if within is None else min(within, bound)
+        self._changed_after = prev
+        within = self.current_within_s
+        if within is not None:
+            self.dated = True
+            self._arcs, self._pending = [], None
+            self._measure()
+            return 0.5 * (max(prev, read_t - within) + read_t)
         if not self._arcs and read_t - prev > FIRST_BRACKET_S and self._wide_skips < MAX_WIDE_SKIPS:
             # No phase known yet and a wide bracket (a reader held up past a refresh right
             # after start): dating this value is a guess anywhere in the last period, up to
@@ -254,6 +283,8 @@ class RefreshTracker:
 
     def next_refresh_after(self, t: float) -> float | None:
         """The first refresh expected after t, from the best-supported phase (None: unknown)."""
+        if self.current_within_s is not None:
+            return t + 0.5 * self.current_within_s     # a counter this fast refreshes any moment
         if not self._arcs:
             return None
         p = self.period_s
@@ -267,6 +298,9 @@ class RefreshTracker:
         return self._uncertainty
 
     def _measure(self) -> None:
+        if self.current_within_s is not None:
+            self._uncertainty = self.current_within_s
+            return
         if not self._arcs:
             self._uncertainty = self.period_s
             return
