@@ -8,6 +8,8 @@ catches up with one jump repays what was filled in, so nothing is counted twice.
 """
 from __future__ import annotations
 
+import math
+
 from .history import DeviceHistory
 from .model import Reading
 
@@ -64,8 +66,13 @@ def counter_delta(d: DeviceHistory, r: Reading) -> float:
     # counter at 90 W, with the load stepping to 610 W right after, read as a stall).
     watts = [w for _, w in d.samples.between(d.last_t - NEIGHBOUR_S, r.t + NEIGHBOUR_S)]
     uncertainty_j = (max(watts) - min(watts)) * BRIDGE_ERROR_S if watts else 0.0
+    # Instant power sampled at 10 Hz can alias with a periodic load and read high for seconds
+    # with no spread at all (a 100 ms square read at one phase): it is believed over the counter
+    # only where the counter also fell short of its own recent rate (a frozen counter does;
+    # an honest one under aliased samples keeps its pace: +74 % on one 1.5 s job before).
+    rate_j = (d.last_power or 0.0) * span if d.last_power is not None else math.inf
     stalled = not reset and (span >= STALL_SPAN_S or after_bridge) and delta < share * bridged \
-        and bridged - delta > max(STALL_MIN_J, uncertainty_j)
+        and bridged - delta > max(STALL_MIN_J, uncertainty_j) and delta < share * rate_j
     if reset or stalled:
         flag_bridged(d, d.last_t, r.t)
         if stalled:

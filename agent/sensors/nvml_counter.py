@@ -49,6 +49,12 @@ class CounterReader:
         self._field_steps: deque[float] = deque(maxlen=32)
         self._field_stamped = False         # the newest value's NVML stamp predates its read (a refresh time)
         self._field_stamps = StampEvidence()     # what field 186 is
+        # GetPowerUsage carries no timestamp: each read is dated at the read, as a read-stamped
+        # field's is, and judged coarse the same way (a 100 ms point sample, or a 1 s mean
+        # refreshed every 100 ms, must not split a counter span: bursty 1.5 s jobs read 4-7 %
+        # off p90 on a counter GPU shaped by an instant 100 ms GetPowerUsage).
+        self._usage_stamps = StampEvidence()
+        self._usage_stamps.read_stamped = True
         self._instant_w: float | None = None     # its newest value (the stall check's evidence)
         self._mean_stream = Stream()
 
@@ -94,14 +100,16 @@ class CounterReader:
     def reference(self) -> PowerReference:
         """What this GPU's energy is measured from (the counter) and what shapes its spans."""
         shape = "field 186" if self.instant_ok else ("nvmlDeviceGetPowerUsage" if self.shape_usage else "")
-        stamps, refresh = self._field_stamps, None
-        if self.instant_ok and stamps.read_stamped:
+        stamps = self._field_stamps if self.instant_ok else self._usage_stamps
+        refresh = None
+        if (self.instant_ok or self.shape_usage) and stamps.read_stamped:
             refresh = stamps.held_s
             # Lagging point samples alias with bursty loads: a wrong split is worse than
             # the counter's own steps.
-            shape = ("counter steps (field 186 is stamped with the read time and changed at "
-                     f"most every {refresh * 1000:.0f} ms: too coarse to split a counter span)"
-                     if stamps.coarse and refresh is not None else "field 186 (read-stamped)")
+            what = "field 186 is stamped with the read time" if self.instant_ok else "GetPowerUsage has no timestamp"
+            shape = (f"counter steps ({what} and changed at most every {refresh * 1000:.0f} ms: too coarse "
+                     "to split a counter span)" if stamps.coarse and refresh is not None
+                     else ("field 186 (read-stamped)" if self.instant_ok else shape))
         return PowerReference("counter", "energy counter",
                               "the GPU has a total-energy counter (exact over any span)", shape, refresh)
 
@@ -171,8 +179,11 @@ class CounterReader:
                 if reading is not None:
                     out.append(reading)
         elif self.shape_usage:
-            self._instant_w = self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
-            out.append(Reading(self.key, now, power_w=self._instant_w))
+            w = self._instant_w = self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
+            stamps = self._usage_stamps
+            stamps.observe(None, w, now)
+            self.timing.shaped = not stamps.coarse
+            out.append(Reading(self.key, now, power_w=w, instant_coarse=stamps.coarse))
         return True
 
     def _date_instant(self, now: float, sample: tuple[float, float | None, int]) -> Reading | None:
