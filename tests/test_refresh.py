@@ -335,3 +335,16 @@ def test_a_fast_counter_that_then_holds_its_value_is_dated_on_a_grid_again():
     assert tracker.observe(0.050, 4.0) == pytest.approx(0.048)   # inside the 4 ms before the read
     tracker.observe(0.070, 4.0)                           # held 20 ms: not a 4 ms counter after all
     assert tracker.current_within_s is None
+
+
+def test_a_clock_jittering_by_7_ms_is_not_taken_for_a_105_ms_one():
+    # A calibration burst sees four or five refreshes; at +-7.5 ms their intervals spread over
+    # 85-115 ms, and three brackets agreeing near 105 ms by chance replaced the nominal period:
+    # every value was then dated tens of ms off (median 23 ms). A period within 25 % of the one
+    # in use now needs the fit over many periods.
+    errors, _ = simulate(0.1, 0.037, 1, jitter=0.0075)
+    assert errors[len(errors) // 2] < 0.006
+    assert sum(e > 0.03 for e in errors) <= 2
+    for period in (0.02, 0.2):                          # far off: still believed at once
+        tracker, _, _ = _tracker_after(period, 1)
+        assert tracker.measured and abs(tracker.period_s - period) < 0.02 * period

@@ -20,7 +20,8 @@ FIRST_BRACKET_S = 0.02      # the first dated change needs a bracket this narrow
 MAX_WIDE_SKIPS = 3          # ...unless this many changes have come in wider ones
 LATE_UNSURE_SHARE = 0.25    # a phase known no better than this share of a period dates no value pending
 AMBIGUOUS_MARGIN_S = 0.003  # a refresh may come this much earlier than its allowed phases say
-PERIOD_CHANGE = 0.05        # a measured period this far from the one in use replaces it...
+PERIOD_CHANGE = 0.05        # a measured period this far from the one in use replaces it,
+ROUGH_CHANGE = 0.25         # (within this far, only once fitted over many periods)...
 PERIOD_REFINE = 0.001       # ...and once one has, a finer one this far off (and past its own
                             # precision) refines it
 MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)
@@ -240,6 +241,12 @@ class RefreshTracker:
                     abs(measured - self.period_s) <= max(PERIOD_REFINE * self.period_s, self.periods.precision_s):
                 return
         elif abs(measured - self.period_s) <= PERIOD_CHANGE * self.period_s:
+            return
+        elif abs(measured - self.period_s) <= ROUGH_CHANGE * self.period_s and not self.periods.fitted:
+            # A few per cent off from a handful of brackets, before the fit over many periods
+            # agrees: a clock that jitters by +-7.5 ms shows that by chance (a 100 ms counter
+            # taken for 105 ms, every value then dated tens of ms off). A 20 or 200 ms counter
+            # is far enough off to be believed at once.
             return
         self.period_s, self.measured = measured, True
         self._precision_s = self.periods.precision_s

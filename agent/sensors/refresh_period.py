@@ -35,13 +35,14 @@ class PeriodEstimate:
     is plain (fast reads, pairs a few seconds apart), the slope of their centres over that
     count (least squares) measures the period finer than one bracket does."""
 
-    __slots__ = ("brackets", "_last_change", "_period", "_centres", "precision_s")
+    __slots__ = ("brackets", "_last_change", "_period", "_centres", "precision_s", "fitted")
 
     def __init__(self) -> None:
         self.brackets: deque[tuple[float, float]] = deque(maxlen=KEPT)
         self._last_change: tuple[float, float] | None = None   # (last read before it, read that saw it)
         self._period: float | None = None
         self.precision_s = float("inf")     # how far off the agreed period may be
+        self.fitted = False                 # the period comes from the fit (a long baseline)
         self._centres: deque[tuple[float, float]] = deque(maxlen=CENTRES_KEPT)   # (centre, width)
 
     def change(self, before_t: float, seen_t: float) -> None:
@@ -92,9 +93,9 @@ class PeriodEstimate:
         rough = 0.5 * (start + stop)
         fitted = _fit(self._centres, rough, 0.5 * (stop - start) + JITTER_S)
         if fitted is not None and start - 2 * JITTER_S <= fitted[0] <= stop + 2 * JITTER_S:
-            self.precision_s = fitted[1]
+            self.precision_s, self.fitted = fitted[1], True
             return fitted[0]
-        self.precision_s = 0.5 * (stop - start) + JITTER_S
+        self.precision_s, self.fitted = 0.5 * (stop - start) + JITTER_S, False
         return rough
 
 
