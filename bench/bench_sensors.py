@@ -25,6 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 import bench_robustness as BR  # noqa: E402
+from vdrive import window_jobs  # noqa: E402
 
 VARIANTS = {
     # name: (label, sensor table on top of the grid phase)
@@ -77,21 +78,9 @@ def run_cell(variant: str, load: str, duration_s: float, jobs: int = 12, seed: i
     clock, fake, meter, drive = BR.virtual_meter(VARIANTS[variant][1], load, 40 + jobs * (duration_s + 4.0),
                                                  f"sw-{seed}", seed)
     rng = random.Random(f"{variant}-{load}-{duration_s}-{seed}")
-    drive.run_until(6.0 + rng.random())
-    errors, approx = [], 0
-    for _ in range(jobs):
-        drive.run_until(clock.now() + rng.uniform(0.5, 2.5))
-        t0 = clock.now()
-        w = meter.window("job")
-        drive.run_until(t0 + duration_s)
-        t1 = clock.now()
-        w.end()
-        # As result() does on a live meter: wait (up to 5 s) until the readings cover the end.
-        while meter.ledger.pending_marks() and clock.now() < t1 + 5.0:
-            drive.run_until(clock.now() + 0.1)
-        r = w.result()
-        approx += bool(r.approximate)
-        errors.append(100.0 * (r.component_energy_j("gpu") / fake.true_energy_j(0, t0, t1) - 1.0))
+    results = window_jobs(meter, drive, fake, jobs=jobs, rng=rng, start_s=6.0 + rng.random(), duration_s=duration_s)
+    errors = [100.0 * err for err, _ in results]
+    approx = sum(flagged for _, flagged in results)
     meter.close()
     a = sorted(abs(e) for e in errors)
     return {"p50": round(statistics.median(a), 3), "p90": round(a[round(0.9 * (len(a) - 1))], 3),

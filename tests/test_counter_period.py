@@ -14,7 +14,7 @@ from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
 from wattmeter.sim.fake_nvml import FakeNVML, build_module
 from wattmeter.sim.scenario import Scenario
 
-from vdrive import VirtualDriver
+from vdrive import VirtualDriver, window_jobs
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -27,21 +27,10 @@ def job_errors(refresh_s: float, jobs: int = 6, seed: int = 1) -> list[float]:
     fake = FakeNVML(Scenario.from_dict(data), clock, t0=0.0)
     sensor = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)
     meter = Meter([sensor], clock=clock)
-    drive = VirtualDriver(meter, clock, seed=seed)
-    rng = random.Random(seed)
-    drive.run_until(6.0)
-    errors = []
-    for _ in range(jobs):
-        drive.run_until(clock.now() + rng.uniform(0.5, 2.5))
-        t0 = clock.now()
-        w = meter.window("job")
-        drive.run_until(t0 + 1.5)
-        t1 = clock.now()
-        w.end()
-        drive.run_until(t1 + 1.5)
-        errors.append(w.result().component_energy_j("gpu") / fake.true_energy_j(0, t0, t1) - 1.0)
+    results = window_jobs(meter, VirtualDriver(meter, clock, seed=seed), fake, jobs=jobs,
+                          rng=random.Random(seed))
     meter.close()
-    return errors
+    return [err for err, _ in results]
 
 
 @pytest.mark.parametrize("refresh_s", [0.02, 0.05, 0.2])

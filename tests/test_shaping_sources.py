@@ -15,7 +15,7 @@ from wattmeter.sim.fake_nvml import FakeNVML, build_module
 from wattmeter.sim.scenario import Scenario
 from wattmeter.sim.traces import StepsTrace
 
-from vdrive import VirtualDriver
+from vdrive import VirtualDriver, window_jobs
 
 H100 = "NVIDIA H100 80GB HBM3"
 SENSOR = {"energy_counter": True, "instant_field": False, "power_usage": "instant", "counter_phase_s": 0.013}
@@ -40,21 +40,10 @@ def job_errors(period_s: float, jobs: int = 12, seed: int = 1) -> tuple[list[flo
     fake = FakeNVML(scen, clock, t0=0.0)
     meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)],
                   clock=clock)
-    drive = VirtualDriver(meter, clock, seed=seed)
-    rng = random.Random(seed)
-    drive.run_until(6.0)
-    errors, approximate = [], 0
-    for _ in range(jobs):
-        drive.run_until(clock.now() + rng.uniform(0.5, 2.5))
-        t0 = clock.now()
-        w = meter.window("job")
-        drive.run_until(t0 + 1.5)
-        t1 = clock.now()
-        w.end()
-        drive.run_until(t1 + 1.5)
-        r = w.result()
-        approximate += r.approximate
-        errors.append(abs(r.component_energy_j("gpu") / fake.true_energy_j(0, t0, t1) - 1.0))
+    results = window_jobs(meter, VirtualDriver(meter, clock, seed=seed), fake, jobs=jobs,
+                          rng=random.Random(seed))
+    errors = [abs(err) for err, _ in results]
+    approximate = sum(flagged for _, flagged in results)
     meter.close()
     return sorted(errors), approximate
 

@@ -51,3 +51,26 @@ class VirtualDriver:
                 if st["due"] < now:
                     st["slot"] = now
                     st["due"] = now + self.rng.random() * s.period_s
+
+
+
+def window_jobs(meter: Meter, drive: VirtualDriver, fake, *, jobs: int, rng: random.Random,
+                start_s: float = 6.0, duration_s: float = 1.5, gpu: int = 0) -> list[tuple[float, bool]]:
+    """After ``start_s`` of reads, ``jobs`` windows of ``duration_s`` at random gaps (0.5-2.5 s),
+    each read on until its end edge is covered (at most 5 s, as ``result()`` waits on a live
+    meter): (relative GPU error over the true window, flagged approximate)."""
+    clock = drive.clock
+    drive.run_until(start_s)
+    out = []
+    for _ in range(jobs):
+        drive.run_until(clock.now() + rng.uniform(0.5, 2.5))
+        t0 = clock.now()
+        w = meter.window("job")
+        drive.run_until(t0 + duration_s)
+        t1 = clock.now()
+        w.end()
+        while meter.ledger.pending_marks() and clock.now() < t1 + 5.0:
+            drive.run_until(clock.now() + 0.1)
+        r = w.result()
+        out.append((r.component_energy_j("gpu") / fake.true_energy_j(gpu, t0, t1) - 1.0, bool(r.approximate)))
+    return out
