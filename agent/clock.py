@@ -17,14 +17,15 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    def __init__(self) -> None:
-        self._offset = time.time() - time.monotonic()
-
     def now(self) -> float:
         return time.monotonic()
 
     def wall(self, t: float) -> float:
-        return t + self._offset
+        # The offset is read at each call, not once: NTP may step the wall clock (a daemon
+        # started at boot, before the clock was synced, runs for weeks), and NVML stamps field
+        # values with the wall clock as it is. With an offset fixed at start, a step back of
+        # 0.5 s made every field value look 0.5 s old, and it was dated that much early.
+        return t + (time.time() - time.monotonic())
 
     def sleep(self, seconds: float) -> None:
         if seconds > 0:
