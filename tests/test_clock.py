@@ -5,10 +5,14 @@ import time
 
 import pytest
 
+from reliability_cases import case
 from wattmeter import clock as clock_mod
 from wattmeter.clock import SystemClock
 
 
+@case("The wall clock steps (NTP syncs after the daemon started)", records="start and end times as the clock reads them",
+      exit_code="-", energy="kept: field values stay dated by their true age",
+      metrics="the wall-time offset is read at each call, never cached")
 @pytest.mark.parametrize("step_s", [-0.5, 0.5, 30.0])
 def test_wall_time_follows_a_step_of_the_wall_clock(monkeypatch, step_s):
     # NVML stamps field values with the wall clock. A daemon started at boot, before NTP synced
