@@ -117,3 +117,40 @@ def test_a_gpu_lost_for_good_resolves_its_edges_at_the_next_read():
     assert r.approximate
     # 2 s at 300 W: 1 s measured, the second after the loss estimated at the last power.
     assert r.component_energy_j("gpu") == pytest.approx(600.0, rel=0.02)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_power_only_gpu_whose_fields_stop_answering_carries_on_from_getpowerusage(seed):
+    # No counter; fields 185/186 raise NotSupported from mid-job on (a driver change). Nothing
+    # was read for the rest of the job and the last instant value was held: +-38 % on a bursty
+    # load. Now GetPowerUsage carries on, the window is flagged, and the fields are given up.
+    import random
+    from dataclasses import replace
+
+    from wattmeter.sim.traces import StepsTrace
+
+    rng = random.Random(seed)
+    steps, t, high = [], 0.0, True
+    while t < 40.0:
+        steps.append((t, 650.0 if high else 90.0))
+        t += 0.2 * rng.uniform(0.8, 1.2)
+        high = not high
+    fault = {"kind": "not_supported", "gpu": 0, "function": "nvmlDeviceGetFieldValues", "at_s": 14.0 + seed * 0.3}
+    scen = Scenario.from_dict({"gpu": [{"model": H100, "sensor": {"energy_counter": False}}], "fault": [fault]})
+    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=StepsTrace(steps)),))
+    clock = VirtualClock(start=0.0)
+    fake = FakeNVML(scen, clock, t0=0.0)
+    sensor = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)
+    meter = Meter([sensor], clock=clock)
+    drive = VirtualDriver(meter, clock, seed)
+    drive.run_until(10.0)
+    t0 = clock.now()
+    w = meter.window("job")
+    drive.run_until(t0 + JOB_S)
+    t1 = clock.now()
+    w.end()
+    drive.run_until(t1 + 3.0)
+    r = w.result()
+    err = r.component_energy_j("gpu") / fake.true_energy_j(0, t0, t1) - 1.0
+    assert abs(err) <= 0.07 and r.approximate
+    assert meter.snapshot()["gpu0"].errors >= 1

@@ -27,6 +27,7 @@ FIELD_POWER_INSTANT = 186
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
 FIELD_READ_DELAY_S = 0.002    # read a new field value this long after it is expected
+FIELD_FAILS_TO_DROP = 3       # field reads failed in a row after which GetPowerUsage takes over
 # A field value's attributes through ctypes' own __getattribute__: pynvml's wrapper only decodes
 # bytes, and costs ~1 us per attribute.
 _struct_get = ctypes.Structure.__getattribute__
@@ -91,14 +92,25 @@ class PowerOnlyReader:
         self.self_evidence = SelfEvidence()
         self._undecided: deque[tuple[float, float]] = deque(maxlen=int(4 * MEAN_WINDOW_S / 0.05))
         self._fields = ([FIELD_POWER_INSTANT] if instant_ok else []) + ([FIELD_POWER_AVERAGE] if average_ok else [])
+        self._field_fails = 0               # field reads failed in a row
 
     def read(self, now: float, out: list[Reading]) -> bool:
-        """One read. False when the instant field failed (the caller reports it)."""
+        """One read. False when the instant field failed (the caller reports it); the read
+        still carries on from field 185 or ``GetPowerUsage``, so a field that stops answering
+        mid-run leaves no hole (with nothing read, the last value was held: a bursty 8 s job
+        read +-38 %). After FIELD_FAILS_TO_DROP failures in a row the fields are given up."""
         n = self.nvml
         inst: tuple[float, int] | None = None
         cand: tuple[float, int] | None = None
+        failed = False
+        from_field = False
         if self._fields:
-            values = n.nvmlDeviceGetFieldValues(self.handle, self._fields)
+            try:
+                values = n.nvmlDeviceGetFieldValues(self.handle, self._fields)
+            except n.NVMLError as exc:
+                if exc.value != n.NVML_ERROR_NOT_SUPPORTED:
+                    raise
+                values = []
             get = _struct_get
             for fid, entry in zip(self._fields, values):
                 if get(entry, "nvmlReturn") != 0:     # the call succeeds while a field fails: check each
@@ -107,10 +119,12 @@ class PowerOnlyReader:
                 if fid == FIELD_POWER_INSTANT:
                     inst = got
                 else:
-                    cand = got
-            if self.instant_ok and inst is None:
-                return False
-        if cand is None and (not self.average_ok or not self._fields):
+                    cand, from_field = got, True
+            failed = (self.instant_ok and inst is None) or (not values)
+            self._field_fails = self._field_fails + 1 if failed else 0
+            if self._field_fails >= FIELD_FAILS_TO_DROP:
+                self._fields, self.instant_ok, self.average_ok = [], False, False
+        if cand is None and (not self.average_ok or not self._fields or failed):
             cand = (n.nvmlDeviceGetPowerUsage(self.handle) / 1000.0, 0)
         if inst is not None:
             t = self.instant.date(inst[0], inst[1], now, self.wall)
@@ -126,7 +140,7 @@ class PowerOnlyReader:
                     verdict = self.self_evidence.add(t, cand[0])
                 # Field 185 is documented as averaged power: trusted as a 1 s mean unless the
                 # data says otherwise. GetPowerUsage must show it first.
-                is_mean = verdict if verdict is not None else self.average_ok
+                is_mean = verdict if verdict is not None else (self.average_ok and from_field)
                 if is_mean:
                     # Values seen while undecided are a reference too: the ledger gets them.
                     out.extend(Reading(self.key, tp, mean_w=wp, mean_window_s=MEAN_WINDOW_S)
@@ -137,12 +151,12 @@ class PowerOnlyReader:
                     self._undecided.append((t, cand[0]))
                     if inst is None:
                         out.append(Reading(self.key, t, power_w=cand[0]))
-        return True
+        return not failed
 
     def next_read_at(self) -> float | None:
         """Just after the next instant value is expected, so every value is read once."""
         period = self.instant.refresh_s
-        if period is None or self.instant.last_t is None:
+        if not self.instant_ok or period is None or self.instant.last_t is None:
             return None
         if self.instant.stamps.read_stamped:
             # Read-stamped values are dated by the read interval: read a few times per refresh.
