@@ -70,7 +70,7 @@ def counter_delta(d: DeviceHistory, r: Reading) -> float:
     # with no spread at all (a 100 ms square read at one phase): it is believed over the counter
     # only where the counter also fell short of its own recent rate (a frozen counter does;
     # an honest one under aliased samples keeps its pace: +74 % on one 1.5 s job before).
-    rate_j = (d.last_power or 0.0) * span if d.last_power is not None else math.inf
+    rate_j = d.last_power * span if d.last_power is not None else math.inf
     stalled = not reset and (span >= STALL_SPAN_S or after_bridge) and delta < share * bridged \
         and bridged - delta > max(STALL_MIN_J, uncertainty_j) and delta < share * rate_j
     if reset or stalled:

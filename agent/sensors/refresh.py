@@ -82,12 +82,11 @@ class RefreshTracker:
     _arcs: list[Arc] = field(default_factory=list)
     _arcs_t: float = 0.0               # when the arcs were last narrowed
     _fast_changes: int = 0             # consecutive fast reads that all saw a change
-    # Two consecutive changes, the first after the read at p1 and the second seen by the read
-    # ending at r2, put two refreshes inside (p1, r2]: the counter refreshes at least that
-    # often. Where reads show that it does within CURRENT_MAX_S, every value is current to
-    # within this (None: no such evidence, or a later value held longer than that).
+    # Two consecutive changes put two refreshes inside a span (``PeriodEstimate.within_s``):
+    # the counter refreshes at least that often. Where reads show that it does within
+    # CURRENT_MAX_S, every value is current to within this (None: no such evidence, or a later
+    # value held longer than that).
     current_within_s: float | None = None
-    _changed_after: float | None = None  # the last read before the latest change
     dated: bool = False                # some value has been dated (the first change was seen)
     _uncertainty: float = 0.1          # cached: read on every sampler wake-up
     _wide_skips: int = 0               # first changes left undated for a wide bracket
@@ -147,12 +146,10 @@ class RefreshTracker:
         # refresh grid a period apart: dated on one, steady 1.5 s jobs read 5-6 % off. Where
         # two consecutive changes show two refreshes within CURRENT_MAX_S, every change from
         # then on is dated inside that span before its read.
-        if self._changed_after is not None:
-            bound = read_t - self._changed_after
-            if 0.0 < bound < min(0.25 * p, CURRENT_MAX_S):
-                within = self.current_within_s
-                self.current_within_s = bound if within is None else min(within, bound)
-        self._changed_after = prev
+        bound = self.periods.within_s        # this change and the one before (_check_period)
+        if bound is not None and 0.0 < bound < min(0.25 * p, CURRENT_MAX_S):
+            within = self.current_within_s
+            self.current_within_s = bound if within is None else min(within, bound)
         within = self.current_within_s
         if within is not None:
             self.dated = True

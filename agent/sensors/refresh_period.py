@@ -35,7 +35,7 @@ class PeriodEstimate:
     is plain (fast reads, pairs a few seconds apart), the slope of their centres over that
     count (least squares) measures the period finer than one bracket does."""
 
-    __slots__ = ("brackets", "_last_change", "_period", "_centres", "precision_s", "fitted")
+    __slots__ = ("brackets", "_last_change", "_period", "_centres", "precision_s", "fitted", "within_s")
 
     def __init__(self) -> None:
         self.brackets: deque[tuple[float, float]] = deque(maxlen=KEPT)
@@ -43,6 +43,7 @@ class PeriodEstimate:
         self._period: float | None = None
         self.precision_s = float("inf")     # how far off the agreed period may be
         self.fitted = False                 # the period comes from the fit (a long baseline)
+        self.within_s: float | None = None  # the newest two changes' refreshes lie within this
         self._centres: deque[tuple[float, float]] = deque(maxlen=CENTRES_KEPT)   # (centre, width)
 
     def change(self, before_t: float, seen_t: float) -> None:
@@ -52,8 +53,11 @@ class PeriodEstimate:
         self._last_change = (before_t, seen_t)
         self._centres.append((0.5 * (before_t + seen_t), seen_t - before_t))
         if last is None:
+            self.within_s = None
             return
-        lo, hi = before_t - last[1] - 2 * JITTER_S, seen_t - last[0] + 2 * JITTER_S
+        # Both refreshes lie in (last[0], seen_t]: the period is at most that span (+ jitter).
+        self.within_s = seen_t - last[0]
+        lo, hi = before_t - last[1] - 2 * JITTER_S, self.within_s + 2 * JITTER_S
         # Reads a period apart bracket (0, two periods): every read sees a change, which says
         # only that the period is shorter than the reads' gaps. Those would crowd out the
         # fast reads' narrow brackets, so they are not kept.
