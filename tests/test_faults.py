@@ -10,7 +10,7 @@ from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
 from wattmeter.sim.fake_nvml import FakeNVML, build_module
 from wattmeter.sim.scenario import Scenario
 
-from vdrive import VirtualDriver
+from vdrive import VirtualDriver, jittered_square
 
 H100 = "NVIDIA H100 80GB HBM3"
 JOB_S = 8.0
@@ -124,20 +124,11 @@ def test_a_power_only_gpu_whose_fields_stop_answering_carries_on_from_getpowerus
     # No counter; fields 185/186 raise NotSupported from mid-job on (a driver change). Nothing
     # was read for the rest of the job and the last instant value was held: +-38 % on a bursty
     # load. Now GetPowerUsage carries on, the window is flagged, and the fields are given up.
-    import random
     from dataclasses import replace
 
-    from wattmeter.sim.traces import StepsTrace
-
-    rng = random.Random(seed)
-    steps, t, high = [], 0.0, True
-    while t < 40.0:
-        steps.append((t, 650.0 if high else 90.0))
-        t += 0.2 * rng.uniform(0.8, 1.2)
-        high = not high
     fault = {"kind": "not_supported", "gpu": 0, "function": "nvmlDeviceGetFieldValues", "at_s": 14.0 + seed * 0.3}
     scen = Scenario.from_dict({"gpu": [{"model": H100, "sensor": {"energy_counter": False}}], "fault": [fault]})
-    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=StepsTrace(steps)),))
+    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=jittered_square(0.4, 40.0, seed)),))
     clock = VirtualClock(start=0.0)
     fake = FakeNVML(scen, clock, t0=0.0)
     sensor = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)

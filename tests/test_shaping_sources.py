@@ -13,29 +13,17 @@ from wattmeter.meter import Meter
 from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
 from wattmeter.sim.fake_nvml import FakeNVML, build_module
 from wattmeter.sim.scenario import Scenario
-from wattmeter.sim.traces import StepsTrace
 
-from vdrive import VirtualDriver, window_jobs
+from vdrive import VirtualDriver, jittered_square, window_jobs
 
 H100 = "NVIDIA H100 80GB HBM3"
 SENSOR = {"energy_counter": True, "instant_field": False, "power_usage": "instant", "counter_phase_s": 0.013}
 
 
-def square(period_s: float, t_end: float, seed: int) -> StepsTrace:
-    """650/90 W, each half period jittered +-20 % (a training step's compute and data phases)."""
-    rng = random.Random(seed)
-    steps, t, high = [], 0.0, True
-    while t < t_end:
-        steps.append((t, 650.0 if high else 90.0))
-        t += 0.5 * period_s * rng.uniform(0.8, 1.2)
-        high = not high
-    return StepsTrace(steps)
-
-
 def job_errors(period_s: float, jobs: int = 12, seed: int = 1) -> tuple[list[float], int]:
     t_end = 10.0 + jobs * 5.0
     scen = Scenario.from_dict({"seed": 3, "gpu": [{"model": H100, "sensor": SENSOR, "energy_offset_j": 5e6}]})
-    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=square(period_s, t_end + 10, seed)),))
+    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=jittered_square(period_s, t_end + 10, seed)),))
     clock = VirtualClock(start=0.0)
     fake = FakeNVML(scen, clock, t0=0.0)
     meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)],

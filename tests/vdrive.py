@@ -74,3 +74,17 @@ def window_jobs(meter: Meter, drive: VirtualDriver, fake, *, jobs: int, rng: ran
         r = w.result()
         out.append((r.component_energy_j("gpu") / fake.true_energy_j(gpu, t0, t1) - 1.0, bool(r.approximate)))
     return out
+
+
+def jittered_square(period_s: float, t_end: float, seed: int):
+    """A 650/90 W square wave, each half period jittered +-20 % (a training step's compute and
+    data phases), as the fake's StepsTrace."""
+    from wattmeter.sim.traces import StepsTrace
+
+    rng = random.Random(seed)
+    steps, t, high = [], 0.0, True
+    while t < t_end:
+        steps.append((t, 650.0 if high else 90.0))
+        t += 0.5 * period_s * rng.uniform(0.8, 1.2)
+        high = not high
+    return StepsTrace(steps)

@@ -99,17 +99,20 @@ class CounterReader:
     @property
     def reference(self) -> PowerReference:
         """What this GPU's energy is measured from (the counter) and what shapes its spans."""
-        shape = "field 186" if self.instant_ok else ("nvmlDeviceGetPowerUsage" if self.shape_usage else "")
-        stamps = self._field_stamps if self.instant_ok else self._usage_stamps
+        if self.instant_ok:
+            shape, stamps, what = "field 186", self._field_stamps, "field 186 is stamped with the read time"
+        else:
+            shape, stamps, what = "nvmlDeviceGetPowerUsage", self._usage_stamps, "GetPowerUsage has no timestamp"
         refresh = None
-        if (self.instant_ok or self.shape_usage) and stamps.read_stamped:
+        if stamps.read_stamped:
             refresh = stamps.held_s
             # Lagging point samples alias with bursty loads: a wrong split is worse than
             # the counter's own steps.
-            what = "field 186 is stamped with the read time" if self.instant_ok else "GetPowerUsage has no timestamp"
-            shape = (f"counter steps ({what} and changed at most every {refresh * 1000:.0f} ms: too coarse "
-                     "to split a counter span)" if stamps.coarse and refresh is not None
-                     else ("field 186 (read-stamped)" if self.instant_ok else shape))
+            if stamps.coarse and refresh is not None:
+                shape = (f"counter steps ({what} and changed at most every {refresh * 1000:.0f} ms: "
+                         "too coarse to split a counter span)")
+            elif self.instant_ok:
+                shape = "field 186 (read-stamped)"
         return PowerReference("counter", "energy counter",
                               "the GPU has a total-energy counter (exact over any span)", shape, refresh)
 
