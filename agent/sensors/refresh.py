@@ -27,6 +27,7 @@ PERIOD_REFINE = 0.001       # ...and once one has, a finer one this far off (and
 MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)
 DOUBT_PERIODS = 1.5         # one value read over this many periods apart doubts the period
 CURRENT_MAX_S = 0.010       # a counter shown to refresh at least this often is dated at its reads
+AMBIGUOUS_SHARE = 0.1       # this share of the allowed phases dating a change a period apart leaves it undated
 
 
 def _pieces(arcs: list[Arc], period: float) -> list[tuple[float, float]]:
@@ -192,14 +193,15 @@ class RefreshTracker:
         self._arcs_t = read_t
         self._measure()
         start, length = max(dating, key=lambda a: a[1])
-        phase = start + 0.5 * length
-        # The value is the latest refresh before the read: the predicted instance at or before
-        # ``hi`` (a bracket a whole period wide holds the phase twice), unless that one lies
-        # well before ``lo``, when the refresh came a little earlier than the next instance.
-        t = hi - ((hi - phase) % p)
-        if t < lo - (0.5 * length + j):
-            t += p
-        t = min(max(t, lo), hi)
+        t = self._instance(start, length, lo, hi, j)
+        far = sum(n for s, n in dating if abs(self._instance(s, n, lo, hi, j) - t) > 0.5 * p)
+        if far >= AMBIGUOUS_SHARE * sum(n for _, n in dating):
+            # The phases left split at the two ends of a bracket about a period wide: the
+            # refresh came just after the read before or just before this one, a period apart
+            # (a clock jittering past its allowance), and neither is much likelier. Dated at
+            # either, a steady job was off by a whole period of energy (1.1 %); left undated,
+            # its energy comes with the next value.
+            return None
         # The next predicted refresh after t, and how early it may land: the allowed phases
         # plus a full jitter allowance (a narrow lock can still be a few ms off).
         nxt = t + p
@@ -220,6 +222,18 @@ class RefreshTracker:
             self._pending = (value, t - p, t, hi, t)
             return None
         return t
+
+    def _instance(self, start: float, length: float, lo: float, hi: float, j: float) -> float:
+        """The refresh of the phase arc (start, length) that a change seen in [lo, hi] came
+        from: the latest instance at or before ``hi`` (a bracket a whole period wide holds the
+        phase twice), unless that one lies well before ``lo``, when the refresh came a little
+        earlier than the next instance."""
+        p = self.period_s
+        phase = start + 0.5 * length
+        t = hi - ((hi - phase) % p)
+        if t < lo - (0.5 * length + j):
+            t += p
+        return min(max(t, lo), hi)
 
     def _check_period(self, before_t: float, seen_t: float) -> None:
         """Measure the period from this change and the one before; a period the reads
@@ -265,19 +279,26 @@ class RefreshTracker:
         """Date a value left pending (see observe) by the read after it. An unchanged value
         means the refresh had come before that first read: it is dated inside the part of the
         allowed window before it. A change means the first read saw the refresh before; this
-        read's change is then dated as usual by observe. An unchanged value read while the
-        predicted refresh may still be to come (a phase a little off, as on a measured period
-        a few parts in a thousand out) says neither: the value is left undated (its energy
-        comes with the next dated value) rather than dated a whole period off. Likewise a
-        change seen by a read late enough for the refresh after the predicted one to have come
-        as well."""
+        read's change is then dated as usual by observe. Where the other reading keeps
+        AMBIGUOUS_SHARE of the refresh's allowed window (the phase known to a few ms, the
+        allowed phases plus the jitter), the value is left undated (its energy comes with the
+        next dated value) rather than dated a whole period off: an unchanged value read while
+        the predicted refresh may still be to come, or a change seen by a read late enough for
+        the refresh after the predicted one to have come as well. (A counter clock jittering
+        past its allowance, +-7.5 ms: steady 8 s jobs were off by a whole period, 1.1 %.)"""
         pending_value, early, late, _, nxt = self._pending  # type: ignore[misc]
         self._pending = None
-        slack = 0.5 * self._uncertainty + self.jitter_s
+        half = 0.5 * self._uncertainty + self.jitter_s       # the refresh lands within nxt +- half
+        # (On a measured period the prediction is also off by its precision, times the periods
+        # since the phase was seen: the whole window stays ambiguous. On a 1 s counter, a
+        # narrower one dated 1.5 s jobs a period off: +-57 %.)
+        slack = half if self.measured else (1.0 - 2.0 * AMBIGUOUS_SHARE) * half
+        # Where the phase is not known to half a period, no read could tell: take the likelier.
+        guess = not self.measured and self._uncertainty >= 0.5 * self.period_s
         if value != pending_value:
-            if not self.measured or read_t < nxt + self.period_s - slack:
+            if guess or read_t < nxt + self.period_s - slack:
                 self.resolved.append((early, pending_value))
-        elif not self.measured or read_t > nxt + slack:
+        elif guess or read_t > nxt + slack:
             self.resolved.append((late, pending_value))
 
     def take_resolved(self) -> list[tuple[float, float]]:
