@@ -59,6 +59,33 @@ def test_energy_counter_moves_only_at_its_refresh_grid():
     assert fake.nvmlDeviceGetTotalEnergyConsumption(h) == 1_000_000 + 159_000   # still the 0.53 value
 
 
+class WobblyWallClock(VirtualClock):
+    """A system clock's monotonic-to-wall offset, read at each conversion, moves by a few us."""
+
+    def __init__(self, start: float) -> None:
+        super().__init__(start=start)
+        self.calls = 0
+
+    def wall(self, t: float) -> float:
+        self.calls += 1
+        return super().wall(t) + 3e-6 * (self.calls % 3)
+
+
+def test_a_field_refresh_is_stamped_once_whatever_the_wall_clock_does_between_reads():
+    # A driver stamps a value when it refreshes; re-converting the refresh instant at each read
+    # on a wobbling wall clock gave one refresh several stamps.
+    fake, clock = make([gpu(CONST_300)], clock=WobblyWallClock(start=1000.0))
+    fake.nvmlInit()
+    h = fake.nvmlDeviceGetHandleByIndex(0)
+    at(clock, fake, 5.001)
+    stamps = set()
+    for _ in range(4):
+        clock.advance(0.002)                      # inside one 20 ms refresh of field 186
+        for fid in (186, 185):
+            stamps.add((fid, fake.nvmlDeviceGetFieldValues(h, [fid])[0].timestamp))
+    assert len(stamps) == 2
+
+
 def test_counter_deltas_equal_ground_truth_between_refresh_instants():
     fake, clock = make([gpu({"kind": "square", "high_w": 650, "low_w": 90, "high_s": 0.15, "low_s": 0.25},
                             sensor={"counter_phase_s": 0.0})])

@@ -443,3 +443,28 @@ def test_the_sampler_skips_slots_before_a_sensors_cadence_floor_instead_of_wakin
     assert len(plain.reads) >= 25                              # a slot every 10 ms
     gaps = [b - a for a, b in zip(floored.reads, floored.reads[1:-1])]   # (the last: the final read at stop)
     assert 5 <= len(floored.reads) <= 15 and min(gaps) >= 0.05 - 0.002   # none sooner than its floor
+
+
+def test_a_field_stamp_that_wobbles_by_a_microsecond_is_the_same_refresh():
+    # A stamp converted between clocks twice may move by 1 us. Taken for a new refresh, its
+    # ~0 s "period" had the reader poll a power-only GPU at ~1 kHz.
+    from wattmeter.sensors.nvml_power import Stream
+
+    stream, wall = Stream(), (lambda t: t + 1000.0)
+    dated = []
+    for k in range(20):
+        refresh = 10.0 + 0.02 * (k // 2)                 # each 20 ms refresh read twice
+        stamp_us = int(round((refresh + 1000.0) * 1e6)) + (k % 2)   # the second read 1 us later
+        dated.append(stream.date(400.0, stamp_us, refresh + 0.005, wall))
+    assert [d is not None for d in dated] == [True, False] * 10
+    assert stream.refresh_s == pytest.approx(0.02, abs=1e-5)
+
+
+def test_a_stamp_that_steps_back_with_the_wall_clock_is_no_refresh_period():
+    from wattmeter.sensors.nvml_power import Stream
+
+    stream, wall = Stream(), (lambda t: t + 1000.0)
+    for k in range(5):
+        stream.date(400.0, int(round((10.0 + 0.02 * k + 1000.0) * 1e6)), 10.005 + 0.02 * k, wall)
+    stream.date(400.0, int(round((10.1 + 1000.0 - 0.5) * 1e6)), 10.105, wall)   # NTP stepped back 0.5 s
+    assert all(s > 0 for s in stream.steps) and stream.refresh_s == pytest.approx(0.02, abs=1e-5)

@@ -28,6 +28,10 @@ MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use
 MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
 FIELD_READ_DELAY_S = 0.002    # read a new field value this long after it is expected
 FIELD_FAILS_TO_DROP = 3       # field reads failed in a row after which GetPowerUsage takes over
+# Stamps this close are one refresh: a value's stamp converted between clocks twice may move by
+# a microsecond, and a step that small taken for a refresh period (~0) had the reader poll a
+# power-only GPU at ~1 kHz (8 GPUs: 13 % of a core).
+STAMP_WOBBLE_US = 1000
 # A field value's attributes through ctypes' own __getattribute__: pynvml's wrapper only decodes
 # bytes, and costs ~1 us per attribute.
 _struct_get = ctypes.Structure.__getattribute__
@@ -53,10 +57,11 @@ class Stream:
         changed = self.stamps.observe(age, value, now)
         prev_read, self.last_read_t = self.last_read_t, now
         if ts_us and self.stamps.read_stamped is not True:
-            if ts_us == self.last_ts_us:
+            step_us = ts_us - self.last_ts_us
+            if abs(step_us) < STAMP_WOBBLE_US:
                 return None           # the same refresh again
-            if self.last_ts_us:
-                self.steps.append((ts_us - self.last_ts_us) / 1e6)
+            if self.last_ts_us and step_us > 0:   # (a step back is the wall clock's, not a period)
+                self.steps.append(step_us / 1e6)
             self.last_ts_us = ts_us
             t = now - (age or 0.0)
         else:

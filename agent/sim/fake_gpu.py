@@ -81,6 +81,9 @@ class SimGpu:
         self.average_window_s = s.average_window_s
         self.instant_sampled = s.instant_kind == "sample"
         self.offset_mj = int(round(spec.energy_offset_j * 1000))
+        # The wall-clock stamp each field took at its newest refresh: a driver stamps a value
+        # once, and a system clock's offset wobbles by a microsecond between two conversions.
+        self.field_stamps: dict[int, tuple[float, int]] = {}
         mine = [f for f in faults if f.gpu is None or f.gpu == spec.index]
         self.lost_windows = [(f.at_s, f.end_s) for f in mine if f.kind == "gpu_lost"]
         # The counter restarts at a reset and when a lost GPU comes back (driver reload).

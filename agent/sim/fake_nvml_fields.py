@@ -49,7 +49,7 @@ def field_values(gpu: SimGpu, t: float, fieldIds: Sequence[Any], off: bool, cloc
             put(v, "fieldId", fid)
             _get_field(v, "value").uiVal = int(round(w * 1000))
             put(v, "valueType", _UINT)
-            put(v, "timestamp", int(round(clock.wall(t0 + (t if s.field_timestamp == "read" else r)) * 1e6)))
+            put(v, "timestamp", _stamp_us(gpu, fid, t if s.field_timestamp == "read" else r, clock, t0))
             put(v, "latencyUsec", int(gpu.latency_s("nvmlDeviceGetFieldValues") * 1e6))
             continue
         fid, scope = fid if isinstance(fid, tuple) else (fid, 0)
@@ -84,9 +84,20 @@ def _fill_field(v: Any, fid: int, scope: int, gpu: SimGpu, t: float, off: bool, 
     else:
         return
     # Some drivers stamp a field with the time of the read, not of the value's refresh.
-    put(v, "timestamp", int(round(clock.wall(t0 + (t if s.field_timestamp == "read" else r)) * 1e6)))
+    put(v, "timestamp", _stamp_us(gpu, fid, t if s.field_timestamp == "read" else r, clock, t0))
     put(v, "latencyUsec", int(gpu.latency_s("nvmlDeviceGetFieldValues") * 1e6))
     put(v, "nvmlReturn", nv.NVML_SUCCESS)
+
+
+def _stamp_us(gpu: SimGpu, fid: int, when: float, clock: Clock, t0: float) -> int:
+    """The wall-clock microseconds of scenario time ``when``, the same at every read of one
+    refresh (as a driver stamps it once)."""
+    held = gpu.field_stamps.get(fid)
+    if held is not None and held[0] == when:
+        return held[1]
+    us = int(round(clock.wall(t0 + when) * 1e6))
+    gpu.field_stamps[fid] = (when, us)
+    return us
 
 
 def limits_mw(gpu: SimGpu) -> tuple[int, int]:
