@@ -468,3 +468,38 @@ def test_a_stamp_that_steps_back_with_the_wall_clock_is_no_refresh_period():
         stream.date(400.0, int(round((10.0 + 0.02 * k + 1000.0) * 1e6)), 10.005 + 0.02 * k, wall)
     stream.date(400.0, int(round((10.1 + 1000.0 - 0.5) * 1e6)), 10.105, wall)   # NTP stepped back 0.5 s
     assert all(s > 0 for s in stream.steps) and stream.refresh_s == pytest.approx(0.02, abs=1e-5)
+
+
+def test_power_only_gpus_are_read_together_once_per_field_refresh():
+    # Four counter-less GPUs whose 20 ms field-186 values land at different phases. Read each
+    # at its own time, the reader woke ~4 times per 20 ms and read every GPU each time (8 GPUs:
+    # 7 % of a core); one planned read per refresh sees every value of every GPU once.
+    gpus = [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0},
+             "sensor": {"energy_counter": False, "counter_phase_s": 0.004 * k}} for k in range(4)]
+    clock, fake, s = sensor_for({"gpu": gpus})
+    for _ in range(200):                       # stamps judged: reads at every offset first
+        clock.advance(0.007)
+        s.read(clock.now())
+    calls = {"n": 0}
+    field_values = s.nvml.nvmlDeviceGetFieldValues
+
+    def counted(*args):
+        calls["n"] += 1
+        return field_values(*args)
+
+    s.nvml.nvmlDeviceGetFieldValues = counted
+    start, reads, values = clock.now(), 0, {d.key: 0 for d in s.devices()}
+    while clock.now() < start + 2.0:
+        now = clock.now()
+        at = s.next_read_at(now)
+        assert at is not None and s.cadence_floor(now) >= at - 1e-9   # steady ticks before it are skipped
+        before = calls["n"]
+        assert not s.read(max(now, at - 0.004)).readings and calls["n"] == before   # too early: no call
+        clock.advance(max(0.0, at - clock.now()))
+        batch = s.read(clock.now())
+        reads += 1
+        for r in batch.readings:
+            if r.power_w is not None:
+                values[r.device_key] += 1
+    assert 95 <= reads <= 105                              # 50 a second
+    assert all(98 <= n <= 102 for n in values.values()), values   # every 20 ms value, once

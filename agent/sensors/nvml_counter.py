@@ -20,7 +20,7 @@ from ..clock import Clock
 from ..model import Reading
 from .counter_timing import CounterTiming
 from .nvml_power import (FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, FIELD_READ_DELAY_S, MAX_FIELD_AGE_S,
-                         MIN_FIELD_PERIOD_S, Stream)
+                         MIN_FIELD_PERIOD_S, STAMP_WOBBLE_US, Stream)
 from .power_evidence import MEAN_WINDOW_S, PowerReference, StampEvidence
 
 FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
@@ -146,7 +146,7 @@ class CounterReader:
     def _learn_field_refresh(self, t: float, ts_us: int) -> None:
         """Field 186 refreshes on its own clock: its timestamps give the period (the shortest
         recent step, as missed values show up as multiples) and when the next value lands."""
-        if self._field_last_us and ts_us > self._field_last_us:
+        if self._field_last_us and ts_us >= self._field_last_us + STAMP_WOBBLE_US:
             self._field_steps.append((ts_us - self._field_last_us) / 1e6)
             self._field_next = t + max(MIN_FIELD_PERIOD_S, min(self._field_steps))
         self._field_last_us = ts_us

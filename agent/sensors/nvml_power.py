@@ -46,6 +46,7 @@ class Stream:
     last_read_t: float | None = None
     last_t: float | None = None          # clock time of the newest value
     steps: deque[float] = field(default_factory=lambda: deque(maxlen=32))   # recent timestamp steps (refresh period)
+    _min_step: float | None = None       # min(steps) once two are in: asked at every wake-up
 
     def date(self, value: float, ts_us: int, now: float, wall: Callable[[float], float]) -> float | None:
         """Clock time of ``value`` if it is new, else None."""
@@ -62,6 +63,7 @@ class Stream:
                 return None           # the same refresh again
             if self.last_ts_us and step_us > 0:   # (a step back is the wall clock's, not a period)
                 self.steps.append(step_us / 1e6)
+                self._min_step = min(self.steps) if len(self.steps) >= 2 else None
             self.last_ts_us = ts_us
             t = now - (age or 0.0)
         else:
@@ -77,7 +79,7 @@ class Stream:
     def refresh_s(self) -> float | None:
         if self.stamps.read_stamped is True:
             return self.stamps.refresh_s
-        return min(self.steps) if len(self.steps) >= 2 else None
+        return self._min_step
 
     @property
     def stamp_kind(self) -> str:
@@ -167,6 +169,19 @@ class PowerOnlyReader:
             # Read-stamped values are dated by the read interval: read a few times per refresh.
             return (self.instant.last_read_t or 0.0) + max(MIN_FIELD_PERIOD_S, 0.25 * period)
         return self.instant.last_t + max(MIN_FIELD_PERIOD_S, period) + FIELD_READ_DELAY_S
+
+    def read_window(self) -> tuple[float, float] | None:
+        """(earliest, latest): a read in between sees the next instant value, and no value is
+        missed. Refresh-stamped values hold a period, so a read up to a period after the next
+        one is expected still sees it (the sensor reads several GPUs at once that way). None
+        for read-stamped values: they are point samples, read at every jittered tick (read on
+        a fixed beat, they aliased with a load locked to it: 1.5 s jobs 1.7 -> 7.0 %). None
+        until the stamps are judged, too: that needs reads at every offset from a refresh,
+        not only just after one."""
+        at = self.next_read_at()
+        if at is None or self.instant.stamps.read_stamped is not False:
+            return None
+        return at, at + max(MIN_FIELD_PERIOD_S, self.instant.refresh_s or 0.0) - 2 * FIELD_READ_DELAY_S
 
     @property
     def reference(self) -> PowerReference:
