@@ -1,6 +1,8 @@
 """The NVML sensor against the fake pynvml: selection, fallbacks, faults, MIG."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from wattmeter.attribution import AttributionConfig, Attributor, conservation_error
@@ -503,3 +505,21 @@ def test_power_only_gpus_are_read_together_once_per_field_refresh():
                 values[r.device_key] += 1
     assert 95 <= reads <= 105                              # 50 a second
     assert all(98 <= n <= 102 for n in values.values()), values   # every 20 ms value, once
+
+
+def test_a_longer_interval_reads_power_only_gpus_at_that_period():
+    # --interval is every sensor's period. At the default a power-only GPU's every 20 ms
+    # value is read (the reference needs them); a longer interval asks for less CPU instead.
+    gpus = [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0}, "sensor": {"energy_counter": False}}]
+    clock, fake, s = sensor_for({"gpu": gpus})
+    for _ in range(200):
+        clock.advance(0.007)
+        s.read(clock.now())
+    assert s.period_s == pytest.approx(0.02) and s.next_read_at(clock.now()) is not None
+    s.set_period(0.5)
+    assert s.period_s == 0.5
+    assert s.next_read_at(clock.now()) is None and s.cadence_floor(clock.now()) == -math.inf
+    clock.advance(0.5)
+    assert s.read(clock.now()).readings                      # a steady read reads it
+    s.set_period(0.1)                                        # the default again: every value
+    assert s.period_s == pytest.approx(0.02) and s.next_read_at(clock.now()) is not None

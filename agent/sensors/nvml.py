@@ -70,6 +70,8 @@ class NvmlSensor:
             raise SensorUnavailable("nvml", "no GPU is visible to this job",
                                     "check CUDA_VISIBLE_DEVICES, or use --fake-gpus N")
         self.period_s = period_s
+        self._default_period_s = period_s
+        self._follow_fields = True      # read every field value of power-only GPUs (set_period)
         self.set_period(period_s)
         self.fast_edges = any(g.has_counter for g in self._gpus)
         self._calibration = Calibration()
@@ -114,14 +116,18 @@ class NvmlSensor:
         return [g.device for g in self._gpus]
 
     def set_period(self, period_s: float) -> None:
-        """The steady cadence (``--interval``). Power-only GPUs are read faster than counters
-        (DESIGN: 10-20 Hz instant power), and where they integrate field 186, a short mean that
-        costs ~10 us to read, often enough to see (nearly) every value."""
+        """The steady cadence (``--interval``). At the default, power-only GPUs are read faster
+        than counters (DESIGN: 10-20 Hz instant power), and where they integrate field 186, a
+        short mean that costs ~10 us to read, every value is read once (``next_read_at``). A
+        longer period is a request for less CPU: every GPU is then read at that period (8
+        power-only GPUs read at each 20 ms value cost ~4 % of a core)."""
         period = max(period_s, self.min_period_s)
-        if not all(g.has_counter for g in self._gpus):
-            period = min(period, self.power_period_s)
-        if any(g.power is not None and g.instant_ok for g in self._gpus):
-            period = min(period, FIELD_PERIOD_S)
+        self._follow_fields = period_s <= self._default_period_s
+        if self._follow_fields:
+            if not all(g.has_counter for g in self._gpus):
+                period = min(period, self.power_period_s)
+            if any(g.power is not None and g.instant_ok for g in self._gpus):
+                period = min(period, FIELD_PERIOD_S)
         self.period_s = period
 
     def read_fast(self, now: float) -> Batch:
@@ -152,6 +158,8 @@ class NvmlSensor:
     def _power_plan_at(self, now: float) -> tuple[float | None, float | None]:
         """(the read planned for the power-only GPUs that hold values a period, the first wish
         of the others: read-stamped samples, due at their own times)."""
+        if not self._follow_fields:
+            return None, None         # a longer --interval: power-only GPUs at the steady cadence
         memo = self._power_plan
         if memo is not None and memo[0] == now:
             return memo[1]            # the reader asks three times per wake-up, at one instant
