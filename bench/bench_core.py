@@ -457,12 +457,7 @@ def child_overhead(a: argparse.Namespace) -> None:
         d1 = driver.snapshot()
         extra["driver_cpu_s"] = round(d1[0] - d0[0], 4)
         extra["driver_calls"] = {k: v - d0[1].get(k, 0) for k, v in d1[1].items() if v - d0[1].get(k, 0)}
-    if a.meter == "wattmeter-power":
-        extra["sampler_reads"] = meter.status["nvml"].reads - reads0
-        handle.end()
-        extra["window_gpu_j"] = round(sum(d.energy_j for d in handle.result().devices), 1)
-        meter.close()
-    elif a.meter == "wattmeter":
+    if a.meter == "wattmeter":
         extra["sampler_reads"] = meter.status["nvml"].reads - reads0
         handle.end()
         r = handle.result()
@@ -482,7 +477,7 @@ def child_overhead(a: argparse.Namespace) -> None:
         extra["counter_call_wall_us"] = round((time.perf_counter() - t) / n * 1e6, 2)
         extra["counter_call_cpu_us"] = round((time.process_time() - c) / n * 1e6, 2)
         meter.close()
-    elif a.meter == "wattmeter-discover":
+    elif a.meter in ("wattmeter-discover", "wattmeter-power"):
         extra["sampler_reads"] = meter.status["nvml"].reads - reads0
         handle.end()
         extra["window_gpu_j"] = round(sum(d.energy_j for d in handle.result().devices), 1)
