@@ -27,6 +27,7 @@ from .power_evidence import PowerReference
 
 FIELD_PERIOD_S = 0.02
 POWER_EARLY_S = 0.001   # a reader may wake this much before its planned time
+PLAN_FRESH_S = 0.25     # a plan stands until the next read, or this long (its long-past filter)
 
 
 def load_pynvml() -> ModuleType:
@@ -78,8 +79,9 @@ class NvmlSensor:
         self._calibrating = False
         self._first_read: float | None = None
         self._edges_pending = False
-        self._power_wait = False        # this read comes before the one planned for power-only GPUs
-        self._power_plan: tuple[float, tuple[float | None, float | None]] | None = None   # (asked at, plan)
+        self._power_wait: frozenset[str] = frozenset()   # power-only GPUs whose planned read is still to come
+        # (asked at, plan, the power-only GPUs in it): until the next read changes what it rests on
+        self._power_plan: tuple[float, tuple[float | None, float | None], frozenset[str]] | None = None
         # Where every NVML call has a deadline (sensors/guard.py), one read of every GPU is
         # handed to the lanes at once: one hand-off per read instead of one per call.
         lanes = vars(self.nvml).get("WATTMETER_DEADLINES") if isinstance(self.nvml, ModuleType) else None
@@ -158,25 +160,32 @@ class NvmlSensor:
     def _power_plan_at(self, now: float) -> tuple[float | None, float | None]:
         """(the read planned for the power-only GPUs that hold values a period, the first wish
         of the others: read-stamped samples, due at their own times)."""
+        return self._power_plan_with(now)[0]
+
+    def _power_plan_with(self, now: float) -> tuple[tuple[float | None, float | None], frozenset[str]]:
+        """``_power_plan_at``, and the power-only GPUs (device keys) read at the planned time.
+        Worked out once between two reads (each read changes what it rests on): the reader
+        asks three times per wake-up and once more at the read, 8 window look-ups each time."""
         if not self._follow_fields:
-            return None, None         # a longer --interval: power-only GPUs at the steady cadence
+            return (None, None), frozenset()   # a longer --interval: power-only GPUs at the steady cadence
         memo = self._power_plan
-        if memo is not None and memo[0] == now:
-            return memo[1]            # the reader asks three times per wake-up, at one instant
-        windows, others = [], []
+        if memo is not None and now - memo[0] < PLAN_FRESH_S:
+            return memo[1], memo[2]
+        windows, others, planned = [], [], []
         for g in self._gpus:
             if g.power is None:
                 continue
             w = g.power.read_window()
             if w is not None:
+                planned.append(g.device.key)
                 if w[1] > now - 0.5:
                     windows.append(w)
             elif (t := g.power.next_read_at()) is not None:
                 others.append(t)
         at = min(min(hi for _, hi in windows), max(lo for lo, _ in windows)) if windows else None
         plan = (at, min(others) if others else None)
-        self._power_plan = (now, plan)
-        return plan
+        self._power_plan = (now, plan, frozenset(planned))
+        return plan, frozenset(planned)
 
     def cadence_floor(self, now: float) -> float:
         """Steady reads sooner than 0.8 periods after a GPU's last instant-power read skip it
@@ -187,14 +196,12 @@ class NvmlSensor:
         is not dated yet, or a power-only GPU whose field refresh is not known yet."""
         floor = math.inf
         gap = 0.8 * self.period_s
-        power_at: float | None = None
+        (power_at, _), planned = self._power_plan_with(now)
         for g in self._gpus:
             if g.reader is not None:
                 at = g.reader.steady_floor(gap)
-            elif g.power is not None and g.power.read_window() is not None:
+            elif g.device.key in planned:
                 # Read at the one time planned for every power-only GPU (next_read_at).
-                if power_at is None:
-                    power_at = self._power_read_at(now)
                 at = -math.inf if power_at is None else power_at
             else:
                 at = -math.inf
@@ -210,7 +217,8 @@ class NvmlSensor:
             self._edges_pending = True
         self._calibrating = self._calibration.calibrating(now)   # once per read, for every GPU
         # Power-only GPUs wait for the read planned for them all (next_read_at), unless an edge waits.
-        self._power_wait = not fast and (at := self._power_read_at(now)) is not None and now < at - POWER_EARLY_S
+        (at, _), planned = self._power_plan_with(now)
+        self._power_wait = planned if not fast and at is not None and now < at - POWER_EARLY_S else frozenset()
         batch = Batch()
         n = self.nvml
         lanes = self._lanes
@@ -250,7 +258,7 @@ class NvmlSensor:
                 batch.errors.append(SensorError(self.name, "counter_stalled", g.device.key,
                                                 f"energy counter unchanged for {now - (changed_t or now):.1f} s "
                                                 "while the GPU draws power"))
-        elif g.power is not None and self._power_wait and g.power.read_window() is not None:
+        elif g.device.key in self._power_wait:
             return
         elif g.power is not None and not g.power.read(now, batch.readings):
             batch.errors.append(SensorError(self.name, "not_supported", g.device.key, "instant power field failed"))
