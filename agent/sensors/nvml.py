@@ -81,7 +81,7 @@ class NvmlSensor:
         self._edges_pending = False
         self._power_wait: frozenset[str] = frozenset()   # power-only GPUs whose planned read is still to come
         # (asked at, plan, the power-only GPUs in it): until the next read changes what it rests on
-        self._power_plan: tuple[float, tuple[float | None, float | None], frozenset[str]] | None = None
+        self._plan_memo: tuple[float, tuple[float | None, float | None], frozenset[str]] | None = None
         # Where every NVML call has a deadline (sensors/guard.py), one read of every GPU is
         # handed to the lanes at once: one hand-off per read instead of one per call.
         lanes = vars(self.nvml).get("WATTMETER_DEADLINES") if isinstance(self.nvml, ModuleType) else None
@@ -147,28 +147,21 @@ class NvmlSensor:
             return now
         times = [t for g in self._gpus if g.counter is not None and (t := g.counter.wish()) is not None]
         times += [t for g in self._gpus if g.reader is not None and (t := g.reader.field_wish()) is not None]
-        times += [t for t in self._power_plan_at(now) if t is not None]
+        times += [t for t in self._power_plan(now)[0] if t is not None]
         due = [t for t in times if t > now - 0.5]     # long-past wishes are not a reason to spin
         return min(due) if due else None
 
-    def _power_read_at(self, now: float) -> float | None:
-        """One read for every power-only GPU's next value: as late as the first of them can
-        wait. Read each at its own time, 8 GPUs whose 20 ms values land at different phases
-        woke the reader ~190 times a second and read every GPU each time (7 % of a core)."""
-        return self._power_plan_at(now)[0]
-
-    def _power_plan_at(self, now: float) -> tuple[float | None, float | None]:
-        """(the read planned for the power-only GPUs that hold values a period, the first wish
-        of the others: read-stamped samples, due at their own times)."""
-        return self._power_plan_with(now)[0]
-
-    def _power_plan_with(self, now: float) -> tuple[tuple[float | None, float | None], frozenset[str]]:
-        """``_power_plan_at``, and the power-only GPUs (device keys) read at the planned time.
-        Worked out once between two reads (each read changes what it rests on): the reader
-        asks three times per wake-up and once more at the read, 8 window look-ups each time."""
+    def _power_plan(self, now: float) -> tuple[tuple[float | None, float | None], frozenset[str]]:
+        """((the one read planned for the power-only GPUs whose values hold a period, the first
+        wish of the others: read-stamped samples, due at their own times), the GPUs planned
+        for, by device key). The planned read is as late as the first of them can wait: read
+        each at its own time, 8 GPUs whose 20 ms values land at different phases woke the
+        reader ~190 times a second and read every GPU each time (7 % of a core). Worked out
+        once between two reads (each read changes what it rests on): the reader asks three
+        times per wake-up and once more at the read, 8 window look-ups each time."""
         if not self._follow_fields:
             return (None, None), frozenset()   # a longer --interval: power-only GPUs at the steady cadence
-        memo = self._power_plan
+        memo = self._plan_memo
         if memo is not None and now - memo[0] < PLAN_FRESH_S:
             return memo[1], memo[2]
         windows, others, planned = [], [], []
@@ -184,19 +177,19 @@ class NvmlSensor:
                 others.append(t)
         at = min(min(hi for _, hi in windows), max(lo for lo, _ in windows)) if windows else None
         plan = (at, min(others) if others else None)
-        self._power_plan = (now, plan, frozenset(planned))
+        self._plan_memo = (now, plan, frozenset(planned))
         return plan, frozenset(planned)
 
     def cadence_floor(self, now: float) -> float:
         """Steady reads sooner than 0.8 periods after a GPU's last instant-power read skip it
         (``CounterReader.steady_floor``), a counter's own reads come as ``next_read_at`` wishes,
-        and power-only GPUs are read together at one planned time (``_power_read_at``): before
+        and power-only GPUs are read together at one planned time (``_power_plan``): before
         this time a steady read reads nothing (``CadenceFloor``, sensors/base.py). -inf where
         some GPU is read at every tick: an unshaped or faulted counter, one whose first change
         is not dated yet, or a power-only GPU whose field refresh is not known yet."""
         floor = math.inf
         gap = 0.8 * self.period_s
-        (power_at, _), planned = self._power_plan_with(now)
+        (power_at, _), planned = self._power_plan(now)
         for g in self._gpus:
             if g.reader is not None:
                 at = g.reader.steady_floor(gap)
@@ -217,7 +210,7 @@ class NvmlSensor:
             self._edges_pending = True
         self._calibrating = self._calibration.calibrating(now)   # once per read, for every GPU
         # Power-only GPUs wait for the read planned for them all (next_read_at), unless an edge waits.
-        (at, _), planned = self._power_plan_with(now)
+        (at, _), planned = self._power_plan(now)
         self._power_wait = planned if not fast and at is not None and now < at - POWER_EARLY_S else frozenset()
         batch = Batch()
         n = self.nvml
@@ -246,7 +239,7 @@ class NvmlSensor:
                 batch.readings.extend(part.readings)
                 batch.errors.extend(part.errors)
         self._edges_pending = False
-        self._power_plan = None       # planned on what this read has changed
+        self._plan_memo = None        # planned on what this read has changed
         return batch
 
     def _read_gpu(self, g: NvmlGpu, now: float, batch: Batch) -> None:
