@@ -21,6 +21,8 @@ STALL_MIN_J = 5.0         # (and short by at least this much: idle noise is not 
 NEIGHBOUR_S = 0.15        # samples this close outside a span shape its bridge too (10 Hz reads)
 CATCH_UP_SHARE = 0.2      # a span holding this much more than power shows repays a stall...
 OWED_TTL_S = 60.0         # ...within this long of it
+RESET_MAX_W = 5000.0      # a counter below its last value holding more than this for the span
+RESET_SLACK_J = 1000.0    # (plus this) did not restart: it stepped back
 
 
 def flag_bridged(d: DeviceHistory, t0: float, t1: float) -> None:
@@ -30,19 +32,26 @@ def flag_bridged(d: DeviceHistory, t0: float, t1: float) -> None:
     d.approx_spans.append((t0, t1))
 
 
-def counter_delta(d: DeviceHistory, r: Reading) -> float:
-    """Energy since the previous counter point. Where the counter cannot vouch for the span
-    (it restarted, or holds far less than instant power shows: a stall, a lost GPU), the
-    span is bridged from instant power, flagged approximate and counted."""
+def counter_delta(d: DeviceHistory, r: Reading) -> tuple[float, float]:
+    """(Energy since the previous counter point, the counter value later points count from).
+    Where the counter cannot vouch for the span (it restarted, or holds far less than instant
+    power shows: a stall, a lost GPU), the span is bridged from instant power, flagged
+    approximate and counted."""
     value = r.energy_j
     assert value is not None
     if d.last_counter is None or d.last_t is None:
-        return 0.0
+        return 0.0, value
     if value >= d.last_counter:
         delta = value - d.last_counter
         reset = False
     elif d.device.wrap_j:
-        return value + d.device.wrap_j - d.last_counter   # wrapped past its range
+        return value + d.device.wrap_j - d.last_counter, value   # wrapped past its range
+    elif value > RESET_MAX_W * (r.t - d.last_t) + RESET_SLACK_J:
+        # A little below the last value, and far above what a restarted counter could hold
+        # by now: a step back, not a restart. Counted as one, the whole value (megajoules)
+        # was added. The span holds nothing; counting on from the higher value, the reads
+        # that follow make it up.
+        return 0.0, d.last_counter
     else:
         # A counter that went down was reset (driver reload, GPU back from the bus): what it
         # holds now was burned since the reset, the rest of the span is unknown to it.
@@ -55,7 +64,7 @@ def counter_delta(d: DeviceHistory, r: Reading) -> float:
     if bridged is None and reset:
         bridged = (d.last_power or 0.0) * span     # no instant power: the last counter slope
     if bridged is None:
-        return delta
+        return delta, value
     # Right after a bridged span the counter is still suspect (the stall may have ended
     # inside this span), however short the span, and held to a closer match.
     after_bridge = bool(d.approx_spans and d.approx_spans[-1][1] >= d.last_t)
@@ -79,12 +88,12 @@ def counter_delta(d: DeviceHistory, r: Reading) -> float:
             # A stalled counter may later catch up with one jump: what power filled in now
             # is owed back from such a jump, so the energy is never counted twice.
             d.owed_j, d.owed_t = d.owed_j + bridged - delta, r.t
-        return max(delta, bridged)
+        return max(delta, bridged), value
     excess = delta - bridged
     if d.owed_j > 0 and r.t - d.owed_t <= OWED_TTL_S and excess > STALL_MIN_J \
             and excess > CATCH_UP_SHARE * bridged:
         take = min(excess, d.owed_j)        # the stalled counter caught up
         d.owed_j -= take
         d.approx_spans.append((d.last_t, r.t))
-        return delta - take
-    return delta
+        return delta - take, value
+    return delta, value

@@ -97,8 +97,7 @@ class Recorder:
                 # over-estimate is held, not taken back. (Only where instant power carries the
                 # tail: a bare counter's tail is a guess that no scrape is shown.)
                 self._hold(d, r.t)
-            delta = counter_delta(d, r)
-            d.last_counter = r.energy_j
+            delta, d.last_counter = counter_delta(d, r)
             d.last_read_t = r.read_t
             if d.anchor_t is None:
                 d.anchor_t, d.anchor_e = r.t, d.total_j

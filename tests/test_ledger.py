@@ -114,6 +114,18 @@ def test_counter_decrease_is_a_reset_never_negative():
     assert not ledger.approximate_between("gpu0", 0.0, 0.9)
 
 
+def test_a_counter_stepping_back_a_little_is_no_reset():
+    # A counter read 7 J below its last value, with megajoules on it, did not restart: counted
+    # as a reset, the whole value (8.5 MJ) was added to a 1 s job.
+    ledger = Ledger([GPU])
+    ledger.record([Reading("gpu0", 0.0, energy_j=8.5e6), Reading("gpu0", 0.01, energy_j=8.5e6 + 3.0)])
+    ledger.record([Reading("gpu0", 0.02, energy_j=8.5e6 - 4.0)])      # a step back
+    ledger.record([Reading("gpu0", 1.0, energy_j=8.5e6 + 300.0)])
+    snap = ledger.snapshot()["gpu0"]
+    assert snap.energy_j == pytest.approx(300.0)          # the counter's net rise, once
+    assert snap.resets == 0 and snap.gaps_bridged == 0
+
+
 def test_stale_repeated_timestamp_is_ignored():
     ledger = Ledger([GPU])
     ledger.record([Reading("gpu0", 1.0, energy_j=10.0), Reading("gpu0", 1.0, energy_j=10.0)])
