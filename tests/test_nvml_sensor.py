@@ -469,7 +469,7 @@ def test_a_stamp_that_steps_back_with_the_wall_clock_is_no_refresh_period():
     for k in range(5):
         stream.date(400.0, int(round((10.0 + 0.02 * k + 1000.0) * 1e6)), 10.005 + 0.02 * k, wall)
     stream.date(400.0, int(round((10.1 + 1000.0 - 0.5) * 1e6)), 10.105, wall)   # NTP stepped back 0.5 s
-    assert all(s > 0 for s in stream.steps) and stream.refresh_s == pytest.approx(0.02, abs=1e-5)
+    assert all(s > 0 for s in stream.refreshes.steps) and stream.refresh_s == pytest.approx(0.02, abs=1e-5)
 
 
 def test_power_only_gpus_are_read_together_once_per_field_refresh():

@@ -176,9 +176,9 @@ class NvmlSensor:
             elif (t := g.power.next_read_at()) is not None:
                 others.append(t)
         at = min(min(hi for _, hi in windows), max(lo for lo, _ in windows)) if windows else None
-        plan = (at, min(others) if others else None)
-        self._plan_memo = (now, plan, frozenset(planned))
-        return plan, frozenset(planned)
+        plan, keys = (at, min(others) if others else None), frozenset(planned)
+        self._plan_memo = (now, plan, keys)
+        return plan, keys
 
     def cadence_floor(self, now: float) -> float:
         """Steady reads sooner than 0.8 periods after a GPU's last instant-power read skip it

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections import deque
 from types import ModuleType
 from typing import Any, Callable
 
@@ -20,7 +19,7 @@ from ..clock import Clock
 from ..model import Reading
 from .counter_timing import CounterTiming
 from .nvml_power import (FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, FIELD_READ_DELAY_S, MAX_FIELD_AGE_S,
-                         MIN_FIELD_PERIOD_S, STAMP_WOBBLE_US, Stream)
+                         MIN_FIELD_PERIOD_S, RefreshStamps, Stream)
 from .power_evidence import MEAN_WINDOW_S, PowerReference, StampEvidence
 
 FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
@@ -44,9 +43,8 @@ class CounterReader:
         self.shape_usage = not instant_ok
         self.average_ok = average_ok        # field 185 (1 s trailing mean) answers
         self._last_shape_t = -1e18
-        self._field_last_us = 0                   # NVML timestamp of the newest field value...
+        self._field_refreshes = RefreshStamps()   # field 186's stamps: new values, and the period...
         self._field_next: float | None = None     # ...and when the next one is expected
-        self._field_steps: deque[float] = deque(maxlen=32)
         self._field_stamped = False         # the newest value's NVML stamp predates its read (a refresh time)
         self._field_stamps = StampEvidence()     # what field 186 is
         # GetPowerUsage carries no timestamp: each read is dated at the read, as a read-stamped
@@ -143,14 +141,6 @@ class CounterReader:
             t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
         return (get(entry, "value").uiVal / 1000.0, t, ts_us), mean
 
-    def _learn_field_refresh(self, t: float, ts_us: int) -> None:
-        """Field 186 refreshes on its own clock: its timestamps give the period (the shortest
-        recent step, as missed values show up as multiples) and when the next value lands."""
-        if self._field_last_us and ts_us >= self._field_last_us + STAMP_WOBBLE_US:
-            self._field_steps.append((ts_us - self._field_last_us) / 1e6)
-            self._field_next = t + max(MIN_FIELD_PERIOD_S, min(self._field_steps))
-        self._field_last_us = ts_us
-
     def _read_shape(self, now: float, out: list[Reading], period_s: float, edges_pending: bool) -> bool:
         """Read instant power at the sensor's cadence, and at every read while an edge waits
         (the extra wake-ups for scheduled counter reads need no power sample). True: read."""
@@ -210,8 +200,12 @@ class CounterReader:
             # bridged from these), dated at the read.
             return Reading(self.key, t_s or now, power_w=w, instant_coarse=coarse)
         if t_s is not None and ts_us:
-            if ts_us == self._field_last_us:
+            # Field 186 refreshes on its own clock: its stamps give the period and when the
+            # next value lands.
+            refreshes = self._field_refreshes
+            if not refreshes.new(ts_us):
                 return None          # the same value again
-            self._learn_field_refresh(t_s, ts_us)
+            if refreshes.stepped and refreshes.min_step_s is not None:
+                self._field_next = t_s + max(MIN_FIELD_PERIOD_S, refreshes.min_step_s)
             self._field_stamped = now - t_s > FIELD_STAMPED_AGE_S
         return Reading(self.key, t_s or now, power_w=w)

@@ -38,15 +38,37 @@ _struct_get = ctypes.Structure.__getattribute__
 
 
 @dataclass
+class RefreshStamps:
+    """A refresh-stamped value's NVML stamps: which read is a new refresh, and the refresh
+    period (the shortest recent step: missed values show up as multiples)."""
+
+    last_us: int = 0
+    steps: deque[float] = field(default_factory=lambda: deque(maxlen=32))   # recent stamp steps, s
+    min_step_s: float | None = None      # min(steps): asked at every wake-up, kept, not recomputed
+    stepped: bool = False                # the newest refresh added a step
+
+    def new(self, ts_us: int) -> bool:
+        """Whether stamp ``ts_us`` is a refresh not seen before (learning the period from it)."""
+        step_us = ts_us - self.last_us
+        if abs(step_us) < STAMP_WOBBLE_US:
+            return False              # the same refresh again
+        # (A step back is the wall clock's, not a period.)
+        self.stepped = bool(self.last_us) and step_us > 0
+        if self.stepped:
+            self.steps.append(step_us / 1e6)
+            self.min_step_s = min(self.steps)
+        self.last_us = ts_us
+        return True
+
+
+@dataclass
 class Stream:
     """One power value read repeatedly: which of its reads are new, and when each was taken."""
 
     stamps: StampEvidence = field(default_factory=StampEvidence)
-    last_ts_us: int = 0
+    refreshes: RefreshStamps = field(default_factory=RefreshStamps)
     last_read_t: float | None = None
     last_t: float | None = None          # clock time of the newest value
-    steps: deque[float] = field(default_factory=lambda: deque(maxlen=32))   # recent timestamp steps (refresh period)
-    _min_step: float | None = None       # min(steps) once two are in: asked at every wake-up
 
     def date(self, value: float, ts_us: int, now: float, wall: Callable[[float], float]) -> float | None:
         """Clock time of ``value`` if it is new, else None."""
@@ -58,13 +80,8 @@ class Stream:
         changed = self.stamps.observe(age, value, now)
         prev_read, self.last_read_t = self.last_read_t, now
         if ts_us and self.stamps.read_stamped is not True:
-            step_us = ts_us - self.last_ts_us
-            if abs(step_us) < STAMP_WOBBLE_US:
+            if not self.refreshes.new(ts_us):
                 return None           # the same refresh again
-            if self.last_ts_us and step_us > 0:   # (a step back is the wall clock's, not a period)
-                self.steps.append(step_us / 1e6)
-                self._min_step = min(self.steps) if len(self.steps) >= 2 else None
-            self.last_ts_us = ts_us
             t = now - (age or 0.0)
         else:
             # Read-stamped (or unstamped): the stamp says nothing about the value's age, so the
@@ -79,7 +96,8 @@ class Stream:
     def refresh_s(self) -> float | None:
         if self.stamps.read_stamped is True:
             return self.stamps.refresh_s
-        return self._min_step
+        refreshes = self.refreshes
+        return refreshes.min_step_s if len(refreshes.steps) >= 2 else None
 
     @property
     def stamp_kind(self) -> str:
