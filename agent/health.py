@@ -20,8 +20,8 @@ if TYPE_CHECKING:     # types only: exporters import this module and must not lo
     from .sampler import SensorStatus
     from .sensors.base import Sensor
 
-# A counter GPU's energy is read every 4 s (sensors/counter_timing.py COUNTER_PERIOD_S); three missed
-# reads in a row is a device that stopped, not a slow one.
+# A counter GPU's energy is read every 4-8 s, up to 3 s later where it waits for a cadence read
+# (sensors/counter_timing.py): 15 s without a point is a device that stopped, not a slow one.
 DEVICE_STALE_S = 15.0
 
 # What each sensor counts in wattmeter_sensor_errors_total{error}; "exception" is the

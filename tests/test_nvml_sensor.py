@@ -260,9 +260,12 @@ def test_steady_pairs_start_on_a_cadence_read_just_before_a_refresh():
         wish = s.next_read_at(clock.now())
         step = 0.037 if wish is None else max(0.0005, min(0.037, wish - clock.now()))
         clock.advance(step)
-    assert 2 <= len(reads) <= 4                                    # one pair, maybe two, in 8 s
+    assert 2 <= len(reads) <= 6                                    # one pair, maybe two, in 8 s
     assert planned + 4.0 <= reads[0] < planned + 4.0 + 3.0 - 0.02  # on a cadence read, before the fallback
-    assert 0.015 <= reads[1] - reads[0] <= 0.017                   # then the second read, 16 ms on
+    pair = [r - reads[0] for r in reads if r - reads[0] < 0.05]
+    # Then a read 8 ms on, and one 16 ms on only where the refresh was not in the first half.
+    assert len(pair) in (2, 3) and 0.007 <= pair[1] <= 0.009
+    assert len(pair) == 2 or 0.015 <= pair[2] <= 0.017
 
 
 def test_counter_edges_ignore_coarse_read_stamped_samples():

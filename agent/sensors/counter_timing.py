@@ -6,6 +6,14 @@ a *pair* of reads straddling a predicted refresh (sensors/refresh.py dates each 
 few ms). Calibration bursts of fast reads lock the refresh phase; pairs keep it locked. A
 counter that holds one value while the GPU draws power has stalled, and one that fails is
 faulted: instant power then bridges its gaps (the ledger does the bridging).
+
+On counters refreshing every 0.5 s or faster a pair is split: reads 8 ms apart, the third only
+where the second saw no refresh, so its bracket is narrower than the allowed phases and keeps
+them narrow. (Two reads 16 ms apart only confirmed the prediction; on a jittering H100 clock
+the phases widened at every pair until the lock was lost, and a 0.5 s calibration burst
+re-locked it every ~20 s: ~5 counter reads a second per GPU, ~1.8 % of a core at H100 prices.)
+Pairs that hit stretch the steady gap from 4 to 8 s; a pair that misses resets it and chases
+the refresh with reads 8 ms apart for a period, instead of a burst.
 """
 from __future__ import annotations
 
@@ -19,7 +27,11 @@ CALIBRATE_S = 0.5             # a burst of fast reads that dates counter refresh
 RECALIBRATE_S = 10.0          # ...repeated while the phase of some counter is still uncertain
 MAX_RECALIBRATE_S = 300.0
 PHASE_LOCKED_S = 0.025        # phases known to this: pairs 16 ms apart straddle the refresh
-COUNTER_PERIOD_S = 4.0
+COUNTER_PERIOD_S = 4.0        # steady pairs this far apart at first...
+MAX_PAIR_GAP_S = 8.0          # ...stretched up to this while every pair straddles its refresh
+PAIR_HITS_TO_STRETCH = 3      # pairs in a row that straddled their refresh before the gap doubles
+SPLIT_MAX_PERIOD_S = 0.5      # counters refreshing at least this often get judged, split pairs
+CHASE_MAX_S = 0.1             # after a pair missed its refresh, reads go on this long at most
 DENSE_START_S = 0.3           # back-to-back reads at start, at most this long (a stuck counter)
 PAIR_HALF_GAP_S = 0.008
 PAIR_SHIFT_S = 0.004
@@ -71,6 +83,19 @@ class CounterTiming:
     changed_t: float | None = None    # read time of its last change
     stall_reported: bool = False
     last_value: float | None = None   # the raw value last read
+    # Steady pairs every pair_gap_s. The counter call is dear on an H100 (3.5 ms of CPU: 8 GPUs
+    # paired every 4 s are ~1.1 % of a core), and a clock whose phase holds needs pairs less
+    # often. Whether it holds is judged from the pairs themselves: a pair "hits" when a later
+    # read saw a refresh its first had not, and no bracket since its first read fell outside
+    # the allowed phases. Steady pairs that hit in a row stretch the gap; a miss takes it back.
+    pair_gap_s: float = COUNTER_PERIOD_S
+    pair_hits: int = 0
+    _pair_read: int = 0               # the read under way is its pair's k-th (0: no pair's)
+    _pair_next: int = 0               # the pair's next read, planned at pair_second, is its k-th
+    _pair_start: float = 0.0          # when the pair's first read was planned
+    _pair_conflicts: int = 0          # the tracker's conflicts before the pair's first read
+    _pair_steady: bool = False        # the pair was planned between edges (only those stretch)
+    _chase_until: float = 0.0         # after a miss, reads go on until a change or this time
 
     @property
     def unlocked(self) -> bool:
@@ -89,7 +114,9 @@ class CounterTiming:
         is new and dated. (The tracker leaves a first value, or one seen through a wide
         bracket, undated: that is a change all the same, not a stall.)"""
         t = self.tracker.observe(now, value_j, end_t)
-        if value_j != self.last_value:
+        changed = value_j != self.last_value
+        self._judge_pair(changed)
+        if changed:
             self.last_value = value_j
             self.fault = self.stall_reported = False
             self.changed_t = now
@@ -98,8 +125,45 @@ class CounterTiming:
             out.append((t, value_j))
         return out
 
+    def _judge_pair(self, changed: bool) -> None:
+        """Follow a pair through its reads, 8 ms apart around the predicted refresh. A second
+        or third read that saw a value the first had not is a hit, which may stretch the
+        steady gap. None is a miss: the gap is reset and the refresh chased (below)."""
+        k, self._pair_read = self._pair_read, 0
+        if k == 0:
+            return
+        start = self._pair_start
+        if changed and k > 1:
+            if k > 3:
+                return                    # a chase found the refresh
+            if self.tracker.conflicts == self._pair_conflicts:
+                self.pair_hits += self._pair_steady
+                if self.pair_hits >= PAIR_HITS_TO_STRETCH:
+                    self.pair_gap_s, self.pair_hits = min(MAX_PAIR_GAP_S, 2.0 * self.pair_gap_s), 0
+            else:
+                self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0
+            return
+        if k == 3:
+            # No refresh where one was due: the phase moved, or the counter stalled. Reads go
+            # on every 8 ms until it changes, for a period at most: a change in a narrow bracket
+            # re-locks the phase (a 0.5 s burst is ~100 reads), and a stall is seen ending
+            # (else the span after it held too little).
+            self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0
+            # (A whole period past the pair's end, and one read more: the refresh a period on.)
+            self._chase_until = start + 3 * PAIR_HALF_GAP_S + min(self.tracker.period_s, CHASE_MAX_S)
+        if k == 1 and self.tracker.period_s >= SPLIT_MAX_PERIOD_S:
+            # A slow counter (a refresh every 0.5 s or more): two reads 16 ms apart, neither
+            # judged. (Split pairs and chases cost its 8 s jobs on a bursty load 0.4 -> 2 %
+            # p90, and its calibration is not what costs CPU.)
+            self.pair_second, self._pair_next = start + 2 * PAIR_HALF_GAP_S, 0
+            return
+        at = start + k * PAIR_HALF_GAP_S
+        if k < 3 or at <= self._chase_until:
+            self.pair_second, self._pair_next = at, k + 1
+
     def failed(self) -> None:
         self.fault = True
+        self.pair_gap_s, self.pair_hits, self._pair_read, self._pair_next = COUNTER_PERIOD_S, 0, 0, 0
 
     def stalled(self, now: float, power_w: float | None) -> bool:
         """A counter that holds one value for over ``stall_after_s`` while instant power shows
@@ -124,44 +188,60 @@ class CounterTiming:
     def due(self, now: float, cadence: bool, calibrating: bool, edges_pending: bool) -> bool:
         """Whether to pay for a counter read now. Unshaped counters are read every time; shaped
         ones while calibrating, else as a pair around a predicted refresh."""
+        read, stage = self._decide(now, cadence, calibrating, edges_pending)
+        if read:
+            # Which read of a pair this is, judged once its value is seen (_judge_pair). Any
+            # other read in between breaks the pair off.
+            self._pair_read = 1 if stage == 1 else self._pair_next if stage == 2 else 0
+            self._pair_next = 0
+            if stage == 1:
+                self._pair_conflicts = self.tracker.conflicts
+                self._pair_steady = self.pair_due != math.inf
+        return read
+
+    def _decide(self, now: float, cadence: bool, calibrating: bool, edges_pending: bool) -> tuple[bool, int]:
+        """(read now, 1 for a pair's first read, 2 for its second, 0 for any other)."""
         if not self.shaped:
-            return True
+            return True, 0
         tracker = self.tracker
         if not tracker.dated:
-            return True         # until the first change is seen, the ledger has no counter point
+            return True, 0         # until the first change is seen, the ledger has no counter point
         if tracker.doubted and now - tracker.doubted_t < MEASURE_S:
             # The period is being measured: a slow counter's changes need reads at the
             # cadence to bracket them (a burst's fast reads bracket a fast one's).
             self.pair_second = None
             self.next_counter_at = max(self.next_counter_at, now + COUNTER_PERIOD_S)   # no wake-ups of its own
-            return True
+            return True, 0
         if calibrating:
             # The whole burst, not just up to the first dated change: one 5 ms bracket leaves
             # the phase off by up to 2.5 ms; several at random offsets pin it to a fraction.
             self.pair_second = None
-            return True
+            return True, 0
         if self.unlocked:
             self.pair_second = None
+            self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0     # the phase was lost: pair often again
             if edges_pending:
                 # An edge waits: every fast read, which also re-locks. (And no wish left in the
                 # past: the sampler would read again at once, 1 ms apart, for half a second.)
                 self.next_counter_at = max(self.next_counter_at, now + COUNTER_PERIOD_S)
-                return True
+                return True, 0
             if now >= self.next_counter_at:      # unlocked between bursts: a plain read
                 self.next_counter_at = now + COUNTER_PERIOD_S
-                return True
+                return True, 0
             # A counter slower than a burst is long shows a burst one change at most: its
             # phase is locked from the changes that reads at the cadence bracket.
-            return cadence and tracker.period_s > CALIBRATE_S
+            return cadence and tracker.period_s > CALIBRATE_S, 0
         if self.pair_second is not None:
             if now + 0.001 < self.pair_second:
-                return False
+                return False, 0
             self.pair_second = None
+            if self._pair_next > 2:
+                return True, 2            # a pair's third read, or a chase's: the next pair is planned
             if edges_pending:
                 self.plan_pair(now)
             else:
-                self.plan_pair(now + COUNTER_PERIOD_S, steady=True)
-            return True
+                self.plan_pair(now + self.pair_gap_s, steady=True)
+            return True, 2
         if edges_pending and self.next_counter_at - now > 0.15:
             self.plan_pair(now)
         elif cadence and now >= self.pair_due:
@@ -169,12 +249,14 @@ class CounterTiming:
             # predicted refresh: then only its second read needs a wake-up of its own.
             refresh = tracker.next_refresh_after(now)
             if refresh is not None and PAIR_MARGIN_S <= refresh - now <= 2 * PAIR_HALF_GAP_S - PAIR_MARGIN_S:
-                self.pair_second = now + 2 * PAIR_HALF_GAP_S
-                return True
+                self._pair_start = now
+                self.pair_second = now + PAIR_HALF_GAP_S
+                return True, 1
         if now + 0.001 < self.next_counter_at:
-            return False
-        self.pair_second = self.next_counter_at + 2 * PAIR_HALF_GAP_S
-        return True
+            return False, 0
+        self._pair_start = self.next_counter_at
+        self.pair_second = self.next_counter_at + PAIR_HALF_GAP_S
+        return True, 1
 
     def plan_pair(self, after: float, steady: bool = False) -> None:
         """Schedule the next pair after ``after``; a steady one may start on a cadence read

@@ -100,6 +100,7 @@ class RefreshTracker:
     doubted: bool = False              # a value outlived the period; none measured since
     _precision_s: float = float("inf")  # how far off the measured period_s may be
     doubted_t: float = 0.0             # the read that doubted it
+    conflicts: int = 0                 # brackets that fell outside the allowed phases, so far
     _changed_read: float | None = None  # the end of the call that first saw the current value
     _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
     _drift: float = field(init=False)   # drift_per_period when brackets conflict)
@@ -183,6 +184,7 @@ class RefreshTracker:
             # A conflict: this clock jitters or drifts. Take the full allowances from now on,
             # and re-sync near the old estimate (it lagged a drifting clock by a few ms)
             # rather than from this bracket alone, which may be a whole period wide.
+            self.conflicts += 1
             self._jitter, self._drift = self.jitter_s, self.drift_per_period
             j = self._jitter
             bracket = ((lo - j) % p, min(p, hi - lo + 2 * j))
