@@ -1,11 +1,14 @@
-"""Steady counter pairs between edges (sensors/counter_timing.py): how often the dear counter
-call (3.5 ms of CPU on an H100) is paid for, judged from what the pairs show.
+"""Steady counter pairs between edges (sensors/counter_timing.py): how often the counter call
+(3.5 ms of CPU on an H100) is paid for, judged from what the pairs show.
 
 Before: a pair was two reads 16 ms apart centred on the predicted refresh. Its bracket was as
-wide as the allowed phases, so it never narrowed them; on a clock that jitters (an H100's
-refreshes come 99.97 ms apart, each +-2.5 ms) the phases widened at every pair until the lock
-was lost, and a 0.5 s calibration burst (~100 reads) re-locked it every ~20 s: ~5 counter reads
-a second per GPU, ~1.8 % of a core each at H100 prices."""
+wide as the allowed phases, so it never narrowed them; on a counter clock that jitters (the
+H100's measured 99.97 ms, each refresh +-2.5 ms, with calls as cheap as a simulation's) the
+phases widened at every pair until the lock was lost, and a 0.5 s calibration burst (~100
+reads) re-locked it every ~20 s: ~8 counter reads a second per GPU with no window open.
+And a counter too coarse to shape (field 186 as 100 ms samples stamped at the read) was read
+at every tick whatever the call cost: ~13 reads a second, ~4.5 % of a core per GPU at H100
+prices."""
 from __future__ import annotations
 
 from wattmeter.clock import VirtualClock
@@ -20,10 +23,12 @@ from vdrive import VirtualDriver
 H100 = "NVIDIA H100 80GB HBM3"
 
 
-def steady_meter(sensor: dict, seed: int = 1, fault: dict | None = None):
-    """A metered H100 at a constant 400 W, no window open; every counter call's time is logged."""
+def steady_meter(sensor: dict, seed: int = 1, fault: dict | None = None, trace: dict | None = None):
+    """A metered H100 (constant 400 W unless ``trace``), no window open; every counter call's
+    time is logged."""
     clock = VirtualClock(start=0.0)
-    data = {"seed": 3, "gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 400.0},
+    trace = trace or {"kind": "constant", "power_w": 400.0}
+    data = {"seed": 3, "gpu": [{"model": H100, "trace": trace,
                                 "sensor": {"counter_phase_s": 0.013, **sensor}, "energy_offset_j": 5e6}],
             "fault": [fault] if fault else []}
     fake = FakeNVML(Scenario.from_dict(data), clock, t0=0.0)
@@ -44,7 +49,7 @@ def test_a_jittering_h100_clock_stays_locked_without_calibration_bursts():
     per_s = (len(calls) - n0) / 120.0
     timing = sensor._gpus[0].counter
     meter.close()
-    # Was ~5 a second (bursts of ~100 reads every ~20 s); pairs of 2-3 reads every 4-8 s now.
+    # Was ~8 a second (bursts of ~100 reads every ~20 s); pairs of 2-3 reads every 4-8 s now.
     assert per_s < 1.0, per_s
     assert not timing.unlocked
 
@@ -64,7 +69,7 @@ def test_steady_pairs_stretch_while_they_hit_and_shrink_after_a_miss():
     assert timing.pair_gap_s == COUNTER_PERIOD_S       # a miss took the gap back
 
 
-def test_a_missed_pair_resets_the_gap_and_chases_the_refresh_within_a_period():
+def test_a_missed_pair_resets_the_gap_and_is_read_again_a_period_on():
     from wattmeter.sensors.counter_timing import PAIR_HALF_GAP_S, CounterTiming
     timing = CounterTiming(shaped=True)
     tracker = timing.tracker
@@ -90,6 +95,38 @@ def test_a_missed_pair_resets_the_gap_and_chases_the_refresh_within_a_period():
             break
         now = max(now + 0.0005, wish)
     assert timing.pair_gap_s == COUNTER_PERIOD_S
-    gaps = [b - a for a, b in zip(reads, reads[1:])]
-    assert 12 <= len(reads) <= 17 and all(abs(g - PAIR_HALF_GAP_S) < 0.002 for g in gaps), reads
-    assert reads[-1] - reads[0] <= 3 * PAIR_HALF_GAP_S + 0.1 + 1e-9     # a period past the pair, no more
+    # The pair (three reads 8 ms apart), then the same span a period on, one read wider at each
+    # end, and no more: 8 reads, not a 0.5 s burst (~100) nor reads all through the period.
+    first, again = [r for r in reads if r < reads[0] + 0.05], [r for r in reads if r >= reads[0] + 0.05]
+    assert len(first) == 3 and len(again) == 5, reads
+    assert all(abs(b - a - PAIR_HALF_GAP_S) < 0.002 for seq in (first, again) for a, b in zip(seq, seq[1:]))
+    assert abs(again[0] - (first[0] + 0.1 - PAIR_HALF_GAP_S)) < 0.002
+
+
+def test_a_dear_unshaped_counter_is_read_in_pairs_except_just_after_an_edge():
+    # Field 186 as 100 ms samples stamped at the read cannot shape counter spans, so the
+    # counter is read at every tick. At 3.5 ms a call (an H100's) that was ~12 calls a second
+    # per GPU, ~4 % of a core each; a cheap counter still is read at every tick.
+    dear = {"counter_refresh_s": 0.09997, "counter_jitter_s": 0.0025, "instant_kind": "sample",
+            "instant_refresh_s": 0.1, "field_timestamp": "read",
+            "function_latency_s": {"nvmlDeviceGetTotalEnergyConsumption": 0.0035}}
+    cheap = {k: v for k, v in dear.items() if k != "function_latency_s"}
+    rates = {}
+    for name, table in (("dear", dear), ("cheap", cheap)):
+        # A 400 ms square: the samples are seen to change, and judged too coarse to shape.
+        clock, meter, drive, sensor, calls = steady_meter(table, trace={
+            "kind": "square", "high_w": 600.0, "low_w": 200.0, "high_s": 0.2, "low_s": 0.2, "phase_s": 0.0})
+        drive.run_until(20.0)
+        n0 = len(calls)
+        drive.run_until(80.0)
+        rates[name] = (len(calls) - n0) / 60.0
+        # A window: every tick again while it is young, so its end keeps every counter span.
+        w = meter.window("job")
+        n1 = len(calls)
+        drive.run_until(clock.now() + 3.0)
+        w.end()
+        rates[name + "_window"] = (len(calls) - n1) / 3.0
+        meter.close()
+    assert rates["cheap"] > 8.0 and rates["cheap_window"] > 8.0
+    assert rates["dear"] < 1.0, rates
+    assert rates["dear_window"] > 8.0, rates

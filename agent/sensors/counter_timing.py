@@ -7,18 +7,22 @@ few ms). Calibration bursts of fast reads lock the refresh phase; pairs keep it 
 counter that holds one value while the GPU draws power has stalled, and one that fails is
 faulted: instant power then bridges its gaps (the ledger does the bridging).
 
-On counters refreshing every 0.5 s or faster a pair is split: reads 8 ms apart, the third only
-where the second saw no refresh, so its bracket is narrower than the allowed phases and keeps
-them narrow. (Two reads 16 ms apart only confirmed the prediction; on a jittering H100 clock
-the phases widened at every pair until the lock was lost, and a 0.5 s calibration burst
-re-locked it every ~20 s: ~5 counter reads a second per GPU, ~1.8 % of a core at H100 prices.)
-Pairs that hit stretch the steady gap from 4 to 8 s; a pair that misses resets it and chases
-the refresh with reads 8 ms apart for a period, instead of a burst.
+On counters refreshing every 0.5 s or faster a steady pair is split: reads 8 ms apart, the
+third only where the second saw no refresh, so its bracket is narrower than the allowed phases
+and keeps them narrow. (Two reads 16 ms apart only confirmed the prediction: on the H100's
+measured clock, 99.97 ms +-2.5 ms, with cheap calls, the phases widened at every pair until the
+lock was lost, and a 0.5 s calibration burst re-locked it every ~20 s: ~8 counter reads a
+second per GPU.) Pairs that hit stretch the steady gap from 4 to 8 s; a pair that misses resets
+it and chases the refresh with reads 8 ms apart for a period, instead of a burst, so the lock
+can be looser. Where the call is dear (measured around each call), pairs are centred on the
+calls' middles, and a counter too coarse to shape is read in pairs too, except just after an
+edge (see CounterTiming).
 """
 from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 
 from .refresh import RefreshTracker
@@ -27,19 +31,25 @@ CALIBRATE_S = 0.5             # a burst of fast reads that dates counter refresh
 RECALIBRATE_S = 10.0          # ...repeated while the phase of some counter is still uncertain
 MAX_RECALIBRATE_S = 300.0
 PHASE_LOCKED_S = 0.025        # phases known to this: pairs 16 ms apart straddle the refresh
+CHASED_LOCK_S = 0.05          # ...or this, a share CHASED_LOCK_SHARE of the period, where a
+CHASED_LOCK_SHARE = 0.4       # pair that misses chases its refresh (split pairs)
 COUNTER_PERIOD_S = 4.0        # steady pairs this far apart at first...
 MAX_PAIR_GAP_S = 8.0          # ...stretched up to this while every pair straddles its refresh
 PAIR_HITS_TO_STRETCH = 3      # pairs in a row that straddled their refresh before the gap doubles
 SPLIT_MAX_PERIOD_S = 0.5      # counters refreshing at least this often get judged, split pairs
-CHASE_MAX_S = 0.1             # after a pair missed its refresh, reads go on this long at most
+CHASE_MAX_S = 0.1             # a pair that missed its refresh is read again this far on, at most
 DENSE_START_S = 0.3           # back-to-back reads at start, at most this long (a stuck counter)
 PAIR_HALF_GAP_S = 0.008
+PAIR_MAX_HALF_S = 0.024
 PAIR_SHIFT_S = 0.004
 PAIR_MARGIN_S = 0.003         # a pair started on a cadence read keeps the refresh this far inside
 PIGGYBACK_S = 3.0             # how long a steady pair waits for such a read before its own wake-up
 STALL_S = 1.0                 # a counter unchanged this long while the GPU draws power has stalled
 STALL_MIN_W = 1.0
 MEASURE_S = 10.0              # after a value outlived the period: read at the cadence this long
+DEAR_CALL_S = 0.0005          # a counter call this slow (the fastest of the last few) is dear...
+DETAIL_S = 30.0               # ...and read sparsely even where unshaped, except this long after an edge
+CALL_COSTS_KEPT = 8
 
 
 class Calibration:
@@ -73,7 +83,7 @@ class Calibration:
 class CounterTiming:
     """One GPU's counter: when to read it next, and the dating of what it returns."""
 
-    shaped: bool                      # instant power shapes its spans (else read every time)
+    shaped: bool                      # instant power shapes its spans (else read every time, unless dear)
     rng: random.Random = field(default_factory=random.Random)
     tracker: RefreshTracker = field(default_factory=lambda: RefreshTracker(period_s=0.1))
     next_counter_at: float = 0.0      # when the counter is next read (locked phase)
@@ -96,15 +106,40 @@ class CounterTiming:
     _pair_conflicts: int = 0          # the tracker's conflicts before the pair's first read
     _pair_steady: bool = False        # the pair was planned between edges (only those stretch)
     _chase_until: float = 0.0         # after a miss, reads go on until a change or this time
+    _chasing: bool = False            # the pair missed: read again a period on, until _chase_until
+    _chase_at: float = 0.0            # the chase's last planned read
+    _pair_span_s: float = 2 * PAIR_HALF_GAP_S   # from the pair's first read to its last
+    _planned_span_s: float = 2 * PAIR_HALF_GAP_S   # ...and the next planned pair's
+    # An unshaped counter is read at every tick, its own ~100 ms spans being all the shape its
+    # energy gets. Where the call is dear (3.5 ms of CPU on an H100: 8 GPUs at 10 Hz are ~30 %
+    # of a core) it is read in pairs instead, as a shaped one is, except for DETAIL_S after a
+    # window edge: a window that short needs every span around its end, and one that ends
+    # later is long enough for a coarser end to matter little.
+    _call_s: deque[float] = field(default_factory=lambda: deque(maxlen=CALL_COSTS_KEPT))
+    _detail_until: float = -math.inf
+    _sparse: bool = True              # read in pairs (as of the last due())
+    _edge_reads: int = 0              # reads in a row while an edge waits
+    _was_calibrating: bool = False    # a calibration burst ran at the last due()
+    _in_burst: bool = True            # this counter takes part in the running burst
+    _never_locked: bool = True        # its phase has not been locked outside a burst yet
 
     @property
     def unlocked(self) -> bool:
         tracker = self.tracker
-        return tracker.doubted or tracker.uncertainty_s > min(PHASE_LOCKED_S, 0.25 * tracker.period_s)
+        if tracker.period_s < SPLIT_MAX_PERIOD_S and self._sparse:
+            # A split pair that misses its refresh is read again a period on (a few reads), so
+            # it needs no tighter lock than most pairs hitting (a counter read at every tick
+            # has no pairs, and keeps the tight lock): with a 3.5 ms call widening each bracket
+            # (an H100's), 25 ms was lost every ~20 s on the H100 clock, and each 0.5 s burst
+            # to regain it cost ~100 counter reads.
+            limit = min(CHASED_LOCK_S, CHASED_LOCK_SHARE * tracker.period_s)
+        else:
+            limit = min(PHASE_LOCKED_S, 0.25 * tracker.period_s)
+        return tracker.doubted or tracker.uncertainty_s > limit
 
     def wish(self) -> float | None:
-        """When the next counter read is due (shaped counters only)."""
-        if not self.shaped:
+        """When the next counter read is due (counters read in pairs only)."""
+        if not self._sparse:
             return None
         return self.pair_second if self.pair_second is not None else self.next_counter_at
 
@@ -126,15 +161,15 @@ class CounterTiming:
         return out
 
     def _judge_pair(self, changed: bool) -> None:
-        """Follow a pair through its reads, 8 ms apart around the predicted refresh. A second
-        or third read that saw a value the first had not is a hit, which may stretch the
-        steady gap. None is a miss: the gap is reset and the refresh chased (below)."""
+        """Follow a pair through its reads, 8 ms apart across the predicted refresh's allowed
+        phases. A later read that saw a value the first had not is a hit, which may stretch
+        the steady gap. None is a miss: the gap is reset and the refresh chased (below)."""
         k, self._pair_read = self._pair_read, 0
         if k == 0:
             return
         start = self._pair_start
         if changed and k > 1:
-            if k > 3:
+            if self._chasing:
                 return                    # a chase found the refresh
             if self.tracker.conflicts == self._pair_conflicts:
                 self.pair_hits += self._pair_steady
@@ -143,23 +178,65 @@ class CounterTiming:
             else:
                 self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0
             return
-        if k == 3:
-            # No refresh where one was due: the phase moved, or the counter stalled. Reads go
-            # on every 8 ms until it changes, for a period at most: a change in a narrow bracket
-            # re-locks the phase (a 0.5 s burst is ~100 reads), and a stall is seen ending
-            # (else the span after it held too little).
-            self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0
-            # (A whole period past the pair's end, and one read more: the refresh a period on.)
-            self._chase_until = start + 3 * PAIR_HALF_GAP_S + min(self.tracker.period_s, CHASE_MAX_S)
         if k == 1 and self.tracker.period_s >= SPLIT_MAX_PERIOD_S:
             # A slow counter (a refresh every 0.5 s or more): two reads 16 ms apart, neither
             # judged. (Split pairs and chases cost its 8 s jobs on a bursty load 0.4 -> 2 %
             # p90, and its calibration is not what costs CPU.)
             self.pair_second, self._pair_next = start + 2 * PAIR_HALF_GAP_S, 0
             return
+        if k == 1 and not self._pair_steady and self.dear:
+            # An edge's pair on a dear counter: two reads 16 ms apart, unjudged. A slow call's
+            # value may be from any instant inside it, so the first read's value is often left
+            # for the next read to date, and a middle read at the predicted refresh comes too
+            # early to: the value before the edge went undated, and the edge was measured
+            # from the pair before (H100 clock, 3.5 ms calls, 100 ms square, 1.5 s jobs: p90
+            # 0.6 -> 1.7 %). On a cheap counter split edge pairs date best (a clock jittering
+            # +-7.5 ms: 8 s jobs within 0.13 %, against 1.1 % unsplit).
+            self.pair_second, self._pair_next = start + 2 * PAIR_HALF_GAP_S, 0
+            return
         at = start + k * PAIR_HALF_GAP_S
-        if k < 3 or at <= self._chase_until:
+        end = start + self._pair_span_s
+        if self._chasing:
+            at = self._chase_at + PAIR_HALF_GAP_S
+        elif at > end + 1e-6:
+            # No refresh where one was due: the phase moved, the read came late (a busy
+            # reader, other GPUs' 3.5 ms calls first), or the counter stalled. The pair is read
+            # again a period on, one read wider at each end: a change in a narrow bracket
+            # re-locks the phase (a 0.5 s burst is ~100 reads), and a stall is seen ending
+            # (else the span after it held too little). (Reads every 8 ms through the period
+            # in between cost ~12 reads a miss.)
+            self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0
+            period = min(self.tracker.period_s, CHASE_MAX_S)
+            self._chasing = True
+            at = start + period - PAIR_HALF_GAP_S
+            self._chase_until = end + period + PAIR_HALF_GAP_S
+        if at <= (self._chase_until if self._chasing else end) + 1e-6:
             self.pair_second, self._pair_next = at, k + 1
+            self._chase_at = at
+
+    def _pair_half_s(self, refresh: float) -> float:
+        """Half the span a split pair reads across around a refresh predicted at ``refresh``:
+        the phases allowed then, plus a refresh's jitter (PAIR_HALF_GAP_S at least, 24 ms at
+        most). A fixed 16 ms missed ~1 pair in 3 in real time on the H100 clock, where late
+        wake-ups and 3.5 ms calls add to the drift between pairs, and each miss was chased."""
+        tracker = self.tracker
+        if tracker.period_s >= SPLIT_MAX_PERIOD_S:
+            return PAIR_HALF_GAP_S
+        return min(PAIR_MAX_HALF_S, max(PAIR_HALF_GAP_S, 0.5 * tracker.uncertainty_at(refresh) + tracker.jitter_s))
+
+    def called(self, seconds: float) -> None:
+        """How long a counter call took (the meter's clock around it)."""
+        self._call_s.append(seconds)
+
+    @property
+    def call_s(self) -> float:
+        """How long a counter call takes (the fastest of the last few; 0 before any)."""
+        return min(self._call_s) if self._call_s else 0.0
+
+    @property
+    def dear(self) -> bool:
+        """The counter call is dear: the fastest of the last few took DEAR_CALL_S or more."""
+        return len(self._call_s) >= CALL_COSTS_KEPT // 2 and self.call_s >= DEAR_CALL_S
 
     def failed(self) -> None:
         self.fault = True
@@ -195,13 +272,20 @@ class CounterTiming:
             self._pair_read = 1 if stage == 1 else self._pair_next if stage == 2 else 0
             self._pair_next = 0
             if stage == 1:
+                self._chasing = False
                 self._pair_conflicts = self.tracker.conflicts
                 self._pair_steady = self.pair_due != math.inf
         return read
 
     def _decide(self, now: float, cadence: bool, calibrating: bool, edges_pending: bool) -> tuple[bool, int]:
         """(read now, 1 for a pair's first read, 2 for its second, 0 for any other)."""
-        if not self.shaped:
+        # An edge waits over several fast reads; one fast read just after a calibration burst
+        # (planned while it ran) is no edge.
+        self._edge_reads = self._edge_reads + 1 if edges_pending and not calibrating else 0
+        if self._edge_reads >= 2:
+            self._detail_until = now + DETAIL_S
+        self._sparse = self.shaped or (self.dear and now >= self._detail_until)
+        if not self._sparse:
             return True, 0
         tracker = self.tracker
         if not tracker.dated:
@@ -212,11 +296,21 @@ class CounterTiming:
             self.pair_second = None
             self.next_counter_at = max(self.next_counter_at, now + COUNTER_PERIOD_S)   # no wake-ups of its own
             return True, 0
-        if calibrating:
+        if calibrating and not self._was_calibrating:
+            # A burst is sensor-wide (every GPU is read fast while it runs); a counter whose
+            # phase is locked sits it out. (With 8 GPUs, any one losing its lock had all 8
+            # read ~100 times: most of the counter calls on the H100 clock in real time.)
+            self._in_burst = self.unlocked or not tracker.dated or self._never_locked
+        self._was_calibrating = calibrating
+        if calibrating and self._in_burst:
             # The whole burst, not just up to the first dated change: one 5 ms bracket leaves
             # the phase off by up to 2.5 ms; several at random offsets pin it to a fraction.
             self.pair_second = None
             return True, 0
+        if not self.unlocked:
+            self._never_locked = False
+        if calibrating:
+            edges_pending = False     # a burst's fast reads, which this counter sits out
         if self.unlocked:
             self.pair_second = None
             self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0     # the phase was lost: pair often again
@@ -248,13 +342,14 @@ class CounterTiming:
             # Between edges a pair may start on a cadence read that falls just before a
             # predicted refresh: then only its second read needs a wake-up of its own.
             refresh = tracker.next_refresh_after(now)
-            if refresh is not None and PAIR_MARGIN_S <= refresh - now <= 2 * PAIR_HALF_GAP_S - PAIR_MARGIN_S:
-                self._pair_start = now
+            lead = None if refresh is None else refresh - now - 0.5 * self.call_s
+            if lead is not None and PAIR_MARGIN_S <= lead <= 2 * PAIR_HALF_GAP_S - PAIR_MARGIN_S:
+                self._pair_start, self._pair_span_s = now, 2 * PAIR_HALF_GAP_S
                 self.pair_second = now + PAIR_HALF_GAP_S
                 return True, 1
         if now + 0.001 < self.next_counter_at:
             return False, 0
-        self._pair_start = self.next_counter_at
+        self._pair_start, self._pair_span_s = self.next_counter_at, self._planned_span_s
         self.pair_second = self.next_counter_at + PAIR_HALF_GAP_S
         return True, 1
 
@@ -268,5 +363,8 @@ class CounterTiming:
             self.next_counter_at = after + COUNTER_PERIOD_S - PAIR_HALF_GAP_S
             return
         # Centred on the prediction, pairs only confirm it; shifted at random, their ends cut the
-        # allowed phases from either side, so the estimate keeps up with a wandering clock.
-        self.next_counter_at = refresh - PAIR_HALF_GAP_S + self.rng.uniform(-PAIR_SHIFT_S, PAIR_SHIFT_S)
+        # allowed phases from either side, so the estimate keeps up with a wandering clock. A
+        # slow call takes its value somewhere inside the call: centred on the calls' middles.
+        half = self._pair_half_s(refresh)
+        self._planned_span_s = 2 * half
+        self.next_counter_at = refresh - half - 0.5 * self.call_s + self.rng.uniform(-PAIR_SHIFT_S, PAIR_SHIFT_S)

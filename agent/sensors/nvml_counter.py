@@ -64,14 +64,17 @@ class CounterReader:
         cadence = self._read_shape(now, out, period_s, edges_pending)
         if not timing.due(now, cadence, calibrating, edges_pending):
             return True
+        call_t = self.clock.now()
         try:
             mj = self.nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)
         except self.nvml.NVMLError:
             timing.failed()
             raise
+        end_t = self.clock.now()
+        timing.called(end_t - call_t)
         # A read is taken somewhere inside the call (3.5 ms on an H100), and ``now`` predates
         # it: a change seen here happened before the call ended.
-        dated = timing.observe(now, mj / 1000.0, self.clock.now())
+        dated = timing.observe(call_t, mj / 1000.0, end_t)
         out.extend(Reading(self.key, t, energy_j=v, read_t=now) for t, v in dated)
         if dated:
             return True

@@ -319,6 +319,16 @@ class RefreshTracker:
         phase = (start + 0.5 * length) % p
         return t + ((phase - t) % p)
 
+    def uncertainty_at(self, t: float) -> float:
+        """How far apart the phases a refresh at ``t`` may take lie: the allowed phases widened
+        for the drift allowed since they were narrowed (a period when nothing is known)."""
+        if self.current_within_s is not None:
+            return self.current_within_s
+        if not self._arcs:
+            return self.period_s
+        arcs = self._widened(t)
+        return min(self.period_s, sum(n for _, n in arcs) + (len(arcs) - 1) * self.period_s / 2)
+
     @property
     def uncertainty_s(self) -> float:
         """How far apart the refresh phases still allowed lie (a period when nothing is known)."""
