@@ -7,14 +7,14 @@ few ms). Calibration bursts of fast reads lock the refresh phase; pairs keep it 
 counter that holds one value while the GPU draws power has stalled, and one that fails is
 faulted: instant power then bridges its gaps (the ledger does the bridging).
 
-On counters refreshing every 0.5 s or faster a steady pair is split: reads 8 ms apart, the
-third only where the second saw no refresh, so its bracket is narrower than the allowed phases
-and keeps them narrow. (Two reads 16 ms apart only confirmed the prediction: on the H100's
-measured clock, 99.97 ms +-2.5 ms, with cheap calls, the phases widened at every pair until the
-lock was lost, and a 0.5 s calibration burst re-locked it every ~20 s: ~8 counter reads a
-second per GPU.) Pairs that hit stretch the steady gap from 4 to 8 s; a pair that misses resets
-it and chases the refresh with reads 8 ms apart for a period, instead of a burst, so the lock
-can be looser. Where the call is dear (measured around each call), pairs are centred on the
+On counters refreshing every 0.5 s or faster a pair is split: reads 8 ms apart across the
+predicted refresh's allowed phases (16-48 ms), up to the first that sees it, so its bracket is
+narrower than the allowed phases and keeps them narrow. (Two reads 16 ms apart only confirmed
+the prediction: on the H100's measured clock, 99.97 ms +-2.5 ms, with cheap calls, the phases
+widened at every pair until the lock was lost, and a 0.5 s calibration burst re-locked it
+every ~20 s: ~8 counter reads a second per GPU.) Steady pairs that hit stretch the gap between
+them from 4 to 8 s; a pair that misses resets it and is read again a period on (<= 5 reads)
+instead of a burst, so the lock can be looser, and a locked counter sits bursts out. Where the call is dear (measured around each call), pairs are centred on the
 calls' middles, and a counter too coarse to shape is read in pairs too, except just after an
 edge (see CounterTiming).
 """
@@ -32,7 +32,7 @@ RECALIBRATE_S = 10.0          # ...repeated while the phase of some counter is s
 MAX_RECALIBRATE_S = 300.0
 PHASE_LOCKED_S = 0.025        # phases known to this: pairs 16 ms apart straddle the refresh
 CHASED_LOCK_S = 0.05          # ...or this, a share CHASED_LOCK_SHARE of the period, where a
-CHASED_LOCK_SHARE = 0.4       # pair that misses chases its refresh (split pairs)
+CHASED_LOCK_SHARE = 0.4       # pair that misses is read again a period on (split pairs)
 COUNTER_PERIOD_S = 4.0        # steady pairs this far apart at first...
 MAX_PAIR_GAP_S = 8.0          # ...stretched up to this while every pair straddles its refresh
 PAIR_HITS_TO_STRETCH = 3      # pairs in a row that straddled their refresh before the gap doubles
@@ -40,7 +40,7 @@ SPLIT_MAX_PERIOD_S = 0.5      # counters refreshing at least this often get judg
 CHASE_MAX_S = 0.1             # a pair that missed its refresh is read again this far on, at most
 DENSE_START_S = 0.3           # back-to-back reads at start, at most this long (a stuck counter)
 PAIR_HALF_GAP_S = 0.008
-PAIR_MAX_HALF_S = 0.024
+PAIR_MAX_HALF_S = 0.024       # a split pair reads at most this far either side of the prediction
 PAIR_SHIFT_S = 0.004
 PAIR_MARGIN_S = 0.003         # a pair started on a cadence read keeps the refresh this far inside
 PIGGYBACK_S = 3.0             # how long a steady pair waits for such a read before its own wake-up
@@ -278,7 +278,7 @@ class CounterTiming:
         return read
 
     def _decide(self, now: float, cadence: bool, calibrating: bool, edges_pending: bool) -> tuple[bool, int]:
-        """(read now, 1 for a pair's first read, 2 for its second, 0 for any other)."""
+        """(read now, 1 for a pair's first read, 2 for a later one, 0 for any other)."""
         # An edge waits over several fast reads; one fast read just after a calibration burst
         # (planned while it ran) is no edge.
         self._edge_reads = self._edge_reads + 1 if edges_pending and not calibrating else 0
