@@ -246,7 +246,15 @@ class DeviceHistory:
         differences of /metrics, p90 4.4 % held, 5.3 % spread over 0.3 s, 9.3 % over 1 s;
         ``bench/bench_exported.py``)."""
         value, _ = self.estimate_at(t)
-        if self.last_t is None or t < self.last_t:
+        if self.last_t is None:
+            return 0.0
+        if t < self.point(self.oldest())[0]:
+            # Before the first point E is measured back from the first readings, below its
+            # zero there (a window begun before the meter started): kept, so a difference from
+            # such a t holds that energy. (Clamped to 0, a `run` record's timeline lost it
+            # from its first second and spread it over the others: a steady 300 W read 309 W.)
+            return value
+        if t < self.last_t:
             return max(0.0, value)
         return max(0.0, self.floor_j if t >= self.floor_t else 0.0, value)
 

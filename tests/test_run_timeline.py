@@ -119,3 +119,27 @@ def test_str_of_a_window_result_is_the_run_summary():
     with_facts = render(outcome.result, outcome.facts)
     assert with_facts.splitlines()[0].startswith("wattmeter: timeline completed (exit 0) in ")
     assert with_facts.splitlines()[1:] == text.splitlines()[1:]
+
+
+def test_a_steady_gpu_reads_steady_from_the_back_dated_start(tmp_path):
+    # `run` counts energy from when it was called, before the meter started (the window is
+    # back-dated). The timeline started at the meter's start and was anchored to the window's
+    # energy, so that set-up's energy was spread over every span (a steady 300 W read ~306 W);
+    # started at the window's start, its first span read E(t) clamped at 0 before the first
+    # reading (~262 W) and the rest ~309 W.
+    scenario = tmp_path / "steady.toml"
+    scenario.write_text('[[gpu]]\nmodel = "NVIDIA H100 80GB HBM3"\n[gpu.trace]\nkind = "constant"\npower_w = 300.0\n')
+    found = discover(SensorPlan(fake_scenario=str(scenario), cpu="none", ram="none"))
+    meter = Meter(found.sensors, notes=found.notes)
+    ident = RunIdentity(run_id="t2", job="steady", hostname="h", command="python")
+    runner = JobRunner(meter, ident, MemorySink(), start_t=meter.clock.now() - 0.4)   # 0.4 s of set-up
+    try:
+        outcome = runner.run([sys.executable, "-c", "import time; time.sleep(4)"])
+    finally:
+        meter.close()
+    [gpu] = [d for d in outcome.result.devices if d.component.value == "gpu"]
+    timeline = outcome.facts.timeline
+    assert abs(timeline["t_s"][-1] - outcome.result.duration_s) < 0.05      # the whole window
+    spans = _spans(timeline, gpu.key)
+    assert all(abs(w - 300.0) <= 0.015 * 300.0 for _, w in spans), spans
+    assert abs(gpu.energy_j - 300.0 * outcome.result.duration_s) <= 0.01 * gpu.energy_j
