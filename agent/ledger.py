@@ -136,7 +136,8 @@ class Ledger:
                 if at is None:
                     at = d.newest_t()
                 power = d.samples.last[1] if d.samples else d.last_power
-                e = d.energy(at) if d.last_t is not None else 0.0
+                # (E before a device's first point lies below zero; an exported total never does.)
+                e = max(0.0, d.energy(at)) if d.last_t is not None else 0.0
                 out[k] = DeviceSnapshot(d.device, e, power, d.last_t, d.resets, d.errors, d.bridges)
             return out
 
