@@ -15,4 +15,4 @@ python -m pip list 2>/dev/null | grep -iE "hypothesis|pytest|torch|nvidia-ml|psu
 python -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-gpu.txt"
 python -m wattmeter doctor 2>&1 | tee "$OUT/doctor.txt"
 python -m wattmeter run --records "$OUT/records.jsonl" --job matmul -- python -m wattmeter.examples.workload 8 2>&1 | tee "$OUT/run.txt"
-timeout 180 python tools/gpu_validate.py 2>&1 | tee "$OUT/validate.json"
+timeout 240 python tools/gpu_validate.py 2>&1 | tee "$OUT/validate.json"
