@@ -73,8 +73,8 @@ class CounterReader:
         end_t = self.clock.now()
         timing.called(end_t - call_t)
         # A read is taken somewhere inside the call (3.5 ms on an H100): a change seen here
-        # happened before the call ended, and none came before it began (dated from the call,
-        # not from ``now``: other GPUs' calls in the same read may have come first).
+        # happened before the call ended; an unchanged value, that none came before it began
+        # (timed from the call, not from ``now``: other GPUs' calls may have come first).
         dated = timing.observe(call_t, mj / 1000.0, end_t)
         out.extend(Reading(self.key, t, energy_j=v, read_t=now) for t, v in dated)
         if dated:
