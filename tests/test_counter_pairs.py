@@ -7,7 +7,7 @@ H100's measured 99.97 ms, each refresh +-2.5 ms, with calls as cheap as a simula
 phases widened at every pair until the lock was lost, and a 0.5 s calibration burst (~100
 reads) re-locked it every ~20 s: ~8 counter reads a second per GPU with no window open.
 And a counter too coarse to shape (field 186 as 100 ms samples stamped at the read) was read
-at every tick whatever the call cost: ~13 reads a second, ~4.5 % of a core per GPU at H100
+at every tick whatever the call cost: ~12 reads a second, ~4 % of a core per GPU at H100
 prices."""
 from __future__ import annotations
 
@@ -72,7 +72,6 @@ def test_steady_pairs_stretch_while_they_hit_and_shrink_after_a_miss():
 def test_a_missed_pair_resets_the_gap_and_is_read_again_a_period_on():
     from wattmeter.sensors.counter_timing import PAIR_HALF_GAP_S, CounterTiming
     timing = CounterTiming(shaped=True)
-    tracker = timing.tracker
     # Lock a 100 ms clock with refreshes at k * 0.1 + 0.013: changes seen by reads 2 ms apart.
     t = 0.0
     while t < 1.0:
