@@ -143,10 +143,10 @@ def meter_idle_cost(seconds=30.0, settle_s=10.0):
     from wattmeter.meter import Meter
     from wattmeter.sensors.nvml import NvmlSensor
 
-    calls = {"counter": 0, "fields": 0, "power_usage": 0}
-    real = {name: getattr(pynvml, fn) for name, fn in (("counter", "nvmlDeviceGetTotalEnergyConsumption"),
-                                                       ("fields", "nvmlDeviceGetFieldValues"),
-                                                       ("power_usage", "nvmlDeviceGetPowerUsage"))}
+    functions = {"counter": "nvmlDeviceGetTotalEnergyConsumption", "fields": "nvmlDeviceGetFieldValues",
+                 "power_usage": "nvmlDeviceGetPowerUsage"}
+    calls = dict.fromkeys(functions, 0)
+    real = {name: getattr(pynvml, fn) for name, fn in functions.items()}
 
     def counting(name):
         def call(*args):
@@ -154,9 +154,8 @@ def meter_idle_cost(seconds=30.0, settle_s=10.0):
             return real[name](*args)
         return call
 
-    pynvml.nvmlDeviceGetTotalEnergyConsumption = counting("counter")
-    pynvml.nvmlDeviceGetFieldValues = counting("fields")
-    pynvml.nvmlDeviceGetPowerUsage = counting("power_usage")
+    for name, fn in functions.items():
+        setattr(pynvml, fn, counting(name))
     try:
         sensor = NvmlSensor(pynvml)
         meter = Meter([sensor]).start()
@@ -173,8 +172,7 @@ def meter_idle_cost(seconds=30.0, settle_s=10.0):
         meter.close()
         return out
     finally:
-        for name, fn in (("counter", "nvmlDeviceGetTotalEnergyConsumption"), ("fields", "nvmlDeviceGetFieldValues"),
-                         ("power_usage", "nvmlDeviceGetPowerUsage")):
+        for name, fn in functions.items():
             setattr(pynvml, fn, real[name])
 
 

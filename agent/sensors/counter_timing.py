@@ -176,22 +176,20 @@ class CounterTiming:
                 if self.pair_hits >= PAIR_HITS_TO_STRETCH:
                     self.pair_gap_s, self.pair_hits = min(MAX_PAIR_GAP_S, 2.0 * self.pair_gap_s), 0
             else:
-                self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0
+                self._reset_gap()
             return
-        if k == 1 and self.tracker.period_s >= SPLIT_MAX_PERIOD_S:
-            # A slow counter (a refresh every 0.5 s or more): two reads 16 ms apart, neither
-            # judged. (Split pairs and chases cost its 8 s jobs on a bursty load 0.4 -> 2 %
-            # p90, and its calibration is not what costs CPU.)
-            self.pair_second, self._pair_next = start + 2 * PAIR_HALF_GAP_S, 0
-            return
-        if k == 1 and not self._pair_steady and self.dear:
-            # An edge's pair on a dear counter: two reads 16 ms apart, unjudged. A slow call's
-            # value may be from any instant inside it, so the first read's value is often left
-            # for the next read to date, and a middle read at the predicted refresh comes too
-            # early to: the value before the edge went undated, and the edge was measured
-            # from the pair before (H100 clock, 3.5 ms calls, 100 ms square, 1.5 s jobs: p90
-            # 0.6 -> 1.7 %). On a cheap counter split edge pairs date best (a clock jittering
-            # +-7.5 ms: 8 s jobs within 0.13 %, against 1.1 % unsplit).
+        if k == 1 and (self.tracker.period_s >= SPLIT_MAX_PERIOD_S or (not self._pair_steady and self.dear)):
+            # Two reads 16 ms apart, neither judged:
+            # - on a slow counter (a refresh every 0.5 s or more): split pairs and chases cost
+            #   its 8 s jobs on a bursty load 0.4 -> 2 % p90, and its calibration is not what
+            #   costs CPU;
+            # - for an edge on a dear counter: a slow call's value may be from any instant
+            #   inside it, so the first read's value is often left for the next read to date,
+            #   and a middle read at the predicted refresh comes too early to. The value before
+            #   the edge went undated, and the edge was measured from the pair before (H100
+            #   clock, 3.5 ms calls, 100 ms square, 1.5 s jobs: p90 0.6 -> 1.7 %). On a cheap
+            #   counter split edge pairs date best (a clock jittering +-7.5 ms: 8 s jobs within
+            #   0.13 %, against 1.1 % unsplit).
             self.pair_second, self._pair_next = start + 2 * PAIR_HALF_GAP_S, 0
             return
         at = start + k * PAIR_HALF_GAP_S
@@ -205,7 +203,7 @@ class CounterTiming:
             # re-locks the phase (a 0.5 s burst is ~100 reads), and a stall is seen ending
             # (else the span after it held too little). (Reads every 8 ms through the period
             # in between cost ~12 reads a miss.)
-            self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0
+            self._reset_gap()
             period = min(self.tracker.period_s, CHASE_MAX_S)
             self._chasing = True
             at = start + period - PAIR_HALF_GAP_S
@@ -238,9 +236,14 @@ class CounterTiming:
         """The counter call is dear: the fastest of the last few took DEAR_CALL_S or more."""
         return len(self._call_s) >= CALL_COSTS_KEPT // 2 and self.call_s >= DEAR_CALL_S
 
+    def _reset_gap(self) -> None:
+        """Steady pairs every COUNTER_PERIOD_S again, with no hits counted towards a longer gap."""
+        self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0
+
     def failed(self) -> None:
         self.fault = True
-        self.pair_gap_s, self.pair_hits, self._pair_read, self._pair_next = COUNTER_PERIOD_S, 0, 0, 0
+        self._reset_gap()
+        self._pair_read = self._pair_next = 0
 
     def stalled(self, now: float, power_w: float | None) -> bool:
         """A counter that holds one value for over ``stall_after_s`` while instant power shows
@@ -296,24 +299,25 @@ class CounterTiming:
             self.pair_second = None
             self.next_counter_at = max(self.next_counter_at, now + COUNTER_PERIOD_S)   # no wake-ups of its own
             return True, 0
+        unlocked = self.unlocked
         if calibrating and not self._was_calibrating:
             # A burst is sensor-wide (every GPU is read fast while it runs); a counter whose
             # phase is locked sits it out. (With 8 GPUs, any one losing its lock had all 8
             # read ~100 times: most of the counter calls on the H100 clock in real time.)
-            self._in_burst = self.unlocked or not tracker.dated or self._never_locked
+            self._in_burst = unlocked or not tracker.dated or self._never_locked
         self._was_calibrating = calibrating
         if calibrating and self._in_burst:
             # The whole burst, not just up to the first dated change: one 5 ms bracket leaves
             # the phase off by up to 2.5 ms; several at random offsets pin it to a fraction.
             self.pair_second = None
             return True, 0
-        if not self.unlocked:
+        if not unlocked:
             self._never_locked = False
         if calibrating:
             edges_pending = False     # a burst's fast reads, which this counter sits out
-        if self.unlocked:
+        if unlocked:
             self.pair_second = None
-            self.pair_gap_s, self.pair_hits = COUNTER_PERIOD_S, 0     # the phase was lost: pair often again
+            self._reset_gap()          # the phase was lost: pair often again
             if edges_pending:
                 # An edge waits: every fast read, which also re-locks. (And no wish left in the
                 # past: the sampler would read again at once, 1 ms apart, for half a second.)

@@ -326,8 +326,7 @@ class RefreshTracker:
             return self.current_within_s
         if not self._arcs:
             return self.period_s
-        arcs = self._widened(t)
-        return min(self.period_s, sum(n for _, n in arcs) + (len(arcs) - 1) * self.period_s / 2)
+        return self._spread(self._widened(t))
 
     @property
     def uncertainty_s(self) -> float:
@@ -341,8 +340,11 @@ class RefreshTracker:
         if not self._arcs:
             self._uncertainty = self.period_s
             return
-        arcs = _arcs(_pieces(self._arcs, self.period_s), self.period_s)
-        self._uncertainty = min(self.period_s, sum(n for _, n in arcs) + (len(arcs) - 1) * self.period_s / 2)
+        self._uncertainty = self._spread(_arcs(_pieces(self._arcs, self.period_s), self.period_s))
+
+    def _spread(self, arcs: list[Arc]) -> float:
+        """How far apart merged ``arcs`` lie: their lengths, and half a period for each gap."""
+        return min(self.period_s, sum(n for _, n in arcs) + (len(arcs) - 1) * self.period_s / 2)
 
     def _widened(self, now: float, extra: float = 0.0) -> list[Arc]:
         p = self.period_s
