@@ -61,3 +61,55 @@ def test_a_counter_clock_jittering_past_its_allowance_never_costs_a_whole_period
     # then read ~1.1 % off (one period of energy); such values are now left undated.
     errors = job_errors(0.1, jobs=8, seed=seed, jitter_s=0.0075, duration_s=8.0)
     assert max(abs(e) for e in errors) < 0.004, errors
+
+
+def test_the_phase_fit_measures_a_period_to_its_brackets_scatter_over_the_count():
+    from wattmeter.sensors.refresh_period import PhaseFit
+    rng = random.Random(5)
+
+    def bracket(k: int) -> tuple[float, float]:
+        """A 2 ms bracket around the k-th refresh of a 200 ms clock (0.013 + k * 0.2)."""
+        t = 0.013 + k * 0.2
+        lo = t - rng.uniform(0.0, 0.002)
+        return lo, lo + 0.002
+
+    fit = PhaseFit(sum(bracket(0)) / 2, 0.201, 0.002, 0.002)   # a first estimate 0.5 % off
+    for k in range(1, 4):                          # a burst's consecutive refreshes
+        assert fit.add(*bracket(k))
+    assert abs(fit.period_s - 0.2) < 0.0005
+    # Ten minutes on, the fit cannot count on its own yet; the caller's phases can.
+    assert fit.add(*bracket(3003)) is None
+    assert fit.add(*bracket(3003), steps=3000)
+    for k in (3043, 3083, 3123, 3203, 3283):      # pairs 8-16 s apart, counted by the fit
+        assert fit.add(*bracket(k)) is True
+    assert abs(fit.period_s - 0.2) < 4 * fit.period_sd_s < 1e-5
+    # A refresh half a period from where the fit puts it contradicts it.
+    lo, hi = bracket(3400)
+    assert fit.add(lo + 0.1, hi + 0.1) is False
+
+
+@pytest.mark.parametrize("refresh_s", [0.05, 0.2])
+def test_a_measured_period_stays_locked_without_calibration_bursts(refresh_s):
+    """On a measured period the phases widened by 0.3 % a period (the estimate's trust) until the
+    lock was lost, and a 0.5 s burst of reads re-locked it every ~10 s: ~11 (50 ms) and ~17
+    (200 ms) counter reads a second with no window open. Bounds from brackets a count of periods
+    apart narrow the allowance as the run grows."""
+    clock = VirtualClock(start=0.0)
+    data = {"seed": 3, "gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 400.0},
+                                "sensor": {"counter_refresh_s": refresh_s, "counter_phase_s": 0.013},
+                                "energy_offset_j": 5e6}]}
+    fake = FakeNVML(Scenario.from_dict(data), clock, t0=0.0)
+    module = build_module(fake)
+    calls: list[float] = []
+    real = module.nvmlDeviceGetTotalEnergyConsumption
+    module.nvmlDeviceGetTotalEnergyConsumption = lambda h: (calls.append(clock.now()), real(h))[1]
+    sensor = NvmlSensor(module, GpuSelection(None), wall=clock.wall, clock=clock, seed=1)
+    meter = Meter([sensor], clock=clock)
+    drive = VirtualDriver(meter, clock, seed=1)
+    drive.run_until(60.0)
+    n0 = len(calls)
+    drive.run_until(180.0)
+    tracker = sensor._gpus[0].counter.tracker
+    meter.close()
+    assert (len(calls) - n0) / 120.0 < 1.5
+    assert tracker.measured and abs(tracker.period_s - refresh_s) < 0.0005 * refresh_s

@@ -315,7 +315,11 @@ class CounterTiming:
             self._never_locked = False
         if calibrating:
             edges_pending = False     # a burst's fast reads, which this counter sits out
-        if unlocked:
+        if unlocked and (edges_pending or self.pair_second is None):
+            # (A pair under way reads on: its first read, seconds after the pair before, widens
+            # the phases by the drift allowed since, and only its later reads narrow them
+            # again. Broken off there, a measured 50 ms period was never re-locked by its
+            # pairs, only by a 0.5 s burst every ~10 s.)
             self.pair_second = None
             self._reset_gap()          # the phase was lost: pair often again
             if edges_pending:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .refresh_period import PeriodEstimate
+from .refresh_period import FIT_SIGMAS, PeriodEstimate, PhaseFit
 
 Arc = tuple[float, float]   # (start phase in [0, period), length in [0, period])
 RESYNC_SLACK_S = 0.008      # after a conflict, phases this far beyond the allowances stay possible
@@ -24,7 +24,12 @@ PERIOD_CHANGE = 0.05        # a measured period this far from the one in use rep
 ROUGH_CHANGE = 0.25         # (within this far, only once fitted over many periods)...
 PERIOD_REFINE = 0.001       # ...and once one has, a finer one this far off (and past its own
                             # precision) refines it
-MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)
+MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)...
+FIT_BRACKET = 0.25          # ...until brackets this narrow (a share of the period), a count of
+                            # periods apart, measure it closer (PhaseFit)
+FIT_BRACKET_MAX_S = 0.05    # (and no wider: a 1 s counter's reads at the cadence, 100 ms apart,
+                            # fitted its period 2 sd off)
+FIT_MIN_POINTS = 6          # brackets fitted before the fit's period is used
 DOUBT_PERIODS = 1.5         # one value read over this many periods apart doubts the period
 CURRENT_MAX_S = 0.010       # a counter shown to refresh at least this often is dated at its reads
 AMBIGUOUS_SHARE = 0.1       # this share of the allowed phases dating a change a period apart leaves it undated
@@ -102,6 +107,10 @@ class RefreshTracker:
     doubted_t: float = 0.0             # the read that doubted it
     conflicts: int = 0                 # brackets that fell outside the allowed phases, so far
     _changed_read: float | None = None  # the end of the call that first saw the current value
+    # A measured period fitted to brackets a count of periods apart (see _fit_period).
+    fit: PhaseFit | None = None
+    _fit_points: int = 0
+    _fit_conflicts: int = 0            # conflicts when the newest bracket was fitted
     _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
     _drift: float = field(init=False)   # drift_per_period when brackets conflict)
 
@@ -193,6 +202,12 @@ class RefreshTracker:
         dating = self._arcs if arcs and not narrowed else narrowed or [bracket]
         self._arcs = narrowed or [bracket]
         self._arcs_t = read_t
+        if self.measured and hi - lo <= min(FIT_BRACKET * p, FIT_BRACKET_MAX_S):
+            # The count since the newest fitted bracket is plain where the phases kept since
+            # then (no conflict) were narrower than half a period here.
+            plain = bool(arcs) and bool(narrowed) and self.conflicts == self._fit_conflicts and \
+                self._spread(arcs) < 0.5 * p
+            self._fit_period(lo, hi, plain)
         self._measure()
         start, length = max(dating, key=lambda a: a[1])
         t = self._instance(start, length, lo, hi, j)
@@ -261,19 +276,64 @@ class RefreshTracker:
             # taken for 105 ms, every value then dated tens of ms off). A 20 or 200 ms counter
             # is far enough off to be believed at once.
             return
-        self.period_s, self.measured = measured, True
+        self.period_s, self.measured, self.fit = measured, True, None
         self._precision_s = self.periods.precision_s
-        # A measured period is good to a few parts in a thousand: allow that much drift.
+        # A measured period is good to a few parts in a thousand: allow that much drift, until
+        # the fit over brackets far apart narrows it (_fit_period).
         self.drift_per_period = self._drift = max(self.drift_per_period, MEASURED_DRIFT)
         self._arcs, self._pending, self._fast_changes = [], None, 0
         self._measure()
+
+    def _fit_period(self, lo: float, hi: float, plain: bool) -> None:
+        """Fit one refresh bracket (a change seen by reads a small share of a period apart) to
+        the measured period's clock, and once the fit knows the period better than the
+        estimate did, use its period and allow only the drift its precision leaves.
+
+        ``MEASURED_DRIFT`` (0.3 % a period) is what a handful of brackets measure a period to:
+        it widened a 50 ms or 200 ms counter's phases past the lock between pairs, so they were
+        re-locked by a 0.5 s burst of reads every ~10 s (~11 and ~17 counter reads a second).
+        The fit (``PhaseFit``) measures the period to the brackets' scatter over the count
+        between them, so the allowance narrows as the run grows. A bracket that contradicts
+        the fit (a clock that drifts or jumps) starts it again, on the allowance for a
+        measured period."""
+        p = self.period_s
+        fit = self.fit
+        self._fit_conflicts = self.conflicts
+        if fit is None:
+            sd = min(max(MEASURED_DRIFT * p, self._precision_s), PERIOD_CHANGE * p)
+            self.fit, self._fit_points = PhaseFit(0.5 * (lo + hi), p, sd, hi - lo), 1
+            return
+        steps = round((0.5 * (lo + hi) - fit.last_centre_s) / p) if plain else None
+        added = fit.add(lo, hi, steps)
+        if added is False:
+            self.drift_per_period = self._drift = max(self._drift, MEASURED_DRIFT)
+            self.fit = None
+            self._fit_period(lo, hi, False)
+            return
+        if not added:
+            return
+        self._fit_points += 1
+        if self._fit_points < FIT_MIN_POINTS:
+            return
+        sd = fit.period_sd_s
+        drift = FIT_SIGMAS * sd / p
+        if drift >= MEASURED_DRIFT or FIT_SIGMAS * sd >= self._precision_s:
+            return
+        period = fit.period_s
+        if period != p:
+            # The phases as of their newest narrowing, on the finer period.
+            t = self._arcs_t
+            self._arcs = [((t - ((t - s) % p)) % period, min(n, period)) for s, n in self._arcs]
+            self.period_s = period
+        self._precision_s = FIT_SIGMAS * sd
+        self.drift_per_period = self._drift = max(self.min_drift_per_period, drift)
 
     def _doubt(self, read_t: float) -> None:
         """One value held longer than the period allows: the counter refreshes more slowly
         than assumed (or it stalled). The phases on the assumed period are dropped, so the
         sensor reads densely again, and the period is measured afresh."""
         self.doubted, self.doubted_t = True, read_t
-        self.periods, self._precision_s = PeriodEstimate(), float("inf")
+        self.periods, self._precision_s, self.fit = PeriodEstimate(), float("inf"), None
         self._arcs, self._pending = [], None
         self._measure()
 

@@ -136,3 +136,95 @@ def _fit(centres: deque[tuple[float, float]], period: float, precision_s: float)
     c_mean = sum(c for _, c in pts) / len(pts)
     slope = sum((k - k_mean) * (c - c_mean) for k, c in pts) / sum((k - k_mean) ** 2 for k, _ in pts)
     return slope, (0.5 * widest + JITTER_S) / span
+
+
+FIT_SIGMAS = 4.0           # a refresh predicted this many standard deviations out is no count
+FIT_FLOOR = 0.25           # a bracket's centre is off by at least this share of its width (sd)
+
+
+class PhaseFit:
+    """A refresh clock's period and phase from refresh brackets a count of periods apart:
+    least squares of the brackets' centres on their refresh counts, with the scatter the
+    centres show (an exact clock's few tenths of a ms, a jittering one's more).
+
+    Each bracket is counted from the fit so far (a prior on the period stands in until the
+    brackets have a slope): a count the fit cannot tell within FIT_SIGMAS standard deviations
+    (a bracket too far on for what the fit knows) is left out, and a centre further from its
+    prediction than that contradicts the fit. As brackets far apart come in, the period is
+    known to their scatter over the count between them: a 20 ms counter's to a few parts in a
+    million within two minutes of pairs, where the brackets alone (``PeriodEstimate``) say a
+    few parts in a thousand."""
+
+    __slots__ = ("_t0", "_p0", "_w0", "_n", "_sk", "_skk", "_sx", "_skx", "_sxx", "_sww", "_k_last", "last_centre_s")
+
+    def __init__(self, centre_s: float, period_s: float, period_sd_s: float, width_s: float) -> None:
+        self._t0 = centre_s                # times are kept from the first centre (k = 0)
+        self._p0 = period_s                # the prior on the period, and its weight
+        self._w0 = 1.0 / (period_sd_s * period_sd_s)
+        self._n = 1
+        self._sk = self._skk = self._sx = self._skx = self._sxx = 0.0
+        self._sww = (FIT_FLOOR * width_s) ** 2  # the scatter the brackets' widths allow at least
+        self._k_last = 0
+        self.last_centre_s = centre_s      # the newest fitted bracket's centre
+
+    def _solve(self) -> tuple[float, float, float, float, float]:
+        """(phase, period, their variance per unit scatter: phase, period, covariance)."""
+        # The prior's weight against the centres' is the scatter over the prior's variance.
+        prior = self._w0 * self._scatter2()
+        a11, a12, a22 = float(self._n), self._sk, self._skk + prior
+        det = a11 * a22 - a12 * a12
+        b2 = self._skx + prior * self._p0
+        return (a22 * self._sx - a12 * b2) / det, (a11 * b2 - a12 * self._sx) / det, a22 / det, a11 / det, -a12 / det
+
+    def _scatter2(self) -> float:
+        """The centres' variance about the line: from the residuals once there are a few,
+        never under what the brackets' widths allow."""
+        n = self._n
+        floor = self._sww / n
+        if n < 4:
+            return floor
+        # Residual sum of squares about the unweighted line (the prior aside).
+        kk = self._skk - self._sk * self._sk / n
+        if kk <= 0.0:
+            return floor
+        kx = self._skx - self._sk * self._sx / n
+        xx = self._sxx - self._sx * self._sx / n
+        rss = max(0.0, xx - kx * kx / kk)
+        return max(floor, rss / (n - 2))
+
+    @property
+    def period_s(self) -> float:
+        return self._solve()[1]
+
+    @property
+    def period_sd_s(self) -> float:
+        """The period's standard deviation."""
+        return (self._solve()[3] * self._scatter2()) ** 0.5
+
+    def add(self, lo: float, hi: float, steps: int | None = None) -> bool | None:
+        """Fit one refresh bracket [lo, hi], ``steps`` periods after the newest fitted one where
+        the caller knows (the phases it keeps showed the count), else counted from the fit.
+        True: fitted; None: left out (its count is not plain); False: its centre contradicts
+        the fit (the clock is not what it says)."""
+        x = 0.5 * (lo + hi) - self._t0
+        phase, period, v_ph, v_p, cov = self._solve()
+        k = round((x - phase) / period) if steps is None else self._k_last + steps
+        s2 = self._scatter2()
+        width2 = (FIT_FLOOR * (hi - lo)) ** 2
+        sd = ((v_ph + k * k * v_p + 2 * k * cov) * s2 + s2 + width2) ** 0.5
+        if steps is None and FIT_SIGMAS * sd >= 0.5 * period:
+            return None
+        if abs(x - phase - k * period) > FIT_SIGMAS * sd + 0.5 * (hi - lo):
+            return False
+        if k <= self._k_last:
+            return None                    # the same refresh again
+        self._k_last = k
+        self.last_centre_s = 0.5 * (lo + hi)
+        self._n += 1
+        self._sk += k
+        self._skk += k * k
+        self._sx += x
+        self._skx += k * x
+        self._sxx += x * x
+        self._sww += width2
+        return True
