@@ -113,3 +113,21 @@ def test_a_measured_period_stays_locked_without_calibration_bursts(refresh_s):
     meter.close()
     assert (len(calls) - n0) / 120.0 < 1.5
     assert tracker.measured and abs(tracker.period_s - refresh_s) < 0.0005 * refresh_s
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_100_ms_counter_read_at_a_jittered_cadence_keeps_its_period(seed):
+    """Reads ~100 ms apart (a jittered 10 Hz cadence: a counter too coarse to shape is read at
+    every tick) see a change at almost every read, and their period brackets overlap most
+    deeply somewhere in 94-207 ms. Taken for a measured period, the 100 ms counter became a
+    155-190 ms one (every seed before), and its values were dated on that grid."""
+    from wattmeter.sensors.refresh import RefreshTracker
+    rng = random.Random(seed)
+    tracker = RefreshTracker(period_s=0.1)
+    slot = 0.0
+    while slot < 600.0:
+        t = slot + rng.random() * 0.1
+        slot += 0.1
+        tracker.observe(t, float(int((t - 0.013) // 0.1)), t + 0.00002)
+        assert tracker.period_s == 0.1
+    assert not tracker.measured

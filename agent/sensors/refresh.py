@@ -268,7 +268,10 @@ class RefreshTracker:
             if self.periods.precision_s >= self._precision_s or \
                     abs(measured - self.period_s) <= max(PERIOD_REFINE * self.period_s, self.periods.precision_s):
                 return
-        elif abs(measured - self.period_s) <= PERIOD_CHANGE * self.period_s:
+        elif abs(measured - self.period_s) <= max(PERIOD_CHANGE * self.period_s, self.periods.precision_s):
+            # (Within the measurement's own precision the period in use is not contradicted: a
+            # 100 ms counter read at the cadence, ~100 ms apart, gave brackets that overlapped
+            # most deeply at 94-207 ms, and was taken for a 155 ms one.)
             return
         elif abs(measured - self.period_s) <= ROUGH_CHANGE * self.period_s and not self.periods.fitted:
             # A few per cent off from a handful of brackets, before the fit over many periods
