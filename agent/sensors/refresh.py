@@ -25,6 +25,7 @@ ROUGH_CHANGE = 0.25         # (within this far, only once fitted over many perio
 PERIOD_REFINE = 0.001       # ...and once one has, a finer one this far off (and past its own
                             # precision) refines it
 MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)...
+MAX_MEASURED_DRIFT = 0.1
 FIT_BRACKET = 0.25          # ...until brackets this narrow (a share of the period), a count of
                             # periods apart, measure it closer (PhaseFit)
 FIT_BRACKET_MAX_S = 0.05    # (and no wider: a 1 s counter's reads at the cadence, 100 ms apart,
@@ -283,7 +284,7 @@ class RefreshTracker:
         self._precision_s = self.periods.precision_s
         # A measured period is good to a few parts in a thousand: allow that much drift, until
         # the fit over brackets far apart narrows it (_fit_period).
-        self.drift_per_period = self._drift = max(self.drift_per_period, MEASURED_DRIFT)
+        self.drift_per_period = self._drift = max(MEASURED_DRIFT, min(MAX_MEASURED_DRIFT, self._precision_s / measured))
         self._arcs, self._pending, self._fast_changes = [], None, 0
         self._measure()
 
@@ -320,7 +321,7 @@ class RefreshTracker:
             return
         sd = fit.period_sd_s
         drift = FIT_SIGMAS * sd / p
-        if drift >= MEASURED_DRIFT or FIT_SIGMAS * sd >= self._precision_s:
+        if drift >= self.drift_per_period or FIT_SIGMAS * sd >= self._precision_s:
             return
         period = fit.period_s
         if period != p:
