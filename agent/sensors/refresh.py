@@ -25,7 +25,7 @@ ROUGH_CHANGE = 0.25         # (within this far, only once fitted over many perio
 PERIOD_REFINE = 0.001       # ...and once one has, a finer one this far off (and past its own
                             # precision) refines it
 MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)...
-MAX_MEASURED_DRIFT = 0.1
+MAX_MEASURED_DRIFT = 0.1     # (the allowance a measured period's own precision may ask for)
 FIT_BRACKET = 0.25          # ...until brackets this narrow (a share of the period), a count of
                             # periods apart, measure it closer (PhaseFit)
 FIT_BRACKET_MAX_S = 0.05    # (and no wider: a 1 s counter's reads at the cadence, 100 ms apart,
@@ -282,8 +282,11 @@ class RefreshTracker:
             return
         self.period_s, self.measured, self.fit = measured, True, None
         self._precision_s = self.periods.precision_s
-        # A measured period is good to a few parts in a thousand: allow that much drift, until
-        # the fit over brackets far apart narrows it (_fit_period).
+        # A measured period is good to a few parts in a thousand, or to its own precision where
+        # that says less (a 1 s counter's first estimate, 2 % off and allowed 0.3 %, looked
+        # locked while its phases moved ~20 ms a period: values dated half a period off, single
+        # 1.5 s jobs -22 %). Allow that much drift until the fit over brackets far apart narrows
+        # it (_fit_period).
         self.drift_per_period = self._drift = max(MEASURED_DRIFT, min(MAX_MEASURED_DRIFT, self._precision_s / measured))
         self._arcs, self._pending, self._fast_changes = [], None, 0
         self._measure()
