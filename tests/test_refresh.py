@@ -213,11 +213,17 @@ def _tracker_after(period, seed, jitter=0.0):
 def test_a_counter_refreshing_every_20_or_200_ms_is_measured_and_dated_on_its_own_period():
     # NVML's counter refreshes ~every 100 ms on the GPUs measured so far; other GPUs and
     # drivers differ. Dated on a 100 ms grid, a 20 ms counter's values were up to 80 ms off.
+    # Reads 100 ms apart (no pairs here) tell a 20 or 50 ms counter's phase nothing: its
+    # dating rests on the calibration's brackets and the drift allowed since. Allowed 0.3 % a
+    # period on a measured period however little the brackets said, the 50 ms counter's values
+    # were dated within 5 ms at the median but 40 ms off (most of a period) at p90; on the
+    # drift the brackets allow, every value is within ~18 ms.
     for period in (0.02, 0.05, 0.2):
-        tracker, errors, outside = _tracker_after(period, 1)
-        assert tracker.measured and abs(tracker.period_s - period) < 0.02 * period
-        assert outside == 0
-        assert errors[len(errors) // 2] < 0.35 * period       # reads 100 ms apart, no pairs here
+        for seed in (1, 2):
+            tracker, errors, outside = _tracker_after(period, seed)
+            assert tracker.measured and abs(tracker.period_s - period) < 0.02 * period
+            assert outside == 0
+            assert errors[int(0.9 * len(errors))] < 0.4 * period
 
 
 def test_the_nominal_period_stays_on_a_100_ms_counter_with_an_h100_clock():
