@@ -25,7 +25,7 @@ ROUGH_CHANGE = 0.25         # (within this far, only once fitted over many perio
 PERIOD_REFINE = 0.001       # ...and once one has, a finer one this far off (and past its own
                             # precision) refines it
 MEASURED_DRIFT = 0.003      # drift allowed per period on a measured period (its precision)...
-MAX_MEASURED_DRIFT = 0.1     # (the allowance a measured period's own precision may ask for)
+MAX_MEASURED_DRIFT = 0.1    # (the allowance a measured period's own precision may ask for)
 FIT_BRACKET = 0.25          # ...until brackets this narrow (a share of the period), a count of
                             # periods apart, measure it closer (PhaseFit)
 FIT_BRACKET_MAX_S = 0.05    # (and no wider: a 1 s counter's reads at the cadence, 100 ms apart,
@@ -110,7 +110,6 @@ class RefreshTracker:
     _changed_read: float | None = None  # the end of the call that first saw the current value
     # A measured period fitted to brackets a count of periods apart (see _fit_period).
     fit: PhaseFit | None = None
-    _fit_points: int = 0
     _fit_conflicts: int = 0            # conflicts when the newest bracket was fitted
     _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
     _drift: float = field(init=False)   # drift_per_period when brackets conflict)
@@ -308,7 +307,7 @@ class RefreshTracker:
         self._fit_conflicts = self.conflicts
         if fit is None:
             sd = min(max(MEASURED_DRIFT * p, self._precision_s), PERIOD_CHANGE * p)
-            self.fit, self._fit_points = PhaseFit(0.5 * (lo + hi), p, sd, hi - lo), 1
+            self.fit = PhaseFit(0.5 * (lo + hi), p, sd, hi - lo)
             return
         steps = round((0.5 * (lo + hi) - fit.last_centre_s) / p) if plain else None
         added = fit.add(lo, hi, steps)
@@ -317,10 +316,7 @@ class RefreshTracker:
             self.fit = None
             self._fit_period(lo, hi, False)
             return
-        if not added:
-            return
-        self._fit_points += 1
-        if self._fit_points < FIT_MIN_POINTS:
+        if not added or fit.points < FIT_MIN_POINTS:
             return
         sd = fit.period_sd_s
         drift = FIT_SIGMAS * sd / p

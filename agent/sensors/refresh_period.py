@@ -193,6 +193,11 @@ class PhaseFit:
         return max(floor, rss / (n - 2))
 
     @property
+    def points(self) -> int:
+        """Brackets fitted so far."""
+        return self._n
+
+    @property
     def period_s(self) -> float:
         return self._solve()[1]
 
