@@ -287,6 +287,8 @@ class RefreshTracker:
         # 1.5 s jobs -22 %). Allow that much drift until the fit over brackets far apart narrows
         # it (_fit_period).
         self.drift_per_period = self._drift = max(MEASURED_DRIFT, min(MAX_MEASURED_DRIFT, self._precision_s / measured))
+        # Brackets that conflicted on the old period said nothing of this clock's jitter.
+        self._jitter = min(self.min_jitter_s, self.jitter_s)
         self._arcs, self._pending, self._fast_changes = [], None, 0
         self._measure()
 
