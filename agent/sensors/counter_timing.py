@@ -137,6 +137,14 @@ class CounterTiming:
             limit = min(PHASE_LOCKED_S, 0.25 * tracker.period_s)
         return tracker.doubted or tracker.uncertainty_s > limit
 
+    @property
+    def slow(self) -> bool:
+        """The counter is measured to refresh every SPLIT_MAX_PERIOD_S or more, and its fit
+        holds the period to under MEASURED_DRIFT a period (until then the reads at the cadence
+        are what measure it)."""
+        tracker = self.tracker
+        return tracker.measured and tracker.period_s >= SPLIT_MAX_PERIOD_S and tracker.fitted
+
     def wish(self) -> float | None:
         """When the next counter read is due (counters read in pairs only)."""
         if not self._sparse:

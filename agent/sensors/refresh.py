@@ -333,6 +333,11 @@ class RefreshTracker:
         self._precision_s = FIT_SIGMAS * sd
         self.drift_per_period = self._drift = max(self.min_drift_per_period, drift)
 
+    @property
+    def fitted(self) -> bool:
+        """The period in use comes from the fit over brackets a count of periods apart."""
+        return self.fit is not None and self.measured and self.drift_per_period < MEASURED_DRIFT
+
     def _doubt(self, read_t: float) -> None:
         """One value held longer than the period allows: the counter refreshes more slowly
         than assumed (or it stalled). The phases on the assumed period are dropped, so the
