@@ -14,9 +14,10 @@ the prediction: on the H100's measured clock, 99.97 ms +-2.5 ms, with cheap call
 widened at every pair until the lock was lost, and a 0.5 s calibration burst re-locked it
 every ~20 s: ~8 counter reads a second per GPU.) Steady pairs that hit stretch the gap between
 them from 4 to 8 s; a pair that misses resets it and is read again a period on (<= 5 reads)
-instead of a burst, so the lock can be looser, and a locked counter sits bursts out. Where the call is dear (measured around each call), pairs are centred on the
-calls' middles, and a counter too coarse to shape is read in pairs too, except just after an
-edge (see CounterTiming).
+instead of a burst, so the lock can be looser, and a locked counter sits bursts out. Where the
+call is dear (measured around each call), pairs are centred on the calls' middles, and a
+counter too coarse to shape is read in pairs too, except just after an edge (see
+CounterTiming).
 """
 from __future__ import annotations
 
@@ -142,8 +143,7 @@ class CounterTiming:
         """The counter is measured to refresh every SPLIT_MAX_PERIOD_S or more, and its fit
         holds the period to under MEASURED_DRIFT a period (until then the reads at the cadence
         are what measure it)."""
-        tracker = self.tracker
-        return tracker.measured and tracker.period_s >= SPLIT_MAX_PERIOD_S and tracker.fitted
+        return self.tracker.fitted and self.tracker.period_s >= SPLIT_MAX_PERIOD_S
 
     def wish(self) -> float | None:
         """When the next counter read is due (counters read in pairs only)."""

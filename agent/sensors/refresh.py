@@ -307,16 +307,16 @@ class RefreshTracker:
         p = self.period_s
         fit = self.fit
         self._fit_conflicts = self.conflicts
+        added = None
+        if fit is not None:
+            steps = round((0.5 * (lo + hi) - fit.last_centre_s) / p) if plain else None
+            added = fit.add(lo, hi, steps)
+            if added is False:
+                self.drift_per_period = self._drift = max(self._drift, MEASURED_DRIFT)
+                fit = None
         if fit is None:
             sd = min(max(MEASURED_DRIFT * p, self._precision_s), PERIOD_CHANGE * p)
             self.fit = PhaseFit(0.5 * (lo + hi), p, sd, hi - lo)
-            return
-        steps = round((0.5 * (lo + hi) - fit.last_centre_s) / p) if plain else None
-        added = fit.add(lo, hi, steps)
-        if added is False:
-            self.drift_per_period = self._drift = max(self._drift, MEASURED_DRIFT)
-            self.fit = None
-            self._fit_period(lo, hi, False)
             return
         if not added or fit.points < FIT_MIN_POINTS:
             return

@@ -167,14 +167,17 @@ class PhaseFit:
         self._k_last = 0
         self.last_centre_s = centre_s      # the newest fitted bracket's centre
 
-    def _solve(self) -> tuple[float, float, float, float, float]:
-        """(phase, period, their variance per unit scatter: phase, period, covariance)."""
+    def _solve(self) -> tuple[float, float, float, float, float, float]:
+        """(phase, period, the variances of phase and period and their covariance, the centres'
+        variance about the line)."""
+        s2 = self._scatter2()
         # The prior's weight against the centres' is the scatter over the prior's variance.
-        prior = self._w0 * self._scatter2()
+        prior = self._w0 * s2
         a11, a12, a22 = float(self._n), self._sk, self._skk + prior
         det = a11 * a22 - a12 * a12
         b2 = self._skx + prior * self._p0
-        return (a22 * self._sx - a12 * b2) / det, (a11 * b2 - a12 * self._sx) / det, a22 / det, a11 / det, -a12 / det
+        return ((a22 * self._sx - a12 * b2) / det, (a11 * b2 - a12 * self._sx) / det,
+                s2 * a22 / det, s2 * a11 / det, -s2 * a12 / det, s2)
 
     def _scatter2(self) -> float:
         """The centres' variance about the line: from the residuals once there are a few,
@@ -204,7 +207,7 @@ class PhaseFit:
     @property
     def period_sd_s(self) -> float:
         """The period's standard deviation."""
-        return (self._solve()[3] * self._scatter2()) ** 0.5
+        return self._solve()[3] ** 0.5
 
     def add(self, lo: float, hi: float, steps: int | None = None) -> bool | None:
         """Fit one refresh bracket [lo, hi], ``steps`` periods after the newest fitted one where
@@ -212,11 +215,10 @@ class PhaseFit:
         True: fitted; None: left out (its count is not plain); False: its centre contradicts
         the fit (the clock is not what it says)."""
         x = 0.5 * (lo + hi) - self._t0
-        phase, period, v_ph, v_p, cov = self._solve()
+        phase, period, v_ph, v_p, cov, s2 = self._solve()
         k = round((x - phase) / period) if steps is None else self._k_last + steps
-        s2 = self._scatter2()
         width2 = (FIT_FLOOR * (hi - lo)) ** 2
-        sd = ((v_ph + k * k * v_p + 2 * k * cov) * s2 + s2 + width2) ** 0.5
+        sd = (v_ph + k * k * v_p + 2 * k * cov + s2 + width2) ** 0.5
         if steps is None and FIT_SIGMAS * sd >= 0.5 * period:
             return None
         if abs(x - phase - k * period) > FIT_SIGMAS * sd + 0.5 * (hi - lo):
