@@ -30,6 +30,11 @@ FIT_BRACKET = 0.25          # ...until brackets this narrow (a share of the peri
                             # periods apart, measure it closer (PhaseFit)
 FIT_BRACKET_MAX_S = 0.05    # (and no wider: a 1 s counter's reads at the cadence, 100 ms apart,
                             # fitted its period 2 sd off)
+NOMINAL_SIGMAS = 4.0        # a nominal period is left for the fit's only this many sd off it,
+NOMINAL_MIN_OFF = 0.0001    # and this share of a period (under 1 ms over pairs 8 s apart: an
+                            # exact clock's fit crossed 3 sd by chance after ~2 min, 0.003 % off),
+NOMINAL_MIN_POINTS = 12     # over this many brackets (six, a burst's and one 17 s on, claimed
+                            # 0.04 % off an exact clock: a lone far bracket sets the slope)
 FIT_MIN_POINTS = 6          # brackets fitted before the fit's period is used
 DOUBT_PERIODS = 1.5         # one value read over this many periods apart doubts the period
 CURRENT_MAX_S = 0.010       # a counter shown to refresh at least this often is dated at its reads
@@ -111,6 +116,9 @@ class RefreshTracker:
     # A measured period fitted to brackets a count of periods apart (see _fit_period).
     fit: PhaseFit | None = None
     _fit_conflicts: int = 0            # conflicts when the newest bracket was fitted
+    # (drift_per_period, the drift in use, _precision_s) from before the fit took over
+    _unfitted: tuple[float, float, float] = (MEASURED_DRIFT, MEASURED_DRIFT, float("inf"))
+    _fit_used: bool = False            # the period in use is (or was) the fit's
     _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
     _drift: float = field(init=False)   # drift_per_period when brackets conflict)
 
@@ -202,7 +210,7 @@ class RefreshTracker:
         dating = self._arcs if arcs and not narrowed else narrowed or [bracket]
         self._arcs = narrowed or [bracket]
         self._arcs_t = read_t
-        if self.measured and hi - lo <= min(FIT_BRACKET * p, FIT_BRACKET_MAX_S):
+        if hi - lo <= min(FIT_BRACKET * p, FIT_BRACKET_MAX_S):
             # The count since the newest fitted bracket is plain where the phases kept since
             # then (no conflict) were narrower than half a period here.
             plain = bool(arcs) and bool(narrowed) and self.conflicts == self._fit_conflicts and \
@@ -279,7 +287,7 @@ class RefreshTracker:
             # taken for 105 ms, every value then dated tens of ms off). A 20 or 200 ms counter
             # is far enough off to be believed at once.
             return
-        self.period_s, self.measured, self.fit = measured, True, None
+        self.period_s, self.measured, self.fit, self._fit_used = measured, True, None, False
         self._precision_s = self.periods.precision_s
         # A measured period is good to a few parts in a thousand, or to its own precision where
         # that says less (a 1 s counter's first estimate, 2 % off and allowed 0.3 %, looked
@@ -294,16 +302,25 @@ class RefreshTracker:
 
     def _fit_period(self, lo: float, hi: float, plain: bool) -> None:
         """Fit one refresh bracket (a change seen by reads a small share of a period apart) to
-        the measured period's clock, and once the fit knows the period better than the
-        estimate did, use its period and allow only the drift its precision leaves.
+        the counter's clock, and once the fit knows the period better than the estimate (or
+        the nominal period's drift allowance) did, use its period and allow only the drift its
+        precision leaves.
 
         ``MEASURED_DRIFT`` (0.3 % a period) is what a handful of brackets measure a period to:
         it widened a 50 ms or 200 ms counter's phases past the lock between pairs, so they were
         re-locked by a 0.5 s burst of reads every ~10 s (~11 and ~17 counter reads a second).
         The fit (``PhaseFit``) measures the period to the brackets' scatter over the count
-        between them, so the allowance narrows as the run grows. A bracket that contradicts
-        the fit (a clock that drifts or jumps) starts it again, on the allowance for a
-        measured period."""
+        between them, so the allowance narrows as the run grows.
+
+        A nominal 100 ms period is left for the fit's only where the fit is NOMINAL_SIGMAS off
+        it: an H100's 99.97 ms clock drifts 0.3 ms a second off the nominal grid, so pairs a few
+        seconds apart were planned ~5 ms late on average, their first read often saw the
+        refresh already, and each such miss was chased (real time, 8 GPUs, 3.5 ms calls: ~7.6
+        counter reads a second, ~5 with the fit). An exact clock keeps its nominal period (a fit
+        0.015 % off it, within its 4 sd, dated steady 1.5 s jobs 0.1 % off).
+
+        A bracket that contradicts the fit (a clock that drifts or jumps) starts it again, on
+        the allowances from before the fit took over."""
         p = self.period_s
         fit = self.fit
         self._fit_conflicts = self.conflicts
@@ -312,7 +329,10 @@ class RefreshTracker:
             steps = round((0.5 * (lo + hi) - fit.last_centre_s) / p) if plain else None
             added = fit.add(lo, hi, steps)
             if added is False:
-                self.drift_per_period = self._drift = max(self._drift, MEASURED_DRIFT)
+                if self._fit_used:
+                    # Back to the allowances (and the precision) from before the fit took over.
+                    self.drift_per_period, self._drift, self._precision_s = self._unfitted
+                    self._fit_used = False
                 fit = None
         if fit is None:
             sd = min(max(MEASURED_DRIFT * p, self._precision_s), PERIOD_CHANGE * p)
@@ -325,6 +345,14 @@ class RefreshTracker:
         if drift >= self.drift_per_period or FIT_SIGMAS * sd >= self._precision_s:
             return
         period = fit.period_s
+        if not self.measured and not self._fit_used and (fit.points < NOMINAL_MIN_POINTS or
+                                                          abs(period - p) <= max(NOMINAL_SIGMAS * sd, NOMINAL_MIN_OFF * p)):
+            return       # the fit does not contradict the nominal period: no reason to move off it
+        if not self._fit_used:
+            # (A measured period's first allowance is for its first estimate's precision: the
+            # fit has measured it since.)
+            self._unfitted = (MEASURED_DRIFT, MEASURED_DRIFT, self._precision_s) if self.measured else \
+                (self.drift_per_period, self._drift, self._precision_s)
         if period != p:
             # The phases as of their newest narrowing, on the finer period.
             t = self._arcs_t
@@ -332,18 +360,19 @@ class RefreshTracker:
             self.period_s = period
         self._precision_s = FIT_SIGMAS * sd
         self.drift_per_period = self._drift = max(self.min_drift_per_period, drift)
+        self._fit_used = True
 
     @property
     def fitted(self) -> bool:
         """The period in use comes from the fit over brackets a count of periods apart."""
-        return self.fit is not None and self.measured and self.drift_per_period < MEASURED_DRIFT
+        return self.fit is not None and self._fit_used and self.drift_per_period < MEASURED_DRIFT
 
     def _doubt(self, read_t: float) -> None:
         """One value held longer than the period allows: the counter refreshes more slowly
         than assumed (or it stalled). The phases on the assumed period are dropped, so the
         sensor reads densely again, and the period is measured afresh."""
         self.doubted, self.doubted_t = True, read_t
-        self.periods, self._precision_s, self.fit = PeriodEstimate(), float("inf"), None
+        self.periods, self._precision_s, self.fit, self._fit_used = PeriodEstimate(), float("inf"), None, False
         self._arcs, self._pending = [], None
         self._measure()
 
