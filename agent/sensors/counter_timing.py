@@ -127,7 +127,7 @@ class CounterTiming:
     @property
     def unlocked(self) -> bool:
         tracker = self.tracker
-        if tracker.period_s < SPLIT_MAX_PERIOD_S and self._sparse:
+        if not self.slow_period and self._sparse:
             # A split pair that misses its refresh is read again a period on (a few reads), so
             # it needs no tighter lock than most pairs hitting (a counter read at every tick
             # has no pairs, and keeps the tight lock): with a 3.5 ms call widening each bracket
@@ -139,11 +139,17 @@ class CounterTiming:
         return tracker.doubted or tracker.uncertainty_s > limit
 
     @property
+    def slow_period(self) -> bool:
+        """The counter refreshes every SPLIT_MAX_PERIOD_S or more (as far as the reads show):
+        its pairs are not split, nor judged."""
+        return self.tracker.period_s >= SPLIT_MAX_PERIOD_S
+
+    @property
     def slow(self) -> bool:
         """The counter is measured to refresh every SPLIT_MAX_PERIOD_S or more, and its fit
         holds the period to under MEASURED_DRIFT a period (until then the reads at the cadence
         are what measure it)."""
-        return self.tracker.fitted and self.tracker.period_s >= SPLIT_MAX_PERIOD_S
+        return self.tracker.fitted and self.slow_period
 
     def wish(self) -> float | None:
         """When the next counter read is due (counters read in pairs only)."""
@@ -186,7 +192,7 @@ class CounterTiming:
             else:
                 self._reset_gap()
             return
-        if k == 1 and (self.tracker.period_s >= SPLIT_MAX_PERIOD_S or (not self._pair_steady and self.dear)):
+        if k == 1 and (self.slow_period or (not self._pair_steady and self.dear)):
             # Two reads 16 ms apart, neither judged:
             # - on a slow counter (a refresh every 0.5 s or more): split pairs and chases cost
             #   its 8 s jobs on a bursty load 0.4 -> 2 % p90, and its calibration is not what
@@ -225,9 +231,9 @@ class CounterTiming:
         the phases allowed then, plus a refresh's jitter (PAIR_HALF_GAP_S at least, 24 ms at
         most). A fixed 16 ms missed ~1 pair in 3 in real time on the H100 clock, where late
         wake-ups and 3.5 ms calls add to the drift between pairs, and each miss was chased."""
-        tracker = self.tracker
-        if tracker.period_s >= SPLIT_MAX_PERIOD_S:
+        if self.slow_period:
             return PAIR_HALF_GAP_S
+        tracker = self.tracker
         return min(PAIR_MAX_HALF_S, max(PAIR_HALF_GAP_S, 0.5 * tracker.uncertainty_at(refresh) + tracker.jitter_s))
 
     def called(self, seconds: float) -> None:

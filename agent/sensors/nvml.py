@@ -72,7 +72,6 @@ class NvmlSensor:
                                     "check CUDA_VISIBLE_DEVICES, or use --fake-gpus N")
         self.period_s = period_s
         self._default_period_s = period_s
-        self._follow_fields = True      # read every field value of power-only GPUs (set_period)
         self.set_period(period_s)
         self.fast_edges = any(g.has_counter for g in self._gpus)
         self._calibration = Calibration()
@@ -124,7 +123,7 @@ class NvmlSensor:
         longer period is a request for less CPU: every GPU is then read at that period (8
         power-only GPUs read at each 20 ms value cost ~4 % of a core)."""
         period = max(period_s, self.min_period_s)
-        self._follow_fields = period_s <= self._default_period_s
+        self._follow_fields = period_s <= self._default_period_s   # every field value of power-only GPUs is read
         if self._follow_fields:
             if not all(g.has_counter for g in self._gpus):
                 period = min(period, self.power_period_s)
