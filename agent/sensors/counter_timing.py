@@ -36,6 +36,7 @@ CHASED_LOCK_S = 0.05          # ...or this, a share CHASED_LOCK_SHARE of the per
 CHASED_LOCK_SHARE = 0.4       # pair that misses is read again a period on (split pairs)
 COUNTER_PERIOD_S = 4.0        # steady pairs this far apart at first...
 MAX_PAIR_GAP_S = 8.0          # ...stretched up to this while every pair straddles its refresh
+FITTED_MAX_PAIR_GAP_S = 16.0  # ...or this, once the period is fitted (_max_pair_gap_s)
 PAIR_HITS_TO_STRETCH = 3      # pairs in a row that straddled their refresh before the gap doubles
 SPLIT_MAX_PERIOD_S = 0.5      # counters refreshing at least this often get judged, split pairs
 CHASE_MAX_S = 0.1             # a pair that missed its refresh is read again this far on, at most
@@ -125,18 +126,32 @@ class CounterTiming:
     _never_locked: bool = True        # its phase has not been locked outside a burst yet
 
     @property
-    def unlocked(self) -> bool:
-        tracker = self.tracker
+    def lock_limit_s(self) -> float:
+        """How far apart the allowed phases may lie for the counter to count as locked."""
+        period = self.tracker.period_s
         if not self.slow_period and self._sparse:
             # A split pair that misses its refresh is read again a period on (a few reads), so
             # it needs no tighter lock than most pairs hitting (a counter read at every tick
             # has no pairs, and keeps the tight lock): with a 3.5 ms call widening each bracket
             # (an H100's), 25 ms was lost every ~20 s on the H100 clock, and each 0.5 s burst
             # to regain it cost ~100 counter reads.
-            limit = min(CHASED_LOCK_S, CHASED_LOCK_SHARE * tracker.period_s)
-        else:
-            limit = min(PHASE_LOCKED_S, 0.25 * tracker.period_s)
-        return tracker.doubted or tracker.uncertainty_s > limit
+            return min(CHASED_LOCK_S, CHASED_LOCK_SHARE * period)
+        return min(PHASE_LOCKED_S, 0.25 * period)
+
+    @property
+    def unlocked(self) -> bool:
+        tracker = self.tracker
+        return tracker.doubted or tracker.uncertainty_s > self.lock_limit_s
+
+    def _max_pair_gap_s(self) -> float:
+        """How far apart steady pairs may stretch: FITTED_MAX_PAIR_GAP_S once the period is
+        fitted and the drift allowed over that gap widens the phases by under a tenth of the
+        lock (an H100's 40 ms lock: 1.6 ms), else MAX_PAIR_GAP_S. (A 20 ms counter's 8 ms lock,
+        which its split pairs hold with little to spare, was lost every ~80 s on 16 s pairs.)"""
+        tracker = self.tracker
+        if tracker.fitted and 2.0 * tracker.drift_per_period * FITTED_MAX_PAIR_GAP_S <= 0.1 * self.lock_limit_s:
+            return FITTED_MAX_PAIR_GAP_S
+        return MAX_PAIR_GAP_S
 
     @property
     def slow_period(self) -> bool:
@@ -188,7 +203,7 @@ class CounterTiming:
             if self.tracker.conflicts == self._pair_conflicts:
                 self.pair_hits += self._pair_steady
                 if self.pair_hits >= PAIR_HITS_TO_STRETCH:
-                    self.pair_gap_s, self.pair_hits = min(MAX_PAIR_GAP_S, 2.0 * self.pair_gap_s), 0
+                    self.pair_gap_s, self.pair_hits = min(self._max_pair_gap_s(), 2.0 * self.pair_gap_s), 0
             else:
                 self._reset_gap()
             return
