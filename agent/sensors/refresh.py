@@ -113,7 +113,7 @@ class RefreshTracker:
     doubted_t: float = 0.0             # the read that doubted it
     conflicts: int = 0                 # brackets that fell outside the allowed phases, so far
     _changed_read: float | None = None  # the end of the call that first saw the current value
-    # A measured period fitted to brackets a count of periods apart (see _fit_period).
+    # The period fitted to brackets a count of periods apart (see _fit_period).
     fit: PhaseFit | None = None
     _fit_conflicts: int = 0            # conflicts when the newest bracket was fitted
     # (drift_per_period, the drift in use, _precision_s) from before the fit took over
@@ -312,12 +312,13 @@ class RefreshTracker:
         The fit (``PhaseFit``) measures the period to the brackets' scatter over the count
         between them, so the allowance narrows as the run grows.
 
-        A nominal 100 ms period is left for the fit's only where the fit is NOMINAL_SIGMAS off
-        it: an H100's 99.97 ms clock drifts 0.3 ms a second off the nominal grid, so pairs a few
-        seconds apart were planned ~5 ms late on average, their first read often saw the
-        refresh already, and each such miss was chased (real time, 8 GPUs, 3.5 ms calls: ~7.6
-        counter reads a second, ~5 with the fit). An exact clock keeps its nominal period (a fit
-        0.015 % off it, within its 4 sd, dated steady 1.5 s jobs 0.1 % off).
+        A nominal 100 ms period is left for the fit's only where the fit contradicts it (over
+        NOMINAL_MIN_POINTS brackets, NOMINAL_SIGMAS sd and NOMINAL_MIN_OFF off it): an H100's
+        99.97 ms clock leaves the nominal grid by 0.3 ms a second, so pairs a few seconds apart
+        were planned ~5 ms late on average, their first read often saw the refresh already,
+        and each such miss was chased (real time, 8 GPUs, 3.5 ms calls: ~7.6 counter reads a
+        second, ~5 with the fit). An exact clock keeps its nominal period (a fit 0.015 % off
+        it, within its 4 sd, dated steady 1.5 s jobs 0.1 % off).
 
         A bracket that contradicts the fit (a clock that drifts or jumps) starts it again, on
         the allowances from before the fit took over."""
@@ -345,8 +346,8 @@ class RefreshTracker:
         if drift >= self.drift_per_period or FIT_SIGMAS * sd >= self._precision_s:
             return
         period = fit.period_s
-        if not self.measured and not self._fit_used and (fit.points < NOMINAL_MIN_POINTS or
-                                                          abs(period - p) <= max(NOMINAL_SIGMAS * sd, NOMINAL_MIN_OFF * p)):
+        agrees = fit.points < NOMINAL_MIN_POINTS or abs(period - p) <= max(NOMINAL_SIGMAS * sd, NOMINAL_MIN_OFF * p)
+        if not self.measured and not self._fit_used and agrees:
             return       # the fit does not contradict the nominal period: no reason to move off it
         if not self._fit_used:
             # (A measured period's first allowance is for its first estimate's precision: the
