@@ -15,10 +15,9 @@ widened at every pair until the lock was lost, and a 0.5 s calibration burst re-
 every ~20 s: ~8 counter reads a second per GPU.) Steady pairs that hit stretch the gap between
 them from 4 to 8 s (16 s on a fitted period, where the lock allows); a pair that misses resets
 it and is read again a period on (<= 5 reads) instead of a burst, so the lock can be looser,
-and a locked counter sits bursts out. Where the
-call is dear (measured around each call), pairs are centred on the calls' middles, and a
-counter too coarse to shape is read in pairs too, except just after an edge (see
-CounterTiming).
+and a locked counter sits bursts out. Where the call is dear (measured around each call),
+pairs are centred on the calls' middles, and a counter too coarse to shape is read in pairs
+too, except just after an edge (see CounterTiming).
 """
 from __future__ import annotations
 

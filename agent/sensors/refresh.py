@@ -341,11 +341,10 @@ class RefreshTracker:
             return
         if not added or fit.points < FIT_MIN_POINTS:
             return
-        sd = fit.period_sd_s
+        period, sd = fit.estimate()
         drift = FIT_SIGMAS * sd / p
         if drift >= self.drift_per_period or FIT_SIGMAS * sd >= self._precision_s:
             return
-        period = fit.period_s
         agrees = fit.points < NOMINAL_MIN_POINTS or abs(period - p) <= max(NOMINAL_SIGMAS * sd, NOMINAL_MIN_OFF * p)
         if not self.measured and not self._fit_used and agrees:
             return       # the fit does not contradict the nominal period: no reason to move off it

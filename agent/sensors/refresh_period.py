@@ -209,6 +209,11 @@ class PhaseFit:
         """The period's standard deviation."""
         return self._solve()[3] ** 0.5
 
+    def estimate(self) -> tuple[float, float]:
+        """(period, its standard deviation) from one solve."""
+        solved = self._solve()
+        return solved[1], solved[3] ** 0.5
+
     def add(self, lo: float, hi: float, steps: int | None = None) -> bool | None:
         """Fit one refresh bracket [lo, hi], ``steps`` periods after the newest fitted one where
         the caller knows (the phases it keeps showed the count), else counted from the fit.
