@@ -41,6 +41,7 @@ PATTERN_WINDOWS = 8        # windows of samples the box pattern is fitted to
 COVERAGE = 0.9             # share of refreshes seen for the chain of differences to hold
 SUM_TOLERANCE = 0.5        # fitted boxes off their mean by more than this share: the model does not hold
 BOXES_KEPT = 256
+OFF_GRID_CHECKS = 4        # samples off the grid at this many checks, and never on it: fine samples
 
 
 class RefreshGrid:
@@ -114,12 +115,16 @@ class BoxPattern:
     """The boxes B_k of one GPU's trailing mean, fitted as described above."""
 
     __slots__ = ("samples", "mean_grid", "samples_on_grid", "window_s", "n", "means", "chain", "rings",
-                 "last_k", "last_w", "done_k", "seen", "order", "offset_j", "valid", "sampled", "cap_j")
+                 "last_k", "last_w", "done_k", "seen", "order", "offset_j", "valid", "sampled", "cap_j",
+                 "off_grid_checks")
 
     def __init__(self, samples: InstantSamples) -> None:
         self.samples = samples
         self.mean_grid = RefreshGrid()
         self.samples_on_grid = False
+        # Grid checks that found the samples off it, all of them so far (-1: they were on it once,
+        # and the chain is kept from then on).
+        self.off_grid_checks = 0
         self.window_s = 1.0
         self.n = 0
         self.means: dict[int, float] = {}      # M_k by refresh index (recent)
@@ -166,8 +171,18 @@ class BoxPattern:
             self.seen.popleft()
         if k % GRID_REFIT == 0:
             self.samples_on_grid = self._samples_on_grid(t)
-        # Box k - 1 is complete once the sample at r_k can have come (read with M_k or before).
-        self._close(k - 1)
+            if self.samples_on_grid:
+                self.off_grid_checks = -1          # seen on the grid: the chain is kept for good
+            elif self.off_grid_checks >= 0:
+                self.off_grid_checks += 1
+        if self.off_grid_checks < OFF_GRID_CHECKS:
+            # Box k - 1 is complete once the sample at r_k can have come (read with M_k or before).
+            self._close(k - 1)
+        else:
+            # Samples never seen on the mean's grid (an H100's 20 ms boxes) cannot put the model
+            # in force: no chain is kept for them until they are (it was a sixth of a counter
+            # GPU's ledger work per read).
+            self.valid = False
         self.order.append(k)
         while self.order[0] < k - BOXES_KEPT:
             old = self.order.popleft()

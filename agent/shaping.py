@@ -8,7 +8,9 @@ samples.
 """
 from __future__ import annotations
 
-from bisect import bisect_left
+import itertools
+import math
+from bisect import bisect_left, bisect_right
 from collections import deque
 from operator import itemgetter
 
@@ -83,7 +85,7 @@ class InstantSamples:
         first sample at or after x, where the caller has it."""
         pts, cum, b = self.pts, self.cum, self.base
         if i is None:
-            i = bisect_left(pts, x, key=_time)
+            i = _search(pts, x)
         if i < len(pts) and pts[i][0] <= reach:
             (ti, v), (f, g) = pts[i], cum[i]
             return f - v * (ti - x), g - 0.5 * v * ((ti - b) ** 2 - (x - b) ** 2)
@@ -118,6 +120,12 @@ class InstantSamples:
                 out.append((t, w))
         out.reverse()
         return out
+
+    def first_in(self, a: float, b: float) -> float | None:
+        """The time of the oldest sample dated in [a, b], or None."""
+        pts = self.pts
+        i = _search(pts, a)
+        return pts[i][0] if i < len(pts) and pts[i][0] <= b else None
 
     def dense_from(self, t0: float, t1: float) -> float | None:
         """Where the run of instant samples read at most TAIL_GAP_S apart that reaches t1
@@ -161,16 +169,48 @@ class InstantSamples:
     def bridge(self, a: float, b: float) -> float | None:
         """Energy from a to b from instant power across holes (a reset, a lost GPU, a stalled
         counter), or None when no sample lies within BRIDGE_REACH_S of both ends."""
-        pts = self.between(a - BRIDGE_REACH_S, b + BRIDGE_REACH_S)
-        if not pts or pts[0][0] > a + BRIDGE_REACH_S or pts[-1][0] < b - BRIDGE_REACH_S:
+        pts = self.pts
+        reach = BRIDGE_REACH_S
+        if b < a:     # nothing to integrate: None only where no sample is near either end
+            return 0.0 if _search(pts, b + reach, right=True) > _search(pts, a - reach) else None
+        i = _search(pts, a, right=True)              # the first sample that counts for (a, b]
+        j = _search(pts, b + reach, right=True)      # the samples within reach end at pts[j - 1]
+        if not ((i > 0 and pts[i - 1][0] >= a - reach) or (i < len(pts) and pts[i][0] <= a + reach)) \
+                or j == 0 or pts[j - 1][0] < b - reach:
             return None
-        return integrate_samples(pts, a, b)
+        if b == a:
+            return 0.0
+        # With no hole to fill, the running integral is the same sum without a loop (the live
+        # tail asks for its last moments at every read of every GPU).
+        while i < j:
+            t, t_prev = pts[i][0], pts[i - 1][0] if i > 0 else -math.inf
+            if t_prev >= a - reach and t - t_prev > HOLE_S:
+                lo = bisect_left(pts, a - reach, key=_time)
+                return integrate_samples(list(itertools.islice(pts, lo, j)), a, b)
+            if t >= b:
+                break
+            i += 1
+        return self._integrals_at(b, b + reach)[0] - self._integrals_at(a, b + reach)[0]
 
     def max_w(self, t0: float, t1: float) -> float | None:
         """The largest instant-power sample dated inside [t0, t1]."""
         vals = [w for _, w in self.between(t0, t1)]
         return max(vals) if vals else None
 
+
+
+def _search(pts: deque[tuple[float, float]], x: float, right: bool = False) -> int:
+    """``bisect_left`` (``right``: ``bisect_right``) by time, trying the newest few samples
+    first: most questions are about the last moments."""
+    i = len(pts)
+    for _ in range(4):
+        if i == 0:
+            return 0
+        t = pts[i - 1][0]
+        if t < x or (right and t == x):
+            return i
+        i -= 1
+    return (bisect_right if right else bisect_left)(pts, x, 0, i, key=_time)
 
 
 def integrate_samples(pts: list[tuple[float, float]], a: float, b: float) -> float:

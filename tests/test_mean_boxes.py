@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from wattmeter.mean_boxes import BoxPattern, RefreshGrid
+from wattmeter.mean_boxes import GRID_REFIT, OFF_GRID_CHECKS, BoxPattern, RefreshGrid
 from wattmeter.shaping import InstantSamples
 from wattmeter.trailing_mean import TrailingMean
 
@@ -124,6 +124,14 @@ def test_samples_off_the_means_grid_leave_the_kernel_to_them():
         boxes.add_mean(t, mean_w, 1.0)
     assert boxes.mean_grid.period_s == pytest.approx(PERIOD_S, rel=1e-3)
     assert boxes.kernel(25.0, 0.5) is None
+    # Never on the grid at the first checks, they keep no chain of differences (its upkeep was
+    # a sixth of a counter GPU's ledger work per read), while point samples on it keep theirs.
+    assert boxes.off_grid_checks >= OFF_GRID_CHECKS and len(boxes.chain) < 4 * GRID_REFIT
+    coarse = BoxPattern(InstantSamples(4096))
+    for t, sample_w, mean_w in read_stream(load, 30.0, random.Random(5)):
+        coarse.samples.add(t, sample_w)
+        coarse.add_mean(t, mean_w, 1.0)
+    assert coarse.off_grid_checks == -1 and len(coarse.chain) > 200
 
 
 def test_a_glitch_in_the_mean_never_invents_power():

@@ -287,7 +287,8 @@ class RefreshTracker:
             # taken for 105 ms, every value then dated tens of ms off). A 20 or 200 ms counter
             # is far enough off to be believed at once.
             return
-        self.period_s, self.measured, self.fit, self._fit_used = measured, True, None, False
+        self.period_s, self.measured = measured, True
+        self._drop_fit()
         self._precision_s = self.periods.precision_s
         # A measured period is good to a few parts in a thousand, or to its own precision where
         # that says less (a 1 s counter's first estimate, 2 % off and allowed 0.3 %, looked
@@ -362,6 +363,10 @@ class RefreshTracker:
         self.drift_per_period = self._drift = max(self.min_drift_per_period, drift)
         self._fit_used = True
 
+    def _drop_fit(self) -> None:
+        """Forget the fit, and that its period was in use (a new period, or doubt about it)."""
+        self.fit, self._fit_used = None, False
+
     @property
     def fitted(self) -> bool:
         """The period in use comes from the fit over brackets a count of periods apart."""
@@ -372,7 +377,8 @@ class RefreshTracker:
         than assumed (or it stalled). The phases on the assumed period are dropped, so the
         sensor reads densely again, and the period is measured afresh."""
         self.doubted, self.doubted_t = True, read_t
-        self.periods, self._precision_s, self.fit, self._fit_used = PeriodEstimate(), float("inf"), None, False
+        self.periods, self._precision_s = PeriodEstimate(), float("inf")
+        self._drop_fit()
         self._arcs, self._pending = [], None
         self._measure()
 
