@@ -74,7 +74,7 @@ class Recorder:
             self._record_mean(d, r)
             return
         if d.device.source == Source.SAMPLED and r.power_w is not None:
-            d.samples.add(r.t, r.power_w)          # kept to shape edges, should a mean arrive
+            d.mean.add_sample(r.t, r.power_w)      # kept to shape edges, should a mean arrive
             if d.mean_active:
                 if d.mean and r.t - d.mean.newest_t <= MEAN_STALE_S:
                     return                         # the mean has the energy
@@ -86,7 +86,7 @@ class Recorder:
                     # way to a measured one, a hole is filled): what a scrape showed up to now
                     # stays the floor of the exported total (~5 us).
                     self._hold(d, r.t)
-                d.samples.add(r.t, r.power_w)      # shapes edges; the counter has the energy
+                d.mean.add_sample(r.t, r.power_w)  # shapes edges; the counter has the energy
                 d.samples.coarse = r.instant_coarse
             return
         if d.last_t is not None and r.t <= d.last_t:
