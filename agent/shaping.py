@@ -85,7 +85,7 @@ class InstantSamples:
         first sample at or after x, where the caller has it."""
         pts, cum, b = self.pts, self.cum, self.base
         if i is None:
-            i = _search(pts, x)
+            i = bisect_left(pts, x, key=_time)
         if i < len(pts) and pts[i][0] <= reach:
             (ti, v), (f, g) = pts[i], cum[i]
             return f - v * (ti - x), g - 0.5 * v * ((ti - b) ** 2 - (x - b) ** 2)
@@ -124,7 +124,7 @@ class InstantSamples:
     def first_in(self, a: float, b: float) -> float | None:
         """The time of the oldest sample dated in [a, b], or None."""
         pts = self.pts
-        i = _search(pts, a)
+        i = bisect_left(pts, a, key=_time)
         return pts[i][0] if i < len(pts) and pts[i][0] <= b else None
 
     def dense_from(self, t0: float, t1: float) -> float | None:
@@ -201,7 +201,8 @@ class InstantSamples:
 
 def _search(pts: deque[tuple[float, float]], x: float, right: bool = False) -> int:
     """``bisect_left`` (``right``: ``bisect_right``) by time, trying the newest few samples
-    first: most questions are about the last moments."""
+    first: for the last moments (the live tail's) it is a compare or two. (For points a second
+    back it costs more than a bisect: ``_integrals_at`` bisects.)"""
     i = len(pts)
     for _ in range(4):
         if i == 0:
