@@ -15,7 +15,9 @@ E(t) = E(t - w) + w M(t) carries it.
 
 ``TrailingMean`` holds the reads and that arithmetic (energies are relative: the caller adds
 its base); ``CounterFit`` fits the reference to a counter's own points, for a counter GPU's live
-tail. ``mean_reference.anchor_on_means`` switches a counter-less device onto the reference.
+tail; ``Persistence`` judges how long an instant sample keeps telling the power, for the moments
+past the newest one. ``mean_reference.anchor_on_means`` switches a counter-less device onto the
+reference.
 """
 from __future__ import annotations
 
