@@ -21,7 +21,6 @@ reference.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from bisect import bisect_right
 from collections import deque
@@ -312,17 +311,14 @@ class CounterFit:
         anchors = self.anchors
         # Anchors settle oldest first (``settled`` only moves forward): the unsettled ones are
         # the newest few, and the fit is asked at every read of every GPU.
-        waiting = 0
-        for a in reversed(anchors):
-            if a[2] is not None:
-                break
-            waiting += 1
-        for a in itertools.islice(anchors, len(anchors) - waiting, None):
-            if not mean.settled(a[0]):
-                break
-            a[2] = mean.energy(a[0])
-            waiting -= 1
-        key = (len(anchors) - waiting, anchors[-1][0] if anchors else None)
+        settled = 0
+        for a in anchors:
+            if a[2] is None:
+                if not mean.settled(a[0]):
+                    break
+                a[2] = mean.energy(a[0])
+            settled += 1
+        key = (settled, anchors[-1][0] if anchors else None)
         if self.memo is not None and self.memo[0] == key:
             return self.memo[1]
         pts = [(a[1], a[2]) for a in anchors if a[2] is not None]

@@ -202,12 +202,12 @@ class PhaseFit:
 
     @property
     def period_s(self) -> float:
-        return self._solve()[1]
+        return self.estimate()[0]
 
     @property
     def period_sd_s(self) -> float:
         """The period's standard deviation."""
-        return self._solve()[3] ** 0.5
+        return self.estimate()[1]
 
     def estimate(self) -> tuple[float, float]:
         """(period, its standard deviation) from one solve."""
