@@ -526,3 +526,35 @@ def test_a_longer_interval_reads_power_only_gpus_at_that_period():
     assert s.read(clock.now()).readings                      # a steady read reads it
     s.set_period(0.1)                                        # the default again: every value
     assert s.period_s == pytest.approx(0.02) and s.next_read_at(clock.now()) is not None
+
+
+@pytest.mark.parametrize("stamps", ["refresh", "read"])
+def test_the_trailing_mean_field_is_asked_for_only_when_a_refresh_is_due(stamps):
+    # Field 185 refreshes every 100 ms, field 186 every 20 ms. Refresh-stamped, 185 is asked
+    # for only from just before its next refresh, and no refresh is missed; read-stamped, its
+    # reads are what date it, so it is asked for at every read.
+    clock = VirtualClock(start=50.0)
+    fake = FakeNVML(Scenario.from_dict({"gpu": [{
+        "model": H100, "trace": {"kind": "square", "high_w": 650.0, "low_w": 90.0, "high_s": 0.15, "low_s": 0.25},
+        "sensor": {"energy_counter": False, "instant_refresh_s": 0.02, "field_timestamp": stamps}}]}), clock)
+    mod = build_module(fake)
+    asked: list[list[int]] = []
+    field_values = mod.nvmlDeviceGetFieldValues
+
+    def counting(handle, fields):
+        asked.append(list(fields))
+        return field_values(handle, fields)
+    mod.nvmlDeviceGetFieldValues = counting
+    s = NvmlSensor(mod, GpuSelection(None), wall=clock.wall)
+    means = []
+    for _ in range(600):                   # 6 s, a read every 10 ms
+        clock.advance(0.01)
+        means += [r.t for r in s.read(clock.now()).readings if r.mean_w is not None]
+    late = asked[300:]                     # once the stamps and periods are judged
+    share = sum(185 in f for f in late) / len(late)
+    if stamps == "read":
+        assert share == 1.0
+        return
+    assert share < 0.35                    # from 5 ms before each refresh until it is seen: 2-3 reads in 10
+    steps = [b - a for a, b in zip(means, means[1:])][30:]
+    assert steps and all(abs(step - 0.1) < 0.005 for step in steps)   # every refresh, once
