@@ -20,7 +20,7 @@ from ..model import Reading
 from .counter_timing import CounterTiming
 from .nvml_power import (FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, FIELD_READ_DELAY_S, MAX_FIELD_AGE_S,
                          MIN_FIELD_PERIOD_S, RefreshStamps, Stream)
-from .power_evidence import MEAN_WINDOW_S, PowerReference, StampEvidence
+from .power_evidence import MEAN_WINDOW_S, PowerReference, ShapeEvidence, StampEvidence
 
 FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
 _FIELDS_INSTANT = (FIELD_POWER_INSTANT,)
@@ -54,6 +54,7 @@ class CounterReader:
         self._usage_stamps = StampEvidence()
         self._usage_stamps.read_stamped = True
         self._instant_w: float | None = None     # its newest value (the stall check's evidence)
+        self._shape = ShapeEvidence()            # whether the shaping reading follows the counter
         self._mean_stream = Stream()
 
     def read(self, now: float, out: list[Reading], *, period_s: float, calibrating: bool,
@@ -76,7 +77,9 @@ class CounterReader:
         # happened before the call ended; an unchanged value, that none came before it began
         # (timed from the call, not from ``now``: other GPUs' calls may have come first).
         dated = timing.observe(call_t, mj / 1000.0, end_t)
-        out.extend(Reading(self.key, t, energy_j=v, read_t=now) for t, v in dated)
+        for t, v in dated:
+            out.append(Reading(self.key, t, energy_j=v, read_t=now))
+            self._shape.add_counter(t, v)
         if dated:
             return True
         return not timing.stalled(now, self._instant_w)
@@ -115,6 +118,17 @@ class CounterReader:
         else:
             shape, stamps, what = "nvmlDeviceGetPowerUsage", self._usage_stamps, "GetPowerUsage has no timestamp"
         refresh = None
+        if self._shape.contradicted:
+            src = "field 186" if self.instant_ok else "GetPowerUsage"
+            return PowerReference("counter", "energy counter",
+                                  "the GPU has a total-energy counter (exact over any span)",
+                                  f"counter steps ({src} does not follow the counter over its own short spans: "
+                                  "a trailing mean or an aliased sample cannot split a span)", stamps.held_s)
+        if not self.instant_ok and self._shape.verdict is None:
+            return PowerReference("counter", "energy counter",
+                                  "the GPU has a total-energy counter (exact over any span)",
+                                  "counter steps (GetPowerUsage has not yet shown it follows the counter over "
+                                  "its own short spans: it may be a 1 s mean)", stamps.held_s)
         if stamps.read_stamped:
             refresh = stamps.held_s
             # Lagging point samples alias with bursty loads: a wrong split is worse than
@@ -188,8 +202,12 @@ class CounterReader:
             w = self._instant_w = self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
             stamps = self._usage_stamps
             stamps.observe(None, w, now)
-            self.timing.shaped = not stamps.coarse
-            out.append(Reading(self.key, now, power_w=w, instant_coarse=stamps.coarse))
+            self._shape.add_sample(now, w)
+            # With no timestamp of its own it may be a 1 s mean: it shapes spans only once the
+            # counter's short spans show it follows them.
+            coarse = stamps.coarse or self._shape.verdict is not True
+            self.timing.shaped = not coarse
+            out.append(Reading(self.key, now, power_w=w, instant_coarse=coarse))
         return True
 
     def _date_instant(self, now: float, sample: tuple[float, float | None, int]) -> Reading | None:
@@ -204,13 +222,16 @@ class CounterReader:
         self._instant_w = w
         stamps = self._field_stamps
         stamps.observe(now - t_s if t_s is not None and ts_us else None, w, now)
-        coarse = stamps.coarse     # on evidence only: reads a few ms apart saw the changes
+        # On evidence only: reads a few ms apart saw the changes, or the counter's own short
+        # spans disagree with the values (``ShapeEvidence``).
+        coarse = stamps.coarse or self._shape.contradicted
         # The counter is read sparsely only because instant power shapes its spans; where
         # it cannot, the counter is read at every cadence tick instead (~100 ms spans).
         self.timing.shaped = not coarse
         if stamps.read_stamped:
             # Every read is a sample (a steady load's value never changes, and faults are
             # bridged from these), dated at the read.
+            self._shape.add_sample(t_s or now, w)
             return Reading(self.key, t_s or now, power_w=w, instant_coarse=coarse)
         if t_s is not None and ts_us:
             # Field 186 refreshes on its own clock: its stamps give the period and when the
@@ -221,4 +242,5 @@ class CounterReader:
             if refreshes.stepped and refreshes.min_step_s is not None:
                 self._field_next = t_s + max(MIN_FIELD_PERIOD_S, refreshes.min_step_s)
             self._field_stamped = now - t_s > FIELD_STAMPED_AGE_S
-        return Reading(self.key, t_s or now, power_w=w)
+        self._shape.add_sample(t_s or now, w)
+        return Reading(self.key, t_s or now, power_w=w, instant_coarse=coarse)

@@ -40,6 +40,15 @@ MIN_STEP_MOVES = 4           # ...over this many reads at least
 JUMP_GAP_S = 0.5             # a jump between reads further apart than this proves nothing
 JUMP_SPAN_S = 0.5            # ...and a jump is the whole change this long either side of it
 SELF_KEEP_S = 3.0            # values kept to judge a power stream by its own motion
+SHAPE_SPAN_MAX_S = 0.25      # counter spans this short tell the power inside them
+SHAPE_LEVEL_S = 2.0          # the level a short span is judged against: the counter over this long before it (flat power)
+SHAPE_SWING_MIN_W = 20.0     # a span tells something where its power is this far from the level...
+SHAPE_SWING_SHARE = 0.1      # ...or this share of it
+SHAPE_DECAY = 0.95           # per informative span (a verdict follows the last ~20)
+SHAPE_SAMPLE_GAP_S = 0.03    # a span is judged where samples lie this close to its end...
+SHAPE_DENSE_GAP_S = 0.03     # ...and to each other
+SHAPE_SPANS_MIN = 6          # informative spans before a verdict
+SHAPE_SHARE_MIN = 0.3        # the samples must explain this share of the counter's swings
 
 
 @dataclass(frozen=True)
@@ -285,3 +294,88 @@ class SelfEvidence:
             if len(vals) - 1 - k >= MIN_STEP_MOVES and change > STEP_SHARE * mean and biggest < 0.25 * change:
                 return True
         return False
+
+
+class ShapeEvidence:
+    """Does a counter GPU's shaping reading follow the counter itself?
+
+    Instant power may split a counter span only if it tells how the power moved inside it.
+    Short counter spans (pairs straddling a refresh, reads at every tick: ~100 ms) give the
+    power exactly; the samples dated inside a span should average to it. A 1 s trailing mean
+    that passes for instant power (``GetPowerUsage`` on Ampere and newer, with no field 186)
+    does not: on a load whose period divides its second it never moves while the counter's
+    short spans swing between the load's levels, and it was trusted to shape spans of seconds
+    (1.5 s jobs 4-5 % off p90). Judged on short spans whose power is away from the counter's
+    level over the second or more before them (what flat power would put there), as the share
+    1 - sum (P_c - S)^2 / sum (P_c - L)^2; contradicted below SHAPE_SHARE_MIN once
+    SHAPE_SPANS_MIN such spans are in. A reading with no timestamp of its own (``GetPowerUsage``)
+    must show it follows first; field 186 is trusted until the spans contradict it."""
+
+    def __init__(self) -> None:
+        self.samples: deque[tuple[float, float]] = deque(maxlen=64)
+        self.points: deque[tuple[float, float]] = deque(maxlen=64)   # dated counter points
+        self.miss_sq = self.swing_sq = 0.0                # decaying over informative spans
+        self.spans = 0                                    # informative spans seen
+        self.verdict: bool | None = None                  # follows the counter; None: not judged yet
+
+    def add_sample(self, t: float, w: float) -> None:
+        if not self.samples or t > self.samples[-1][0]:
+            self.samples.append((t, w))
+
+    def add_counter(self, t: float, energy_j: float) -> None:
+        points = self.points
+        if points and (t <= points[-1][0] or energy_j < points[-1][1]):
+            points.clear()            # a reset or a re-dated counter: start afresh
+        points.append((t, energy_j))
+        if len(points) < 3:
+            return
+        t0, e0 = points[-2]
+        if t - t0 > SHAPE_SPAN_MAX_S:
+            return
+        level = None
+        for tb, eb in reversed(points):
+            if t0 - tb >= SHAPE_LEVEL_S:
+                level = (e0 - eb) / (t0 - tb)
+                break
+        if level is None:
+            return
+        power = (energy_j - e0) / (t - t0)
+        swing = power - level
+        if abs(swing) < max(SHAPE_SWING_MIN_W, SHAPE_SWING_SHARE * abs(level)):
+            return             # flat power fits this span: nothing learnt
+        shaped = self._mean_over(t0, t)
+        if shaped is None:
+            return
+        miss = power - shaped
+        self.miss_sq = SHAPE_DECAY * self.miss_sq + miss * miss
+        self.swing_sq = SHAPE_DECAY * self.swing_sq + swing * swing
+        self.spans += 1
+        if self.spans >= SHAPE_SPANS_MIN:
+            self.verdict = 1.0 - self.miss_sq / self.swing_sq >= SHAPE_SHARE_MIN
+
+    @property
+    def contradicted(self) -> bool:
+        return self.verdict is False
+
+    def _mean_over(self, a: float, b: float) -> float | None:
+        """The samples' mean power over (a, b], each value the power since the one before (as
+        the ledger shapes with them: a counter dated a millisecond off moves this by a
+        millisecond's worth, not by a whole box). None unless samples bracket the span, read
+        densely (the fast reads around an edge, where shaping matters): a 20 ms box read at
+        10 Hz stands for 100 ms and misses a 100 ms square's halves, though every box read
+        near an edge shapes it to 0.2 %."""
+        samples = self.samples
+        if not samples or samples[0][0] > a or samples[-1][0] < b - SHAPE_SAMPLE_GAP_S:
+            return None
+        energy, prev_t = 0.0, None
+        for ts, w in samples:
+            if prev_t is not None and ts > a:
+                if ts - prev_t > SHAPE_DENSE_GAP_S:
+                    return None        # sparse reads stand a value for ~100 ms: not what shapes an edge
+                lo, hi = max(prev_t, a), min(ts, b)
+                if hi > lo:
+                    energy += w * (hi - lo)
+            if ts >= b:
+                return energy / (b - a)
+            prev_t = ts
+        return (energy + samples[-1][1] * (b - max(prev_t, a))) / (b - a)
