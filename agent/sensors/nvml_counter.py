@@ -117,27 +117,22 @@ class CounterReader:
             shape, stamps, what = "field 186", self._field_stamps, "field 186 is stamped with the read time"
         else:
             shape, stamps, what = "nvmlDeviceGetPowerUsage", self._usage_stamps, "GetPowerUsage has no timestamp"
-        refresh = None
+        refresh = stamps.held_s if stamps.read_stamped else None
+        src = "field 186" if self.instant_ok else "GetPowerUsage"
         if self._shape.contradicted:
-            src = "field 186" if self.instant_ok else "GetPowerUsage"
-            return PowerReference("counter", "energy counter",
-                                  "the GPU has a total-energy counter (exact over any span)",
-                                  f"counter steps ({src} does not follow the counter over its own short spans: "
-                                  "a trailing mean or an aliased sample cannot split a span)", stamps.held_s)
-        if not self.instant_ok and self._shape.verdict is None:
-            return PowerReference("counter", "energy counter",
-                                  "the GPU has a total-energy counter (exact over any span)",
-                                  "counter steps (GetPowerUsage has not yet shown it follows the counter over "
-                                  "its own short spans: it may be a 1 s mean)", stamps.held_s)
-        if stamps.read_stamped:
             refresh = stamps.held_s
+            shape = (f"counter steps ({src} does not follow the counter over its own short spans: "
+                     "a trailing mean or an aliased sample cannot split a span)")
+        elif stamps.read_stamped and stamps.coarse and refresh is not None:
             # Lagging point samples alias with bursty loads: a wrong split is worse than
             # the counter's own steps.
-            if stamps.coarse and refresh is not None:
-                shape = (f"counter steps ({what} and changed at most every {refresh * 1000:.0f} ms: "
-                         "too coarse to split a counter span)")
-            elif self.instant_ok:
-                shape = "field 186 (read-stamped)"
+            shape = (f"counter steps ({what} and changed at most every {refresh * 1000:.0f} ms: "
+                     "too coarse to split a counter span)")
+        elif not self.instant_ok and self._shape.verdict is None:
+            shape = ("counter steps (GetPowerUsage has not yet shown it follows the counter over its own "
+                     "short spans: it may be a 1 s mean)")
+        elif stamps.read_stamped and self.instant_ok:
+            shape = "field 186 (read-stamped)"
         return PowerReference("counter", "energy counter",
                               "the GPU has a total-energy counter (exact over any span)", shape, refresh)
 

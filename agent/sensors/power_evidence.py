@@ -306,7 +306,7 @@ class ShapeEvidence:
     does not: on a load whose period divides its second it never moves while the counter's
     short spans swing between the load's levels, and it was trusted to shape spans of seconds
     (1.5 s jobs 4-5 % off p90). Judged on short spans whose power is away from the counter's
-    level over the second or more before them (what flat power would put there), as the share
+    level over the two seconds or more before them (what flat power would put there), as the share
     1 - sum (P_c - S)^2 / sum (P_c - L)^2; contradicted below SHAPE_SHARE_MIN once
     SHAPE_SPANS_MIN such spans are in. A reading with no timestamp of its own (``GetPowerUsage``)
     must show it follows first; field 186 is trusted until the spans contradict it."""
