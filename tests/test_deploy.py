@@ -26,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -1105,8 +1106,12 @@ def test_real_exporter_matches_metric_list():
                 pass
             time.sleep(0.3)
         assert body, proc.stderr.read() if proc.poll() is not None else "no /metrics"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
-            assert r.status == 200
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+                assert r.status == 200
+        except urllib.error.HTTPError as exc:   # say why (seen once, not reproduced since)
+            pytest.fail(f"/healthz {exc.code}: {exc.read().decode()!r}; energy on /metrics: "
+                        f"{'wattmeter_gpu_energy_joules_total{' in body}")
     finally:
         _terminate(proc)
     seen: dict[str, set[frozenset]] = {}
