@@ -18,12 +18,11 @@ from typing import Any, Callable
 from ..clock import Clock
 from ..model import Reading
 from .counter_timing import CounterTiming
-from .nvml_power import (FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, FIELD_READ_DELAY_S, MAX_FIELD_AGE_S,
-                         MIN_FIELD_PERIOD_S, RefreshStamps, Stream)
+from .nvml_power import (FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, FIELD_READ_DELAY_S, FIELDS_INSTANT,
+                         MAX_FIELD_AGE_S, MIN_FIELD_PERIOD_S, RefreshStamps, Stream)
 from .power_evidence import MEAN_WINDOW_S, PowerReference, ShapeEvidence, StampEvidence
 
 FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
-_FIELDS_INSTANT = (FIELD_POWER_INSTANT,)
 _FIELDS_BOTH = (FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE)   # one call: instant power and the 1 s mean
 _struct_get = ctypes.Structure.__getattribute__   # a field value's attributes, without pynvml's wrapper
 
@@ -120,7 +119,6 @@ class CounterReader:
         refresh = stamps.held_s if stamps.read_stamped else None
         src = "field 186" if self.instant_ok else "GetPowerUsage"
         if self._shape.contradicted:
-            refresh = stamps.held_s
             shape = (f"counter steps ({src} does not follow the counter over its own short spans: "
                      "a trailing mean or an aliased sample cannot split a span)")
         elif stamps.read_stamped and stamps.coarse and refresh is not None:
@@ -144,7 +142,7 @@ class CounterReader:
         The third item is NVML's raw timestamp (µs), which identifies the value. With
         ``average``, field 185 comes in the same call, returned second as (watts, raw timestamp)."""
         mean = None
-        fields = _FIELDS_BOTH if average else _FIELDS_INSTANT
+        fields = _FIELDS_BOTH if average else FIELDS_INSTANT
         values = self.nvml.nvmlDeviceGetFieldValues(self.handle, fields)
         # pynvml's field struct wraps each attribute in a Python __getattribute__ (to decode
         # bytes; these are numbers): read them through ctypes' own (~1 us apiece, 8 GPUs x 10 Hz).

@@ -24,6 +24,7 @@ from .power_evidence import MEAN_WINDOW_S, MeanEvidence, PowerReference, SelfEvi
 
 FIELD_POWER_AVERAGE = 185
 FIELD_POWER_INSTANT = 186
+FIELDS_INSTANT = (FIELD_POWER_INSTANT,)     # a read of instant power alone
 MAX_FIELD_AGE_S = 1.0         # older field timestamps mean clocks disagree: use the read time
 MIN_FIELD_PERIOD_S = 0.01     # never chase a field faster than 100 Hz
 FIELD_READ_DELAY_S = 0.002    # read a new field value this long after it is expected
@@ -119,7 +120,6 @@ class PowerOnlyReader:
         self._undecided: deque[tuple[float, float]] = deque(maxlen=int(4 * MEAN_WINDOW_S / 0.05))
         self._fields = ([FIELD_POWER_INSTANT] if instant_ok else []) + ([FIELD_POWER_AVERAGE] if average_ok else [])
         self._field_fails = 0               # field reads failed in a row
-        self._instant_fields = [FIELD_POWER_INSTANT]
 
     def read(self, now: float, out: list[Reading]) -> bool:
         """One read. False when the instant field failed (the caller reports it); the read
@@ -134,7 +134,7 @@ class PowerOnlyReader:
         skipped_mean = False
         if self._fields:
             fields = self._fields_due(now)
-            skipped_mean = len(fields) < len(self._fields)
+            skipped_mean = fields is not self._fields
             try:
                 values = n.nvmlDeviceGetFieldValues(self.handle, fields)
             except n.NVMLError as exc:
@@ -195,7 +195,7 @@ class PowerOnlyReader:
         period = mean.refresh_s
         if period is None or now >= mean.last_t + period - MEAN_EARLY_S:
             return fields
-        return self._instant_fields
+        return FIELDS_INSTANT
 
     def next_read_at(self) -> float | None:
         """Just after the next instant value is expected, so every value is read once."""
