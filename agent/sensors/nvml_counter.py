@@ -19,8 +19,8 @@ from ..clock import Clock
 from ..model import Reading
 from .counter_timing import CounterTiming
 from .nvml_power import (FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, FIELD_READ_DELAY_S, FIELDS_INSTANT,
-                         MAX_FIELD_AGE_S, MIN_FIELD_PERIOD_S, RefreshStamps, Stream)
-from .power_evidence import MEAN_WINDOW_S, PowerReference, ShapeEvidence, StampEvidence
+                         MAX_FIELD_AGE_S, MIN_FIELD_PERIOD_S, ReadStampDating, RefreshStamps, Stream)
+from .power_evidence import COARSE_REFRESH_S, MEAN_WINDOW_S, PowerReference, ShapeEvidence, StampEvidence
 
 FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
 _FIELDS_BOTH = (FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE)   # one call: instant power and the 1 s mean
@@ -46,6 +46,7 @@ class CounterReader:
         self._field_next: float | None = None     # ...and when the next one is expected
         self._field_stamped = False         # the newest value's NVML stamp predates its read (a refresh time)
         self._field_stamps = StampEvidence()     # what field 186 is
+        self._field_dating = ReadStampDating()   # a read-stamped field 186 shown to refresh fast
         # GetPowerUsage carries no timestamp: each read is dated at the read, as a read-stamped
         # field's is, and judged coarse the same way (a 100 ms point sample, or a 1 s mean
         # refreshed every 100 ms, must not split a counter span: bursty 1.5 s jobs read 4-7 %
@@ -129,8 +130,11 @@ class CounterReader:
         elif not self.instant_ok and self._shape.verdict is None:
             shape = ("counter steps (GetPowerUsage has not yet shown it follows the counter over its own "
                      "short spans: it may be a 1 s mean)")
+        elif stamps.read_stamped and stamps.coarse:
+            shape = (f"counter steps ({what}, and no reads have yet seen it change twice within "
+                     f"{COARSE_REFRESH_S * 1000:.0f} ms: a slower value cannot split a counter span)")
         elif stamps.read_stamped and self.instant_ok:
-            shape = "field 186 (read-stamped)"
+            shape = "field 186 (read-stamped, dated up to its refresh)"
         return PowerReference("counter", "energy counter",
                               "the GPU has a total-energy counter (exact over any span)", shape, refresh)
 
@@ -222,10 +226,17 @@ class CounterReader:
         # it cannot, the counter is read at every cadence tick instead (~100 ms spans).
         self.timing.shaped = not coarse
         if stamps.read_stamped:
-            # Every read is a sample (a steady load's value never changes, and faults are
-            # bridged from these), dated at the read.
-            self._shape.add_sample(t_s or now, w)
-            return Reading(self.key, t_s or now, power_w=w, instant_coarse=coarse)
+            # Coarse, or not yet timed: every read is a sample dated at the read (a steady
+            # load's value never changes, and faults are bridged from these). Shown to refresh
+            # fast: each value up to its refresh.
+            t = t_s or now
+            period = None if coarse else stamps.refresh_max_s
+            if period is not None:
+                t = self._field_dating.date(w, t, period)
+                if t is None:
+                    return None
+            self._shape.add_sample(t, w)
+            return Reading(self.key, t, power_w=w, instant_coarse=coarse)
         if t_s is not None and ts_us:
             # Field 186 refreshes on its own clock: its stamps give the period and when the
             # next value lands.

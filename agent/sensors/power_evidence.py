@@ -81,6 +81,7 @@ class StampEvidence:
         # Bounds from the reads around consecutive changes, seen at r1 then r2 (p: the read
         # before each): the value held at least p2 - r1, and changed again within r2 - p1.
         self.fast_seen = False       # two changes within COARSE_REFRESH_S (tight reads saw them)
+        self.refresh_max_s: float | None = None   # min(r2 - p1): the refresh period is no longer
         self.holds: deque[float] = deque(maxlen=8)   # held at least this long (> COARSE_REFRESH_S)
 
     def observe(self, age_s: float | None, value: float, read_t: float) -> bool:
@@ -108,8 +109,11 @@ class StampEvidence:
                 held = read_t - gap - self._last_change_t
                 if COARSE_REFRESH_S < held <= HOLD_EVIDENCE_MAX_S:
                     self.holds.append(held)
-                if read_t - (self._last_change_t - self._last_change_gap) <= COARSE_REFRESH_S:
-                    self.fast_seen = True      # r2 - p1 (an infinite gap: no read before p1)
+                bound = read_t - (self._last_change_t - self._last_change_gap)   # r2 - p1
+                if bound < (self.refresh_max_s or math.inf):    # (inf: no read before p1)
+                    self.refresh_max_s = bound
+                if bound <= COARSE_REFRESH_S:
+                    self.fast_seen = True
             self._last_value, self._last_change_t, self._last_change_gap = value, read_t, gap
         return changed
 
@@ -127,14 +131,16 @@ class StampEvidence:
 
     @property
     def coarse(self) -> bool:
-        """Read-stamped and changing no faster than COARSE_REFRESH_S: a point sample that
-        cannot place an edge inside a counter span. Evidence: tight reads timed two changes
-        apart, or (the edges' short bursts of fast reads rarely see two changes) each value
-        held longer than that, twice, and no two changes were ever seen closer."""
+        """Read-stamped and not shown to change faster than COARSE_REFRESH_S: a point sample
+        that cannot place an edge inside a counter span. Unknown counts as coarse: dense reads
+        of a value that refreshes every 100 ms all return the sample taken before the edge,
+        and measured as power they put a whole counter span on the wrong side of it (1.5 s
+        jobs 6 % p90 on a bursty load, before the holds below made the verdict). Fast is
+        shown by two changes seen within COARSE_REFRESH_S, or tight reads timing one."""
         if not self.read_stamped or self.fast_seen:
             return False
         refresh = self.tight_refresh_s
-        return refresh > COARSE_REFRESH_S if refresh is not None else len(self.holds) >= 2
+        return refresh > COARSE_REFRESH_S if refresh is not None else True
 
     @property
     def held_s(self) -> float | None:
