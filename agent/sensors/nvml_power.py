@@ -130,9 +130,9 @@ class Stream:
             # value is a sample of the power held since it last refreshed, taken now; or, where
             # reads showed it refreshes fast, dated up to its refresh.
             t = now
-            period = self.stamps.refresh_max_s if self.dating is not None and not self.stamps.coarse else None
-            if period is not None and self.dating is not None:
-                dated = self.dating.date(value, now, period)
+            dating, period = self.dating, self.stamps.refresh_max_s
+            if dating is not None and period is not None and not self.stamps.coarse:
+                dated = dating.date(value, now, period)
                 if dated is None:
                     return None
                 t = dated
