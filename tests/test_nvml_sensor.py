@@ -391,6 +391,51 @@ def test_a_read_stamped_value_counts_as_coarse_until_reads_show_it_refresh_fast(
     assert ev.fast_seen and not ev.coarse and 0.02 <= ev.refresh_max_s <= 0.03
 
 
+def test_the_refresh_period_is_the_longest_whose_multiples_fit_the_spans_between_changes():
+    # A 20 ms point sample of a square load changes only at every second or third refresh: the
+    # shortest span between two changes is 40 ms, not the period. A 20 ms box changes at nearly
+    # every refresh. Either way the period is what a whole number of fits every span.
+    import random
+
+    from wattmeter.sensors.power_evidence import StampEvidence
+
+    period, phase = 0.02, 0.0071
+    def refresh_index(t):
+        return math.floor((t - phase) / period)
+
+    rng = random.Random(3)
+    runs = (1, 1, 0, 0, 0, 1, 1, 0, 0)           # the load's level at each refresh: runs of 2 and 3
+    for name, value_at in (("point sample", lambda t: runs[refresh_index(t) % len(runs)]),
+                           ("box", lambda t: refresh_index(t) % 7)):
+        ev, t = StampEvidence(), 0.0
+        for _ in range(20):                     # judged read-stamped
+            t += 0.1
+            ev.observe(0.0, 0.0, t)
+        for burst in range(6):                  # edges' fast reads, 2-5 ms apart
+            t += 1.0 + rng.random()
+            for _ in range(40):
+                t += rng.uniform(0.002, 0.005)
+                ev.observe(0.0, float(value_at(t)), t)
+        assert ev.period_s == pytest.approx(period, abs=0.003), (name, ev.period_s, ev.refresh_max_s, list(ev.spans))
+        if name == "point sample":
+            assert ev.refresh_max_s > 0.035      # the shortest span between changes: two periods
+
+    # Refreshes jittering +-2 ms (as an H100's counter does +-2.5 ms): still the period, not
+    # half of it (which every span would fit).
+    jitter = [period * k + phase + rng.uniform(-0.002, 0.002) for k in range(2000)]
+    ev, t = StampEvidence(), 0.0
+    for _ in range(20):
+        t += 0.1
+        ev.observe(0.0, 0.0, t)
+    for burst in range(8):
+        t += 1.0 + rng.random()
+        for _ in range(40):
+            t += rng.uniform(0.002, 0.005)
+            ev.observe(0.0, float(sum(1 for r in jitter if r <= t)), t)
+    assert 0.02 <= ev.period_s <= 0.026, (ev.period_s, list(ev.spans))
+    assert StampEvidence().period_s is None
+
+
 def test_read_stamped_values_that_refresh_fast_are_dated_up_to_their_refresh():
     from wattmeter.sensors.nvml_power import ReadStampDating
 
@@ -636,22 +681,3 @@ def test_the_trailing_mean_field_is_asked_for_only_when_a_refresh_is_due(stamps)
     assert share < 0.35                    # from 5 ms before each refresh until it is seen: 2-3 reads in 10
     steps = [b - a for a, b in zip(means, means[1:])][30:]
     assert steps and all(abs(step - 0.1) < 0.005 for step in steps)   # every refresh, once
-
-
-def test_power_only_read_stamped_boxes_are_dated_up_to_their_refresh():
-    # No counter: the trailing mean is the reference and field 186 shapes the edges inside it.
-    # A 20 ms box stamped at the read, dated at each read, lagged the load by ~1.5 refreshes
-    # (1.5 s jobs on a jittered 200 ms square: 1.7 % p90 in bench_sensors, 0.57 % dated at
-    # its refresh; here 0.56 % max, 0.35 % mean).
-    from dataclasses import replace
-
-    from vdrive import jittered_square
-
-    scen = Scenario.from_dict({"gpu": [{"model": H100, "sensor": {"energy_counter": False, "field_timestamp": "read"}}]})
-    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=jittered_square(0.2, 200.0, 4)),))
-    clock = VirtualClock(start=50.0)
-    fake = FakeNVML(scen, clock)
-    s = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall)
-    errors = _window_errors(Meter([s], clock=clock), clock, fake, settle_s=5.0, jobs=10)
-    assert max(errors) < 0.012 and sum(errors) / len(errors) < 0.005, errors   # was 2.1 % max, 0.88 % mean
-    assert "read-stamped" in s.references()["gpu0"].instant

@@ -230,7 +230,7 @@ class CounterReader:
             # load's value never changes, and faults are bridged from these). Shown to refresh
             # fast: each value up to its refresh.
             t = t_s or now
-            period = None if coarse else stamps.refresh_max_s
+            period = None if coarse else (stamps.period_s or stamps.refresh_max_s)
             if period is not None:
                 t = self._field_dating.date(w, t, period)
                 if t is None:

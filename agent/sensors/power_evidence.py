@@ -32,6 +32,12 @@ JUMP_SHARE = 0.25            # ...counted where the instant value moved by this 
 JUMP_VERDICT = 4             # a mean, once it stayed put at this many jumps (and 4x more than it followed)
 COARSE_REFRESH_S = 0.05      # a read-stamped sample refreshing slower than this cannot place an edge
 TIGHT_READ_GAP_S = 0.01      # reads this close date a value change to within a hundredth of a second
+PERIOD_SPAN_S = 0.01         # spans between two changes timed this closely are multiples of the period
+PERIOD_SPANS_MIN = 3         # ...and this many decide it
+PERIOD_MIN_S = 0.005         # no refresh period shorter than this is considered
+PERIOD_SLACK_S = 0.001       # a multiple of the period may miss a span by this much (refresh jitter)
+PERIOD_MISS_SHARE = 0.25     # ...or by this share of it at most (a jittering refresh; a whole multiple
+                             # of the true period misses some span by half of itself)
 HOLD_EVIDENCE_MAX_S = 0.25   # a value held longer says the load was steady (an idle GPU's quantised
                              # power), not that the sensor refreshes slowly
 STEP_SHARE = 0.3             # a load step this large (share of the mean power) tells a mean from a sample
@@ -82,6 +88,9 @@ class StampEvidence:
         # before each): the value held at least p2 - r1, and changed again within r2 - p1.
         self.fast_seen = False       # two changes within COARSE_REFRESH_S (tight reads saw them)
         self.refresh_max_s: float | None = None   # min(r2 - p1): the refresh period is no longer
+        self.spans: deque[tuple[float, float]] = deque(maxlen=24)   # [p2 - r1, r2 - p1], timed closely
+        self._period: tuple[int, float | None] | None = None     # (spans seen, period_s) cached
+        self._spans_seen = 0
         self.holds: deque[float] = deque(maxlen=8)   # held at least this long (> COARSE_REFRESH_S)
 
     def observe(self, age_s: float | None, value: float, read_t: float) -> bool:
@@ -112,10 +121,48 @@ class StampEvidence:
                 bound = read_t - (self._last_change_t - self._last_change_gap)   # r2 - p1
                 if bound < (self.refresh_max_s or math.inf):    # (inf: no read before p1)
                     self.refresh_max_s = bound
+                if bound - held <= PERIOD_SPAN_S:
+                    self.spans.append((held, bound))
+                    self._spans_seen += 1
                 if bound <= COARSE_REFRESH_S:
                     self.fast_seen = True
             self._last_value, self._last_change_t, self._last_change_gap = value, read_t, gap
         return changed
+
+    @property
+    def period_s(self) -> float | None:
+        """The refresh period the changes show (None: no evidence of one). A value need not
+        change at every refresh (a point sample of a square load changes at every second or
+        third), so the shortest span between two changes (``refresh_max_s``) may be a multiple
+        of the period: it is the longest period a whole number of which fits every closely
+        timed span between changes (within a quarter period: refreshes jitter), given as the tightest upper bound those counts allow
+        (each span's end over its count); None until PERIOD_SPANS_MIN such spans have come."""
+        cached = self._period
+        if cached is not None and cached[0] == self._spans_seen:
+            return cached[1]
+        period = self._fit_period()
+        self._period = (self._spans_seen, period)
+        return period
+
+    def _fit_period(self) -> float | None:
+        upper = self.refresh_max_s
+        spans = self.spans
+        if upper is None or len(spans) < PERIOD_SPANS_MIN:
+            return None
+        lo0, hi0 = min(spans, key=lambda s: s[1] - s[0])
+        centre, half = 0.5 * (lo0 + hi0), 0.5 * (hi0 - lo0)
+        m = max(1, math.ceil(centre / (upper + half + PERIOD_SLACK_S)))
+        while centre / m >= PERIOD_MIN_S:
+            period, err = centre / m, half / m
+            misses = [_multiple_miss(lo, hi, period, err) for lo, hi in spans]
+            if max(misses) <= PERIOD_MISS_SHARE * period:
+                # The tightest bound the counts give (k periods end by hi) over the spans that
+                # fit outright: a period read short would have a held value re-dated before
+                # its next refresh came.
+                return min([hi / max(1, round(0.5 * (lo + hi) / period))
+                            for (lo, hi), miss in zip(spans, misses) if miss == 0.0] or [period])
+            m += 1
+        return None
 
     @property
     def refresh_s(self) -> float | None:
@@ -146,6 +193,13 @@ class StampEvidence:
     def held_s(self) -> float | None:
         """How long a value was seen to hold at least: the refresh period's lower bound."""
         return self.tight_refresh_s or (max(self.holds) if self.holds else None)
+
+
+def _multiple_miss(lo: float, hi: float, period: float, err: float) -> float:
+    """How far the nearest k >= 1 periods (each known to +-err) fall outside [lo, hi], give or
+    take the slack (0: inside)."""
+    k = max(1, round(0.5 * (lo + hi) / period))
+    return max(0.0, lo - k * err - PERIOD_SLACK_S - k * period, k * period - hi - k * err - PERIOD_SLACK_S)
 
 
 class MeanEvidence:
