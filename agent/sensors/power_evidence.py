@@ -135,8 +135,9 @@ class StampEvidence:
         change at every refresh (a point sample of a square load changes at every second or
         third), so the shortest span between two changes (``refresh_max_s``) may be a multiple
         of the period: it is the longest period a whole number of which fits every closely
-        timed span between changes (within a quarter period: refreshes jitter), given as the tightest upper bound those counts allow
-        (each span's end over its count); None until PERIOD_SPANS_MIN such spans have come."""
+        timed span between changes (within a quarter period: refreshes jitter), given as the
+        tightest upper bound those counts allow (each span's end over its count); None until
+        PERIOD_SPANS_MIN such spans have come."""
         cached = self._period
         if cached is not None and cached[0] == self._spans_seen:
             return cached[1]
@@ -182,12 +183,13 @@ class StampEvidence:
         that cannot place an edge inside a counter span. Unknown counts as coarse: dense reads
         of a value that refreshes every 100 ms all return the sample taken before the edge,
         and measured as power they put a whole counter span on the wrong side of it (1.5 s
-        jobs 6 % p90 on a bursty load, before the holds below made the verdict). Fast is
-        shown by two changes seen within COARSE_REFRESH_S, or tight reads timing one."""
+        jobs 6 % p90 on a bursty load, while values held 50-250 ms twice were what made the
+        verdict). Fast is shown by two changes seen within COARSE_REFRESH_S, or tight reads
+        timing one."""
         if not self.read_stamped or self.fast_seen:
             return False
         refresh = self.tight_refresh_s
-        return refresh > COARSE_REFRESH_S if refresh is not None else True
+        return refresh is None or refresh > COARSE_REFRESH_S
 
     @property
     def held_s(self) -> float | None:
