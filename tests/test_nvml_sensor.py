@@ -437,7 +437,7 @@ def test_the_refresh_period_is_the_longest_whose_multiples_fit_the_spans_between
 
 
 def test_read_stamped_values_that_refresh_fast_are_dated_up_to_their_refresh():
-    from wattmeter.sensors.nvml_power import ReadStampDating
+    from wattmeter.sensors.nvml_counter import ReadStampDating
 
     period, phase = 0.02, 0.0123
     def refresh_before(t):                    # the newest refresh at or before t

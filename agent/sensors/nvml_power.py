@@ -6,7 +6,7 @@ is, and how to date it, is learnt from the data (``power_evidence``):
 
 - a field value is new when its timestamp moves (refresh-stamped); where timestamps are read
   times, each read is a sample taken at the read (a counter GPU's reader dates a value shown to
-  refresh fast up to its refresh: ``ReadStampDating``, used by sensors/nvml_counter.py);
+  refresh fast up to its refresh: ``nvml_counter.ReadStampDating``);
 - a candidate that tracks the mean of the instant samples over the last second is emitted as
   ``Reading.mean_w`` (the ledger's energy reference, instant power only shapes edges inside
   it); one that tracks the latest instant value is just another instant reading.
@@ -14,7 +14,6 @@ is, and how to date it, is learnt from the data (``power_evidence``):
 from __future__ import annotations
 
 import ctypes
-import math
 from collections import deque
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -62,41 +61,6 @@ class RefreshStamps:
             self.min_step_s = min(self.steps)
         self.last_us = ts_us
         return True
-
-
-@dataclass
-class ReadStampDating:
-    """Dates a read-stamped value that refreshes every ``period_s`` (shown by tight reads: a
-    20 ms box stamped at the read). A value is the power up to its refresh, not up to the read:
-    dated at the read, such a box lagged the load by a refresh and a half on average (bursty
-    1.5 s jobs on a counter GPU: 3.4 % p90). A new value is dated in the middle of the span its
-    refresh lies in (after the read before, within a period of this one). The same value read
-    again is the same refresh until a period has surely passed since the read that first saw
-    it; after that it was refreshed again (a steady load), dated a period on (or more)."""
-
-    value: float | None = None
-    read_t: float | None = None          # the previous read
-    t: float | None = None               # the date given to the newest value...
-    latest_t: float = 0.0                # ...whose refresh came no later than this
-
-    def date(self, value: float, now: float, period_s: float) -> float | None:
-        prev, self.read_t = self.read_t, now
-        last = self.t
-        if value != self.value or last is None:
-            self.value = value
-            lo = now - period_s if prev is None else max(prev, now - period_s)
-            t = 0.5 * (lo + now)
-            if last is not None and t <= last:
-                t = 0.5 * (last + now)           # dated ahead before: keep the order
-            self.latest_t = now
-        elif now - self.latest_t >= period_s:
-            k = math.floor((now - self.latest_t) / period_s)
-            t = last + k * period_s
-            self.latest_t += k * period_s
-        else:
-            return None
-        self.t = t
-        return t
 
 
 @dataclass
