@@ -360,7 +360,11 @@ SENSOR_ROWS = {
     "wattmeter-sample": {"counter_refresh_s": 0.09997, "counter_jitter_s": 0.0025, "instant_kind": "sample",
                          "instant_refresh_s": 0.1, "field_timestamp": "read",
                          "function_latency_s": (("nvmlDeviceGetTotalEnergyConsumption", 0.0035),)},
+    # `--interval 0.5`, the request for less CPU: the default GPUs, and power-only ones
+    "wattmeter-slow": {},
+    "wattmeter-power-slow": {"energy_counter": False},
 }
+ROW_INTERVAL_S = {"wattmeter-slow": 0.5, "wattmeter-power-slow": 0.5}
 H100_CALL_CPU_US = {"nvmlDeviceGetTotalEnergyConsumption": 3505.0, "nvmlDeviceGetFieldValues": 10.0,
                     "nvmlDeviceGetPowerUsage": 2.0}
 
@@ -442,7 +446,7 @@ def child_overhead(a: argparse.Namespace) -> None:
         from wattmeter.meter import Meter
         from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
         sensor = NvmlSensor(mod, GpuSelection(None))
-        meter = Meter([sensor]).start()
+        meter = Meter([sensor], interval_s=ROW_INTERVAL_S.get(a.meter)).start()
         handle = meter.window("steady")
     elif a.meter == "wattmeter-discover":
         # As Meter() and `wattmeter run` wire it: discovery, every NVML call under a deadline
@@ -1042,7 +1046,9 @@ def build_table(res: dict) -> list[dict]:
                  "value": None if v is None else f"{v:.3f} % of one core" + _split_text(ovp),
                  "status": _ok(v, TARGETS["sampler_cpu_pct"])})
     for meter, what in (("wattmeter-h100", "8 fake H100s as measured (counter clock 99.97 ms +-2.5 ms, 3.5 ms counter calls)"),
-                        ("wattmeter-sample", "same, field 186 as 100 ms samples stamped at the read")):
+                        ("wattmeter-sample", "same, field 186 as 100 ms samples stamped at the read"),
+                        ("wattmeter-slow", "8 fake GPUs at `--interval 0.5`"),
+                        ("wattmeter-power-slow", "8 fake power-only GPUs at `--interval 0.5`")):
         ovx = res.get("overhead", {}).get("meters", {}).get(meter, {})
         v = ovx.get("cpu_pct_of_core")
         h = ovx.get("h100_projected_pct_of_core")

@@ -140,10 +140,12 @@ def _trace(load: str, t_end: float, seed: str):
     return PiecewiseLinearTrace([x for x, _ in clean], [p for _, p in clean])
 
 
-def virtual_meter(sensor: dict, load: str, t_end: float, trace_seed: str, seed: int):
-    """One simulated H100 with this sensor table and load, a meter on it, and the driver that
-    reads it in virtual time the way the sampler's threads would (``tests/vdrive.py``): the
-    virtual-time benches' common set-up. Returns (clock, fake, meter, drive)."""
+def virtual_meter(sensor: dict, load: str, t_end: float, trace_seed: str, seed: int,
+                  interval_s: float | None = None):
+    """One simulated H100 with this sensor table and load, a meter on it (``interval_s``: as
+    ``--interval``), and the driver that reads it in virtual time the way the sampler's threads
+    would (``tests/vdrive.py``): the virtual-time benches' common set-up. Returns (clock, fake,
+    meter, drive)."""
     from dataclasses import replace
 
     from vdrive import VirtualDriver
@@ -159,7 +161,7 @@ def virtual_meter(sensor: dict, load: str, t_end: float, trace_seed: str, seed: 
     clock = VirtualClock(start=0.0)
     fake = FakeNVML(scen, clock, t0=0.0)
     meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=seed)],
-                  clock=clock)
+                  clock=clock, interval_s=interval_s)
     return clock, fake, meter, VirtualDriver(meter, clock, seed=seed)
 
 

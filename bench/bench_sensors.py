@@ -2,6 +2,8 @@
 
     python bench/bench_sensors.py            # ~1 min on 2 cores, writes bench/results/sensors.{json,md}
     python bench/bench_sensors.py --quick    # 3 loads, writes to /tmp
+    python bench/bench_sensors.py --interval 0.5 --variants counter_box,nocounter_box
+                                             # as `--interval 0.5`: writes sensors-interval-0.5.{json,md}
 
 The robustness matrix (``bench_robustness.py``) runs real time against wattmeter, Zeus and
 CodeCarbon on the sensor behaviours the issue names. This sweep asks a different question:
@@ -91,9 +93,10 @@ QUICK_LOADS = ("steady", "sq400_jitter", "ramp_spikes")
 DURATIONS_S = (1.5, 8.0)
 
 
-def run_cell(variant: str, load: str, duration_s: float, jobs: int = 12, seed: int = 1) -> dict:
+def run_cell(variant: str, load: str, duration_s: float, jobs: int = 12, seed: int = 1,
+             interval_s: float | None = None) -> dict:
     clock, fake, meter, drive = BR.virtual_meter(VARIANTS[variant][1], load, 40 + jobs * (duration_s + 4.0),
-                                                 f"sw-{seed}", seed)
+                                                 f"sw-{seed}", seed, interval_s=interval_s)
     rng = random.Random(f"{variant}-{load}-{duration_s}-{seed}")
     results = window_jobs(meter, drive, fake, jobs=jobs, rng=rng, start_s=6.0 + rng.random(), duration_s=duration_s)
     errors = [100.0 * err for err, _ in results]
@@ -123,22 +126,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="3 loads, writes to /tmp")
     ap.add_argument("--variants", default=None, help=f"comma list (default all: {','.join(VARIANTS)})")
+    ap.add_argument("--interval", type=float, default=None, help="the meter's --interval (default: its own cadence)")
     a = ap.parse_args()
     loads = QUICK_LOADS if a.quick else LOADS
     variants = a.variants.split(",") if a.variants else list(VARIANTS)
     for v in variants:
         if v not in VARIANTS:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    res = {"loads": list(loads), "cells": {}}
+    res = {"loads": list(loads), "interval_s": a.interval, "cells": {}}
     for v in variants:
         res["cells"][v] = {}
         for d in DURATIONS_S:
-            res["cells"][v][str(d)] = {l: run_cell(v, l, d) for l in loads}
+            res["cells"][v][str(d)] = {l: run_cell(v, l, d, interval_s=a.interval) for l in loads}
             print(v, d, {l: c["p90"] for l, c in res["cells"][v][str(d)].items()}, flush=True)
     out_dir = "/tmp" if a.quick else os.path.join(HERE, "results")
-    with open(os.path.join(out_dir, "sensors.json"), "w") as f:
+    stem = "sensors" if a.interval is None else f"sensors-interval-{a.interval:g}"
+    with open(os.path.join(out_dir, stem + ".json"), "w") as f:
         json.dump(res, f, indent=1)
-    with open(os.path.join(out_dir, "sensors.md"), "w") as f:
+    with open(os.path.join(out_dir, stem + ".md"), "w") as f:
         f.write(markdown(res) + "\n")
     print(markdown(res))
 

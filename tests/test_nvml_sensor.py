@@ -651,6 +651,30 @@ def test_a_longer_interval_reads_power_only_gpus_at_that_period():
     assert s.period_s == pytest.approx(0.02) and s.next_read_at(clock.now()) is not None
 
 
+def test_at_a_longer_interval_power_only_gpus_follow_their_fields_while_an_edge_waits():
+    # Read only at a 0.5 s period, the edge kernels of a power-only GPU (+-0.5 s around each
+    # edge) were shaped by two or three samples: 1.5 s jobs on bursty loads read 10-32 % off.
+    # While an edge waits (a fast read), every 20 ms value is read again; then the period.
+    gpus = [{"model": H100, "trace": {"kind": "square", "high_w": 650.0, "low_w": 90.0, "high_s": 0.15,
+                                      "low_s": 0.25}, "sensor": {"energy_counter": False}}]
+    clock, fake, s = sensor_for({"gpu": gpus})
+    assert not s.fast_edges                                  # the default reads every value anyway
+    for _ in range(200):
+        clock.advance(0.007)
+        s.read(clock.now())
+    s.set_period(0.5)
+    assert s.fast_edges
+    assert s.next_read_at(clock.now()) is None
+    values, t_end = 0, clock.now() + 1.0
+    while clock.now() < t_end:                               # an edge waits: fast reads
+        clock.advance(0.005)
+        values += sum(1 for r in s.read(clock.now(), fast=True).readings if r.power_w is not None)
+        assert s.next_read_at(clock.now()) is not None       # the next field value is wished for
+    assert 48 <= values <= 52                                # every 20 ms value, once
+    s.read(clock.now())                                      # the edge resolved: the period again
+    assert s.next_read_at(clock.now()) is None and s.cadence_floor(clock.now()) == -math.inf
+
+
 @pytest.mark.parametrize("stamps", ["refresh", "read"])
 def test_the_trailing_mean_field_is_asked_for_only_when_a_refresh_is_due(stamps):
     # Field 185 refreshes every 100 ms, field 186 every 20 ms. Refresh-stamped, 185 is asked
