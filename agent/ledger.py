@@ -64,10 +64,11 @@ class Ledger:
             return [d.device for d in self._devs.values()]
 
     # -- input -----------------------------------------------------------------
-    def record(self, readings: Iterable[Reading]) -> None:
-        """One batch of readings (ledger_record.py); marks they cover are resolved."""
+    def record(self, readings: Iterable[Reading], read_t: float | None = None) -> None:
+        """One batch of readings (ledger_record.py), read at ``read_t`` (their times may be
+        earlier refreshes); marks they cover are resolved."""
         with self._lock:
-            self._recorder.record(readings)
+            self._recorder.record(readings, read_t)
 
     def record_error(self, device_key: str | None, kind: str = "", t: float | None = None) -> None:
         """Count a failed read. After a fault that leaves a counter unable to vouch for the time

@@ -20,6 +20,12 @@ __all__ = ["Recorder", "FAULT_KINDS"]
 # Errors after which a counter cannot vouch for the time since its last point: edges waiting
 # on it are estimated from instant power at once (never stall a result) and flagged.
 FAULT_KINDS = frozenset({"gpu_lost", "not_supported", "counter_stalled"})
+# A GPU whose energy is its trailing mean holds what its live tail showed when a sample comes
+# this long after the one before (a longer --interval). Sooner, the tail a new sample corrects
+# spans one field refresh (~10 J at most on a 20 ms box), far less than the total grows between
+# two scrapes; a floor held there cost 8 power-only GPUs read at every 20 ms value ~2.5 % of a
+# core, and held overestimates read worse on 5 s /metrics differences (sq1000 0.07 -> 0.30 %).
+MEAN_TAIL_HOLD_GAP_S = 0.05
 
 
 class Recorder:
@@ -30,10 +36,12 @@ class Recorder:
         self._devs = devs
         self._marks = marks
         self._held: set[str] = set()           # devices whose floor this record() has held
+        self._read_t: float | None = None      # when this record()'s batch was read
 
-    def record(self, readings: Iterable[Reading]) -> None:
-        """One batch of readings (the sampler's tick), in order."""
+    def record(self, readings: Iterable[Reading], read_t: float | None = None) -> None:
+        """One batch of readings (the sampler's tick, read at ``read_t``), in order."""
         self._held.clear()
+        self._read_t = read_t
         for r in readings:
             self._record_one(r)
         self._marks.trim()
@@ -74,6 +82,14 @@ class Recorder:
             self._record_mean(d, r)
             return
         if d.device.source == Source.SAMPLED and r.power_w is not None:
+            if d.mean_active and d.last_t is not None and d.samples and \
+                    r.t - d.samples.last[0] > MEAN_TAIL_HOLD_GAP_S:
+                # Samples far apart: a new one moves the live tail by up to a gap's worth of
+                # power, down as well as up (at --interval 0.5, 1 s scrapes of a power-only
+                # GPU saw the exported total fall by 150 J). What was shown up to the read
+                # stays the floor (a value dated at its refresh, before a scrape in between,
+                # still fell by a few joules).
+                self._hold(d, r.t if self._read_t is None else max(r.t, self._read_t))
             d.mean.add_sample(r.t, r.power_w)      # kept to shape edges, should a mean arrive
             if d.mean_active:
                 if d.mean and r.t - d.mean.newest_t <= MEAN_STALE_S:
@@ -137,8 +153,10 @@ class Recorder:
         a window back (the newest instant whose whole kernel the means cover)."""
         assert r.mean_w is not None
         window = r.mean_window_s or 1.0
-        if d.device.source == Source.COUNTER and d.last_t is not None:
-            self._hold(d, r.t)
+        if d.last_t is not None and (d.device.source == Source.COUNTER or (d.mean_active and not d.samples)):
+            # (A power-only GPU with samples holds as they come, above.)
+            self._hold(d, r.t if d.device.source == Source.COUNTER or self._read_t is None
+                       else max(r.t, self._read_t))
         d.mean.add(r.t, max(0.0, r.mean_w), window)
         if d.device.source == Source.COUNTER:
             # The counter has the energy; the mean carries E between its reads (a new mean

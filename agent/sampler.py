@@ -225,7 +225,7 @@ class Sampler:
             for dev in sensor.devices():   # devices that appeared later (GPUs that came late)
                 self.ledger.add_device(dev)
                 self._known.add(dev.key)
-        self.ledger.record(batch.readings)
+        self.ledger.record(batch.readings, now)
         for err in batch.errors:
             status.errors[err.kind] += 1
             status.last_error = err.message or err.kind

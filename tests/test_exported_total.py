@@ -51,3 +51,30 @@ def test_scrapes_one_second_apart_follow_the_energy_between_counter_reads(trace,
     for (t0, e0), (t1, e1) in zip(scrapes, scrapes[5:]):
         truth = fake.true_energy_j(0, t0, t1)
         assert e1 - e0 == pytest.approx(truth, rel=tolerance)
+
+
+@pytest.mark.parametrize("sensor", [{"energy_counter": False}, READ_STAMPED_NO_COUNTER])
+def test_a_power_only_total_never_falls_at_a_long_interval(sensor):
+    # At --interval 0.5 a power-only GPU's samples come 0.5 s apart, and each new one moves the
+    # live tail past the trailing mean's newest point by up to half a second of power, down as
+    # well as up: the exported total fell by up to 150 J between 1 s scrapes. What a scrape
+    # showed now stays the floor, as on counter GPUs.
+    clock = VirtualClock(start=100.0)
+    trace = {"kind": "square", "high_w": 650.0, "low_w": 90.0, "high_s": 0.15, "low_s": 0.25}
+    fake = FakeNVML(Scenario.from_dict({"gpu": [{"model": H100, "trace": trace, "sensor": sensor}]}), clock)
+    meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=4)],
+                  clock=clock, interval_s=0.5)
+    meter.poll()
+    drive = VirtualDriver(meter, clock, seed=4)
+    drive.run_until(clock.now() + 3.0)
+    t_start, e_start = clock.now(), meter.ledger.snapshot(clock.now())["gpu0"].energy_j
+    last, falls = e_start, []
+    for k in range(600):
+        drive.run_until(clock.now() + 0.1 + 0.037 * (k % 3))
+        e = meter.ledger.snapshot(clock.now())["gpu0"].energy_j
+        if e < last:
+            falls.append(round(e - last, 2))
+        last = e
+    assert not falls
+    truth = fake.true_energy_j(0, t_start, clock.now())
+    assert last - e_start == pytest.approx(truth, rel=0.03)
