@@ -55,6 +55,11 @@ class Recorder:
             self._held.add(d.device.key)
             d.hold(t)
 
+    def _shown_until(self, t: float) -> float:
+        """Up to when a scrape may have shown the estimate a reading dated ``t`` corrects: the
+        batch's read time, where known (the reading may be an earlier refresh)."""
+        return t if self._read_t is None else max(t, self._read_t)
+
     def record_error(self, device_key: str | None, kind: str = "", t: float | None = None) -> None:
         """Count a failed read (``device_key`` None: every device). After a fault in
         ``FAULT_KINDS``, edges up to ``t`` waiting on the device are estimated at once."""
@@ -89,7 +94,7 @@ class Recorder:
                 # GPU saw the exported total fall by 150 J). What was shown up to the read
                 # stays the floor (a value dated at its refresh, before a scrape in between,
                 # still fell by a few joules).
-                self._hold(d, r.t if self._read_t is None else max(r.t, self._read_t))
+                self._hold(d, self._shown_until(r.t))
             d.mean.add_sample(r.t, r.power_w)      # kept to shape edges, should a mean arrive
             if d.mean_active:
                 if d.mean and r.t - d.mean.newest_t <= MEAN_STALE_S:
@@ -153,10 +158,11 @@ class Recorder:
         a window back (the newest instant whose whole kernel the means cover)."""
         assert r.mean_w is not None
         window = r.mean_window_s or 1.0
-        if d.last_t is not None and (d.device.source == Source.COUNTER or (d.mean_active and not d.samples)):
-            # (A power-only GPU with samples holds as they come, above.)
-            self._hold(d, r.t if d.device.source == Source.COUNTER or self._read_t is None
-                       else max(r.t, self._read_t))
+        if d.last_t is not None:
+            if d.device.source == Source.COUNTER:
+                self._hold(d, r.t)
+            elif d.mean_active and not d.samples:   # (with samples: held as they come)
+                self._hold(d, self._shown_until(r.t))
         d.mean.add(r.t, max(0.0, r.mean_w), window)
         if d.device.source == Source.COUNTER:
             # The counter has the energy; the mean carries E between its reads (a new mean
