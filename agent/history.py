@@ -28,7 +28,7 @@ class DeviceHistory:
                  "resets", "errors", "cursor", "blk_t0", "blk_t1", "blk_max", "blk_n", "cur_max",
                  "cur_t0", "cur_count", "anchor_t", "anchor_e", "samples", "last_read_t", "bridges",
                  "approx_spans", "floor_j", "floor_t", "mean", "mean_base", "mean_active", "mean_from_t",
-                 "counter_fit", "owed_j", "owed_t")
+                 "counter_fit", "owed_j", "owed_t", "seen_t")
 
     def __init__(self, device: Device, cursor: int) -> None:
         self.device = device
@@ -67,6 +67,7 @@ class DeviceHistory:
         self.counter_fit = CounterFit(self.mean)
         self.floor_t = -math.inf        # ...from this instant on (when it was shown)
         self.floor_j = 0.0              # the exported total never goes below this again
+        self.seen_t = 0.0               # when its newest reading was read (may be after its date)
 
     # -- history -------------------------------------------------------------
     def point(self, k: int) -> tuple[float, float, float]:
@@ -290,8 +291,10 @@ class DeviceHistory:
         return out
 
     def newest_t(self) -> float:
-        """The newest reading's time: a counter point or an instant sample (0 before any)."""
-        return max(self.last_t or 0.0, self.samples.last[0] if self.samples else 0.0)
+        """The newest reading's time: a counter point or an instant sample, or when it was
+        read where that is later (a value dated at its refresh; 0 before any). A floor is
+        held up to the read (``Recorder``), so a total shown there never falls."""
+        return max(self.last_t or 0.0, self.samples.last[0] if self.samples else 0.0, self.seen_t)
 
     def fit_era(self) -> tuple[int, int]:
         """Counter points fit one reference until a reset or a bridged fault."""

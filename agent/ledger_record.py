@@ -21,10 +21,7 @@ __all__ = ["Recorder", "FAULT_KINDS"]
 # on it are estimated from instant power at once (never stall a result) and flagged.
 FAULT_KINDS = frozenset({"gpu_lost", "not_supported", "counter_stalled"})
 # A GPU whose energy is its trailing mean holds what its live tail showed when a sample comes
-# this long after the one before (a longer --interval). Sooner, the tail a new sample corrects
-# spans one field refresh (~10 J at most on a 20 ms box), far less than the total grows between
-# two scrapes; a floor held there cost 8 power-only GPUs read at every 20 ms value ~2.5 % of a
-# core, and held overestimates read worse on 5 s /metrics differences (sq1000 0.07 -> 0.30 %).
+# this long after the one before (a longer --interval): see ``_record_one``.
 MEAN_TAIL_HOLD_GAP_S = 0.05
 
 
@@ -83,6 +80,8 @@ class Recorder:
         d = self._devs.get(r.device_key)
         if d is None:
             return
+        if self._read_t is not None and self._read_t > d.seen_t:
+            d.seen_t = self._read_t
         if r.mean_w is not None:
             self._record_mean(d, r)
             return
@@ -90,10 +89,14 @@ class Recorder:
             if d.mean_active and d.last_t is not None and d.samples and \
                     r.t - d.samples.last[0] > MEAN_TAIL_HOLD_GAP_S:
                 # Samples far apart: a new one moves the live tail by up to a gap's worth of
-                # power, down as well as up (at --interval 0.5, 1 s scrapes of a power-only
-                # GPU saw the exported total fall by 150 J). What was shown up to the read
-                # stays the floor (a value dated at its refresh, before a scrape in between,
-                # still fell by a few joules).
+                # power, down as well as up (at --interval 0.5, 1 s scrapes of a power-only GPU
+                # saw the exported total fall by 150 J). What was shown up to the read stays
+                # the floor. At the default every value is read (20-25 ms apart): a correction
+                # spans one refresh, and totals scraped 1 s apart never fell (bench_exported);
+                # scrapes 15-60 ms apart saw falls of up to ~6 J on 20 ms boxes and ~48 J on
+                # 100 ms read-stamped samples. Holding there too (at every sample, or at each
+                # new mean and each lower sample) cost 8 such GPUs up to ~2.5 % of a core and
+                # took 0.1-0.8 points off 5 s /metrics differences, so it is left.
                 self._hold(d, self._shown_until(r.t))
             d.mean.add_sample(r.t, r.power_w)      # kept to shape edges, should a mean arrive
             if d.mean_active:
@@ -106,7 +109,7 @@ class Recorder:
                     # A new sample changes how the live tail is estimated (a held value gives
                     # way to a measured one, a hole is filled): what a scrape showed up to now
                     # stays the floor of the exported total (~5 us).
-                    self._hold(d, r.t)
+                    self._hold(d, self._shown_until(r.t))
                 d.mean.add_sample(r.t, r.power_w)  # shapes edges; the counter has the energy
                 d.samples.coarse = r.instant_coarse
             return
@@ -117,7 +120,7 @@ class Recorder:
                 # What the live tail showed just before this point stays the floor: an
                 # over-estimate is held, not taken back. (Only where instant power carries the
                 # tail: a bare counter's tail is a guess that no scrape is shown.)
-                self._hold(d, r.t)
+                self._hold(d, self._shown_until(r.t))
             delta, d.last_counter = counter_delta(d, r)
             d.last_read_t = r.read_t
             if d.anchor_t is None:
@@ -160,8 +163,8 @@ class Recorder:
         window = r.mean_window_s or 1.0
         if d.last_t is not None:
             if d.device.source == Source.COUNTER:
-                self._hold(d, r.t)
-            elif d.mean_active and not d.samples:   # (with samples: held as they come)
+                self._hold(d, self._shown_until(r.t))
+            elif d.mean_active and not d.samples:   # (with samples: held as they come, above)
                 self._hold(d, self._shown_until(r.t))
         d.mean.add(r.t, max(0.0, r.mean_w), window)
         if d.device.source == Source.COUNTER:

@@ -53,6 +53,36 @@ def test_scrapes_one_second_apart_follow_the_energy_between_counter_reads(trace,
         assert e1 - e0 == pytest.approx(truth, rel=tolerance)
 
 
+READ_STAMPED_COUNTER = {"instant_kind": "sample", "instant_refresh_s": 0.1, "field_timestamp": "read"}
+
+
+@pytest.mark.parametrize("sensor, interval_s", [
+    ({}, None), (READ_STAMPED_COUNTER, None), ({}, 0.5), (READ_STAMPED_COUNTER, 0.5),
+    ({"energy_counter": False}, 0.5), (READ_STAMPED_NO_COUNTER, 0.5)])
+def test_totals_never_fall_between_scrapes_milliseconds_apart(sensor, interval_s):
+    # A counter GPU held what a scrape had shown only up to the time its new reading was dated
+    # (a refresh, up to a period before the read): scrapes 13-57 ms apart saw 232 falls of up
+    # to 36 J in 3000 (64 J with read-stamped samples). And past a second without a sample
+    # (reads 0.5 s apart, jittered), the live tail switched from the predicted power to the
+    # newest sample held: the total fell by up to 155 J with no reading in between.
+    clock = VirtualClock(start=100.0)
+    trace = {"kind": "square", "high_w": 650.0, "low_w": 90.0, "high_s": 0.15, "low_s": 0.25}
+    fake = FakeNVML(Scenario.from_dict({"gpu": [{"model": H100, "trace": trace, "sensor": sensor}]}), clock)
+    meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=4)],
+                  clock=clock, interval_s=interval_s)
+    meter.poll()
+    drive = VirtualDriver(meter, clock, seed=4)
+    drive.run_until(clock.now() + 3.0)
+    last, falls = meter.ledger.snapshot(clock.now())["gpu0"].energy_j, []
+    for k in range(1500):
+        drive.run_until(clock.now() + 0.013 + 0.011 * (k % 5))
+        e = meter.ledger.snapshot(clock.now())["gpu0"].energy_j
+        if e < last:
+            falls.append(round(e - last, 2))
+        last = e
+    assert not falls
+
+
 @pytest.mark.parametrize("sensor", [{"energy_counter": False}, READ_STAMPED_NO_COUNTER])
 def test_a_power_only_total_never_falls_at_a_long_interval(sensor):
     # At --interval 0.5 a power-only GPU's samples come 0.5 s apart, and each new one moves the
