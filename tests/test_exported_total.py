@@ -54,6 +54,28 @@ def test_scrapes_one_second_apart_follow_the_energy_between_counter_reads(trace,
 
 
 READ_STAMPED_COUNTER = {"instant_kind": "sample", "instant_refresh_s": 0.1, "field_timestamp": "read"}
+BURSTY = {"kind": "square", "high_w": 650.0, "low_w": 90.0, "high_s": 0.15, "low_s": 0.25}
+
+
+def scraped(sensor: dict, interval_s: float | None, scrapes: int, gap_s):
+    """A meter on one GPU running BURSTY, scraped ``scrapes`` times, ``gap_s(k)`` apart after a
+    3 s warm-up: (the falls between consecutive scrapes, (t, E) of the first and last, fake)."""
+    clock = VirtualClock(start=100.0)
+    fake = FakeNVML(Scenario.from_dict({"gpu": [{"model": H100, "trace": BURSTY, "sensor": sensor}]}), clock)
+    meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=4)],
+                  clock=clock, interval_s=interval_s)
+    meter.poll()
+    drive = VirtualDriver(meter, clock, seed=4)
+    drive.run_until(clock.now() + 3.0)
+    first = last = (clock.now(), meter.ledger.snapshot(clock.now())["gpu0"].energy_j)
+    falls = []
+    for k in range(scrapes):
+        drive.run_until(clock.now() + gap_s(k))
+        now = (clock.now(), meter.ledger.snapshot(clock.now())["gpu0"].energy_j)
+        if now[1] < last[1]:
+            falls.append(round(now[1] - last[1], 2))
+        last = now
+    return falls, (first, last), fake
 
 
 @pytest.mark.parametrize("sensor, interval_s", [
@@ -65,21 +87,7 @@ def test_totals_never_fall_between_scrapes_milliseconds_apart(sensor, interval_s
     # to 36 J in 3000 (64 J with read-stamped samples). And past a second without a sample
     # (reads 0.5 s apart, jittered), the live tail switched from the predicted power to the
     # newest sample held: the total fell by up to 155 J with no reading in between.
-    clock = VirtualClock(start=100.0)
-    trace = {"kind": "square", "high_w": 650.0, "low_w": 90.0, "high_s": 0.15, "low_s": 0.25}
-    fake = FakeNVML(Scenario.from_dict({"gpu": [{"model": H100, "trace": trace, "sensor": sensor}]}), clock)
-    meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=4)],
-                  clock=clock, interval_s=interval_s)
-    meter.poll()
-    drive = VirtualDriver(meter, clock, seed=4)
-    drive.run_until(clock.now() + 3.0)
-    last, falls = meter.ledger.snapshot(clock.now())["gpu0"].energy_j, []
-    for k in range(1500):
-        drive.run_until(clock.now() + 0.013 + 0.011 * (k % 5))
-        e = meter.ledger.snapshot(clock.now())["gpu0"].energy_j
-        if e < last:
-            falls.append(round(e - last, 2))
-        last = e
+    falls, _, _ = scraped(sensor, interval_s, 1500, lambda k: 0.013 + 0.011 * (k % 5))
     assert not falls
 
 
@@ -89,22 +97,6 @@ def test_a_power_only_total_never_falls_at_a_long_interval(sensor):
     # live tail past the trailing mean's newest point by up to half a second of power, down as
     # well as up: the exported total fell by up to 150 J between 1 s scrapes. What a scrape
     # showed now stays the floor, as on counter GPUs.
-    clock = VirtualClock(start=100.0)
-    trace = {"kind": "square", "high_w": 650.0, "low_w": 90.0, "high_s": 0.15, "low_s": 0.25}
-    fake = FakeNVML(Scenario.from_dict({"gpu": [{"model": H100, "trace": trace, "sensor": sensor}]}), clock)
-    meter = Meter([NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=4)],
-                  clock=clock, interval_s=0.5)
-    meter.poll()
-    drive = VirtualDriver(meter, clock, seed=4)
-    drive.run_until(clock.now() + 3.0)
-    t_start, e_start = clock.now(), meter.ledger.snapshot(clock.now())["gpu0"].energy_j
-    last, falls = e_start, []
-    for k in range(600):
-        drive.run_until(clock.now() + 0.1 + 0.037 * (k % 3))
-        e = meter.ledger.snapshot(clock.now())["gpu0"].energy_j
-        if e < last:
-            falls.append(round(e - last, 2))
-        last = e
+    falls, ((t0, e0), (t1, e1)), fake = scraped(sensor, 0.5, 600, lambda k: 0.1 + 0.037 * (k % 3))
     assert not falls
-    truth = fake.true_energy_j(0, t_start, clock.now())
-    assert last - e_start == pytest.approx(truth, rel=0.03)
+    assert e1 - e0 == pytest.approx(fake.true_energy_j(0, t0, t1), rel=0.03)
