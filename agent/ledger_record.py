@@ -44,18 +44,15 @@ class Recorder:
         self._marks.trim()
 
     def _hold(self, d: DeviceHistory, t: float) -> None:
-        """``d.hold(t)`` once per device per ``record()``: no reader sees the ledger between the
-        readings of one batch (the lock is held), so only what E showed before the batch can
-        need holding; later holds in the batch would floor states nobody saw, and each costs an
-        E(t) estimate (holds were ~40 % of the sampler's CPU)."""
+        """Before a reading dated ``t`` corrects the live tail: what E showed up to then stays
+        the floor, up to the batch's read time where known (the reading may be an earlier
+        refresh, and a scrape in between saw more). Once per device per ``record()``: no reader
+        sees the ledger between the readings of one batch (the lock is held), so only what E
+        showed before the batch can need holding; later holds in the batch would floor states
+        nobody saw, and each costs an E(t) estimate (holds were ~40 % of the sampler's CPU)."""
         if d.device.key not in self._held:
             self._held.add(d.device.key)
-            d.hold(t)
-
-    def _shown_until(self, t: float) -> float:
-        """Up to when a scrape may have shown the estimate a reading dated ``t`` corrects: the
-        batch's read time, where known (the reading may be an earlier refresh)."""
-        return t if self._read_t is None else max(t, self._read_t)
+            d.hold(t if self._read_t is None else max(t, self._read_t))
 
     def record_error(self, device_key: str | None, kind: str = "", t: float | None = None) -> None:
         """Count a failed read (``device_key`` None: every device). After a fault in
@@ -97,7 +94,7 @@ class Recorder:
                 # 100 ms read-stamped samples. Holding there too (at every sample, or at each
                 # new mean and each lower sample) cost 8 such GPUs up to ~2.5 % of a core and
                 # took 0.1-0.8 points off 5 s /metrics differences, so it is left.
-                self._hold(d, self._shown_until(r.t))
+                self._hold(d, r.t)
             d.mean.add_sample(r.t, r.power_w)      # kept to shape edges, should a mean arrive
             if d.mean_active:
                 if d.mean and r.t - d.mean.newest_t <= MEAN_STALE_S:
@@ -109,7 +106,7 @@ class Recorder:
                     # A new sample changes how the live tail is estimated (a held value gives
                     # way to a measured one, a hole is filled): what a scrape showed up to now
                     # stays the floor of the exported total (~5 us).
-                    self._hold(d, self._shown_until(r.t))
+                    self._hold(d, r.t)
                 d.mean.add_sample(r.t, r.power_w)  # shapes edges; the counter has the energy
                 d.samples.coarse = r.instant_coarse
             return
@@ -120,7 +117,7 @@ class Recorder:
                 # What the live tail showed just before this point stays the floor: an
                 # over-estimate is held, not taken back. (Only where instant power carries the
                 # tail: a bare counter's tail is a guess that no scrape is shown.)
-                self._hold(d, self._shown_until(r.t))
+                self._hold(d, r.t)
             delta, d.last_counter = counter_delta(d, r)
             d.last_read_t = r.read_t
             if d.anchor_t is None:
@@ -161,11 +158,9 @@ class Recorder:
         a window back (the newest instant whose whole kernel the means cover)."""
         assert r.mean_w is not None
         window = r.mean_window_s or 1.0
-        if d.last_t is not None:
-            if d.device.source == Source.COUNTER:
-                self._hold(d, self._shown_until(r.t))
-            elif d.mean_active and not d.samples:   # (with samples: held as they come, above)
-                self._hold(d, self._shown_until(r.t))
+        # (A mean-referenced GPU with samples holds as they come, in ``_record_one``.)
+        if d.last_t is not None and (d.device.source == Source.COUNTER or (d.mean_active and not d.samples)):
+            self._hold(d, r.t)
         d.mean.add(r.t, max(0.0, r.mean_w), window)
         if d.device.source == Source.COUNTER:
             # The counter has the energy; the mean carries E between its reads (a new mean

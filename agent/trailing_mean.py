@@ -218,8 +218,7 @@ class TrailingMean:
             return bridged
         # The bridge held the newest sample over (cut, b]: predict that stretch instead, as
         # M + s (P - M) integrated (it never falls below zero, so E only grows with b).
-        held = self.persistence.held_s(cut - t_last, b - t_last)
-        return bridged + (self.means[-1][1] - w_last) * (b - cut - held)
+        return bridged + self._toward_mean(t_last, w_last, cut, b)
 
     def _beyond_reach(self, a: float, b: float) -> float:
         """``recent(a, b)`` where no sample lies within reach of b (reads over a second apart,
@@ -237,8 +236,13 @@ class TrailingMean:
         span = max(0.0, min(b, cut + HOLD_MAX_S) - cut)
         if not self.means:
             return before + w_last * span
-        held = self.persistence.held_s(cut - t_last, cut + span - t_last)
-        return before + w_last * span + (self.means[-1][1] - w_last) * (span - held)
+        return before + w_last * span + self._toward_mean(t_last, w_last, cut, cut + span)
+
+    def _toward_mean(self, t_last: float, w_last: float, a: float, b: float) -> float:
+        """Over [a, b], past the newest sample (t_last, w_last): the prediction M + s (P - M)
+        less the sample held, s the share ``Persistence`` gives it at each lag."""
+        held = self.persistence.held_s(a - t_last, b - t_last)
+        return (self.means[-1][1] - w_last) * (b - a - held)
 
     def _edge_kernel(self, t: float, half: float) -> float:
         """The integral of P(s) k(s - t): from the fitted boxes where the samples are coarse
