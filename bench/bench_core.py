@@ -363,8 +363,27 @@ SENSOR_ROWS = {
     # `--interval 0.5`, the request for less CPU: the default GPUs, and power-only ones
     "wattmeter-slow": {},
     "wattmeter-power-slow": {"energy_counter": False},
+    # idle GPUs (sensors/quiet.py: a GPU whose power holds still is read less often), as on a
+    # server or node between jobs: the default GPUs, and power-only ones
+    "wattmeter-idle": {},
+    "wattmeter-power-idle": {"energy_counter": False},
 }
 ROW_INTERVAL_S = {"wattmeter-slow": 0.5, "wattmeter-power-slow": 0.5}
+IDLE_ROWS = ("wattmeter-idle", "wattmeter-power-idle")
+
+
+def idle_trace(idle_w: float, seed: int):
+    """An idle GPU's power: its idle draw, wobbling +-2 W every 0.2-0.6 s (a real idle board
+    moves by a few watts; a flat line would be the fake's best case)."""
+    import random
+
+    from wattmeter.sim.traces import StepsTrace
+    rng = random.Random(f"idle-{seed}")
+    pts, t = [], -1.0
+    while t < 3600.0:
+        pts.append((t, idle_w + rng.uniform(-2.0, 2.0)))
+        t += rng.uniform(0.2, 0.6)
+    return StepsTrace(pts)
 H100_CALL_CPU_US = {"nvmlDeviceGetTotalEnergyConsumption": 3505.0, "nvmlDeviceGetFieldValues": 10.0,
                     "nvmlDeviceGetPowerUsage": 2.0}
 
@@ -435,6 +454,9 @@ def child_overhead(a: argparse.Namespace) -> None:
             table = SENSOR_ROWS[a.meter]
             scenario = replace(scenario, gpus=tuple(replace(g, sensor=replace(g.sensor, **table))
                                                     for g in scenario.gpus))
+            if a.meter in IDLE_ROWS:
+                scenario = replace(scenario, gpus=tuple(replace(g, trace=idle_trace(g.idle_power_w, g.index))
+                                                        for g in scenario.gpus))
         fake = fake_nvml.FakeNVML(scenario, SystemClock())
         mod = fake_nvml.install(fake)
     extra: dict = {"real_nvml": bool(a.real)}
@@ -1048,7 +1070,9 @@ def build_table(res: dict) -> list[dict]:
     for meter, what in (("wattmeter-h100", "8 fake H100s as measured (counter clock 99.97 ms +-2.5 ms, 3.5 ms counter calls)"),
                         ("wattmeter-sample", "same, field 186 as 100 ms samples stamped at the read"),
                         ("wattmeter-slow", "8 fake GPUs at `--interval 0.5`"),
-                        ("wattmeter-power-slow", "8 fake power-only GPUs at `--interval 0.5`")):
+                        ("wattmeter-power-slow", "8 fake power-only GPUs at `--interval 0.5`"),
+                        ("wattmeter-idle", "8 fake idle GPUs (quiet: power within a band for 5 s)"),
+                        ("wattmeter-power-idle", "8 fake idle power-only GPUs (quiet)")):
         ovx = res.get("overhead", {}).get("meters", {}).get(meter, {})
         v = ovx.get("cpu_pct_of_core")
         h = ovx.get("h100_projected_pct_of_core")

@@ -28,7 +28,7 @@ import _common as C  # noqa: E402
 import bench_robustness as BR  # noqa: E402
 
 GROUPS = ("counter_box", "counter_sample", "nocounter_box", "nocounter_sample")
-LOADS = ("steady", "sq100_jitter", "sq400_jitter", "sq1000_jitter", "ramp_spikes")
+LOADS = ("steady", "sq100_jitter", "sq400_jitter", "sq1000_jitter", "ramp_spikes", "idle_jobs")
 QUICK_LOADS = ("steady", "sq400_jitter", "ramp_spikes")
 WARMUP_S = 10.0
 TARGETS = {"diff5_pct": 3.0, "rate30_pct": 1.0}
@@ -68,13 +68,22 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--interval", type=float, default=None,
                     help="the meter's --interval (default: its own cadence); writes exported-interval-S.json")
+    ap.add_argument("--no-quiet", action="store_true",
+                    help="for comparison: GPUs whose power holds still are read as often as the others "
+                         "(sensors/quiet.py); writes exported-no-quiet.json")
     a = ap.parse_args()
+    if a.no_quiet:
+        import math
+
+        from wattmeter.sensors import quiet
+        quiet.QUIET_SPAN_S = math.inf      # never quiet: every GPU at the sensor's own cadence
     scrapes = a.scrapes or (60 if a.quick else 300)
     loads = a.loads.split(",") if a.loads else (QUICK_LOADS if a.quick else LOADS)
     cells = [run_cell(g, load, scrapes, seed=7, interval_s=a.interval) for g in a.groups.split(",") for load in loads]
     worst = {k: max(c[k]["p90"] for c in cells) for k in ("diff5", "rate30")}
     worst_max = {k: max(c[k]["max"] for c in cells) for k in ("diff5", "rate30")}
-    result = {"machine": C.machine_info(), "scrapes_per_cell": scrapes, "interval_s": a.interval, "cells": cells,
+    result = {"machine": C.machine_info(), "scrapes_per_cell": scrapes, "interval_s": a.interval,
+              "quiet": not a.no_quiet, "cells": cells,
               "worst_p90_pct": worst, "worst_max_pct": worst_max,
               "verdict": {"diff5": worst["diff5"] <= TARGETS["diff5_pct"],
                           "rate30": worst["rate30"] <= TARGETS["rate30_pct"]},
@@ -87,6 +96,8 @@ def main() -> None:
     print(f"worst p90: 5 s {worst['diff5']:.2f} % (target {TARGETS['diff5_pct']}), "
           f"30 s {worst['rate30']:.2f} % (target {TARGETS['rate30_pct']}); decreases {result['decreases']}")
     name = "exported.json" if a.interval is None else f"exported-interval-{a.interval:g}.json"
+    if a.no_quiet:
+        name = name.replace(".json", "-no-quiet.json")
     path = a.out or (os.path.join("/tmp", name) if a.quick else os.path.join(C.RESULTS_DIR, name))
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)

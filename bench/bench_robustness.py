@@ -74,6 +74,7 @@ FAULT_LOADS = ("steady", "sq400_jitter")
 LOAD_LABELS = {
     "steady": "steady 400 W",
     "ramp_spikes": "ramp 150->650 W over 20 s, 30 ms spikes to 950 W every 0.3-1.2 s",
+    "idle_jobs": "idle 90 W for 8-20 s, then a 5-15 s job (square 400 ms 650/90 W, jittered), repeated",
 }
 
 
@@ -114,6 +115,17 @@ def _trace(load: str, t_end: float, seed: str):
     rng = random.Random(f"load-{load}-{seed}")
     if load == "steady":
         return ConstantTrace(400.0)
+    if load == "idle_jobs":
+        # A server or node that idles between jobs: its GPU goes quiet (sensors/quiet.py) and
+        # each job's start and end is a change the sparse reads see late.
+        pts, t = [(-1.0, LOW_W)], 0.0
+        while t < t_end:
+            t += rng.uniform(8.0, 20.0)
+            job_end = t + rng.uniform(5.0, 15.0)
+            job = [p for p in _square_steps(0.4, True, job_end, rng) if t < p[0] < job_end]
+            pts += [(t, HIGH_W), *job, (job_end, LOW_W)]
+            t = job_end
+        return StepsTrace(pts)
     if load.startswith("sq"):
         period_s = int(load[2:].split("_")[0]) / 1000.0
         if load.endswith("locked"):   # edges on the refresh grid, period a multiple of 100 ms or 20 ms

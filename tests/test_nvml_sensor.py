@@ -240,7 +240,9 @@ def test_pairs_straddle_the_predicted_refresh_at_shifted_offsets():
 
 
 def test_steady_pairs_start_on_a_cadence_read_just_before_a_refresh():
-    clock, fake, s = sensor_for({"gpu": [{"model": H100, "trace": {"kind": "constant", "power_w": 300.0},
+    # A varying load: a GPU whose power holds still is read sparsely (sensors/quiet.py).
+    square = {"kind": "square", "high_w": 340.0, "low_w": 260.0, "high_s": 0.7, "low_s": 0.6}
+    clock, fake, s = sensor_for({"gpu": [{"model": H100, "trace": square,
                                           "sensor": {"counter_phase_s": 0.05}}]})
     g = s._gpus[0]
     reads = []
@@ -492,9 +494,11 @@ def test_counter_spans_are_split_on_read_stamped_boxes_dated_at_their_refresh():
 
 def test_steady_reads_before_the_cadence_floor_read_nothing_and_the_floor_is_off_where_every_read_counts():
     import math
+    # Varying loads: a GPU whose power holds still is read more sparsely (sensors/quiet.py).
+    busy = {"kind": "square", "high_w": 340.0, "low_w": 260.0, "high_s": 0.7, "low_s": 0.6}
     clock, fake, s = sensor_for({"gpu": [
-        {"model": H100, "trace": {"kind": "constant", "power_w": 300.0}, "sensor": {"counter_phase_s": 0.05}},
-        {"model": H100, "trace": {"kind": "constant", "power_w": 200.0}, "sensor": {"counter_phase_s": 0.02}}]})
+        {"model": H100, "trace": busy, "sensor": {"counter_phase_s": 0.05}},
+        {"model": H100, "trace": {**busy, "high_w": 240.0, "low_w": 160.0}, "sensor": {"counter_phase_s": 0.02}}]})
     assert s.cadence_floor(clock.now()) == -math.inf           # first changes not dated yet: every read counts
     while clock.now() - fake.t0 < 1.0:                         # dense start and the calibration burst
         s.read(clock.now())

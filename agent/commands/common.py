@@ -19,7 +19,9 @@ def add_sensor_arguments(p: argparse.ArgumentParser) -> None:
                         "where GPUs without an energy counter read each power value, ~50 Hz; 1 for the CPU/RAM "
                         "models). A longer period reads every GPU at that period, edges still read fast: less CPU "
                         "(0.5: ~0.4 %% of a core for 8 GPUs), but live figures (/metrics, callbacks) and short windows on "
-                        "GPUs without a counter lose accuracy (env WATTMETER_INTERVAL)")
+                        "GPUs without a counter lose accuracy. At the default, a GPU whose power has held still "
+                        "for 5 s is read every ~0.3 s (~0.1 s without a counter) until it moves "
+                        "(env WATTMETER_INTERVAL)")
     g.add_argument("--fake-nvml", default=None, metavar="SCENARIO",
                    help="simulate GPUs from a scenario file (env WATTMETER_FAKE_NVML); output is labelled simulated")
     g.add_argument("--fake-gpus", default=None, metavar="N", help=f"simulate N H100 GPUs, 1..{MAX_FAKE_GPUS} (shortcut for --fake-nvml)")

@@ -24,6 +24,7 @@ from .nvml_discovery import NvmlGpu, decode, discover_gpus
 from .nvml_power import MIN_FIELD_PERIOD_S
 from .nvml_processes import ProcessReader
 from .power_evidence import PowerReference
+from .quiet import QUIET_PERIOD_S, QuietEvidence, QuietSchedule
 
 FIELD_PERIOD_S = 0.02
 POWER_EARLY_S = 0.001   # a reader may wake this much before its planned time
@@ -54,6 +55,9 @@ class NvmlSensor:
         self._clock: Clock = clock or (self.nvml.clock if isinstance(self.nvml, SimulatedNvml) else SystemClock())
         self.power_period_s = power_period_s
         self._rng = random.Random(seed)     # shifts counter pairs (sensors/counter_timing.py)
+        # When GPUs whose power holds still are read (sensors/quiet.py); its own draws, so the
+        # counter pairs' are the same whether or not a GPU goes quiet.
+        self._quiet = QuietSchedule(random.Random(None if seed is None else f"quiet:{seed}"))
         err = self.nvml.NVMLError
         try:
             self.nvml.nvmlInit()
@@ -71,6 +75,8 @@ class NvmlSensor:
             raise SensorUnavailable("nvml", "no GPU is visible to this job",
                                     "check CUDA_VISIBLE_DEVICES, or use --fake-gpus N")
         self._has_counter = any(g.has_counter for g in self._gpus)
+        self._quiets: list[QuietEvidence] = [(g.reader or g.power).quiet for g in self._gpus
+                                             if g.reader is not None or g.power is not None]
         self._dense_power = False     # an edge waits (the last read was fast): power-only GPUs follow their fields
         self.period_s = period_s
         self._default_period_s = period_s
@@ -170,8 +176,8 @@ class NvmlSensor:
             return memo[1], memo[2]
         windows, others, planned = [], [], []
         for g in self._gpus:
-            if g.power is None:
-                continue
+            if g.power is None or g.power.quiet.engaged:
+                continue         # (a quiet GPU waits for the quiet read: cadence_floor)
             w = g.power.read_window()
             if w is not None:
                 planned.append(g.device.key)
@@ -187,8 +193,9 @@ class NvmlSensor:
     def cadence_floor(self, now: float) -> float:
         """Steady reads sooner than 0.8 periods after a GPU's last instant-power read skip it
         (``CounterReader.steady_floor``), a counter's own reads come as ``next_read_at`` wishes,
-        and power-only GPUs are read together at one planned time (``_power_plan``): before
-        this time a steady read reads nothing (``CadenceFloor``, sensors/base.py). -inf where
+        power-only GPUs are read together at one planned time (``_power_plan``), and a GPU
+        whose power holds still at its quiet period (sensors/quiet.py): before this time a
+        steady read reads nothing (``CadenceFloor``, sensors/base.py). -inf where
         some GPU is read at every tick: an unshaped or faulted counter, one whose first change
         is not dated yet, or a power-only GPU whose field refresh is not known yet."""
         floor = math.inf
@@ -196,10 +203,12 @@ class NvmlSensor:
         (power_at, _), planned = self._power_plan(now)
         for g in self._gpus:
             if g.reader is not None:
-                at = g.reader.steady_floor(gap)
+                at = g.reader.steady_floor(gap, self._quiet)
             elif g.device.key in planned:
                 # Read at the one time planned for every power-only GPU (next_read_at).
                 at = -math.inf if power_at is None else power_at
+            elif g.power is not None and g.power.quiet.engaged:
+                at = self._quiet.due_t        # its power holds still (sensors/quiet.py)
             else:
                 at = -math.inf
             if at == -math.inf:
@@ -221,6 +230,11 @@ class NvmlSensor:
         (at, _), planned = self._power_plan(now)
         wait = at is not None and now < at - POWER_EARLY_S and not (fast and self._follow_fields)
         self._power_wait = planned if wait else frozenset()
+        quiet_due = fast or self._quiet.due(now)
+        if not quiet_due:   # power-only GPUs whose power holds still wait for the quiet read
+            quiet = [g.device.key for g in self._gpus if g.power is not None and g.power.quiet.engaged]
+            if quiet:
+                self._power_wait = self._power_wait.union(quiet)
         batch = Batch()
         n = self.nvml
         lanes = self._lanes
@@ -247,6 +261,8 @@ class NvmlSensor:
                     raise outcome
                 batch.readings.extend(part.readings)
                 batch.errors.extend(part.errors)
+        if self._quiet.due(now):      # every quiet GPU was read: the next such read
+            self._quiet.read(now, min([q.period_s for q in self._quiets if q.engaged], default=QUIET_PERIOD_S))
         self._edges_pending = False
         self._plan_memo = None        # planned on what this read has changed
         return batch
@@ -255,7 +271,7 @@ class NvmlSensor:
         """One GPU's read (raises NVMLError; the caller reports it)."""
         if g.reader is not None:
             if not g.reader.read(now, batch.readings, period_s=self.period_s, calibrating=self._calibrating,
-                                 edges_pending=self._edges_pending):
+                                 edges_pending=self._edges_pending, quiet=self._quiet):
                 changed_t = g.reader.timing.changed_t
                 batch.errors.append(SensorError(self.name, "counter_stalled", g.device.key,
                                                 f"energy counter unchanged for {now - (changed_t or now):.1f} s "

@@ -22,6 +22,7 @@ from .counter_timing import CounterTiming
 from .nvml_power import (FIELD_POWER_AVERAGE, FIELD_POWER_INSTANT, FIELD_READ_DELAY_S, FIELDS_INSTANT,
                          MAX_FIELD_AGE_S, MIN_FIELD_PERIOD_S, RefreshStamps, Stream)
 from .power_evidence import COARSE_REFRESH_S, MEAN_WINDOW_S, PowerReference, ShapeEvidence, StampEvidence
+from .quiet import QuietEvidence, QuietSchedule
 
 FIELD_STAMPED_AGE_S = 0.0005  # a value stamped this long before its read was stamped when it refreshed
 _FIELDS_BOTH = (FIELD_POWER_INSTANT, FIELD_POWER_AVERAGE)   # one call: instant power and the 1 s mean
@@ -92,13 +93,15 @@ class CounterReader:
         self._instant_w: float | None = None     # its newest value (the stall check's evidence)
         self._shape = ShapeEvidence()            # whether the shaping reading follows the counter
         self._mean_stream = Stream()
+        self.quiet = QuietEvidence()             # power holding still: read on the quiet schedule
 
     def read(self, now: float, out: list[Reading], *, period_s: float, calibrating: bool,
-             edges_pending: bool) -> bool:
+             edges_pending: bool, quiet: QuietSchedule) -> bool:
         """One read at the sensor's cadence ``period_s`` (raises NVMLError: the caller reports
-        it). False when the counter has stalled: unchanged while the GPU draws power."""
+        it), and ``quiet``, when a GPU whose power holds still is read. False when the counter
+        has stalled: unchanged while the GPU draws power."""
         timing = self.timing
-        cadence = self._read_shape(now, out, period_s, edges_pending)
+        cadence = self._read_shape(now, out, period_s, edges_pending, quiet)
         if not timing.due(now, cadence, calibrating, edges_pending):
             return True
         call_t = self.clock.now()
@@ -116,6 +119,7 @@ class CounterReader:
         for t, v in dated:
             out.append(Reading(self.key, t, energy_j=v, read_t=now))
             self._shape.add_counter(t, v)
+            self.quiet.add_counter(t, v)
         if dated:
             return True
         return not timing.stalled(now, self._instant_w)
@@ -127,15 +131,17 @@ class CounterReader:
             return self._field_next + FIELD_READ_DELAY_S
         return None
 
-    def steady_floor(self, gap_s: float) -> float:
+    def steady_floor(self, gap_s: float, quiet: QuietSchedule) -> float:
         """Before this time a steady read reads nothing of this GPU: its instant power was read
         less than ``gap_s`` ago (``_read_shape``) and the counter's own reads come as wishes.
         -inf where it is read at every tick: an unshaped or faulted counter, one whose first
-        change is not dated yet, or one whose every field value is read."""
+        change is not dated yet, or one whose every field value is read. A GPU whose power holds
+        still is read only every quiet period (sensors/quiet.py)."""
         c = self.timing
         if c.fault or not c.shaped or not c.tracker.dated or self._dense:
             return -math.inf
-        return self._last_shape_t + gap_s
+        floor = self._last_shape_t + gap_s
+        return max(floor, quiet.due_t) if self.quiet.engaged else floor
 
     @property
     def _dense(self) -> bool:
@@ -201,11 +207,13 @@ class CounterReader:
             t = now - age if 0.0 <= age < MAX_FIELD_AGE_S else now
         return (get(entry, "value").uiVal / 1000.0, t, ts_us), mean
 
-    def _read_shape(self, now: float, out: list[Reading], period_s: float, edges_pending: bool) -> bool:
+    def _read_shape(self, now: float, out: list[Reading], period_s: float, edges_pending: bool,
+                    schedule: QuietSchedule) -> bool:
         """Read instant power at the sensor's cadence, and at every read while an edge waits
         (the extra wake-ups for scheduled counter reads need no power sample). True: read."""
         dense = self._dense
-        if not dense and not edges_pending and now - self._last_shape_t < 0.8 * period_s:
+        quiet = self.quiet
+        if not dense and not edges_pending and (now - self._last_shape_t < 0.8 * period_s or quiet.waits(schedule, now)):
             return False
         if self.instant_ok and self._field_stamped and self._field_next is not None and now < self._field_next \
                 and now - self._last_shape_t < MIN_FIELD_PERIOD_S:
@@ -218,32 +226,38 @@ class CounterReader:
             # every time: the read is what dates them.
             return True
         self._last_shape_t = now
+        learn = quiet.learning      # (a quiet read's spacing is the quiet period, not the sensor's)
         if self.instant_ok:
             sample, mean = self._instant_sample(now, average=self.average_ok)
             if mean is not None:
                 # Field 185, the 1 s trailing mean, read in the same call: between counter
                 # reads it carries E(t) over seconds better than sparse instant samples.
                 w, ts = mean
-                t_mean = self._mean_stream.date(w, ts, now, self.wall)
+                t_mean = self._mean_stream.date(w, ts, now, self.wall, learn)
                 if t_mean is not None:
                     out.append(Reading(self.key, t_mean, mean_w=w, mean_window_s=MEAN_WINDOW_S))
+                    quiet.add_reference(w)
             if sample is not None:
-                reading = self._date_instant(now, sample)
+                reading = self._date_instant(now, sample, learn)
                 if reading is not None:
                     out.append(reading)
+                    quiet.add_sample(reading.t, sample[0])
         elif self.shape_usage:
             w = self._instant_w = self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0
             stamps = self._usage_stamps
-            stamps.observe(None, w, now)
+            stamps.observe(None, w, now, learn)
             self._shape.add_sample(now, w)
             # With no timestamp of its own it may be a 1 s mean: it shapes spans only once the
             # counter's short spans show it follows them.
             coarse = stamps.coarse or self._shape.verdict is not True
             self.timing.shaped = not coarse
             out.append(Reading(self.key, now, power_w=w, instant_coarse=coarse))
+            quiet.add_sample(now, w)
+        quiet.read(now)
         return True
 
-    def _date_instant(self, now: float, sample: tuple[float, float | None, int]) -> Reading | None:
+    def _date_instant(self, now: float, sample: tuple[float, float | None, int], learn: bool = True
+                      ) -> Reading | None:
         """A field-186 value as a shaping sample, or None when it is not new.
 
         Refresh-stamped values are dated by their stamps. Where the data shows the stamps are
@@ -254,7 +268,7 @@ class CounterReader:
         w, t_s, ts_us = sample
         self._instant_w = w
         stamps = self._field_stamps
-        stamps.observe(now - t_s if t_s is not None and ts_us else None, w, now)
+        stamps.observe(now - t_s if t_s is not None and ts_us else None, w, now, learn)
         # On evidence only: reads a few ms apart saw the changes, or the counter's own short
         # spans disagree with the values (``ShapeEvidence``).
         coarse = stamps.coarse or self._shape.contradicted
@@ -277,7 +291,7 @@ class CounterReader:
             # Field 186 refreshes on its own clock: its stamps give the period and when the
             # next value lands.
             refreshes = self._field_refreshes
-            if not refreshes.new(ts_us):
+            if not refreshes.new(ts_us, learn):
                 return None          # the same value again
             if refreshes.stepped and refreshes.min_step_s is not None:
                 self._field_next = t_s + max(MIN_FIELD_PERIOD_S, refreshes.min_step_s)

@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from ..model import Reading
 from .power_evidence import MEAN_WINDOW_S, MeanEvidence, PowerReference, SelfEvidence, StampEvidence
+from .quiet import QUIET_MEAN_PERIOD_S, QuietEvidence
 
 FIELD_POWER_AVERAGE = 185
 FIELD_POWER_INSTANT = 186
@@ -49,13 +50,14 @@ class RefreshStamps:
     min_step_s: float | None = None      # min(steps): asked at every wake-up, kept, not recomputed
     stepped: bool = False                # the newest refresh added a step
 
-    def new(self, ts_us: int) -> bool:
-        """Whether stamp ``ts_us`` is a refresh not seen before (learning the period from it)."""
+    def new(self, ts_us: int, learn: bool = True) -> bool:
+        """Whether stamp ``ts_us`` is a refresh not seen before (learning the period from it,
+        unless the read came a quiet period after the one before: sensors/quiet.py)."""
         step_us = ts_us - self.last_us
         if abs(step_us) < STAMP_WOBBLE_US:
             return False              # the same refresh again
         # (A step back is the wall clock's, not a period.)
-        self.stepped = bool(self.last_us) and step_us > 0
+        self.stepped = bool(self.last_us) and step_us > 0 and learn
         if self.stepped:
             self.steps.append(step_us / 1e6)
             self.min_step_s = min(self.steps)
@@ -72,17 +74,18 @@ class Stream:
     last_read_t: float | None = None
     last_t: float | None = None          # clock time of the newest value
 
-    def date(self, value: float, ts_us: int, now: float, wall: Callable[[float], float]) -> float | None:
-        """Clock time of ``value`` if it is new, else None."""
+    def date(self, value: float, ts_us: int, now: float, wall: Callable[[float], float],
+             learn: bool = True) -> float | None:
+        """Clock time of ``value`` if it is new, else None (``learn``: see ``RefreshStamps.new``)."""
         age = None
         if ts_us:
             age = wall(now) - ts_us / 1e6
             if not 0.0 <= age < MAX_FIELD_AGE_S:
                 age = 0.0             # clocks disagree: the stamp says nothing
-        changed = self.stamps.observe(age, value, now)
+        changed = self.stamps.observe(age, value, now, learn)
         prev_read, self.last_read_t = self.last_read_t, now
         if ts_us and self.stamps.read_stamped is not True:
-            if not self.refreshes.new(ts_us):
+            if not self.refreshes.new(ts_us, learn):
                 return None           # the same refresh again
             t = now - (age or 0.0)
         else:
@@ -124,6 +127,7 @@ class PowerOnlyReader:
         self._undecided: deque[tuple[float, float]] = deque(maxlen=int(4 * MEAN_WINDOW_S / 0.05))
         self._fields = ([FIELD_POWER_INSTANT] if instant_ok else []) + ([FIELD_POWER_AVERAGE] if average_ok else [])
         self._field_fails = 0               # field reads failed in a row
+        self.quiet = QuietEvidence(QUIET_MEAN_PERIOD_S)   # power holding still: read on the quiet schedule
 
     def read(self, now: float, out: list[Reading]) -> bool:
         """One read. False when the instant field failed (the caller reports it); the read
@@ -131,6 +135,8 @@ class PowerOnlyReader:
         mid-run leaves no hole (with nothing read, the last value was held: a bursty 8 s job
         read +-38 %). After FIELD_FAILS_TO_DROP failures in a row the fields are given up."""
         n = self.nvml
+        quiet = self.quiet
+        learn = quiet.learning      # (a quiet read's spacing is the quiet period, not the sensor's)
         inst: tuple[float, int] | None = None
         cand: tuple[float, int] | None = None
         failed = False
@@ -161,12 +167,13 @@ class PowerOnlyReader:
         if cand is None and (not self.average_ok or not self._fields or (failed and not skipped_mean)):
             cand = (n.nvmlDeviceGetPowerUsage(self.handle) / 1000.0, 0)
         if inst is not None:
-            t = self.instant.date(inst[0], inst[1], now, self.wall)
+            t = self.instant.date(inst[0], inst[1], now, self.wall, learn)
             if t is not None:
                 out.append(Reading(self.key, t, power_w=inst[0]))
                 self.mean_evidence.add_instant(t, inst[0])
+                quiet.add_sample(t, inst[0])
         if cand is not None:
-            t = self.mean.date(cand[0], cand[1], now, self.wall)
+            t = self.mean.date(cand[0], cand[1], now, self.wall, learn)
             if t is not None:
                 if inst is not None:
                     verdict = self.mean_evidence.add_candidate(t, cand[0])
@@ -181,10 +188,13 @@ class PowerOnlyReader:
                                for tp, wp in self._undecided)
                     self._undecided.clear()
                     out.append(Reading(self.key, t, mean_w=cand[0], mean_window_s=MEAN_WINDOW_S))
+                    quiet.add_reference(cand[0])
                 else:
                     self._undecided.append((t, cand[0]))
                     if inst is None:
                         out.append(Reading(self.key, t, power_w=cand[0]))
+                        quiet.add_sample(t, cand[0])
+        quiet.read(now, allowed=self.mean.stamps.read_stamped is False)   # (see sensors/quiet.py)
         return not failed
 
     def _fields_due(self, now: float) -> list[int]:

@@ -93,9 +93,11 @@ class StampEvidence:
         self._spans_seen = 0
         self.holds: deque[float] = deque(maxlen=8)   # held at least this long (> COARSE_REFRESH_S)
 
-    def observe(self, age_s: float | None, value: float, read_t: float) -> bool:
+    def observe(self, age_s: float | None, value: float, read_t: float, learn: bool = True) -> bool:
         """Feed one read (``age_s``: how old its timestamp says it is, None: no stamp).
-        Returns whether the value changed since the previous read."""
+        Returns whether the value changed since the previous read. ``learn`` False: the read
+        came a quiet period after the one before (sensors/quiet.py), so the interval between
+        changes it shows is the reads' spacing, not the value's refresh."""
         if age_s is not None and self.read_stamped is None:
             self.ages.append(age_s)
             if len(self.ages) >= STAMP_SAMPLES:
@@ -110,7 +112,7 @@ class StampEvidence:
         self._last_read_t = read_t
         changed = value != self._last_value
         if changed:
-            if self._last_change_t is not None:
+            if self._last_change_t is not None and learn:
                 interval = read_t - self._last_change_t
                 self.changes.append(interval)
                 if max(gap, self._last_change_gap) <= TIGHT_READ_GAP_S:
