@@ -213,7 +213,8 @@ class CounterReader:
         (the extra wake-ups for scheduled counter reads need no power sample). True: read."""
         dense = self._dense
         quiet = self.quiet
-        if not dense and not edges_pending and (now - self._last_shape_t < 0.8 * period_s or quiet.waits(schedule, now)):
+        if not dense and not edges_pending and \
+                (now - self._last_shape_t < 0.8 * period_s or quiet.waits(schedule, now)):
             return False
         if self.instant_ok and self._field_stamped and self._field_next is not None and now < self._field_next \
                 and now - self._last_shape_t < MIN_FIELD_PERIOD_S:
