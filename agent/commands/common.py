@@ -19,8 +19,8 @@ def add_sensor_arguments(p: argparse.ArgumentParser) -> None:
                         "where GPUs without an energy counter read each power value, ~50 Hz; 1 for the CPU/RAM "
                         "models). A longer period reads every GPU at that period, edges still read fast: less CPU "
                         "(0.5: ~0.4 %% of a core for 8 GPUs), but live figures (/metrics, callbacks) and short windows on "
-                        "GPUs without a counter lose accuracy. At the default, a GPU whose power has held still "
-                        "for 5 s is read every ~0.3 s (~0.1 s without a counter) until it moves "
+                        "GPUs without a counter lose accuracy. A GPU whose power has held still for 5 s is read "
+                        "no more often than every ~0.3 s (~0.1 s without a counter) until it moves "
                         "(env WATTMETER_INTERVAL)")
     g.add_argument("--fake-nvml", default=None, metavar="SCENARIO",
                    help="simulate GPUs from a scenario file (env WATTMETER_FAKE_NVML); output is labelled simulated")
