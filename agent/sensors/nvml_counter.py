@@ -227,7 +227,7 @@ class CounterReader:
             # every time: the read is what dates them.
             return True
         self._last_shape_t = now
-        learn = quiet.learning      # (a quiet read's spacing is the quiet period, not the sensor's)
+        learn = quiet.learning(now)   # (a quiet read's spacing is the quiet period's, not the sensor's)
         if self.instant_ok:
             sample, mean = self._instant_sample(now, average=self.average_ok)
             if mean is not None:

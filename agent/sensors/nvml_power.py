@@ -136,7 +136,7 @@ class PowerOnlyReader:
         read +-38 %). After FIELD_FAILS_TO_DROP failures in a row the fields are given up."""
         n = self.nvml
         quiet = self.quiet
-        learn = quiet.learning      # (a quiet read's spacing is the quiet period, not the sensor's)
+        learn = quiet.learning(now)   # (a quiet read's spacing is the quiet period's, not the sensor's)
         inst: tuple[float, int] | None = None
         cand: tuple[float, int] | None = None
         failed = False

@@ -36,6 +36,7 @@ QUIET_BAND_W = 10.0         # the band: this many watts wide...
 QUIET_BAND_SHARE = 0.05     # ...or this share of the level, whichever is wider
 REFERENCE_SPAN_MIN_S = 0.5  # counter spans this long or longer give a reference power
 QUIET_EARLY_S = 0.001       # a reader may wake this much before a quiet read is due
+LEARN_GAP_S = 0.02          # reads this close follow each other at the sensor's own fast cadence
 
 
 @dataclass
@@ -47,6 +48,7 @@ class QuietEvidence:
     lo_w: float = 0.0
     hi_w: float = 0.0
     engaged: bool = False            # quiet at its latest read: read at the quiet schedule now
+    last_read_t: float = -math.inf
     _counter: tuple[float, float] | None = None   # the counter's last point (t, J), for span powers
 
     def add_sample(self, t: float, power_w: float) -> None:
@@ -81,15 +83,16 @@ class QuietEvidence:
     def quiet(self, now: float) -> bool:
         return self.since_t is not None and now - self.since_t >= QUIET_SPAN_S
 
-    @property
-    def learning(self) -> bool:
-        """The read now coming follows the previous one at the sensor's own spacing, not the
-        quiet schedule's: its values may teach refresh periods (asked before the read)."""
-        return not self.engaged
+    def learning(self, now: float) -> bool:
+        """Whether the read at ``now`` follows the one before at the sensor's own spacing, not
+        the quiet schedule's, so its values may teach refresh periods (asked before the read).
+        Fast reads near an edge, LEARN_GAP_S apart at most, still do on a quiet GPU."""
+        return not self.engaged or now - self.last_read_t <= LEARN_GAP_S
 
     def read(self, now: float, allowed: bool = True) -> None:
         """After a read of this GPU at ``now`` (``allowed``: whether its reader may go quiet now)."""
         self.engaged = allowed and self.quiet(now)
+        self.last_read_t = now
 
     def waits(self, schedule: "QuietSchedule", now: float) -> bool:
         """Quiet, and the next quiet read is not due yet."""
