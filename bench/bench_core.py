@@ -384,6 +384,8 @@ def idle_trace(idle_w: float, seed: int):
         pts.append((t, idle_w + rng.uniform(-2.0, 2.0)))
         t += rng.uniform(0.2, 0.6)
     return StepsTrace(pts)
+
+
 H100_CALL_CPU_US = {"nvmlDeviceGetTotalEnergyConsumption": 3505.0, "nvmlDeviceGetFieldValues": 10.0,
                     "nvmlDeviceGetPowerUsage": 2.0}
 
