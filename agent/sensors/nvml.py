@@ -77,6 +77,7 @@ class NvmlSensor:
         self._has_counter = any(g.has_counter for g in self._gpus)
         self._quiets: list[QuietEvidence] = [(g.reader or g.power).quiet for g in self._gpus
                                              if g.reader is not None or g.power is not None]
+        self._power_quiets = [g.power.quiet for g in self._gpus if g.power is not None]
         self._dense_power = False     # an edge waits (the last read was fast): power-only GPUs follow their fields
         self.period_s = period_s
         self._default_period_s = period_s
@@ -140,7 +141,16 @@ class NvmlSensor:
             if any(g.power is not None and g.instant_ok for g in self._gpus):
                 period = min(period, FIELD_PERIOD_S)
         self.period_s = period
-        self.fast_edges = self._has_counter or not self._follow_fields
+        self._fast_edges = self._has_counter or not self._follow_fields
+
+    @property
+    def fast_edges(self) -> bool:
+        """Read fast while an edge waits: counters (a pair at the next refresh), and power-only
+        GPUs read at a longer period or gone quiet (sensors/quiet.py), which then follow their
+        fields again. (A quiet power-only GPU read every ~0.1 s at an edge left the mean that
+        resolves it, ~0.6 s on, to a forced estimate: 10-11 windows in 12 flagged approximate
+        on a steady load in the robustness matrix, against 6-7 in 12 read at every value.)"""
+        return self._fast_edges or any(q.engaged for q in self._power_quiets)
 
     def read_fast(self, now: float) -> Batch:
         return self.read(now, fast=True)
@@ -176,7 +186,7 @@ class NvmlSensor:
             return memo[1], memo[2]
         windows, others, planned = [], [], []
         for g in self._gpus:
-            if g.power is None or g.power.quiet.engaged:
+            if g.power is None or (g.power.quiet.engaged and not self._dense_power):
                 continue         # (a quiet GPU waits for the quiet read: cadence_floor)
             w = g.power.read_window()
             if w is not None:
@@ -226,9 +236,11 @@ class NvmlSensor:
             self._plan_memo = None
         self._calibrating = self._calibration.calibrating(now)   # once per read, for every GPU
         # Power-only GPUs wait for the read planned for them all (next_read_at), unless an edge
-        # waits at the default cadence (then they are read at every fast tick, as counters are).
+        # waits at the default cadence on a sensor with counters (then they are read at every
+        # fast tick, as counters are; where all are power-only, quiet ones rejoin the plan).
         (at, _), planned = self._power_plan(now)
-        wait = at is not None and now < at - POWER_EARLY_S and not (fast and self._follow_fields)
+        wait = at is not None and now < at - POWER_EARLY_S and \
+            not (fast and self._follow_fields and self._has_counter)
         self._power_wait = planned if wait else frozenset()
         quiet_due = fast or self._quiet.due(now)
         if not quiet_due:   # power-only GPUs whose power holds still wait for the quiet read
