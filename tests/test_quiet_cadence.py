@@ -156,3 +156,21 @@ def test_quiet_reads_do_not_teach_a_refresh_period():
     drive.run_until(45.0)
     assert not p.quiet.engaged and p.instant.refresh_s == pytest.approx(0.02, abs=0.002)
     assert field_reads_per_s(calls, 42.0, 45.0) > 40.0
+
+
+def test_a_quiet_power_only_gpu_follows_its_fields_again_while_an_edge_waits():
+    # The mean that resolves an edge comes ~0.6 s on; read every ~0.1 s, it often came after
+    # result()'s wait and the window was flagged approximate (sensors/nvml.py, fast_edges).
+    clock, fake, meter, s, calls, drive = meter_on(idle(40.0), BOX)
+    drive.run_until(20.0)
+    assert s._gpus[0].power.quiet.engaged and s.fast_edges
+    assert field_reads_per_s(calls, 18.0, 20.0) < 11.0
+    w = meter.window("job")
+    drive.run_until(20.4)
+    assert field_reads_per_s(calls, 20.0, 20.4) > 40.0          # every 20 ms value, as when busy
+    w.end()
+    while meter.ledger.pending_marks() and clock.now() < 26.0:
+        drive.run_until(clock.now() + 0.1)
+    r = w.result()
+    assert not r.approximate
+    assert r.component_energy_j("gpu") == pytest.approx(fake.true_energy_j(0, 20.0, 20.4), rel=0.005)
