@@ -242,8 +242,8 @@ class NvmlSensor:
         wait = at is not None and now < at - POWER_EARLY_S and \
             not (fast and self._follow_fields and self._has_counter)
         self._power_wait = planned if wait else frozenset()
-        quiet_due = fast or self._quiet.due(now)
-        if not quiet_due:   # power-only GPUs whose power holds still wait for the quiet read
+        quiet_due = self._quiet.due(now)      # every quiet GPU is read now
+        if not (fast or quiet_due):   # power-only GPUs whose power holds still wait for the quiet read
             quiet = [g.device.key for g in self._gpus if g.power is not None and g.power.quiet.engaged]
             if quiet:
                 self._power_wait = self._power_wait.union(quiet)
@@ -273,7 +273,7 @@ class NvmlSensor:
                     raise outcome
                 batch.readings.extend(part.readings)
                 batch.errors.extend(part.errors)
-        if self._quiet.due(now):      # every quiet GPU was read: the next such read
+        if quiet_due:                 # the next quiet read
             self._quiet.read(now, min([q.period_s for q in self._quiets if q.engaged], default=QUIET_PERIOD_S))
         self._edges_pending = False
         self._plan_memo = None        # planned on what this read has changed
