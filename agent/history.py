@@ -300,6 +300,14 @@ class DeviceHistory:
         """Counter points fit one reference until a reset or a bridged fault."""
         return (self.resets, self.bridges)
 
+    def settle_lag_s(self) -> float:
+        """How long after an instant E is settled there in normal reading: a counter-less GPU
+        on its trailing mean waits for the mean that covers half a window on (0: its next
+        reading settles it)."""
+        if self.mean_active and self.device.source != Source.COUNTER and self.mean:
+            return self.mean.settle_lag_s()
+        return 0.0
+
     def approximate_between(self, t0: float, t1: float) -> bool:
         """Whether any bridged span overlaps [t0, t1]."""
         return any(a < t1 and b > t0 for a, b in self.approx_spans)

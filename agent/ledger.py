@@ -98,6 +98,12 @@ class Ledger:
         with self._lock:
             return len(self._marks)
 
+    def settle_lag_s(self) -> float:
+        """The longest any device takes, in normal reading, to settle E at an instant (a
+        mark there resolves): a result waits about this long before pinning from estimates."""
+        with self._lock:
+            return max((d.settle_lag_s() for d in self._devs.values()), default=0.0)
+
     def unresolved(self, keys: frozenset[str]) -> bool:
         """Whether any mark still waits for one of these devices (drives a sensor's fast reads)."""
         with self._lock:

@@ -205,8 +205,12 @@ class Meter:
         return edge
 
     def settle_timeout_s(self) -> float:
+        """How long a result waits for its edges to resolve before pinning them from estimates
+        (flagged approximate): two reads of the slowest sensor and 0.5 s, or longer where a
+        device settles later (a counter-less GPU's mean covers an instant ~0.5-0.6 s on; at
+        0.54 s, half its windows timed out by a few ms and were flagged)."""
         slowest = max((s.period_s for s in self.sensors), default=0.1)
-        return 2.0 * slowest + 0.5
+        return 2.0 * slowest + max(0.5, self.ledger.settle_lag_s() + 0.2)
 
     def result_between(self, name: str, start: Edge, end: Edge, timeout_s: float | None = None) -> WindowResult:
         """The figures between two edges, waiting (bounded) until the sampler covers both."""

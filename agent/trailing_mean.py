@@ -67,6 +67,13 @@ class TrailingMean:
     def newest_t(self) -> float:
         return self.means[-1][0]
 
+    def settle_lag_s(self) -> float:
+        """How long after an instant its reference point can exist: half a window (points sit
+        half a window back) and one refresh of the mean, the largest of its recent spacings."""
+        m = self.means
+        gaps = [m[i][0] - m[i - 1][0] for i in range(max(1, len(m) - 8), len(m))]
+        return 0.5 * self.window_s + min(max(gaps, default=0.1), self.window_s)
+
     def add_sample(self, t: float, power_w: float) -> bool:
         """An instant-power sample (``InstantSamples.add``), also judged for how long it keeps
         telling the power. False: not newer than the last one, dropped."""
