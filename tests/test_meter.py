@@ -3,13 +3,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import threading
+from dataclasses import replace
 
 import pytest
+from vdrive import VirtualDriver, jittered_square
 
 from wattmeter.clock import SystemClock, VirtualClock
 from wattmeter.meter import Meter, measure
 from wattmeter.model import Component
+from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
+from wattmeter.sim.fake_nvml import FakeNVML, build_module
+from wattmeter.sim.scenario import Scenario
 
 from scripted import ScriptedSensor, constant
 
@@ -354,15 +360,6 @@ def test_results_wait_long_enough_for_every_gpus_edges_to_settle(sensor, lag_s):
     (flagged approximate). On a counter-less GPU the mean covers an instant ~0.5-0.6 s on: the
     wait was 2 x 20 ms + 0.5 s there, and half the windows of a live meter timed out by a few
     ms (the robustness matrix flagged 6 in 12 with exact energy)."""
-    import random
-    from dataclasses import replace
-
-    from vdrive import VirtualDriver, jittered_square
-
-    from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
-    from wattmeter.sim.fake_nvml import FakeNVML, build_module
-    from wattmeter.sim.scenario import Scenario
-
     scen = Scenario.from_dict({"seed": 3, "gpu": [{"model": "NVIDIA H100 80GB HBM3", "sensor": sensor}]})
     scen = replace(scen, gpus=(replace(scen.gpus[0], trace=jittered_square(0.4, 200.0, 4)),))
     clock = VirtualClock(start=0.0)
