@@ -21,6 +21,7 @@ POWER_SPAN_S = 1.0        # counter power is the slope over at least this long (
 RING_BLOCKS = 4096        # coarse history per device (~7 h at 10 Hz)
 BACKDATE_EXACT_S = 0.5    # an edge measured back this far from a device's first point is not flagged
 SPANS_KEPT = 64           # approximate (bridged) spans remembered per device
+MEAN_CHECK_REACH_S = 0.25 # a mean read this close before t + w checks E near t (mean_check_j)
 
 
 class DeviceHistory:
@@ -307,6 +308,26 @@ class DeviceHistory:
         if self.mean_active and self.device.source != Source.COUNTER and self.mean:
             return self.mean.settle_lag_s()
         return 0.0
+
+    def mean_check_j(self, t: float) -> float | None:
+        """How far E, where it rests on instant power near t (before a counter-less GPU's
+        trailing-mean reference starts), is from what the mean says: over one window to a read
+        of the mean at r (the newest at or before t + w, within a refresh or two of it),
+        E(r) - E(r - w) = w M(r), with E(r) on the reference. (At r itself, not at t + w: the
+        mean interpolated between its reads misses a bursty load's swings by tens of joules.)
+        None until r is settled on the reference."""
+        mean = self.mean
+        if not (self.mean_active and mean):
+            return None
+        w = mean.window_s
+        read = mean.read_before(t + w)
+        if read is None or read[0] < max(self.mean_from_t, t + w - MEAN_CHECK_REACH_S):
+            return None
+        r, m_r = read
+        e_r, e_s = self.value_at(r), self.value_at(r - w)
+        if e_r is None or e_s is None:
+            return None
+        return (e_r[0] - e_s[0]) - w * m_r
 
     def approximate_between(self, t0: float, t1: float) -> bool:
         """Whether any bridged span overlaps [t0, t1]."""

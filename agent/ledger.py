@@ -19,6 +19,14 @@ from .ledger_record import FAULT_KINDS, Recorder
 from .model import Component, Device, Reading, Source
 from .shaping import step_interpolate
 
+# An edge of a counter-less GPU that rests on instant power counts as measured where the
+# trailing mean confirms it (``DeviceHistory.mean_check_j``) within this share of the window's
+# energy (or this many joules). A new meter's first 3 s window (~1,100 J on bursty loads, virtual
+# time): 20 ms boxes that tile time checked within 0-9 J (one window begun before the first read,
+# 28 J); 100 ms point samples stamped at the read, 2-126 J, most of them over the share.
+VOUCH_SHARE = 0.01
+VOUCH_MIN_J = 1.0
+
 __all__ = ["Ledger", "Mark", "DeviceSnapshot", "DeviceHistory", "step_interpolate", "FAULT_KINDS"]
 
 
@@ -122,13 +130,20 @@ class Ledger:
     def approximate_between(self, key: str, t0: float, t1: float) -> bool:
         """Whether [t0, t1] of this device is an estimate: a bridged span (reset, lost GPU,
         stall, NotSupported) overlaps it, or a GPU is measured from instant samples alone
-        (no counter, no trailing mean: a sampled power aliases with periodic loads)."""
+        (no counter, no trailing mean: a sampled power aliases with periodic loads; or an edge
+        before the mean's reference starts, unless the mean confirms E there)."""
         with self._lock:
             d = self._devs.get(key)
             if d is None:
                 return False
             instant_only = (d.device.component == Component.GPU and d.device.source == Source.SAMPLED
                             and not (d.mean_active and d.mean_from_t <= t0))
+            if instant_only and d.mean_active:
+                # A window begun before the reference starts (a new meter's first): the edges
+                # resting on instant power count as measured where the mean confirms them.
+                tol_j = max(VOUCH_MIN_J, VOUCH_SHARE * abs(d.energy(t1) - d.energy(t0)))
+                checks = [d.mean_check_j(t) for t in (t0, t1) if t < d.mean_from_t]
+                instant_only = not all(c is not None and abs(c) <= tol_j for c in checks)
             return instant_only or d.approximate_between(t0, t1)
 
     def snapshot(self, t: float | None = None) -> dict[str, DeviceSnapshot]:

@@ -103,6 +103,14 @@ class TrailingMean:
         t0, w0, i0 = self.means[lo]
         return i0 + 0.5 * (w0 + wx) * (x - t0)
 
+    def read_before(self, x: float) -> tuple[float, float] | None:
+        """(t, M) of the newest read at or before x (None: none)."""
+        m = self.means
+        if not m or x < m[0][0]:
+            return None
+        t, w, _ = m[bisect_right(m, x, key=_time) - 1]
+        return t, w
+
     def mean_w_at(self, x: float) -> float | None:
         """The mean at x, linear between its reads (None outside them)."""
         found = self._locate(x)

@@ -19,6 +19,11 @@ from wattmeter.sim.scenario import Scenario
 
 from scripted import ScriptedSensor, constant
 
+BOX_SENSOR = {"energy_counter": False, "instant_kind": "box", "instant_refresh_s": 0.02, "field_timestamp": "refresh"}
+SAMPLE_SENSOR = {"energy_counter": False, "instant_kind": "sample", "instant_refresh_s": 0.1,
+                 "field_timestamp": "read"}
+INSTANT_SENSOR = {"energy_counter": False, "instant_field": False, "power_usage": "instant"}
+
 
 def step_meter(meter: Meter, clock: VirtualClock, seconds: float, dt: float = 0.1) -> None:
     for _ in range(int(round(seconds / dt))):
@@ -383,3 +388,38 @@ def test_results_wait_long_enough_for_every_gpus_edges_to_settle(sensor, lag_s):
     timeout = meter.settle_timeout_s()
     assert lag_s[0] <= max(lags) <= lag_s[1]
     assert max(lags) + 0.15 < timeout <= 1.0      # room for a live reader's scheduling, still short
+
+
+@pytest.mark.parametrize("sensor, load, flagged", [
+    (BOX_SENSOR, "steady", False),          # boxes that tile time: the mean confirms the start
+    (BOX_SENSOR, "square", False),
+    (SAMPLE_SENSOR, "steady", False),       # a steady load: any sample is right
+    (SAMPLE_SENSOR, "square", True),        # point samples aliasing a 100 ms square: not confirmed
+    (INSTANT_SENSOR, "steady", True),       # no mean at all: instant values alone
+])
+def test_a_new_meters_first_window_without_a_counter_is_flagged_only_where_the_mean_does_not_confirm_it(
+        sensor, load, flagged):
+    """A new meter's first window begins before a counter-less GPU's trailing-mean reference
+    does (half a window after the first mean read), so its start rests on instant power. It was
+    flagged approximate every time (every `wattmeter run` on such a GPU); it now is only where
+    the mean, one window on, does not confirm E there (``DeviceHistory.mean_check_j``)."""
+    from wattmeter.sim.traces import ConstantTrace, SquareTrace
+    trace = ConstantTrace(400.0) if load == "steady" else SquareTrace(650.0, 90.0, 0.05, 0.05, 0.013)
+    scen = Scenario.from_dict({"seed": 3, "gpu": [{"model": "NVIDIA H100 80GB HBM3", "sensor": sensor}]})
+    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=trace),))
+    clock = VirtualClock(start=0.0)
+    fake = FakeNVML(scen, clock, t0=0.0)
+    s = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=2)
+    meter = Meter([s], clock=clock)
+    drive = VirtualDriver(meter, clock, seed=2)
+    drive.run_until(0.03)
+    t0 = clock.now()
+    w = meter.window("first")
+    drive.run_until(t0 + 3.0)
+    t1 = clock.now()
+    w.end()
+    drive.run_until(t1 + 3.0)
+    r = w.result()
+    assert r.approximate is flagged
+    if not flagged:
+        assert r.component_energy_j("gpu") == pytest.approx(fake.true_energy_j(0, t0, t1), rel=0.01)
