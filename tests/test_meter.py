@@ -16,6 +16,7 @@ from wattmeter.model import Component
 from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
 from wattmeter.sim.fake_nvml import FakeNVML, build_module
 from wattmeter.sim.scenario import Scenario
+from wattmeter.sim.traces import ConstantTrace, SquareTrace
 
 from scripted import ScriptedSensor, constant
 
@@ -23,6 +24,18 @@ BOX_SENSOR = {"energy_counter": False, "instant_kind": "box", "instant_refresh_s
 SAMPLE_SENSOR = {"energy_counter": False, "instant_kind": "sample", "instant_refresh_s": 0.1,
                  "field_timestamp": "read"}
 INSTANT_SENSOR = {"energy_counter": False, "instant_field": False, "power_usage": "instant"}
+
+
+def nvml_meter(sensor: dict, trace):
+    """One fake H100 with this sensor table and load, a meter on it in virtual time, and the
+    driver that reads it as the sampler's threads would."""
+    scen = Scenario.from_dict({"seed": 3, "gpu": [{"model": "NVIDIA H100 80GB HBM3", "sensor": sensor}]})
+    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=trace),))
+    clock = VirtualClock(start=0.0)
+    fake = FakeNVML(scen, clock, t0=0.0)
+    s = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=2)
+    meter = Meter([s], clock=clock)
+    return clock, fake, meter, VirtualDriver(meter, clock, seed=2)
 
 
 def step_meter(meter: Meter, clock: VirtualClock, seconds: float, dt: float = 0.1) -> None:
@@ -354,24 +367,16 @@ def test_a_task_added_to_a_running_sampler_runs() -> None:
 
 
 @pytest.mark.parametrize("sensor, lag_s", [
-    ({}, (0.0, 0.3)),                                     # counter: its next refreshes settle an edge
-    ({"energy_counter": False, "instant_kind": "box", "instant_refresh_s": 0.02,
-      "field_timestamp": "refresh"}, (0.5, 0.65)),          # on the 1 s mean: half a window on
-    ({"energy_counter": False, "instant_kind": "sample", "instant_refresh_s": 0.1,
-      "field_timestamp": "read"}, (0.5, 0.65)),
+    ({}, (0.0, 0.3)),                  # counter: its next refreshes settle an edge
+    (BOX_SENSOR, (0.5, 0.65)),         # on the 1 s mean: half a window on
+    (SAMPLE_SENSOR, (0.5, 0.65)),
 ])
 def test_results_wait_long_enough_for_every_gpus_edges_to_settle(sensor, lag_s):
     """A result waits ``settle_timeout_s`` for its edges before pinning them from estimates
     (flagged approximate). On a counter-less GPU the mean covers an instant ~0.5-0.6 s on: the
     wait was 2 x 20 ms + 0.5 s there, and half the windows of a live meter timed out by a few
     ms (the robustness matrix flagged 6 in 12 with exact energy)."""
-    scen = Scenario.from_dict({"seed": 3, "gpu": [{"model": "NVIDIA H100 80GB HBM3", "sensor": sensor}]})
-    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=jittered_square(0.4, 200.0, 4)),))
-    clock = VirtualClock(start=0.0)
-    fake = FakeNVML(scen, clock, t0=0.0)
-    s = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=2)
-    meter = Meter([s], clock=clock)
-    drive = VirtualDriver(meter, clock, seed=2)
+    clock, fake, meter, drive = nvml_meter(sensor, jittered_square(0.4, 200.0, 4))
     drive.run_until(6.0)
     rng = random.Random(7)
     lags = []
@@ -403,15 +408,8 @@ def test_a_new_meters_first_window_without_a_counter_is_flagged_only_where_the_m
     does (half a window after the first mean read), so its start rests on instant power. It was
     flagged approximate every time (every `wattmeter run` on such a GPU); it now is only where
     the mean, one window on, does not confirm E there (``DeviceHistory.mean_check_j``)."""
-    from wattmeter.sim.traces import ConstantTrace, SquareTrace
     trace = ConstantTrace(400.0) if load == "steady" else SquareTrace(650.0, 90.0, 0.05, 0.05, 0.013)
-    scen = Scenario.from_dict({"seed": 3, "gpu": [{"model": "NVIDIA H100 80GB HBM3", "sensor": sensor}]})
-    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=trace),))
-    clock = VirtualClock(start=0.0)
-    fake = FakeNVML(scen, clock, t0=0.0)
-    s = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=2)
-    meter = Meter([s], clock=clock)
-    drive = VirtualDriver(meter, clock, seed=2)
+    clock, fake, meter, drive = nvml_meter(sensor, trace)
     drive.run_until(0.03)
     t0 = clock.now()
     w = meter.window("first")
