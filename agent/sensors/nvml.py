@@ -243,10 +243,6 @@ class NvmlSensor:
             not (fast and self._follow_fields and self._has_counter)
         self._power_wait = planned if wait else frozenset()
         quiet_due = self._quiet.due(now)      # every quiet GPU is read now
-        if not (fast or quiet_due):   # power-only GPUs whose power holds still wait for the quiet read
-            quiet = [g.device.key for g in self._gpus if g.power is not None and g.power.quiet.engaged]
-            if quiet:
-                self._power_wait = self._power_wait.union(quiet)
         batch = Batch()
         n = self.nvml
         lanes = self._lanes
@@ -288,8 +284,9 @@ class NvmlSensor:
                 batch.errors.append(SensorError(self.name, "counter_stalled", g.device.key,
                                                 f"energy counter unchanged for {now - (changed_t or now):.1f} s "
                                                 "while the GPU draws power"))
-        elif g.device.key in self._power_wait:
-            return
+        elif g.device.key in self._power_wait or \
+                (g.power is not None and not self._edges_pending and g.power.quiet.waits(self._quiet, now)):
+            return           # (a power-only GPU whose power holds still waits for the quiet read)
         elif g.power is not None and not g.power.read(now, batch.readings):
             batch.errors.append(SensorError(self.name, "not_supported", g.device.key, "instant power field failed"))
 
