@@ -354,3 +354,23 @@ def test_a_clock_jittering_by_7_ms_is_not_taken_for_a_105_ms_one():
     for period in (0.02, 0.2):                          # far off: still believed at once
         tracker, _, _ = _tracker_after(period, 1)
         assert tracker.measured and abs(tracker.period_s - period) < 0.02 * period
+
+
+@pytest.mark.parametrize("jitter_s, low, high", [(0.0, 0.003, 0.003), (0.0025, 0.003, 0.003),
+                                                 (0.0075, 0.006, 0.01), (0.02, 0.016, 0.026)])
+def test_the_jitter_allowance_is_what_the_pinned_refreshes_show(jitter_s, low, high):
+    # Reads every ~5 ms pin each refresh of a 100 ms clock jittering by +-jitter_s. A clock
+    # that keeps time (an H100's +-2.5 ms) keeps the 3 ms allowance it was built with; one that
+    # jitters more is allowed about what it shows, and its period stays the nominal one.
+    for seed in (1, 2):
+        rng = random.Random(seed)
+        refreshes, x = [], 0.013
+        while x < 4.0:
+            refreshes.append(x + rng.uniform(-jitter_s, jitter_s))
+            x += 0.1
+        tracker, t = RefreshTracker(period_s=0.1), 0.0
+        while t < 3.5:
+            t += 0.005 * rng.uniform(0.8, 1.2)
+            tracker.observe(t, float(bisect.bisect_right(refreshes, t)))
+        assert low <= tracker.jitter_s <= high + 1e-9, tracker.jitter_s
+        assert tracker.period_s == 0.1

@@ -10,9 +10,10 @@ period far off the nominal one) restarts it from the new bracket.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
-from .refresh_period import FIT_SIGMAS, PeriodEstimate, PhaseFit
+from .refresh_period import FIT_SIGMAS, JITTER_S as PERIOD_JITTER_S, PeriodEstimate, PhaseFit
 
 Arc = tuple[float, float]   # (start phase in [0, period), length in [0, period])
 RESYNC_SLACK_S = 0.008      # after a conflict, phases this far beyond the allowances stay possible
@@ -39,6 +40,12 @@ FIT_MIN_POINTS = 6          # brackets fitted before the fit's period is used
 DOUBT_PERIODS = 1.5         # one value read over this many periods apart doubts the period
 CURRENT_MAX_S = 0.010       # a counter shown to refresh at least this often is dated at its reads
 AMBIGUOUS_SHARE = 0.1       # this share of the allowed phases dating a change a period apart leaves it undated
+MAX_JITTER_SHARE = 0.45     # the jitter allowance follows what the reads show, up to this share of a period
+UNCONFIRMED_JITTER_SHARE = 0.1   # (this share on a nominal period the reads have not confirmed)
+JITTER_MIN_PINNED = 8       # refreshes pinned by narrow brackets before their spread is believed
+JITTER_PINNED_KEPT = 16     # (the newest this many)
+JITTER_MARGIN_S = 0.001     # the allowance is the spread they show plus this
+CONFIRM_SPREAD = 0.25       # pinned refreshes this close to the period's grid confirm it
 
 
 def _pieces(arcs: list[Arc], period: float) -> list[tuple[float, float]]:
@@ -86,7 +93,8 @@ def _intersect(arcs: list[Arc], bracket: Arc, period: float) -> list[Arc]:
 class RefreshTracker:
     period_s: float = 0.1
     drift_per_period: float = 0.0005   # fraction of a period the phase may wander per period
-    jitter_s: float = 0.003            # one refresh may come this early or late (H100: +-2.5 ms)...
+    jitter_s: float = 0.003            # one refresh may come this early or late (H100: +-2.5 ms; more
+                                       # where the refreshes the reads pin show more: _measure_jitter)
     min_jitter_s: float = 0.0003       # ...but assume only this until reads disagree (see observe)
     min_drift_per_period: float = 0.00005  # likewise for drift
     _last_value: float | None = None
@@ -121,12 +129,15 @@ class RefreshTracker:
     _fit_used: bool = False            # the period in use is (or was) the fit's
     _jitter: float = field(init=False)  # the allowances in use (grow to jitter_s and
     _drift: float = field(init=False)   # drift_per_period when brackets conflict)
+    _jitter_start: float = field(init=False)   # jitter_s as built (_measure_jitter moves it from there)
+    _pinned: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=JITTER_PINNED_KEPT))
 
     def __post_init__(self) -> None:
         # A full allowance on a counter that keeps time leaves the centre of the allowed phases
         # off by up to half a read gap, so start small (see observe).
         self._jitter = min(self.min_jitter_s, self.jitter_s)
         self._drift = min(self.min_drift_per_period, self.drift_per_period)
+        self._jitter_start = self.jitter_s
 
     def observe(self, read_t: float, value: float, end_t: float | None = None) -> float | None:
         """Feed one read, taken between ``read_t`` and ``end_t`` (when the call returned).
@@ -192,7 +203,9 @@ class RefreshTracker:
             return read_t
         lo, hi = max(prev, read_t - p), read_t
         # Every bracket is widened by the jitter allowance, which grows only when brackets
-        # conflict (a jittery refresh, as on an H100).
+        # conflict (a jittery refresh, as on an H100), up to what pinned refreshes show.
+        if 0.0 <= hi - lo <= min(FIT_BRACKET * p, FIT_BRACKET_MAX_S):
+            self._measure_jitter(lo, hi)
         j = self._jitter
         bracket: Arc = ((lo - j) % p, min(p, hi - lo + 2 * j))
         arcs = self._widened(read_t)
@@ -248,6 +261,53 @@ class RefreshTracker:
             return None
         return t
 
+    def _measure_jitter(self, lo: float, hi: float) -> None:
+        """Take the jitter allowance from the refreshes the reads pin (a bracket narrower than
+        a quarter period): the least spread around one phase that holds the recent ones, scaled
+        for the few seen (a uniform jitter's extremes). A clock that keeps time keeps the
+        allowance it was built with; one jittering +-20 ms on a 100 ms counter had values
+        dated a period off with 3 ms (steady 1.5 s jobs 4.7 % off)."""
+        pinned = self._pinned
+        pinned.append((lo, hi))
+        n = len(pinned)
+        if n < JITTER_MIN_PINNED:
+            return
+        # Each refresh counted from the newest on the period in use, and the line through them
+        # taken out (a period a little off, 99.97 ms read as 100, drifts 18 ms a minute).
+        p = self.period_s
+        ref = 0.5 * (pinned[-1][0] + pinned[-1][1])
+        pts = [(round((0.5 * (a + b) - ref) / p), 0.5 * (a + b) - ref, 0.5 * (b - a)) for a, b in pinned]
+        k_mean = sum(k for k, _, _ in pts) / n
+        x_mean = sum(x for _, x, _ in pts) / n
+        kk = sum((k - k_mean) ** 2 for k, _, _ in pts)
+        slope = sum((k - k_mean) * (x - x_mean) for k, x, _ in pts) / kk if kk > 0.0 else p
+        res = [(x - x_mean - slope * (k - k_mean), half) for k, x, half in pts]
+        low = max(r - half for r, half in res)      # the latest start and the earliest end
+        high = min(r + half for r, half in res)
+        spread = max(0.0, 0.5 * (low - high)) * (n + 1) / (n - 1)
+        # Refreshes that keep to the period in use within a quarter of it confirm that period,
+        # as the period's own brackets do (those, blurred by a jitter this large, may not).
+        # (Unconfirmed, the spread may be a wrong period's: a 50 ms counter's on the nominal
+        # 100 ms, allowed 29 ms, hid the period from its measurement. Less is allowed there.)
+        confirmed = self._confirmed() or (abs(slope - p) <= PERIOD_CHANGE * p and spread <= CONFIRM_SPREAD * p)
+        cap = (MAX_JITTER_SHARE if confirmed else UNCONFIRMED_JITTER_SHARE) * p
+        jitter = min(cap, max(self._jitter_start, spread + JITTER_MARGIN_S))
+        if jitter != self.jitter_s:
+            grew = jitter > self.jitter_s
+            self.jitter_s = jitter
+            if grew or self._jitter > jitter:
+                self._jitter = jitter
+            self.periods.jitter_s = self._period_jitter_s()
+
+    def _confirmed(self) -> bool:
+        """The reads measured the period in use, or agree with it."""
+        p, agreed = self.period_s, self.periods.period_s
+        return self.measured or (agreed is not None and abs(agreed - p) <= PERIOD_CHANGE * p)
+
+    def _period_jitter_s(self) -> float:
+        """The jitter the period's brackets allow: theirs, plus what this allowance has grown by."""
+        return PERIOD_JITTER_S + self.jitter_s - self._jitter_start
+
     def _instance(self, start: float, length: float, lo: float, hi: float, j: float) -> float:
         """The refresh of the phase arc (start, length) that a change seen in [lo, hi] came
         from: the latest instance at or before ``hi`` (a bracket a whole period wide holds the
@@ -297,6 +357,9 @@ class RefreshTracker:
         # it (_fit_period).
         self.drift_per_period = self._drift = max(MEASURED_DRIFT, min(MAX_MEASURED_DRIFT, self._precision_s / measured))
         # Brackets that conflicted on the old period said nothing of this clock's jitter.
+        self.jitter_s = self._jitter_start
+        self._pinned.clear()
+        self.periods.jitter_s = self._period_jitter_s()
         self._jitter = min(self.min_jitter_s, self.jitter_s)
         self._arcs, self._pending, self._fast_changes = [], None, 0
         self._measure()
@@ -377,7 +440,7 @@ class RefreshTracker:
         than assumed (or it stalled). The phases on the assumed period are dropped, so the
         sensor reads densely again, and the period is measured afresh."""
         self.doubted, self.doubted_t = True, read_t
-        self.periods, self._precision_s = PeriodEstimate(), float("inf")
+        self.periods, self._precision_s = PeriodEstimate(self._period_jitter_s()), float("inf")
         self._drop_fit()
         self._arcs, self._pending = [], None
         self._measure()

@@ -21,8 +21,10 @@ AGREEING = 0.6             # ...and this share of those kept (or two, with none 
 SINGLE = 0.25              # a change bracket this narrow against the period holds one refresh
 PLAIN = 0.2                # a gap this close to a whole number of periods counts them plainly
 FIT_MIN_PERIODS = 8        # the fit is used once its centres span this many periods
+FIT_MIN_CENTRES = 4        # ...and there are this many (three leave one residual to check the count by)
 CENTRES_KEPT = 24          # change centres kept for the fit
 SPREAD = 4.0               # a bracket whose ends differ more than this many times says little
+JITTER_SHARE = 0.1         # (a jitter the tracker shows counts up to this share of a bracket's period)
 JITTER_S = 0.001           # each of the two refreshes may land this early or late (a jittery
                            # clock splits the brackets; the majority still finds the period)
 
@@ -35,9 +37,12 @@ class PeriodEstimate:
     is plain (fast reads, pairs a few seconds apart), the slope of their centres over that
     count (least squares) measures the period finer than one bracket does."""
 
-    __slots__ = ("brackets", "_last_change", "_period", "_centres", "precision_s", "fitted", "within_s")
+    __slots__ = ("brackets", "_last_change", "_period", "_centres", "precision_s", "fitted", "within_s", "jitter_s")
 
-    def __init__(self) -> None:
+    def __init__(self, jitter_s: float = JITTER_S) -> None:
+        # How early or late each refresh may land: JITTER_S, or more where the tracker's reads
+        # showed a clock that jitters more (RefreshTracker.observe).
+        self.jitter_s = jitter_s
         self.brackets: deque[tuple[float, float]] = deque(maxlen=KEPT)
         self._last_change: tuple[float, float] | None = None   # (last read before it, read that saw it)
         self._period: float | None = None
@@ -57,7 +62,12 @@ class PeriodEstimate:
             return
         # Both refreshes lie in (last[0], seen_t]: the period is at most that span (+ jitter).
         self.within_s = seen_t - last[0]
-        lo, hi = before_t - last[1] - 2 * JITTER_S, self.within_s + 2 * JITTER_S
+        lo, hi = before_t - last[1], self.within_s
+        # (At most a share of the period the bracket shows: a jitter grown on a period the
+        # reads have not confirmed may be a wrong period's, a 20 ms counter's on the nominal
+        # 100 ms, and blurred its own brackets past measuring.)
+        j = min(self.jitter_s, max(JITTER_S, JITTER_SHARE * 0.5 * (lo + hi)))
+        lo, hi = lo - 2 * j, hi + 2 * j
         # Reads a period apart bracket (0, two periods): every read sees a change, which says
         # only that the period is shorter than the reads' gaps. Those would crowd out the
         # fast reads' narrow brackets, so they are not kept.
@@ -95,15 +105,17 @@ class PeriodEstimate:
         if not (best >= MIN_VOTES and best >= AGREEING * n) and not (best == n >= 2):
             return None         # (two brackets and nothing against them: a slow counter's first)
         rough = 0.5 * (start + stop)
-        fitted = _fit(self._centres, rough, 0.5 * (stop - start) + JITTER_S)
-        if fitted is not None and start - 2 * JITTER_S <= fitted[0] <= stop + 2 * JITTER_S:
+        j = self.jitter_s
+        fitted = _fit(self._centres, rough, 0.5 * (stop - start) + j, j)
+        if fitted is not None and start - 2 * j <= fitted[0] <= stop + 2 * j:
             self.precision_s, self.fitted = fitted[1], True
             return fitted[0]
-        self.precision_s, self.fitted = 0.5 * (stop - start) + JITTER_S, False
+        self.precision_s, self.fitted = 0.5 * (stop - start) + j, False
         return rough
 
 
-def _fit(centres: deque[tuple[float, float]], period: float, precision_s: float) -> tuple[float, float] | None:
+def _fit(centres: deque[tuple[float, float]], period: float, precision_s: float,
+         jitter_s: float = JITTER_S) -> tuple[float, float] | None:
     """The period fitted to the newest single-refresh centres whose counts of periods between
     them are plain: a gap of n periods is counted only while n times the yardstick's error
     stays under PLAIN of a period (the yardstick refined as the run grows back). Returns the
@@ -130,14 +142,23 @@ def _fit(centres: deque[tuple[float, float]], period: float, precision_s: float)
             pts.append((0, c))
             widest = width
     span = pts[0][0] - pts[-1][0] if pts else 0
-    if len(pts) < 3 or span < FIT_MIN_PERIODS:
+    if len(pts) < FIT_MIN_CENTRES or span < FIT_MIN_PERIODS:
         return None
     k_mean = sum(k for k, _ in pts) / len(pts)
     c_mean = sum(c for _, c in pts) / len(pts)
     slope = sum((k - k_mean) * (c - c_mean) for k, c in pts) / sum((k - k_mean) ** 2 for k, _ in pts)
-    return slope, (0.5 * widest + JITTER_S) / span
+    # Narrow brackets of one clock lie on the line to within their widths and its jitter. Where
+    # they do not, the clock jitters more than allowed or a count was wrong, and the slope says
+    # nothing the brackets' overlap does not (+-20 ms of jitter on a 100 ms counter: fitted
+    # 114 ms, "to 0.3 ms", and every value dated on it).
+    allowed = 0.5 * widest + max(jitter_s, RESIDUAL_JITTER_S)
+    if any(abs(c - c_mean - slope * (k - k_mean)) > allowed for k, c in pts):
+        return None
+    return slope, (0.5 * widest + jitter_s) / span
 
 
+RESIDUAL_JITTER_S = 0.004  # a fitted centre may lie off the line by its half width and this (an
+                           # H100's clock: +-2.5 ms), or the jitter the tracker shows where more
 FIT_SIGMAS = 4.0           # a refresh predicted this many standard deviations out is no count
 FIT_FLOOR = 0.25           # a bracket's centre is off by at least this share of its width (sd)
 
