@@ -5,6 +5,7 @@ or are computed at each call, are dated at their reads (sensors/refresh.py, ``cu
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -14,7 +15,7 @@ from wattmeter.sensors.nvml import GpuSelection, NvmlSensor
 from wattmeter.sim.fake_nvml import FakeNVML, build_module
 from wattmeter.sim.scenario import Scenario
 
-from vdrive import VirtualDriver, window_jobs
+from vdrive import VirtualDriver, jittered_square, window_jobs
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -73,6 +74,25 @@ def test_a_counter_clock_jittering_by_20_ms_meters_steady_jobs_to_a_percent(seed
     assert max(abs(e) for e in short) < 0.015, short
     long = job_errors(0.1, jobs=4, seed=seed, jitter_s=0.02, duration_s=8.0)
     assert max(abs(e) for e in long) < 0.005, long
+
+
+@pytest.mark.parametrize("trace_seed", [1, 2])
+def test_a_refined_period_keeps_the_phase_its_counter_showed(trace_seed):
+    # A 1 s counter under a jittered 200 ms square: ~16 s in, its measured period (981 ms) was
+    # refined to 1002 ms and the phases known on it were dropped, so the value seen at that
+    # read was dated in the middle of its 1 s bracket, half a second off: that job +4.0 / +3.6 %.
+    clock = VirtualClock(start=0.0)
+    data = {"seed": 3, "gpu": [{"model": H100, "energy_offset_j": 5e6,
+                                "sensor": {"counter_refresh_s": 1.0, "counter_phase_s": 0.013}}]}
+    scen = Scenario.from_dict(data)
+    scen = replace(scen, gpus=(replace(scen.gpus[0], trace=jittered_square(0.2, 200.0, trace_seed)),))
+    fake = FakeNVML(scen, clock, t0=0.0)
+    sensor = NvmlSensor(build_module(fake), GpuSelection(None), wall=clock.wall, clock=clock, seed=4)
+    meter = Meter([sensor], clock=clock)
+    results = window_jobs(meter, VirtualDriver(meter, clock, seed=4), fake, jobs=8, rng=random.Random(4),
+                          duration_s=8.0)
+    meter.close()
+    assert max(abs(err) for err, _ in results) < 0.025, results
 
 
 def test_the_phase_fit_measures_a_period_to_its_brackets_scatter_over_the_count():
