@@ -202,8 +202,9 @@ class RefreshTracker:
             self._measure()
             return read_t
         lo, hi = max(prev, read_t - p), read_t
-        # Every bracket is widened by the jitter allowance, which grows only when brackets
-        # conflict (a jittery refresh, as on an H100), up to what pinned refreshes show.
+        # Every bracket is widened by the jitter allowance in use: small at first, the full
+        # allowance once brackets conflict (a jittery refresh, as on an H100), and the full
+        # allowance follows the spread that pinned refreshes show (_measure_jitter).
         if 0.0 <= hi - lo <= min(FIT_BRACKET * p, FIT_BRACKET_MAX_S):
             self._measure_jitter(lo, hi)
         j = self._jitter
@@ -263,7 +264,7 @@ class RefreshTracker:
 
     def _measure_jitter(self, lo: float, hi: float) -> None:
         """Take the jitter allowance from the refreshes the reads pin (a bracket narrower than
-        a quarter period): the least spread around one phase that holds the recent ones, scaled
+        a quarter period): the least spread about the line through the recent ones, scaled
         for the few seen (a uniform jitter's extremes). A clock that keeps time keeps the
         allowance it was built with; one jittering +-20 ms on a 100 ms counter had values
         dated a period off with 3 ms (steady 1.5 s jobs 4.7 % off)."""
