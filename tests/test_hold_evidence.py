@@ -5,6 +5,7 @@ a point sample, metered on it."""
 from __future__ import annotations
 
 import random
+from collections import deque
 from dataclasses import replace
 
 from wattmeter.clock import VirtualClock
@@ -22,7 +23,8 @@ REFRESH_S = 0.1
 def judged(kind: str, trace, seconds: float = 30.0) -> str | None:
     """Feed HoldEvidence a 100 ms field 186 of ``kind`` ("box" or "point") and the trailing 1 s
     mean refreshed on its own grid, both dated at their refresh."""
-    ev = HoldEvidence()
+    samples: deque[tuple[float, float]] = deque()
+    ev = HoldEvidence(samples)
     step = 0.001
     grid = [round(i * step, 6) for i in range(int(seconds / step) + 1)]
     cum = [0.0]
@@ -35,7 +37,7 @@ def judged(kind: str, trace, seconds: float = 30.0) -> str | None:
     for k in range(int(1.0 / REFRESH_S) + 1, int(seconds / REFRESH_S)):
         r = k * REFRESH_S
         value = (energy(r) - energy(r - REFRESH_S)) / REFRESH_S if kind == "box" else trace.power_w(r)
-        ev.add_instant(r, value)
+        samples.append((r, value))
         mean_t = r - 0.037                    # the mean refreshes on its own grid
         ev.add_mean(mean_t, energy(mean_t) - energy(mean_t - 1.0), REFRESH_S)
     return ev.verdict

@@ -124,7 +124,9 @@ class PowerOnlyReader:
         self.mean = Stream()
         self.mean_evidence = MeanEvidence()
         self.self_evidence = SelfEvidence()
-        self.hold = HoldEvidence()          # field 186: a box before its stamp, or a point sample at it
+        # Field 186: a box before its stamp, or a point sample at it (judged on the instant
+        # values MeanEvidence keeps).
+        self.hold = HoldEvidence(self.mean_evidence.instant)
         self._last_instant: tuple[float, float] | None = None   # (t, value) of the newest instant value
         self._undecided: deque[tuple[float, float]] = deque(maxlen=int(4 * MEAN_WINDOW_S / 0.05))
         self._fields = ([FIELD_POWER_INSTANT] if instant_ok else []) + ([FIELD_POWER_AVERAGE] if average_ok else [])
@@ -173,7 +175,6 @@ class PowerOnlyReader:
             if t is not None:
                 out.append(Reading(self.key, t, power_w=self._held_back(t, inst[0])))
                 self.mean_evidence.add_instant(t, inst[0])
-                self.hold.add_instant(t, inst[0])
                 quiet.add_sample(t, inst[0])
         if cand is not None:
             t = self.mean.date(cand[0], cand[1], now, self.wall, learn)

@@ -308,18 +308,14 @@ class HoldEvidence:
     trailing mean better, where the two differ, decides; until then values are boxes (as
     before). A load periodic in the mean's window leaves both predicting the same mean."""
 
-    def __init__(self, window_s: float = MEAN_WINDOW_S) -> None:
+    def __init__(self, samples: deque[tuple[float, float]], window_s: float = MEAN_WINDOW_S) -> None:
         self.window_s = window_s
-        self.samples: deque[tuple[float, float]] = deque(maxlen=128)
+        self.samples = samples               # the instant values (t, w), oldest first (MeanEvidence's)
         self.pending: deque[tuple[float, float]] = deque(maxlen=8)   # mean reads awaiting later samples
         self.err_box = self.err_point = 0.0
         self.n = 0
         self.verdict: str | None = None      # "box" | "point" | None (not judged: a box)
         self._seen = 0
-
-    def add_instant(self, t: float, w: float) -> None:
-        if not self.samples or t > self.samples[-1][0]:
-            self.samples.append((t, w))
 
     def add_mean(self, t: float, m: float, refresh_s: float | None) -> None:
         """A trailing mean's value dated ``t`` (its window ends there); ``refresh_s``: the
